@@ -1,0 +1,32 @@
+# One entry point per job. Each target installs what it needs (scripts/bootstrap.sh).
+PY := .venv/bin/python
+BOOT := scripts/bootstrap.sh
+
+.PHONY: setup demo test check lint types unit integration bench clean
+
+setup:
+	@bash $(BOOT)
+
+demo: setup
+	$(PY) -m devstack demo --out demo-out
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+check: setup lint types unit
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+types:
+	$(PY) -m mypy
+
+unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf demo-out .mypy_cache .ruff_cache .pytest_cache

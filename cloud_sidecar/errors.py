@@ -1,0 +1,33 @@
+"""All cloud_sidecar exceptions. Root: ``CloudError``."""
+
+
+class CloudError(Exception):
+    """Root of every sidecar failure."""
+
+
+class ConfigError(CloudError):
+    """The sidecar's configuration is invalid; the message names the field."""
+
+
+class HsmError(CloudError):
+    """The PKCS#11 token failed or is unreachable (key missing, login, mechanism)."""
+
+
+class HsmUnavailableError(HsmError):
+    """The token cannot be reached now; ingest stops acknowledging and retries."""
+
+
+class StoreError(CloudError):
+    """The sample store failed."""
+
+
+class TrainingError(CloudError):
+    """Dataset building or training failed."""
+
+
+class GateRejectedError(CloudError):
+    """A candidate adapter did not pass the evaluation gate."""
+
+
+class AuditError(CloudError):
+    """The audit log is inconsistent (edited, deleted or reordered entries)."""

@@ -1,0 +1,33 @@
+"""All edge_daemon exceptions. Root: ``EdgeError``."""
+
+
+class EdgeError(Exception):
+    """Root of every edge daemon failure."""
+
+
+class ConfigError(EdgeError):
+    """The daemon's configuration is invalid; the message names the field."""
+
+
+class KeyStoreError(EdgeError):
+    """The TPM (or its simulator) failed or is unreachable."""
+
+
+class CaptureError(EdgeError):
+    """An audio source failed: missing device, wrong format, corrupt file."""
+
+
+class InferenceError(EdgeError):
+    """A model could not be loaded or run."""
+
+
+class BufferError_(EdgeError):
+    """The replay buffer failed (I/O, schema, decryption)."""
+
+
+class UplinkError(EdgeError):
+    """The MQTT uplink failed (connection, TLS, publish)."""
+
+
+class OtaError(EdgeError):
+    """An update was rejected or could not be applied; the running model is unchanged."""
