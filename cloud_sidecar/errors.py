@@ -31,3 +31,11 @@ class GateRejectedError(CloudError):
 
 class AuditError(CloudError):
     """The audit log is inconsistent (edited, deleted or reordered entries)."""
+
+
+class HsmDecryptError(HsmError, ValueError):
+    """The token refused to decrypt: the data was not encrypted for this key, or is corrupt.
+
+    Also a ``ValueError``, so ``fleet_protocol.envelope.open_envelope`` reports it as a
+    ``DecryptError`` (reject the upload) and not as an unreachable token (retry).
+    """

@@ -20,3 +20,11 @@ class ToolMissingError(DevstackError):
     def __init__(self, tool: str) -> None:
         super().__init__(f"{tool} not found on PATH; run `make setup` (installs Debian packages)")
         self.tool = tool
+
+
+class SpeechRenderError(DevstackError):
+    """espeak-ng failed or produced unusable audio for a sentence."""
+
+
+class PKIError(DevstackError):
+    """The dev CA refused a request (bad name, foreign certificate) or found its files unusable."""

@@ -78,4 +78,5 @@ def log_mel_batch(windows: FloatArray) -> FloatArray:
 
 def log_mel(window: FloatArray) -> FloatArray:
     """Features of one window: ``(N_MELS, N_FRAMES)``."""
-    return log_mel_batch(np.asarray(window, dtype=np.float32)[None, :])[0]
+    one: FloatArray = log_mel_batch(np.asarray(window, dtype=np.float32)[None, :])[0]
+    return one

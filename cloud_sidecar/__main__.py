@@ -1,0 +1,175 @@
+"""``cloud-sidecar``: the EU-side service's command line.
+
+Exit codes (for systemd's RestartPreventExitStatus=): 0 ok, 2 configuration error,
+3 HSM error, 4 audit chain broken, 5 training or gate refused, 6 other sidecar error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from cloud_sidecar.errors import (
+    AuditError,
+    CloudError,
+    ConfigError,
+    GateRejectedError,
+    HsmError,
+    TrainingError,
+)
+
+EXIT_OK, EXIT_CONFIG, EXIT_HSM, EXIT_AUDIT, EXIT_TRAIN, EXIT_OTHER = 0, 2, 3, 4, 5, 6
+log = logging.getLogger("cloud_sidecar")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from cloud_sidecar.pretrain import pretrain
+
+    base = pretrain(args.out, seed=args.seed)
+    print(json.dumps({"dir": str(base.dir), "sha256_fp32": base.sha256_fp32}))
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cloud_sidecar.app import SidecarApp
+    from cloud_sidecar.config import load_config
+
+    app = SidecarApp(load_config(args.config))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app.run(stop)
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.train import run_training
+
+    result = run_training(load_config(args.config), publish=args.publish)
+    print(json.dumps(result, indent=1))
+    return EXIT_OK
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.store import Store
+
+    cfg = load_config(args.config)
+    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    try:
+        if args.fleet_command == "register":
+            pem = args.public_key.read_bytes()
+            if len(pem) > 8192:
+                raise ConfigError(f"{args.public_key} is not a public key (over 8 KiB)")
+            dev = store.register_device(args.device, pem)
+            audit.append("fleet.registered", args.device, key_id=dev.key_id)
+            print(f"registered {args.device} (key {dev.key_id})")
+        elif args.fleet_command == "disable":
+            if not store.set_device_status(args.device, "disabled"):
+                raise ConfigError(f"unknown device {args.device}")
+            audit.append("fleet.disabled", args.device)
+            print(f"disabled {args.device}")
+        else:
+            print(json.dumps(store.samples_per_device(), indent=1))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cloud_sidecar.audit import verify
+
+    n = verify(args.log)
+    print(f"{args.log}: {n} entries, chain intact")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cloud_sidecar.config import load_config
+
+    load_config(args.config)
+    print(f"{args.config}: valid")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloud-sidecar", description="sovereign-edge EU-side service")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pt = sub.add_parser(
+        "pretrain", help="train the base CNN on the scene generator; export ONNX fp32+int8"
+    )
+    pt.add_argument(
+        "--out", type=Path, required=True, help="directory for base.pt, ONNX files, model card"
+    )
+    pt.add_argument("--seed", type=int, default=0)
+    pt.set_defaults(func=_cmd_pretrain)
+
+    sv = sub.add_parser("serve", help="run ingest workers until SIGTERM")
+    sv.add_argument("--config", type=Path, required=True)
+    sv.set_defaults(func=_cmd_serve)
+
+    tr = sub.add_parser("train", help="dataset → LoRA → gate → sign → (publish) one adapter")
+    tr.add_argument("--config", type=Path, required=True)
+    tr.add_argument("--publish", action="store_true", help="publish over MQTT when the gate passes")
+    tr.set_defaults(func=_cmd_train)
+
+    fl = sub.add_parser("fleet", help="device registry")
+    fl.add_argument("--config", type=Path, required=True)
+    fsub = fl.add_subparsers(dest="fleet_command", required=True)
+    reg = fsub.add_parser("register", help="register a device's TPM signing public key")
+    reg.add_argument("device")
+    reg.add_argument("--public-key", type=Path, required=True)
+    dis = fsub.add_parser("disable", help="refuse further uploads from a device")
+    dis.add_argument("device")
+    fsub.add_parser("list", help="devices and their stored sample counts")
+    fl.set_defaults(func=_cmd_fleet)
+
+    au = sub.add_parser("audit", help="audit log tools")
+    asub = au.add_subparsers(dest="audit_command", required=True)
+    ver = asub.add_parser("verify", help="check the hash chain; non-zero exit on any tampering")
+    ver.add_argument("log", type=Path)
+    au.set_defaults(func=_cmd_audit)
+
+    vc = sub.add_parser("validate-config", help="check a configuration file and report errors")
+    vc.add_argument("--config", type=Path, required=True)
+    vc.set_defaults(func=_cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except HsmError as e:
+        log.error("HSM: %s", e)
+        return EXIT_HSM
+    except AuditError as e:
+        log.error("audit: %s", e)
+        return EXIT_AUDIT
+    except (TrainingError, GateRejectedError) as e:
+        log.error("%s", e)
+        return EXIT_TRAIN
+    except CloudError as e:
+        log.error("%s", e)
+        return EXIT_OTHER
+
+
+if __name__ == "__main__":
+    sys.exit(main())

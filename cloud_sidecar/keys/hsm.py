@@ -1,0 +1,419 @@
+"""The cloud's key custody: an upload-unwrap key and an OTA-signing key in a PKCS#11 HSM.
+
+Owns: the PKCS#11 session (python-pkcs11) on one token, generating the two
+keypairs inside the token, exporting their public halves, and the two private
+operations the sidecar needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and
+``CKM_ECDSA`` over a SHA-256 digest (docs/adr/0002-wrap-and-signature-mechanisms.md).
+
+Invariants:
+- private keys are generated in the token as sensitive, non-extractable, private
+  token objects, each with exactly one use (unwrap: decrypt only; signing: sign
+  only); existing keys without these attributes are refused, never used;
+- no private key material crosses this module's boundary, only results;
+- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token or
+  a failed login as ``HsmUnavailableError`` (callers retry); data that is not
+  encrypted for the unwrap key as ``HsmDecryptError`` (callers reject the upload);
+- all ``Hsm`` objects on a token share one logged-in session, and its lock
+  serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
+  the environment must be set before the first ``Hsm`` is constructed. When no
+  ``Hsm`` is open and the configuration changed or the token is not found, the
+  library is re-initialised once to pick up the new configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.types import DecryptMixin, SignMixin
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
+
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from fleet_protocol.envelope import key_id_from_pem
+
+log = logging.getLogger(__name__)
+
+UNWRAP_LABEL = "upload-unwrap"
+SIGNING_LABEL = "ota-signing"
+UNWRAP_RSA_BITS = 3072
+DIGEST_BYTES = 32
+
+_OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
+_CONF_ENV = "SOFTHSM2_CONF"
+_T = TypeVar("_T")
+
+# Failures that mean "the token is not there / not usable now", as opposed to a
+# bad request or a bad key.
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    p11.DeviceError,
+    p11.DeviceMemory,
+    p11.DeviceRemoved,
+    p11.SessionClosed,
+    p11.SessionHandleInvalid,
+    p11.SessionCount,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+    p11.NoSuchToken,
+    p11.SlotIDInvalid,
+    p11.UserNotLoggedIn,
+    p11.PinIncorrect,
+    p11.PinLocked,
+    p11.PinExpired,
+    p11.PinInvalid,
+    p11.PinLenRange,
+    p11.UserPinNotInitialized,
+    p11.FunctionFailed,
+)
+_BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
+    p11.EncryptedDataInvalid,
+    p11.EncryptedDataLenRange,
+)
+
+# Process-wide library state. PKCS#11 login is per application and token, not per
+# session, and closing the session that logged in logs every session out: so all
+# ``Hsm`` objects on one token share one logged-in session (and its lock). A later
+# ``Hsm`` must present the same PIN (compared as SHA-256; the PIN is not kept).
+_LIB_LOCK = threading.Lock()
+_lib_conf: dict[str, str | None] = {}
+
+
+@dataclass
+class _Shared:
+    session: pkcs11.Session
+    lock: threading.Lock
+    pin_hash: bytes
+    users: int
+
+
+_shared: dict[tuple[str, str], _Shared] = {}
+
+_PRIVATE_COMMON: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN_RECOVER: False,
+    Attribute.DERIVE: False,
+}
+
+
+@dataclass(frozen=True)
+class _KeyPair:
+    private: pkcs11.PrivateKey
+    public_pem: bytes
+    key_id: str
+    size_bytes: int
+
+
+def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
+    """The logged-in session on ``token_label``: opened now, or shared with other users."""
+    with _LIB_LOCK:
+        key = (module, token_label)
+        pin_hash = hashlib.sha256(user_pin.encode()).digest()
+        shared = _shared.get(key)
+        if shared is not None:
+            if not hmac.compare_digest(pin_hash, shared.pin_hash):
+                raise HsmUnavailableError(f"login to token {token_label!r} failed: wrong PIN")
+            shared.users += 1
+            return shared
+        conf = os.environ.get(_CONF_ENV)
+        lib = pkcs11.lib(module)
+        idle = not any(m == module for m, _ in _shared)
+        if module in _lib_conf and _lib_conf[module] != conf:
+            if not idle:
+                raise HsmUnavailableError(
+                    f"{module} is in use with another {_CONF_ENV} in this process"
+                )
+            log.debug("re-initialising %s for %s=%s", module, _CONF_ENV, conf)
+            lib.reinitialize()
+        _lib_conf[module] = conf
+        try:
+            token = lib.get_token(token_label=token_label)
+        except p11.NoSuchToken:
+            if not idle:
+                raise
+            lib.reinitialize()  # tokens created since initialisation become visible
+            token = lib.get_token(token_label=token_label)
+        session = token.open(rw=True, user_pin=user_pin)
+        shared = _Shared(session=session, lock=threading.Lock(), pin_hash=pin_hash, users=1)
+        _shared[key] = shared
+        return shared
+
+
+def _release(module: str, token_label: str) -> None:
+    """Drop one user of the shared session; the last one logs out and closes it."""
+    with _LIB_LOCK:
+        key = (module, token_label)
+        shared = _shared.get(key)
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        del _shared[key]
+        try:
+            with shared.lock:
+                shared.session.close()
+        except p11.PKCS11Error as e:
+            log.debug("closing HSM session failed: %r", e)
+
+
+class Hsm:
+    """A logged-in session on one PKCS#11 token holding the cloud's two keypairs."""
+
+    def __init__(self, module: str, token_label: str, user_pin: str) -> None:
+        self._module = module
+        self._label = token_label
+        self._unwrap: _KeyPair | None = None
+        self._signing: _KeyPair | None = None
+        try:
+            shared = _acquire(module, token_label, user_pin)
+        except HsmError:
+            raise
+        except (p11.PKCS11Error, OSError) as e:
+            raise HsmUnavailableError(
+                f"cannot open token {token_label!r} via {module}: {e!r}"
+            ) from e
+        self._session: pkcs11.Session | None = shared.session
+        self._lock = shared.lock  # one PKCS#11 operation at a time on the shared session
+        log.debug("HSM session open on token %r (%s)", token_label, module)
+
+    # -- keys ------------------------------------------------------------------------
+
+    def ensure_keys(self) -> None:
+        """Generate the unwrap and signing keypairs in the token if missing. Idempotent."""
+        with self._lock:
+            self._call("ensure keys", self._ensure_keys)
+
+    def unwrap_public_key_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the RSA-3072 upload-unwrap key."""
+        return self._pair(UNWRAP_LABEL).public_pem
+
+    def unwrap_key_id(self) -> str:
+        """First 16 hex chars of SHA-256 over the unwrap key's SPKI DER."""
+        return self._pair(UNWRAP_LABEL).key_id
+
+    def signing_public_key_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the EC P-256 OTA-signing key."""
+        return self._pair(SIGNING_LABEL).public_pem
+
+    def signing_key_id(self) -> str:
+        """First 16 hex chars of SHA-256 over the signing key's SPKI DER."""
+        return self._pair(SIGNING_LABEL).key_id
+
+    # -- private-key operations -------------------------------------------------------
+
+    def decrypt_oaep(self, wrapped: bytes) -> bytes:
+        """RSA-OAEP (SHA-1, MGF1-SHA-1) ``C_Decrypt`` with the unwrap key."""
+        pair = self._pair(UNWRAP_LABEL)
+        if len(wrapped) != pair.size_bytes:
+            raise HsmDecryptError(f"wrapped key is {len(wrapped)} bytes, not {pair.size_bytes}")
+        private = cast(DecryptMixin, pair.private)  # DECRYPT checked in _load_pair
+
+        def run() -> bytes:
+            out = private.decrypt(
+                wrapped, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1
+            )
+            if not isinstance(out, bytes):  # pragma: no cover - bytes in, bytes out
+                raise HsmError("token returned no plaintext")
+            return out
+
+        with self._lock:
+            return self._call("decrypt", run, decrypting=True)
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """``CKM_ECDSA`` with the signing key over a 32-byte SHA-256 digest; DER signature."""
+        if len(digest) != DIGEST_BYTES:
+            raise HsmError(f"digest must be {DIGEST_BYTES} bytes, got {len(digest)}")
+        private = cast(SignMixin, self._pair(SIGNING_LABEL).private)  # SIGN checked
+
+        def run() -> bytes:
+            return bytes(encode_ecdsa_signature(private.sign(digest, mechanism=Mechanism.ECDSA)))
+
+        with self._lock:
+            return self._call("sign", run)
+
+    def close(self) -> None:
+        """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""
+        with self._lock:
+            session, self._session = self._session, None
+            self._unwrap = self._signing = None
+        if session is None:
+            return
+        _release(self._module, self._label)
+        log.debug("HSM session released on token %r", self._label)
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _require_session(self) -> pkcs11.Session:
+        if self._session is None:
+            raise HsmUnavailableError("HSM session is closed")
+        return self._session
+
+    def _call(self, what: str, fn: Callable[[], _T], decrypting: bool = False) -> _T:
+        """Run ``fn`` (lock held) and translate pkcs11 failures into HsmError classes."""
+        self._require_session()
+        try:
+            return fn()
+        except HsmError:
+            raise
+        except _UNAVAILABLE as e:
+            raise HsmUnavailableError(f"HSM {what} failed: {e!r}") from e
+        except _BAD_CIPHERTEXT as e:
+            raise HsmDecryptError(f"HSM {what} refused the data: {e!r}") from e
+        except p11.GeneralError as e:
+            # SoftHSM 2.6 reports an OAEP decoding failure as CKR_GENERAL_ERROR. Tell
+            # that apart from a failing token by asking the token something cheap.
+            if decrypting and self._token_answers():
+                raise HsmDecryptError(f"HSM {what} refused the data: {e!r}") from e
+            raise HsmUnavailableError(f"HSM {what} failed: {e!r}") from e
+        except (p11.PKCS11Error, ValueError, TypeError) as e:
+            raise HsmError(f"HSM {what} failed: {e!r}") from e
+
+    def _token_answers(self) -> bool:
+        try:
+            self._require_session().get_key(ObjectClass.PRIVATE_KEY, label=UNWRAP_LABEL)
+        except (p11.PKCS11Error, HsmError):
+            return False
+        return True
+
+    def _pair(self, label: str) -> _KeyPair:
+        with self._lock:
+            cached = self._unwrap if label == UNWRAP_LABEL else self._signing
+            if cached is not None:
+                return cached
+            pair = self._call("find keys", lambda: self._load_pair(label))
+            if pair is None:
+                raise HsmError(f"key {label!r} is not in the token; run ensure_keys()")
+            return pair
+
+    def _ensure_keys(self) -> None:
+        session = self._require_session()
+        if self._load_pair(UNWRAP_LABEL) is None:
+            log.info("generating RSA-%s key %r in the token", UNWRAP_RSA_BITS, UNWRAP_LABEL)
+            session.generate_keypair(
+                KeyType.RSA,
+                UNWRAP_RSA_BITS,
+                id=UNWRAP_LABEL.encode(),
+                label=UNWRAP_LABEL,
+                store=True,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                public_template={Attribute.VERIFY: False, Attribute.WRAP: False},
+                private_template={
+                    **_PRIVATE_COMMON,
+                    Attribute.DECRYPT: True,
+                    Attribute.SIGN: False,
+                },
+            )
+        if self._load_pair(SIGNING_LABEL) is None:
+            log.info("generating EC P-256 key %r in the token", SIGNING_LABEL)
+            params = session.create_domain_parameters(
+                KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True,
+            )
+            params.generate_keypair(
+                id=SIGNING_LABEL.encode(),
+                label=SIGNING_LABEL,
+                store=True,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                public_template={Attribute.ENCRYPT: False, Attribute.WRAP: False},
+                private_template={
+                    **_PRIVATE_COMMON,
+                    Attribute.SIGN: True,
+                    Attribute.DECRYPT: False,
+                },
+            )
+        for label in (UNWRAP_LABEL, SIGNING_LABEL):
+            if self._load_pair(label) is None:
+                raise HsmError(f"key {label!r} missing right after generation")
+
+    def _load_pair(self, label: str) -> _KeyPair | None:
+        """Find a keypair by label, check its private attributes, cache it. None if absent."""
+        session = self._require_session()
+        privs = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
+        )
+        pubs = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label})
+        )
+        if not privs and not pubs:
+            return None
+        if len(privs) != 1 or len(pubs) != 1:
+            raise HsmError(f"token holds {len(privs)} private / {len(pubs)} public keys {label!r}")
+        private, public = privs[0], pubs[0]
+        if not isinstance(private, pkcs11.PrivateKey) or not isinstance(public, pkcs11.PublicKey):
+            raise HsmError(f"objects labelled {label!r} are not a keypair")
+        use = Attribute.DECRYPT if label == UNWRAP_LABEL else Attribute.SIGN
+        other = Attribute.SIGN if label == UNWRAP_LABEL else Attribute.DECRYPT
+        attrs = private.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE, use, other])
+        if (
+            not attrs[Attribute.SENSITIVE]
+            or attrs[Attribute.EXTRACTABLE]
+            or not attrs[use]
+            or attrs[other]
+        ):
+            raise HsmError(f"private key {label!r} is extractable or not single-use; refusing it")
+        pair = self._export(label, private, public)
+        if label == UNWRAP_LABEL:
+            self._unwrap = pair
+        else:
+            self._signing = pair
+        return pair
+
+    @staticmethod
+    def _export(label: str, private: pkcs11.PrivateKey, public: pkcs11.PublicKey) -> _KeyPair:
+        key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+        if label == UNWRAP_LABEL:
+            if public.key_type != KeyType.RSA:
+                raise HsmError(f"key {label!r} is not RSA")
+            key = rsa.RSAPublicNumbers(
+                int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+                int.from_bytes(public[Attribute.MODULUS], "big"),
+            ).public_key()
+            size = (key.key_size + 7) // 8
+        else:
+            if public.key_type != KeyType.EC:
+                raise HsmError(f"key {label!r} is not EC")
+            loaded = serialization.load_der_public_key(encode_ec_public_key(public))
+            if (
+                not isinstance(loaded, ec.EllipticCurvePublicKey)
+                or loaded.curve.name != "secp256r1"
+            ):
+                raise HsmError(f"key {label!r} is not on P-256")
+            key = loaded
+            size = 32
+        pem = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return _KeyPair(
+            private=private, public_pem=pem, key_id=key_id_from_pem(pem), size_bytes=size
+        )

@@ -1,0 +1,89 @@
+"""The OTA repository: signed targets metadata plus artifacts, on disk and on the broker.
+
+Layout of ``repo_dir``: ``metadata/targets.json`` (the current signed document),
+``metadata/<version>.targets.json`` (every version kept), ``targets/<name>``
+(artifacts, named by content hash). Publication puts the metadata and the artifact as
+retained messages under ``fleet/v1/ota/<channel>/``. The signing key never leaves
+the HSM: ``sign_digest`` is the HSM's.
+
+Invariants: versions only increase; an artifact is written before the metadata that
+names it, and the metadata file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fleet_protocol import ota, topics
+from fleet_protocol.io.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Publication:
+    version: int
+    target: ota.TargetInfo
+    metadata: bytes
+    artifact: bytes
+
+
+class OtaRepository:
+    def __init__(self, repo_dir: Path, channel: str) -> None:
+        self.dir = repo_dir
+        self.channel = channel
+        (repo_dir / "metadata").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "targets").mkdir(parents=True, exist_ok=True)
+
+    def current_version(self) -> int:
+        path = self.dir / "metadata" / "targets.json"
+        if not path.exists():
+            return 0
+        return int(json.loads(path.read_bytes())["signed"]["version"])
+
+    def add_adapter(
+        self,
+        artifact: bytes,
+        *,
+        base_model_sha256: str,
+        adapter_version: int,
+        cohort: str,
+        expires_days: int,
+        keyid: str,
+        sign_digest: Callable[[bytes], bytes],
+    ) -> Publication:
+        sha = hashlib.sha256(artifact).hexdigest()
+        name = f"adapter-v{adapter_version}-{sha[:16]}.safetensors"
+        write_atomic(self.dir / "targets" / name, artifact, 0o644)
+        target = ota.TargetInfo(
+            name=name,
+            length=len(artifact),
+            sha256=sha,
+            base_model_sha256=base_model_sha256,
+            adapter_format=ota.ADAPTER_FORMAT,
+            cohort=cohort,
+            adapter_version=adapter_version,
+        )
+        version = self.current_version() + 1
+        metadata = ota.build_targets(
+            version=version,
+            expires=datetime.now(UTC) + timedelta(days=expires_days),
+            targets=(target,),
+            keyid=keyid,
+            sign_digest=sign_digest,
+        )
+        write_atomic(self.dir / "metadata" / f"{version}.targets.json", metadata, 0o644)
+        write_atomic(self.dir / "metadata" / "targets.json", metadata, 0o644)
+        log.info("OTA repository: targets v%d names %s", version, name)
+        return Publication(version, target, metadata, artifact)
+
+    def publish(self, pub: Publication, send: Callable[[str, bytes, bool], bool]) -> bool:
+        """Retained artifact first, then the metadata that points at it."""
+        ok = send(topics.ota_artifact(self.channel, pub.target.name), pub.artifact, True)
+        return ok and send(topics.ota_metadata(self.channel, "targets"), pub.metadata, True)

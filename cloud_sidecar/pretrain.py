@@ -1,0 +1,259 @@
+"""Pretraining the base model: scene generator → AudioCNN → ONNX fp32 → int8, with a card.
+
+Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.int8.onnx``,
+``model_card.json``) and ``BaseModel``, its typed handle. Invariants:
+
+- every file is written atomically and its sha256 is in the card; ``load_base_model``
+  refuses a directory whose files do not match their card;
+- the ONNX graph has input ``features`` ``(batch, 64, 98)`` float32 and output ``probs``,
+  a dynamic batch axis, opset 17, and one initializer ``<layer>.weight`` per adaptable
+  layer (checked here, relied on by the edge adapter);
+- the int8 model comes from ``edge_daemon.inference.adapter.quantize_int8``, the very
+  function a device runs after merging an adapter, so both quantize identically;
+- the same seed gives the same data and initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import torch
+
+from cloud_sidecar.errors import TrainingError
+from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
+from edge_daemon.inference.adapter import QUANT_OP_TYPES, QUANT_PER_CHANNEL, quantize_int8
+from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
+from fleet_protocol.io.files import file_sha256, write_atomic
+from fleet_protocol.labels import CLASSES, LABELS_VERSION
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+HELD_OUT_FRACTION = 0.15
+# One intra-op thread: on a shared 2-core box two OpenMP threads spin at every barrier
+# while the other process holds a core; measured 10x slower per batch than one thread.
+TRAIN_THREADS = 1
+BATCH = 64
+MAX_CARD_BYTES = 1024 * 1024
+STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
+    "base.pt",
+    "base.fp32.onnx",
+    "base.int8.onnx",
+    "model_card.json",
+)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    dir: Path
+    state_dict: Path
+    onnx_fp32: Path
+    onnx_int8: Path
+    card: Path
+    sha256_fp32: str
+
+
+def fit(
+    model: torch.nn.Module,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 1e-4,
+    class_balanced: bool = False,
+) -> float:
+    """Minibatch AdamW with a one-cycle schedule on ``model.logits``; returns the last loss.
+
+    ``class_balanced`` weights the loss by inverse class frequency, so a skewed set (a
+    device that mostly hears one new pattern) does not drag the other boundaries along.
+    """
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * ((len(x) + BATCH - 1) // BATCH))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    weight = None
+    if class_balanced:
+        counts = torch.bincount(yt, minlength=int(yt.max()) + 1).float()
+        weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), BATCH):
+            idx = perm[i : i + BATCH]
+            logits = model.logits(xt[idx]) if hasattr(model, "logits") else model(xt[idx])
+            loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def _onnx_accuracy(path: Path, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    (probs,) = sess.run(["probs"], {"features": x})
+    return float((np.asarray(probs).argmax(axis=1) == y).mean())
+
+
+def export_onnx(model: AudioCNN, path: Path) -> str:
+    """Export ``model`` to ONNX fp32 at ``path`` (atomically); return its sha256."""
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, N_MELS, N_FRAMES),),
+        buf,
+        input_names=["features"],
+        output_names=["probs"],
+        dynamic_axes={"features": {0: "batch"}, "probs": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    data = buf.getvalue()
+    names = {t.name for t in onnx.load_from_string(data).graph.initializer}
+    missing = [f"{layer}.weight" for layer in ADAPTABLE_LAYERS if f"{layer}.weight" not in names]
+    if missing:
+        raise TrainingError(f"ONNX export lost the initializer names {missing}")
+    write_atomic(path, data, 0o644)
+    return file_sha256(path)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads, restoring the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def pretrain(
+    out_dir: Path,
+    seed: int = 0,
+    n_per_class: int = 160,
+    epochs: int = 6,
+    *,
+    threads: int = TRAIN_THREADS,
+) -> BaseModel:
+    """Train the base CNN on wail/yelp scenes and write the base-model directory."""
+    with torch_threads(threads):
+        return _pretrain(out_dir, seed, n_per_class, epochs)
+
+
+def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseModel:
+    t0 = time.monotonic()
+    rng = np.random.default_rng(seed)
+    x, y = build_training_set(rng, n_per_class, ("wail", "yelp"))
+    n_hold = max(len(CLASSES), int(len(x) * HELD_OUT_FRACTION))
+    x_tr, y_tr, x_ho, y_ho = x[n_hold:], y[n_hold:], x[:n_hold], y[:n_hold]
+    t_data = time.monotonic() - t0
+    torch.manual_seed(seed)
+    model = AudioCNN(len(CLASSES))
+    loss = fit(model, x_tr, y_tr, epochs=epochs, lr=4e-3, seed=seed)
+    with torch.no_grad():
+        acc_fp32_torch = float((model(torch.from_numpy(x_ho)).argmax(1).numpy() == y_ho).mean())
+    train_s = time.monotonic() - t0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / STATE_FILE
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomic(state_path, buf.getvalue(), 0o644)
+    fp32 = out_dir / FP32_FILE
+    sha_fp32 = export_onnx(model, fp32)
+    int8 = quantize_int8(fp32, out_dir / INT8_FILE)
+    acc_fp32, acc_int8 = _onnx_accuracy(fp32, x_ho, y_ho), _onnx_accuracy(int8, x_ho, y_ho)
+    card = {
+        "model": "AudioCNN",
+        "n_parameters": n_parameters(model),
+        "classes": list(CLASSES),
+        "labels_version": LABELS_VERSION,
+        "feature_version": FEATURE_VERSION,
+        "input": {"name": "features", "shape": ["batch", N_MELS, N_FRAMES], "dtype": "float32"},
+        "output": {"name": "probs", "shape": ["batch", len(CLASSES)]},
+        "adaptable_layers": {layer: f"{layer}.weight" for layer in ADAPTABLE_LAYERS},
+        "training": {
+            "seed": seed,
+            "n_per_class": n_per_class,
+            "epochs": epochs,
+            "siren_patterns": ["wail", "yelp"],
+            "final_loss": round(loss, 4),
+            "data_seconds": round(t_data, 1),
+            "training_seconds": round(train_s, 1),
+            "torch": torch.__version__,
+        },
+        "held_out": {
+            "n": int(n_hold),
+            "accuracy_torch": round(acc_fp32_torch, 4),
+            "accuracy_fp32": round(acc_fp32, 4),
+            "accuracy_int8": round(acc_int8, 4),
+        },
+        "quantization": {
+            "method": "onnxruntime quantize_dynamic",
+            "op_types": list(QUANT_OP_TYPES),
+            "per_channel": QUANT_PER_CHANNEL,
+            "weight_type": "int8",
+        },
+        "opset": OPSET,
+        "sha256": {
+            STATE_FILE: file_sha256(state_path),
+            FP32_FILE: sha_fp32,
+            INT8_FILE: file_sha256(int8),
+        },
+    }
+    card_path = out_dir / CARD_FILE
+    write_atomic(card_path, json.dumps(card, indent=1).encode(), 0o644)
+    log.info(
+        "pretrained base %s in %.1f s: held-out accuracy fp32 %.3f int8 %.3f",
+        sha_fp32[:12],
+        time.monotonic() - t0,
+        acc_fp32,
+        acc_int8,
+    )
+    return BaseModel(out_dir, state_path, fp32, int8, card_path, sha_fp32)
+
+
+def load_base_model(base_dir: Path) -> BaseModel:
+    """Open a base-model directory, checking every file against its card's sha256."""
+    card_path = base_dir / CARD_FILE
+    try:
+        if card_path.stat().st_size > MAX_CARD_BYTES:
+            raise TrainingError(f"{card_path} exceeds {MAX_CARD_BYTES} bytes")
+        card = json.loads(card_path.read_bytes())
+        hashes = {name: str(card["sha256"][name]) for name in (STATE_FILE, FP32_FILE, INT8_FILE)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{base_dir} is not a base-model directory: {exc}") from exc
+    for name, expected in hashes.items():
+        path = base_dir / name
+        if not path.is_file() or file_sha256(path) != expected:
+            raise TrainingError(f"{path} is missing or does not match its model card")
+    return BaseModel(
+        base_dir,
+        base_dir / STATE_FILE,
+        base_dir / FP32_FILE,
+        base_dir / INT8_FILE,
+        card_path,
+        hashes[FP32_FILE],
+    )

@@ -1,0 +1,229 @@
+"""The sidecar's SQLite store: device registry, replay state, batches and samples.
+
+Invariants:
+- a batch, its samples and the device's ``last_seq`` are written in one transaction,
+  so a crash stores all of a batch or none of it;
+- a batch id is stored once; a second arrival with the same envelope digest is a
+  retransmission (re-acknowledged, not stored again); with another digest, or with a
+  sequence not above ``last_seq``, it is a replay and raises ``ReplayError``;
+- every row records the region its bytes live in.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud_sidecar.errors import StoreError
+from fleet_protocol.batch import Batch
+from fleet_protocol.errors import ReplayError
+from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.ota import key_id
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE devices (
+    device_id TEXT PRIMARY KEY,
+    public_key_pem BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active',
+    registered_at_ms INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE batches (
+    batch_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    seq INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    n_samples INTEGER NOT NULL,
+    region TEXT NOT NULL
+);
+CREATE TABLE samples (
+    sample_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL REFERENCES batches(batch_id),
+    captured_at_ms INTEGER NOT NULL,
+    predicted TEXT NOT NULL,
+    score REAL NOT NULL,
+    feedback TEXT,
+    reason TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    features BLOB NOT NULL,
+    region TEXT NOT NULL,
+    PRIMARY KEY (device_id, sample_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    public_key_pem: bytes
+    key_id: str
+    status: str
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class LabelledSample:
+    device_id: str
+    sample_id: str
+    label: str
+
+
+class Store:
+    def __init__(self, path: Path, region: str) -> None:
+        self.region = region
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version == 0:
+                self._db.executescript(
+                    f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                )
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"store schema {version} is not {SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open store {path}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- devices -------------------------------------------------------------
+
+    def register_device(self, device_id: str, public_key_pem: bytes) -> Device:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices(device_id, public_key_pem, key_id, registered_at_ms)"
+                " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+                " public_key_pem=excluded.public_key_pem, key_id=excluded.key_id, status='active'",
+                (device_id, public_key_pem, key_id(public_key_pem), int(time.time() * 1000)),
+            )
+        device = self.device(device_id)
+        assert device is not None
+        return device
+
+    def set_device_status(self, device_id: str, status: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE devices SET status=? WHERE device_id=?", (status, device_id)
+            )
+            return cur.rowcount == 1
+
+    def device(self, device_id: str) -> Device | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT device_id, public_key_pem, key_id, status, last_seq FROM devices"
+                " WHERE device_id=?",
+                (device_id,),
+            ).fetchone()
+        return None if row is None else Device(row[0], bytes(row[1]), row[2], row[3], row[4])
+
+    # -- batches -------------------------------------------------------------
+
+    def check_fresh(self, device_id: str, batch_id: str, seq: int, digest: str) -> bool:
+        """True if new; False if this exact batch is already stored; ReplayError otherwise."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT digest FROM batches WHERE batch_id=?", (batch_id,)
+            ).fetchone()
+            (last_seq,) = self._db.execute(
+                "SELECT last_seq FROM devices WHERE device_id=?", (device_id,)
+            ).fetchone()
+        if row is not None:
+            if row[0] == digest:
+                return False
+            raise ReplayError(f"batch id {batch_id} already used with other content")
+        if seq <= last_seq:
+            raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
+        return True
+
+    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch) -> None:
+        now = int(time.time() * 1000)
+        rows = [
+            (
+                s.sample_id,
+                batch.device,
+                batch_id,
+                s.captured_at_ms,
+                s.predicted,
+                s.score,
+                s.feedback,
+                s.reason,
+                s.model_sha256,
+                zlib.compress(np.asarray(batch.features[i], dtype="<f2").tobytes()),
+                self.region,
+            )
+            for i, s in enumerate(batch.samples)
+        ]
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                (last_seq,) = self._db.execute(
+                    "SELECT last_seq FROM devices WHERE device_id=?", (batch.device,)
+                ).fetchone()
+                if seq <= last_seq:
+                    raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
+                self._db.execute(
+                    "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
+                    (batch_id, batch.device, seq, digest, now, len(rows), self.region),
+                )
+                self._db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                self._db.execute(
+                    "UPDATE devices SET last_seq=? WHERE device_id=?", (seq, batch.device)
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                self._db.execute("ROLLBACK")
+                raise ReplayError(f"batch {batch_id} repeats a stored batch or sample: {e}") from e
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- datasets ------------------------------------------------------------
+
+    def labelled_samples(self) -> list[LabelledSample]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, sample_id, feedback FROM samples WHERE feedback IS NOT NULL"
+                " ORDER BY device_id, sample_id"
+            ).fetchall()
+        return [LabelledSample(*r) for r in rows]
+
+    def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
+        out = np.empty((len(keys), N_MELS, N_FRAMES), dtype=np.float32)
+        with self._lock:
+            for i, (device_id, sample_id) in enumerate(keys):
+                (blob,) = self._db.execute(
+                    "SELECT features FROM samples WHERE device_id=? AND sample_id=?",
+                    (device_id, sample_id),
+                ).fetchone()
+                out[i] = np.frombuffer(zlib.decompress(blob), dtype="<f2").reshape(N_MELS, N_FRAMES)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            (d,) = self._db.execute("SELECT COUNT(*) FROM devices").fetchone()
+            (b,) = self._db.execute("SELECT COUNT(*) FROM batches").fetchone()
+            (s,) = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()
+        return {"devices": d, "batches": b, "samples": s}
+
+    def samples_per_device(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, COUNT(*) FROM samples GROUP BY device_id"
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}

@@ -1,0 +1,188 @@
+"""One training run: dataset → LoRA → gate → bundle → HSM signature → (publication).
+
+Each step is written to the audit log. The gate judges the exact int8 artifact the
+devices will run (merged by the edge's own ``apply_adapter`` into the base, scored with
+onnxruntime), on the held-out split of device data and on a golden set drawn from
+the base distribution: the candidate must not be worse than production on the split
+(by ``min_val_gain``) and must not lose more than ``max_golden_drop`` on the golden set.
+
+The run directory holds: the PEFT adapter (``adapter/``: adapter_config.json +
+adapter_model.safetensors), the edge artifact, the merged int8 model used by the
+gate, and ``model_card.json`` with provenance. ``runs/latest.json`` points at it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_sidecar.app import open_hsm, open_link
+from cloud_sidecar.audit import AuditLog
+from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.dataset import build_dataset
+from cloud_sidecar.errors import GateRejectedError, TrainingError
+from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
+from cloud_sidecar.model import build_training_set
+from cloud_sidecar.ota_repo import OtaRepository
+from cloud_sidecar.pretrain import load_base_model
+from cloud_sidecar.store import Store
+from edge_daemon.inference.adapter import apply_adapter
+from fleet_protocol.io.files import write_atomic
+from fleet_protocol.labels import CLASS_INDEX, CLASSES
+
+log = logging.getLogger(__name__)
+GOLDEN_SEED = 424_242
+
+
+def gate(
+    production: Path,
+    candidate: Path,
+    val: tuple[Any, Any],
+    golden: tuple[Any, Any],
+    cfg: SidecarConfig,
+) -> dict[str, Any]:
+    prod_val, cand_val = evaluate(production, *val), evaluate(candidate, *val)
+    prod_gold, cand_gold = evaluate(production, *golden), evaluate(candidate, *golden)
+    passed = (
+        cand_val["accuracy"] >= prod_val["accuracy"] + cfg.train.min_val_gain
+        and cand_gold["accuracy"] >= prod_gold["accuracy"] - cfg.train.max_golden_drop
+    )
+    return {
+        "passed": passed,
+        "val_production": prod_val,
+        "val_candidate": cand_val,
+        "golden_production": prod_gold,
+        "golden_candidate": cand_gold,
+        "min_val_gain": cfg.train.min_val_gain,
+        "max_golden_drop": cfg.train.max_golden_drop,
+    }
+
+
+def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
+    t0 = time.monotonic()
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    base = load_base_model(cfg.base_model_dir)
+    run_id = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    run_dir = cfg.data_dir / "runs" / run_id
+    try:
+        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.train.val_fraction)
+        audit.append(
+            "dataset.built",
+            ds.dataset_id,
+            n_train=len(ds.train),
+            n_val=len(ds.val),
+            manifest=str(ds.manifest_path),
+        )
+        if len(ds.train) < cfg.train.min_samples or not ds.val:
+            raise TrainingError(
+                f"dataset {ds.dataset_id[:12]} has {len(ds.train)} train / {len(ds.val)} val samples;"
+                f" need at least {cfg.train.min_samples} and a non-empty validation split"
+            )
+        x_tr = store.features([(s.device_id, s.sample_id) for s in ds.train])
+        y_tr = np.array([CLASS_INDEX[s.label] for s in ds.train], dtype=np.int64)
+        x_val = store.features([(s.device_id, s.sample_id) for s in ds.val])
+        y_val = np.array([CLASS_INDEX[s.label] for s in ds.val], dtype=np.int64)
+    finally:
+        store.close()
+    rng = np.random.default_rng(cfg.train.seed)
+    replay = (
+        build_training_set(rng, cfg.train.replay_per_class) if cfg.train.replay_per_class else None
+    )
+    golden = build_training_set(np.random.default_rng(GOLDEN_SEED), cfg.train.golden_per_class)
+
+    t_train = time.monotonic()
+    adapter_dir = train_adapter(
+        base,
+        x_tr,
+        y_tr,
+        replay=replay,
+        out_dir=run_dir / "adapter",
+        rank=cfg.train.rank,
+        epochs=cfg.train.epochs,
+        seed=cfg.train.seed,
+    )
+    train_s = time.monotonic() - t_train
+    audit.append(
+        "train.finished",
+        run_id,
+        dataset_id=ds.dataset_id,
+        seconds=round(train_s, 1),
+        rank=cfg.train.rank,
+    )
+
+    edge_adapter = convert_for_edge(adapter_dir, base, run_dir / "edge-adapter.safetensors")
+    candidate = apply_adapter(base.onnx_fp32, edge_adapter, run_dir / "candidate.int8.onnx")
+    decision = gate(base.onnx_int8, candidate, (x_val, y_val), golden, cfg)
+    audit.append("gate.decision", run_id, **decision)
+    if not decision["passed"]:
+        raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
+
+    artifact = edge_adapter.read_bytes()
+    card = {
+        "run_id": run_id,
+        "dataset_id": ds.dataset_id,
+        "dataset_manifest": str(ds.manifest_path),
+        "base_model_sha256": base.sha256_fp32,
+        "adapter_format": "peft-lora + lora-lowrank-v1 (edge)",
+        "rank": cfg.train.rank,
+        "epochs": cfg.train.epochs,
+        "train_samples": len(ds.train),
+        "replay_per_class": cfg.train.replay_per_class,
+        "train_seconds": round(train_s, 1),
+        "gate": decision,
+        "region": cfg.region,
+        "classes": list(CLASSES),
+    }
+    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
+
+    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
+    hsm = open_hsm(cfg)
+    try:
+        pub = repo.add_adapter(
+            artifact,
+            base_model_sha256=base.sha256_fp32,
+            adapter_version=repo.current_version() + 1,
+            cohort=cfg.ota.cohort,
+            expires_days=cfg.ota.expires_days,
+            keyid=hsm.signing_key_id(),
+            sign_digest=hsm.sign_digest,
+        )
+    finally:
+        hsm.close()
+    audit.append(
+        "ota.signed", run_id, version=pub.version, target=pub.target.name, sha256=pub.target.sha256
+    )
+    published = False
+    if publish:
+        link = open_link(cfg, f"cloud-sidecar-publisher-{run_id}")
+        link.start(wait_s=15)
+        try:
+            published = repo.publish(pub, lambda t, p, r: link.publish(t, p, qos=1, retain=r))
+        finally:
+            link.stop()
+        if not published:
+            raise TrainingError("the broker did not acknowledge the OTA publication")
+        audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)
+    result = {
+        "run_id": run_id,
+        "dataset_id": ds.dataset_id,
+        "gate": decision,
+        "adapter_dir": str(adapter_dir),
+        "edge_adapter": str(edge_adapter),
+        "edge_adapter_bytes": len(artifact),
+        "adapter_peft_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
+        "ota_repo_dir": str(cfg.ota_repo_dir),
+        "ota_version": pub.version,
+        "published": published,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    write_atomic(
+        cfg.data_dir / "runs" / "latest.json", json.dumps(result, indent=1).encode(), 0o644
+    )
+    return result

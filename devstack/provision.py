@@ -1,0 +1,139 @@
+"""Provisioning for the embedded default: what flashing and enrolment would leave behind.
+
+Writes the sidecar's config, each device's config (certificates, pinned cloud public
+keys, the base model copied into the device's state as an SD-card image would carry
+it), creates each device's TPM keys and registers their public keys with the cloud.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from devstack.stack import DeviceSlot, DevStack
+
+# File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
+FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"
+HILO_BY_DEVICE = ((435.0, 580.0), (450.0, 600.0), (392.0, 523.0), (466.0, 622.0), (415.0, 554.0))
+
+
+def _json(path: Path, obj: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+    return path
+
+
+def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train: Any) -> Path:
+    return _json(
+        data_dir.parent / "cloud.json",
+        {
+            "data_dir": data_dir,
+            "region": "eu-central-1",
+            "base_model_dir": base_model_dir,
+            "broker": {
+                "host": "127.0.0.1",
+                "port": stack.broker.port,
+                "ca_cert": stack.ca.cert_path,
+                "client_cert": stack.cloud_cert.cert,
+                "client_key": stack.cloud_cert.key,
+            },
+            "hsm": {
+                "module": stack.token.module,
+                "token_label": stack.token.label,
+                "pin_file": stack.workdir / "hsm" / "pin",
+                "env": stack.token.env(),
+            },
+            "train": train,
+        },
+    )
+
+
+def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
+    """Create the cloud's keys inside the token; export only their public halves."""
+    os.environ.update(stack.token.env())
+    from cloud_sidecar.keys.hsm import Hsm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Hsm(str(stack.token.module), stack.token.label, stack.token.user_pin) as hsm:
+        hsm.ensure_keys()
+        unwrap = out_dir / "upload-unwrap.pub.pem"
+        signing = out_dir / "ota-signing.pub.pem"
+        unwrap.write_bytes(hsm.unwrap_public_key_pem())
+        signing.write_bytes(hsm.signing_public_key_pem())
+    return unwrap, signing
+
+
+def device_config(
+    stack: DevStack,
+    slot: DeviceSlot,
+    index: int,
+    base_model_dir: Path,
+    cloud_keys: tuple[Path, Path],
+    stream_s: int,
+    eval_s: int,
+) -> Path:
+    models = slot.state_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for name in (FP32_FILE, INT8_FILE):
+        shutil.copy2(base_model_dir / name, models / name)
+    hilo = HILO_BY_DEVICE[index % len(HILO_BY_DEVICE)]
+    scene = {"siren_pattern": "hilo", "hilo_hz": hilo, "speech_rate": 0.1}
+    return _json(
+        slot.state_dir.parent / f"{slot.device_id}.json",
+        {
+            "device_id": slot.device_id,
+            "state_dir": slot.state_dir,
+            "broker": {
+                "host": "127.0.0.1",
+                "port": stack.broker.port,
+                "ca_cert": stack.ca.cert_path,
+                "client_cert": slot.cert.cert,
+                "client_key": slot.cert.key,
+            },
+            "tpm": {"tcti": slot.tpm.tcti},
+            "cloud": {"unwrap_public_key": cloud_keys[0], "ota_public_key": cloud_keys[1]},
+            "model": {
+                "base_fp32": models / FP32_FILE,
+                "base_int8": models / INT8_FILE,
+            },
+            "source": {"type": "scene", "seed": 1000 + index, "duration_s": stream_s, **scene},
+            "evaluation": {
+                "source": {"type": "scene", "seed": 5000 + index, "duration_s": eval_s, **scene}
+            },
+        },
+    )
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        argv, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def enroll_device(config: Path, cloud_cfg: Path, device_id: str) -> None:
+    """Create the device's TPM keys and register its public key with the cloud."""
+    pem = _run([sys.executable, "-m", "edge_daemon", "keys", "--config", str(config)])
+    pub = config.with_suffix(".pub.pem")
+    pub.write_text(pem)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "cloud_sidecar",
+            "fleet",
+            "--config",
+            str(cloud_cfg),
+            "register",
+            device_id,
+            "--public-key",
+            str(pub),
+        ]
+    )

@@ -1,0 +1,320 @@
+"""The device's key custody: a TPM 2.0 signing key and a TPM-sealed storage key.
+
+Owns: the ESAPI connection to the TPM (``/dev/tpmrm0`` on a Pi, ``swtpm`` in the
+devstack), a primary storage key in the owner hierarchy, an ECC P-256 signing key
+created inside the TPM under it, and a 32-byte storage key sealed by the TPM.
+
+Invariants:
+- no private key and no storage key is ever written to disk in clear: ``state_dir``
+  holds only TPM-wrapped blobs (TPM2B_PUBLIC + TPM2B_PRIVATE, encrypted and
+  integrity-protected under the primary key), written temp -> fsync -> rename;
+- the primary key is re-derived from the owner seed on every open (same template,
+  same key), so the blobs stay loadable after a TPM restart with the same state;
+- keys are created on first use and loaded from their blobs afterwards; a blob on
+  disk is read with a byte cap and its public area is checked before use;
+- the storage key's random bytes and its unsealed value cross the TPM bus only
+  inside a salted, AES-CFB parameter-encrypted session;
+- every TPM or blob failure surfaces as ``edge_daemon.errors.KeyStoreError``;
+  calls are serialised by a lock; this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_HT,
+    TPM2_SE,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
+from tpm2_pytss.types import (
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+)
+
+from edge_daemon.errors import KeyStoreError
+from fleet_protocol.envelope import key_id_from_pem
+
+log = logging.getLogger(__name__)
+
+MAX_BLOB_BYTES = 4096
+"""Byte cap on a key blob read from ``state_dir``."""
+
+STORAGE_KEY_BYTES = 32
+SIGNING_BLOB = "signing.tpmkey"
+STORAGE_BLOB = "storage.sealed"
+
+_BLOB_MAGIC = b"SEVTPM1\n"
+_PRIMARY_TEMPLATE = "ecc256:aes128cfb"
+_SIGNING_TEMPLATE = "ecc256:ecdsa-sha256"
+_SIGNING_ATTRS = (
+    TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+# A sealed data object: keyedhash with neither sign nor decrypt; data supplied by us.
+_SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH
+_MAX_STALE_HANDLES = 64
+
+
+@contextlib.contextmanager
+def _tpm_errors(what: str) -> Iterator[None]:
+    """Turn any tpm2-pytss / OS failure inside the block into ``KeyStoreError``."""
+    try:
+        yield
+    except KeyStoreError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        # TSS2_Exception is a RuntimeError; marshalling raises ValueError/TypeError.
+        raise KeyStoreError(f"TPM {what} failed: {e}") from e
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: temp file in the same directory, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _encode_blob(public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> bytes:
+    return _BLOB_MAGIC + bytes(public.marshal()) + bytes(private.marshal())
+
+
+def _decode_blob(path: Path) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+    with open(path, "rb") as f:
+        data = f.read(MAX_BLOB_BYTES + 1)
+    if len(data) > MAX_BLOB_BYTES:
+        raise KeyStoreError(f"key blob {path} exceeds {MAX_BLOB_BYTES} bytes")
+    if not data.startswith(_BLOB_MAGIC):
+        raise KeyStoreError(f"key blob {path} has an unknown format")
+    body = data[len(_BLOB_MAGIC) :]
+    with _tpm_errors(f"decoding {path.name}"):
+        public, used = TPM2B_PUBLIC.unmarshal(body)
+        private, used2 = TPM2B_PRIVATE.unmarshal(body[used:])
+    if used + used2 != len(body):
+        raise KeyStoreError(f"key blob {path} has trailing bytes")
+    return public, private
+
+
+class TpmKeyStore:
+    """Signing key and sealed storage key of one device, kept by its TPM.
+
+    A swtpm serves one connection at a time, and without a resource manager the
+    TPM's transient object slots are shared: keep one open store per TPM.
+    """
+
+    def __init__(self, tcti: str, state_dir: Path) -> None:
+        self._state_dir = state_dir
+        self._lock = threading.Lock()
+        self._signing: ESYS_TR | None = None
+        self._signing_public: TPM2B_PUBLIC | None = None
+        self._closed = False
+        with _tpm_errors("state directory"):
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _tpm_errors(f"connect ({tcti})"):
+            self._esapi = ESAPI(tcti)
+        try:
+            with _tpm_errors("create primary"):
+                self._flush_stale_transients()
+                template = TPM2B_PUBLIC.parse(
+                    _PRIMARY_TEMPLATE,
+                    objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS,
+                )
+                self._primary, _, _, _, _ = self._esapi.create_primary(
+                    None, template, ESYS_TR.OWNER
+                )
+        except BaseException:
+            with contextlib.suppress(RuntimeError):
+                self._esapi.close()
+            raise
+        log.debug("TPM key store open (tcti %s, state %s)", tcti, state_dir)
+
+    # -- public API -------------------------------------------------------------------
+
+    def signing_public_key_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the device's ECC P-256 signing key."""
+        with self._lock:
+            _, public = self._signing_key()
+            with _tpm_errors("export public key"):
+                return bytes(public.to_pem())
+
+    def signing_key_id(self) -> str:
+        """First 16 hex chars of SHA-256 over the signing key's SPKI DER."""
+        return key_id_from_pem(self.signing_public_key_pem())
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """ECDSA P-256 signature (DER) over a 32-byte SHA-256 digest, made by the TPM."""
+        if len(digest) != hashlib.sha256().digest_size:
+            raise KeyStoreError(f"digest must be 32 bytes, got {len(digest)}")
+        with self._lock:
+            handle, _ = self._signing_key()
+            with _tpm_errors("sign"):
+                scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)  # the key's own ECDSA-SHA256
+                signature = self._esapi.sign(handle, digest, scheme)
+                return bytes(signature)
+
+    def storage_key(self) -> bytes:
+        """The device's 32-byte storage key: sealed by the TPM on first use, unsealed after."""
+        with self._lock:
+            self._check_open()
+            path = self._state_dir / STORAGE_BLOB
+            if path.exists():
+                return self._unseal(path)
+            return self._create_sealed(path)
+
+    def close(self) -> None:
+        """Flush the loaded keys and close the TPM connection. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for handle in (self._signing, self._primary):
+                if handle is not None:
+                    with contextlib.suppress(RuntimeError):
+                        self._esapi.flush_context(handle)
+            self._signing = None
+            with contextlib.suppress(RuntimeError):
+                self._esapi.close()
+            log.debug("TPM key store closed (state %s)", self._state_dir)
+
+    def __enter__(self) -> TpmKeyStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals (lock held) --------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyStoreError("TPM key store is closed")
+
+    def _flush_stale_transients(self) -> None:
+        """Flush transient objects a crashed earlier user left in the TPM (swtpm, no RM)."""
+        _, data = self._esapi.get_capability(
+            TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, _MAX_STALE_HANDLES
+        )
+        for raw in data.data.handles:
+            with contextlib.suppress(RuntimeError):
+                self._esapi.flush_context(self._esapi.tr_from_tpmpublic(raw))
+                log.debug("flushed stale transient TPM handle %#x", int(raw))
+
+    def _param_session(self, attrs: TPMA_SESSION) -> ESYS_TR:
+        """A one-shot HMAC session salted by the primary key, encrypting parameters."""
+        session = self._esapi.start_auth_session(
+            tpm_key=self._primary,
+            bind=ESYS_TR.NONE,
+            session_type=TPM2_SE.HMAC,
+            symmetric=TPMT_SYM_DEF.parse("aes128cfb"),
+            auth_hash=TPM2_ALG.SHA256,
+        )
+        # No CONTINUESESSION: the TPM flushes the session after one command.
+        self._esapi.trsess_set_attributes(session, attrs)
+        return session
+
+    def _signing_key(self) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
+        self._check_open()
+        if self._signing is not None and self._signing_public is not None:
+            return self._signing, self._signing_public
+        path = self._state_dir / SIGNING_BLOB
+        if path.exists():
+            public, private = _decode_blob(path)
+            self._check_signing_public(public, path)
+            log.debug("loading TPM signing key from %s", path)
+        else:
+            with _tpm_errors("create signing key"):
+                template = TPM2B_PUBLIC.parse(_SIGNING_TEMPLATE, objectAttributes=_SIGNING_ATTRS)
+                private, public, _, _, _ = self._esapi.create(self._primary, None, template)
+                _write_atomic(path, _encode_blob(public, private))
+            log.debug("created TPM signing key, blob %s", path)
+        with _tpm_errors("load signing key"):
+            self._signing = self._esapi.load(self._primary, private, public)
+        self._signing_public = public
+        return self._signing, public
+
+    @staticmethod
+    def _check_signing_public(public: TPM2B_PUBLIC, path: Path) -> None:
+        area = public.publicArea
+        attrs = int(area.objectAttributes)
+        if (
+            area.type != TPM2_ALG.ECC
+            or area.parameters.eccDetail.curveID != TPM2_ECC.NIST_P256
+            or attrs & _SIGNING_ATTRS != _SIGNING_ATTRS
+            or attrs & TPMA_OBJECT.DECRYPT
+        ):
+            raise KeyStoreError(f"key blob {path} is not an ECC P-256 signing key")
+
+    def _create_sealed(self, path: Path) -> bytes:
+        with _tpm_errors("seal storage key"):
+            rng_session = self._param_session(TPMA_SESSION.ENCRYPT)
+            key = bytes(self._esapi.get_random(STORAGE_KEY_BYTES, session1=rng_session))
+            if len(key) != STORAGE_KEY_BYTES:
+                raise KeyStoreError(f"TPM returned {len(key)} random bytes")
+            sensitive = TPM2B_SENSITIVE_CREATE(
+                TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(key))
+            )
+            template = TPM2B_PUBLIC.parse("keyedhash", objectAttributes=_SEALED_ATTRS)
+            create_session = self._param_session(TPMA_SESSION.DECRYPT)
+            private, public, _, _, _ = self._esapi.create(
+                self._primary, sensitive, template, session2=create_session
+            )
+            _write_atomic(path, _encode_blob(public, private))
+        log.debug("sealed a new storage key, blob %s", path)
+        return key
+
+    def _unseal(self, path: Path) -> bytes:
+        public, private = _decode_blob(path)
+        area = public.publicArea
+        if area.type != TPM2_ALG.KEYEDHASH or int(area.objectAttributes) & (
+            TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.DECRYPT
+        ):
+            raise KeyStoreError(f"sealed blob {path} is not a sealed data object")
+        with _tpm_errors("unseal storage key"):
+            handle = self._esapi.load(self._primary, private, public)
+            try:
+                session = self._param_session(TPMA_SESSION.ENCRYPT)
+                key = bytes(self._esapi.unseal(handle, session1=ESYS_TR.PASSWORD, session2=session))
+            finally:
+                self._esapi.flush_context(handle)
+        if len(key) != STORAGE_KEY_BYTES:
+            raise KeyStoreError(f"sealed blob {path} holds {len(key)} bytes, expected 32")
+        return key

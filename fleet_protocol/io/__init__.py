@@ -1,0 +1,5 @@
+"""I/O adapters both services share: the MQTT link and durable file writes.
+
+The sans-IO core (every other ``fleet_protocol`` module) never imports this package;
+``tests/unit/test_sans_io.py`` guards that.
+"""
