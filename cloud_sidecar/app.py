@@ -80,7 +80,8 @@ class SidecarApp:
         log.info("sidecar serving; store %s", self.store.counts())
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        if not self.link.publish(topic, payload, qos=1, timeout_s=5):
+        # called from the MQTT network thread (ingest acks): queue, never wait there
+        if not self.link.publish(topic, payload, qos=1, timeout_s=0):
             log.warning("could not publish to %s", topic)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -124,8 +125,10 @@ class SidecarApp:
     def write_metrics(self, path: Path) -> None:
         write_atomic(path, self.metrics.render().encode(), 0o644)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         self.start()
+        if ready is not None:
+            ready.set()
         try:
             while not stop.wait(2.0):
                 self.write_metrics(self.cfg.data_dir / "metrics.prom")

@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class BaseModel:
 
 
 def fit(
-    model: torch.nn.Module,
+    model: AudioCNN,
     x: npt.NDArray[np.float32],
     y: npt.NDArray[np.int64],
     *,
@@ -89,7 +90,9 @@ def fit(
     weight = None
     if class_balanced:
         counts = torch.bincount(yt, minlength=int(yt.max()) + 1).float()
-        weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+        weight = torch.where(
+            counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0
+        )
     gen = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
     model.train()
@@ -97,10 +100,10 @@ def fit(
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), BATCH):
             idx = perm[i : i + BATCH]
-            logits = model.logits(xt[idx]) if hasattr(model, "logits") else model(xt[idx])
+            logits = model.logits(xt[idx])
             loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
     model.eval()
@@ -118,18 +121,20 @@ def _onnx_accuracy(path: Path, x: npt.NDArray[np.float32], y: npt.NDArray[np.int
 def export_onnx(model: AudioCNN, path: Path) -> str:
     """Export ``model`` to ONNX fp32 at ``path`` (atomically); return its sha256."""
     model.eval()
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, N_MELS, N_FRAMES),),
-        buf,
-        input_names=["features"],
-        output_names=["probs"],
-        dynamic_axes={"features": {0: "batch"}, "probs": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
-    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / "export.onnx"
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, N_MELS, N_FRAMES),),
+            tmp_path,
+            input_names=["features"],
+            output_names=["probs"],
+            dynamic_axes={"features": {0: "batch"}, "probs": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        data = tmp_path.read_bytes()
     names = {t.name for t in onnx.load_from_string(data).graph.initializer}
     missing = [f"{layer}.weight" for layer in ADAPTABLE_LAYERS if f"{layer}.weight" not in names]
     if missing:

@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,8 @@ from edge_daemon.privacy.vad import CHUNK_SAMPLES, SAMPLE_RATE, SileroVad
 log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = SAMPLE_RATE
+DETECTORS: tuple[str, ...] = ("level", "declip", "highpass")
+HIGHPASS_TAPS = 129
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -58,22 +61,27 @@ class GateConfig:
         the last ``agc_hold_s`` reaches this RMS level (Silero misses quiet speech).
     agc_max_gain_db: the most that amplification may add (it never attenuates).
     agc_hold_s: how far back the level estimate looks.
-    declip_factor: the second detector sees each chunk clipped at this many times its
-        median absolute sample, which flattens impulsive noise (hammering, clatter)
-        that otherwise masks speech from the VAD.
-    second_detector: run that second, impulse-clipped detector (doubles the VAD cost).
+    detectors: which conditioned copies of the signal the VAD scores; a chunk is speech
+        if any of them says so. Each costs one VAD run per chunk. ``"level"``: AGC
+        only. ``"declip"``: each chunk clipped at ``declip_factor`` times its median
+        absolute sample, then AGC; flattens impulsive noise (hammering) that masks
+        speech. ``"highpass"``: FIR high-pass at ``highpass_hz``, then AGC; removes
+        the low-frequency rumble (wind, engines) that masks speech.
+    declip_factor: see ``detectors``.
+    highpass_hz: see ``detectors``.
     max_block_samples: the largest block one ``push`` accepts.
     """
 
     threshold: float = 0.2
     hysteresis: float = 0.1
-    margin_before_s: float = 0.5
+    margin_before_s: float = 1.0
     margin_after_s: float = 1.0
     agc_target_dbfs: float = -20.0
     agc_max_gain_db: float = 40.0
     agc_hold_s: float = 0.5
     declip_factor: float = 3.0
-    second_detector: bool = True
+    highpass_hz: float = 300.0
+    detectors: tuple[str, ...] = DETECTORS
     max_block_samples: int = 60 * SAMPLE_RATE
 
     def __post_init__(self) -> None:
@@ -95,6 +103,12 @@ class GateConfig:
             raise ConfigError(
                 f"privacy.agc_max_gain_db must be in [0, 80], got {self.agc_max_gain_db}"
             )
+        if not self.detectors or set(self.detectors) - set(DETECTORS):
+            raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ConfigError("privacy.detectors lists a detector twice")
+        if not 50.0 <= self.highpass_hz <= 2000.0:
+            raise ConfigError(f"privacy.highpass_hz must be in [50, 2000], got {self.highpass_hz}")
         if not self.declip_factor > 0.0:
             raise ConfigError(f"privacy.declip_factor must be positive, got {self.declip_factor}")
         if self.max_block_samples < 1:
@@ -119,41 +133,58 @@ class GateStats:
     windows_dropped_speech: int = 0
 
 
-class _Detector:
-    """Conditioning (optional impulse clipping, then AGC) + one VAD stream + hysteresis."""
+def highpass_taps(cutoff_hz: float, taps: int = HIGHPASS_TAPS) -> npt.NDArray[np.float64]:
+    """Linear-phase FIR high-pass (Hamming-windowed sinc, spectral inversion)."""
+    n = np.arange(taps) - (taps - 1) / 2
+    lowpass = np.sinc(2.0 * cutoff_hz / SAMPLE_RATE * n) * np.hamming(taps)
+    lowpass /= lowpass.sum()
+    h = -lowpass
+    h[(taps - 1) // 2] += 1.0
+    return np.asarray(h, dtype=np.float64)
 
-    def __init__(self, vad: SileroVad, config: GateConfig, *, declip: bool) -> None:
+
+class _Detector:
+    """Conditioning (``kind``), then AGC, then one VAD stream with hysteresis.
+
+    Works one chunk at a time so that its output cannot depend on block sizes.
+    """
+
+    def __init__(self, vad: SileroVad, config: GateConfig, kind: str) -> None:
+        self.kind = kind
         self._vad = vad
-        self._declip = declip
         self._factor = config.declip_factor
+        self._taps = highpass_taps(config.highpass_hz) if kind == "highpass" else None
         self._target = 10.0 ** (config.agc_target_dbfs / 20.0)
         self._max_gain = 10.0 ** (config.agc_max_gain_db / 20.0)
-        self._hold = max(1, round(config.agc_hold_s * SAMPLE_RATE / CHUNK_SAMPLES))
+        self._hold = max(1, int(round(config.agc_hold_s * SAMPLE_RATE / CHUNK_SAMPLES)))
         self._on = config.threshold
         self._off = config.threshold - config.hysteresis
         self.reset()
 
     def reset(self) -> None:
         self._vad.reset()
-        self._rms_hist = np.zeros(0, dtype=np.float64)
+        self._levels: deque[float] = deque(maxlen=self._hold)
+        self._fir_hist = np.zeros(HIGHPASS_TAPS - 1, dtype=np.float64)
         self._prev = False
+
+    def _condition(self, chunk: FloatArray) -> FloatArray:
+        x = chunk.astype(np.float64)
+        if self.kind == "declip":
+            lim = self._factor * float(np.median(np.abs(x)))
+            x = np.clip(x, -lim, lim)
+        elif self._taps is not None:
+            ext = np.concatenate((self._fir_hist, x))
+            self._fir_hist = ext[-(HIGHPASS_TAPS - 1) :]
+            x = np.convolve(ext, self._taps, mode="valid")
+        self._levels.append(float(np.sqrt(np.mean(x * x))) + 1e-9)
+        gain = min(max(self._target / max(self._levels), 1.0), self._max_gain)
+        return (x * gain).astype(np.float32)
 
     def speech(self, chunks: FloatArray) -> list[bool]:
         """Speech flags for ``chunks`` of shape (n, CHUNK_SAMPLES), in stream order."""
-        x = chunks
-        if self._declip:
-            lim = self._factor * np.median(np.abs(x), axis=1, keepdims=True)
-            x = np.clip(x, -lim, lim)
-        rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1)) + 1e-9
-        hist = np.concatenate((self._rms_hist, rms))
-        pad = np.concatenate((np.zeros(self._hold - 1 - self._rms_hist.size), hist))
-        env = np.lib.stride_tricks.sliding_window_view(pad, self._hold).max(axis=1)
-        env = env[-rms.size :]
-        self._rms_hist = hist[-(self._hold - 1) :] if self._hold > 1 else hist[:0]
-        gain = np.clip(self._target / env, 1.0, self._max_gain)
-        probs = self._vad.chunk_probs((x * gain[:, None]).astype(np.float32).reshape(-1))
         flags: list[bool] = []
-        for p in probs.tolist():
+        for chunk in chunks:
+            p = float(self._vad.chunk_probs(self._condition(chunk))[0])
             s = p >= self._on or (self._prev and p >= self._off)
             flags.append(s)
             self._prev = s
@@ -166,9 +197,10 @@ class PrivacyGate:
     def __init__(self, config: GateConfig, vad: SileroVad) -> None:
         self.config = config
         self.stats = GateStats()
-        self._detectors = [_Detector(vad, config, declip=False)]
-        if config.second_detector:
-            self._detectors.append(_Detector(vad.spawn(), config, declip=True))
+        self._detectors = [
+            _Detector(vad if i == 0 else vad.spawn(), config, kind)
+            for i, kind in enumerate(config.detectors)
+        ]
         self._before = round(config.margin_before_s * SAMPLE_RATE)
         self._after = round(config.margin_after_s * SAMPLE_RATE)
         self._start_stream()

@@ -120,12 +120,18 @@ class MqttLink:
         retain: bool = False,
         timeout_s: float = 10.0,
     ) -> bool:
-        """Publish and wait for the broker's acknowledgement; False if it did not come."""
+        """Publish; with ``timeout_s > 0`` wait for the broker's acknowledgement.
+
+        Callers on the network thread (inside ``on_message``) must pass ``timeout_s=0``:
+        the acknowledgement is processed by that very thread, so waiting there stalls.
+        """
         if not self._connected.is_set():
             return False
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
+        if timeout_s <= 0:
+            return True
         try:
             info.wait_for_publish(timeout_s)
         except (RuntimeError, ValueError):

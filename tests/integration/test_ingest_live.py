@@ -1,0 +1,135 @@
+"""Uploads through the real broker, signed by real TPMs (swtpm), unwrapped by SoftHSM.
+
+A tampered upload is rejected (acked as rejected, nothing stored, audited) and the
+sidecar keeps serving: the next good upload, from another device, is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from cloud_sidecar.audit import verify
+from devstack.stack import DeviceSlot
+from edge_daemon.keys.tpm import TpmKeyStore
+from fleet_protocol import batch, envelope, topics
+from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.messages import Ack
+from fleet_protocol.ota import key_id
+
+from .conftest import Cloud
+
+pytestmark = pytest.mark.integration
+_SEQ: dict[str, int] = {}  # per-device sequence, as a device's buffer would persist it
+
+
+@dataclass
+class Device:
+    slot: DeviceSlot
+    keys: TpmKeyStore
+    link: MqttLink
+    acks: queue.Queue[Ack]
+
+    def seal(self, cloud: Cloud, n: int = 2) -> bytes:
+        metas = tuple(
+            batch.SampleMeta(
+                os.urandom(16).hex(), 1, float(i), "horn", 0.4, "siren", "ab" * 32, "disagreement"
+            )
+            for i in range(n)
+        )
+        plain = batch.encode(
+            batch.Batch(self.slot.device_id, metas, np.zeros((n, N_MELS, N_FRAMES), np.float16))
+        )
+        pem = cloud.unwrap_pem.read_bytes()
+        _SEQ[self.slot.device_id] = seq = _SEQ.get(self.slot.device_id, 0) + 1
+        return envelope.seal(
+            plain,
+            device=self.slot.device_id,
+            batch_id=os.urandom(16).hex(),
+            seq=seq,
+            created_at_ms=int(time.time() * 1000),
+            wrap_public_key_pem=pem,
+            kid_wrap=key_id(pem),
+            kid_sig=self.keys.signing_key_id(),
+            sign_digest=self.keys.sign_digest,
+        )
+
+    def send(self, payload: bytes, timeout: float = 15) -> Ack:
+        assert self.link.publish(topics.upload(self.slot.device_id), payload)
+        return self.acks.get(timeout=timeout)
+
+
+@contextmanager
+def device(cloud: Cloud, index: int) -> Iterator[Device]:
+    slot = cloud.stack.devices[index]
+    acks: queue.Queue[Ack] = queue.Queue()
+    link = MqttLink(
+        MqttEndpoint(
+            "127.0.0.1",
+            cloud.stack.broker.port,
+            cloud.stack.ca.cert_path,
+            slot.cert.cert,
+            slot.cert.key,
+        ),
+        client_id=slot.device_id,
+        on_message=lambda _t, p: acks.put(Ack.from_bytes(p)),
+        subscriptions=[(topics.ack(slot.device_id), 1)],
+    )
+    link.start(wait_s=10)
+    time.sleep(0.3)  # let the ack subscription settle
+    with TpmKeyStore(slot.tpm.tcti, slot.state_dir / "keys") as keys:
+        try:
+            yield Device(slot, keys, link, acks)
+        finally:
+            link.stop()
+
+
+def test_signed_upload_is_stored_and_acknowledged(cloud: Cloud) -> None:
+    before = cloud.app.store.counts()["samples"]
+    with device(cloud, 0) as d:
+        ack = d.send(d.seal(cloud, n=3))
+    assert ack.status == "stored"
+    assert cloud.app.store.counts()["samples"] == before + 3
+
+
+def test_tampered_upload_is_rejected_and_the_sidecar_keeps_serving(cloud: Cloud) -> None:
+    audit_before = verify(cloud.app.audit.path)
+    samples_before = cloud.app.store.counts()["samples"]
+    with device(cloud, 0) as a:
+        tampered = bytearray(a.seal(cloud))
+        tampered[-20] ^= 0x01
+        ack = a.send(bytes(tampered))
+    assert (ack.status, ack.reason) == ("rejected", "bad_signature")
+    assert cloud.app.store.counts()["samples"] == samples_before
+    assert cloud.app.metrics.get("ingest_rejected_total", reason="bad_signature") >= 1
+    assert verify(cloud.app.audit.path) == audit_before + 1
+    with device(cloud, 1) as b:
+        assert b.send(b.seal(cloud)).status == "stored"
+    assert cloud.app.store.counts()["samples"] == samples_before + 2
+
+
+def test_replayed_upload_is_not_stored_twice(cloud: Cloud) -> None:
+    with device(cloud, 1) as d:
+        first = d.seal(cloud)
+        assert d.send(first).status == "stored"
+        n = cloud.app.store.counts()["samples"]
+        again = d.send(first)
+    assert again.status == "stored" and again.reason == "duplicate"
+    assert cloud.app.store.counts()["samples"] == n
+
+
+def test_device_cannot_upload_as_another_device(cloud: Cloud) -> None:
+    """The broker's ACL stops pi-00 publishing on pi-01's topic: nothing is ingested."""
+    n = cloud.app.store.counts()["batches"]
+    with device(cloud, 0) as a:
+        a.link.publish(topics.upload(cloud.stack.devices[1].device_id), a.seal(cloud), timeout_s=2)
+        time.sleep(1.0)
+    assert cloud.app.store.counts()["batches"] == n

@@ -1,0 +1,186 @@
+"""OTA through the real broker: the cloud signs with SoftHSM, the device verifies and applies.
+
+The device holds only its base model and the pinned OTA public key; it applies the
+adapter without downloading the base again. Forged metadata and a tampered artifact
+are refused and leave the running model untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from cloud_sidecar.lora import convert_for_edge, train_adapter
+from cloud_sidecar.model import build_training_set
+from cloud_sidecar.ota_repo import OtaRepository
+from edge_daemon.inference.adapter import merged_fp32_path
+from edge_daemon.inference.onnx_backend import OnnxClassifier
+from edge_daemon.ota import InstalledModel, OtaClient
+from fleet_protocol import ota, topics
+from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.messages import OtaStatus
+
+from .conftest import Cloud
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def edge_adapter(base_model: Any, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    x, y = build_training_set(np.random.default_rng(3), 6, ("hilo",))
+    out = tmp_path_factory.mktemp("adapter")
+    peft_dir = train_adapter(base_model, x, y, replay=None, out_dir=out / "peft", rank=2, epochs=1)
+    return convert_for_edge(peft_dir, base_model, out / "edge.safetensors").read_bytes()
+
+
+@dataclass
+class EdgeOta:
+    client: OtaClient
+    installed: queue.Queue[InstalledModel] = field(default_factory=queue.Queue)
+    statuses: queue.Queue[OtaStatus] = field(default_factory=queue.Queue)
+
+
+@contextmanager
+def edge(cloud: Cloud, base_model: Any, tmp: Path, channel: str) -> Iterator[EdgeOta]:
+    """A device's OTA client on its own MQTT session (messages handled inline)."""
+    slot = cloud.stack.devices[0]
+    holder: list[EdgeOta] = []
+    link = MqttLink(
+        MqttEndpoint(
+            "127.0.0.1",
+            cloud.stack.broker.port,
+            cloud.stack.ca.cert_path,
+            slot.cert.cert,
+            slot.cert.key,
+        ),
+        client_id=slot.device_id,
+        on_message=lambda t, p: holder[0].client.handle(t, p),  # noqa: PLW0108 - late binding: the client exists only after the link
+    )
+    statuses: queue.Queue[OtaStatus] = queue.Queue()
+    installed: queue.Queue[InstalledModel] = queue.Queue()
+    client = OtaClient(
+        device_id=slot.device_id,
+        channel=channel,
+        state_dir=tmp,
+        trusted_key_pem=cloud.ota_pem.read_bytes(),
+        base_fp32=base_model.onnx_fp32,
+        base_sha256=base_model.sha256_fp32,
+        limits=ota.OtaLimits(),
+        subscribe=link.subscribe,
+        publish_status=statuses.put,
+        install=installed.put,
+        apply_adapter=_apply,
+    )
+    holder.append(EdgeOta(client, installed, statuses))
+    link.subscribe(client.metadata_topic, 1)
+    link.start(wait_s=10)
+    try:
+        yield holder[0]
+    finally:
+        link.stop()
+
+
+def _apply(base: Path, adapter: Path, out: Path) -> Path:
+    from edge_daemon.inference.adapter import apply_adapter
+
+    return apply_adapter(base, adapter, out)
+
+
+def _publish(cloud: Cloud, topic: str, payload: bytes) -> None:
+    assert cloud.app.link.publish(topic, payload, qos=1, retain=True)
+
+
+def test_signed_adapter_is_verified_and_applied_by_the_device(
+    cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
+) -> None:
+    repo = OtaRepository(tmp_path / "repo", "green")
+    pub = repo.add_adapter(
+        edge_adapter,
+        base_model_sha256=base_model.sha256_fp32,
+        adapter_version=1,
+        cohort="all",
+        expires_days=7,
+        keyid=cloud.app.hsm.signing_key_id(),
+        sign_digest=cloud.app.hsm.sign_digest,
+    )
+    assert repo.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
+    with edge(cloud, base_model, tmp_path / "device", "green") as dev:
+        model = dev.installed.get(timeout=60)
+        status = dev.statuses.get(timeout=5)
+    assert status.state == "applied" and status.adapter_version == 1
+    assert model.path.exists()
+    merged_fp32 = merged_fp32_path(model.path)
+    assert merged_fp32.read_bytes() != base_model.onnx_fp32.read_bytes()  # the adapter was merged
+    base = OnnxClassifier(base_model.onnx_int8)
+    adapted = OnnxClassifier(model.path)
+    x, _ = build_training_set(np.random.default_rng(9), 2)
+    assert adapted.predict(x).shape == base.predict(x).shape
+    trusted = json.loads((tmp_path / "device" / "ota" / "trusted.json").read_text())
+    assert trusted["metadata_version"] == 1 and trusted["adapter_version"] == 1
+
+
+def test_metadata_signed_by_another_key_is_refused(
+    cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
+) -> None:
+    rogue = ec.generate_private_key(ec.SECP256R1())
+    target = ota.TargetInfo(
+        name="evil.safetensors",
+        length=len(edge_adapter),
+        sha256=hashlib.sha256(edge_adapter).hexdigest(),
+        base_model_sha256=base_model.sha256_fp32,
+        adapter_format=ota.ADAPTER_FORMAT,
+        cohort="all",
+        adapter_version=9,
+    )
+    meta = ota.build_targets(
+        version=5,
+        expires=datetime.now(UTC) + timedelta(days=1),
+        targets=(target,),
+        keyid=cloud.app.hsm.signing_key_id(),  # claims the real key id
+        sign_digest=lambda d: rogue.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))),
+    )
+    _publish(cloud, topics.ota_artifact("rogue", target.name), edge_adapter)
+    _publish(cloud, topics.ota_metadata("rogue", "targets"), meta)
+    with edge(cloud, base_model, tmp_path / "device", "rogue") as dev:
+        status = dev.statuses.get(timeout=15)
+        time.sleep(0.5)
+        assert dev.installed.empty()
+    assert (status.state, status.reason) == ("rejected", "bad_signature")
+    assert not (tmp_path / "device" / "ota" / "trusted.json").exists()
+
+
+def test_tampered_artifact_is_refused(
+    cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
+) -> None:
+    repo = OtaRepository(tmp_path / "repo", "amber")
+    pub = repo.add_adapter(
+        edge_adapter,
+        base_model_sha256=base_model.sha256_fp32,
+        adapter_version=1,
+        cohort="all",
+        expires_days=7,
+        keyid=cloud.app.hsm.signing_key_id(),
+        sign_digest=cloud.app.hsm.sign_digest,
+    )
+    bad = bytearray(edge_adapter)
+    bad[len(bad) // 2] ^= 0xFF
+    _publish(cloud, topics.ota_artifact("amber", pub.target.name), bytes(bad))
+    _publish(cloud, topics.ota_metadata("amber", "targets"), pub.metadata)
+    with edge(cloud, base_model, tmp_path / "device", "amber") as dev:
+        status = dev.statuses.get(timeout=15)
+        assert dev.installed.empty()
+    assert (status.state, status.reason) == ("rejected", "bad_hash")
