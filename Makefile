@@ -23,7 +23,7 @@ types:
 	$(PY) -m mypy
 
 unit: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 bench: setup
 	$(PY) -m benchmarks.run

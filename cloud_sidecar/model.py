@@ -34,6 +34,7 @@ ADAPTABLE_LAYERS = CONV_LAYERS + LINEAR_LAYERS
 SNR_DB = (6.0, 35.0)  # event over background
 GAIN_DB = (-6.0, 6.0)  # overall gain after mixing (microphone sensitivity, distance)
 MAX_PER_CLASS = 100_000
+FEATURE_CHUNK = 128  # windows rendered and featurised at a time
 
 
 class AudioCNN(nn.Module):
@@ -120,9 +121,11 @@ def build_training_set(
     names = [c for c in classes for _ in range(n_per_class)]
     order = rng.permutation(len(names))
     names = [names[i] for i in order]
-    audio = render_windows(names, rng, siren_patterns=siren_patterns, hilo_pairs=hilo_pairs)
-    feats = log_mel_batch(audio)
+    feats = np.empty((len(names), N_MELS, N_FRAMES), dtype=np.float32)
+    for i in range(0, len(names), FEATURE_CHUNK):  # bounded memory: audio never all at once
+        chunk = names[i : i + FEATURE_CHUNK]
+        audio = render_windows(chunk, rng, siren_patterns=siren_patterns, hilo_pairs=hilo_pairs)
+        feats[i : i + len(chunk)] = log_mel_batch(audio)
     labels = np.array([CLASS_INDEX[c] for c in names], dtype=np.int64)
-    assert feats.shape[1:] == (N_MELS, N_FRAMES)
     log.debug("built %d windows of %d classes", len(names), len(classes))
     return feats, labels

@@ -21,6 +21,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,16 +125,18 @@ def export_onnx(model: AudioCNN, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / "export.onnx"
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, N_MELS, N_FRAMES),),
-            tmp_path,
-            input_names=["features"],
-            output_names=["probs"],
-            dynamic_axes={"features": {0: "batch"}, "probs": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated, not gone
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (torch.zeros(1, N_MELS, N_FRAMES),),
+                tmp_path,
+                input_names=["features"],
+                output_names=["probs"],
+                dynamic_axes={"features": {0: "batch"}, "probs": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
         data = tmp_path.read_bytes()
     names = {t.name for t in onnx.load_from_string(data).graph.initializer}
     missing = [f"{layer}.weight" for layer in ADAPTABLE_LAYERS if f"{layer}.weight" not in names]

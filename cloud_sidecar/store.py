@@ -23,9 +23,9 @@ import numpy.typing as npt
 
 from cloud_sidecar.errors import StoreError
 from fleet_protocol.batch import Batch
+from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.features import N_FRAMES, N_MELS
-from fleet_protocol.ota import key_id
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -110,7 +110,7 @@ class Store:
                 "INSERT INTO devices(device_id, public_key_pem, key_id, registered_at_ms)"
                 " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
                 " public_key_pem=excluded.public_key_pem, key_id=excluded.key_id, status='active'",
-                (device_id, public_key_pem, key_id(public_key_pem), int(time.time() * 1000)),
+                (device_id, public_key_pem, key_id_from_pem(public_key_pem), int(time.time() * 1000)),
             )
         device = self.device(device_id)
         assert device is not None

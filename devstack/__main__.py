@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from devstack.demo import run_demo
 
+            # SIGTERM unwinds like Ctrl-C, so DevStack stops every child it started by PID
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             run_demo(args.out, args.devices, args.stream_seconds, args.eval_seconds)
         else:
             from devstack.stack import DevStack
@@ -53,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DevstackError, RuntimeError) as e:
         print(f"devstack: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("devstack: interrupted; every component stopped", file=sys.stderr)
+        return 130
     return 0
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

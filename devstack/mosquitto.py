@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.errors import ComponentStartError
-from devstack.pki import IDENTITY_RE, DevCA, write_atomic
+from devstack.pki import IDENTITY_RE, DevCA
 from devstack.procs import Child, ProcessGroup, free_port, require_tool, wait_for_port
+from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 

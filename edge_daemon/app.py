@@ -60,7 +60,7 @@ class EdgeApp:
             cfg.selection.max_buffer_bytes,
         )
         self._unwrap_pem = cfg.cloud.unwrap_public_key.read_bytes()
-        self._kid_wrap = ota.key_id(self._unwrap_pem)
+        self._kid_wrap = envelope.key_id_from_pem(self._unwrap_pem)
         base = OnnxClassifier(cfg.model.base_int8, cfg.model.threads)
         self.base_sha256 = file_sha256(cfg.model.base_fp32)
         self.link = MqttLink(
@@ -231,19 +231,22 @@ class EdgeApp:
             )
             self.seal_batches(force=True)
             self.report["stream"] = {k: v for k, v in asdict(stats).items() if k != "kept_indices"}
-            self._write_report("streamed")
+            phase = "serving"
+            self._write_report(phase)
             while not stop.is_set():
                 try:
                     topic, payload = self._ota_queue.get(timeout=0.5)
                 except queue.Empty:
                     self.resend_unacked()
-                    self._write_report("serving")
+                    if self.buffer.counts() != self.report["buffer"]:
+                        self._write_report(phase)
                     continue
                 before = self.report["adapter_version"]
                 self.ota.handle(topic, payload)
                 if self.report["adapter_version"] != before:
                     self._evaluate("after")
-                    self._write_report("updated")
+                    phase = "updated"
+                    self._write_report(phase)
         finally:
             self.stop()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edge_daemon.errors import OtaError
 from fleet_protocol import ota, topics
+from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.messages import OtaStatus
@@ -67,7 +68,7 @@ class OtaClient:
         self.dir = state_dir / "ota"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._key = trusted_key_pem
-        self._keyid = ota.key_id(trusted_key_pem)
+        self._keyid = key_id_from_pem(trusted_key_pem)
         self._base_fp32 = base_fp32
         self._base_sha = base_sha256
         self._limits = limits

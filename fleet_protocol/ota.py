@@ -62,15 +62,6 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def key_id(public_key_pem: bytes) -> str:
-    """Key id: hex SHA-256 of the SubjectPublicKeyInfo DER, first 16 characters."""
-    key = serialization.load_pem_public_key(public_key_pem)
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()[:16]
-
-
 def build_targets(
     *,
     version: int,

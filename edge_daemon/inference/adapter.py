@@ -236,6 +236,8 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".onnx")
     os.close(fd)
+    root = logging.getLogger()
+    root.addFilter(_drop_quantizer_chatter)
     try:
         quantize_dynamic(
             fp32_path,
@@ -250,9 +252,15 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
     except Exception as exc:  # onnxruntime.quantization raises assorted error types
         raise OtaError(f"int8 quantization of {fp32_path} failed: {exc}") from exc
     finally:
+        root.removeFilter(_drop_quantizer_chatter)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return out_path
+
+
+def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
+    """onnxruntime.quantization logs through the root logger; keep it out of ours."""
+    return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
 
 
 def merged_fp32_path(out_int8: Path) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +51,7 @@ from tpm2_pytss.types import (
 
 from edge_daemon.errors import KeyStoreError
 from fleet_protocol.envelope import key_id_from_pem
+from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +87,6 @@ def _tpm_errors(what: str) -> Iterator[None]:
     except (RuntimeError, ValueError, TypeError, OSError) as e:
         # TSS2_Exception is a RuntimeError; marshalling raises ValueError/TypeError.
         raise KeyStoreError(f"TPM {what} failed: {e}") from e
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: temp file in the same directory, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _encode_blob(public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> bytes:
@@ -264,7 +243,7 @@ class TpmKeyStore:
             with _tpm_errors("create signing key"):
                 template = TPM2B_PUBLIC.parse(_SIGNING_TEMPLATE, objectAttributes=_SIGNING_ATTRS)
                 private, public, _, _, _ = self._esapi.create(self._primary, None, template)
-                _write_atomic(path, _encode_blob(public, private))
+                write_atomic(path, _encode_blob(public, private))
             log.debug("created TPM signing key, blob %s", path)
         with _tpm_errors("load signing key"):
             self._signing = self._esapi.load(self._primary, private, public)
@@ -297,7 +276,7 @@ class TpmKeyStore:
             private, public, _, _, _ = self._esapi.create(
                 self._primary, sensitive, template, session2=create_session
             )
-            _write_atomic(path, _encode_blob(public, private))
+            write_atomic(path, _encode_blob(public, private))
         log.debug("sealed a new storage key, blob %s", path)
         return key
 

@@ -20,10 +20,10 @@ from cloud_sidecar.audit import verify
 from devstack.stack import DeviceSlot
 from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import batch, envelope, topics
+from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
 from fleet_protocol.messages import Ack
-from fleet_protocol.ota import key_id
 
 from .conftest import Cloud
 
@@ -57,7 +57,7 @@ class Device:
             seq=seq,
             created_at_ms=int(time.time() * 1000),
             wrap_public_key_pem=pem,
-            kid_wrap=key_id(pem),
+            kid_wrap=key_id_from_pem(pem),
             kid_sig=self.keys.signing_key_id(),
             sign_digest=self.keys.sign_digest,
         )

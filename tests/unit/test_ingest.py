@@ -21,9 +21,9 @@ from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, envelope, topics
+from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.messages import Ack
-from fleet_protocol.ota import key_id
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
@@ -39,7 +39,7 @@ class FakeHsm:
     key: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
 
     def unwrap_key_id(self) -> str:
-        return key_id(_pem(self.key))
+        return key_id_from_pem(_pem(self.key))
 
     def decrypt_oaep(self, wrapped: bytes) -> bytes:
         return self.key.decrypt(wrapped, OAEP)
@@ -79,7 +79,7 @@ class FakeDevice:
             created_at_ms=1,
             wrap_public_key_pem=_pem(hsm.key),
             kid_wrap=hsm.unwrap_key_id(),
-            kid_sig=key_id(_pem(self.key)),
+            kid_sig=key_id_from_pem(_pem(self.key)),
             sign_digest=lambda d: self.key.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))),
         )
 

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from fleet_protocol import ota
+from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import MetadataError, TooLargeError
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
@@ -42,14 +43,14 @@ def _signed(key: ec.EllipticCurvePrivateKey, pem: bytes, version: int = 2, days:
         version=version,
         expires=NOW + timedelta(days=days),
         targets=(_target(),),
-        keyid=ota.key_id(pem),
+        keyid=key_id_from_pem(pem),
         sign_digest=lambda d: key.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))),
     )
 
 
 def _verify(data: bytes, pem: bytes, current: int = 1) -> ota.VerifiedTargets:
     return ota.verify_targets(
-        data, trusted_key_pem=pem, trusted_keyid=ota.key_id(pem), current_version=current, now=NOW
+        data, trusted_key_pem=pem, trusted_keyid=key_id_from_pem(pem), current_version=current, now=NOW
     )
 
 

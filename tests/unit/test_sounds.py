@@ -30,7 +30,8 @@ def _peak_track(x: npt.NDArray[np.float32], frame: int = 800) -> npt.NDArray[np.
     """Dominant frequency per 50 ms frame (Hann window, zero-padded for resolution)."""
     frames = x[: len(x) // frame * frame].reshape(-1, frame).astype(np.float64)
     spec = np.abs(np.fft.rfft(frames * np.hanning(frame), n=8 * frame, axis=1))
-    return np.fft.rfftfreq(8 * frame, 1 / SAMPLE_RATE)[spec.argmax(axis=1)]
+    freqs = np.fft.rfftfreq(8 * frame, 1 / SAMPLE_RATE)
+    return np.asarray(freqs[spec.argmax(axis=1)], dtype=np.float64)
 
 
 @pytest.mark.parametrize("label", CLASSES)
