@@ -72,6 +72,21 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
             dev = store.register_device(args.device, pem)
             audit.append("fleet.registered", args.device, key_id=dev.key_id)
             print(f"registered {args.device} (key {dev.key_id})")
+        elif args.fleet_command in ("claim", "revoke"):
+            from cloud_sidecar.fleet import end_session, open_fleet
+            from cloud_sidecar.metrics import Metrics
+
+            fleet = open_fleet(cfg, store, audit, Metrics())
+            if args.fleet_command == "claim":
+                # printed once: only its hash is stored; hand it to the device's first boot
+                print(fleet.create_claim(args.device))
+            else:
+                serials = fleet.revoke(args.device)
+                ended = end_session(cfg, args.device)  # the CRL applies from the next handshake
+                print(
+                    f"revoked {args.device}: {len(serials)} certificate(s) in the CRL;"
+                    f" open session {'closed' if ended else 'NOT closed'}"
+                )
         elif args.fleet_command == "disable":
             if not store.set_device_status(args.device, "disabled"):
                 raise ConfigError(f"unknown device {args.device}")
@@ -85,10 +100,33 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from cloud_sidecar.audit import verify
+    from cloud_sidecar.audit import verify_log
 
-    n = verify(args.log)
-    print(f"{args.log}: {n} entries, chain intact")
+    if args.audit_command == "checkpoint":
+        return _cmd_audit_checkpoint(args)
+    pem = None
+    if args.public_key is not None:
+        pem = args.public_key.read_bytes()[:8192]
+    r = verify_log(args.log, pem, args.checkpoints)
+    print(f"{args.log}: {r.entries} entries, chain intact, head {r.head[:16]}")
+    if r.checkpoints:
+        how = "signatures verified" if r.signatures_checked else "signatures NOT checked"
+        print(f"{r.checkpoints} checkpoints ({how}); last at entry {r.last_checkpoint_seq}")
+    else:
+        print("no checkpoints in the log")
+    if args.checkpoints is not None:
+        print(f"{args.checkpoints}: {r.external_checkpoints} checkpoints match the log")
+    return EXIT_OK
+
+
+def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from cloud_sidecar.app import open_hsm
+    from cloud_sidecar.config import load_config
+
+    cfg = load_config(args.config)
+    with open_hsm(cfg) as hsm:
+        record = cfg.open_audit().checkpoint(hsm.sign_digest, hsm.signing_key_id())
+    print(json.dumps(record))
     return EXIT_OK
 
 
@@ -132,12 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     dis = fsub.add_parser("disable", help="refuse further uploads from a device")
     dis.add_argument("device")
     fsub.add_parser("list", help="devices and their stored sample counts")
+    cl = fsub.add_parser("claim", help="issue a one-time enrollment claim; prints it once")
+    cl.add_argument("device")
+    rv = fsub.add_parser("revoke", help="revoke a device's certificates (CRL) and refuse it")
+    rv.add_argument("device")
     fl.set_defaults(func=_cmd_fleet)
 
     au = sub.add_parser("audit", help="audit log tools")
     asub = au.add_subparsers(dest="audit_command", required=True)
     ver = asub.add_parser("verify", help="check the hash chain; non-zero exit on any tampering")
     ver.add_argument("log", type=Path)
+    ver.add_argument(
+        "--public-key", type=Path, help="trusted HSM signing public key (PEM): check checkpoints"
+    )
+    ver.add_argument(
+        "--checkpoints",
+        type=Path,
+        help="checkpoint file kept elsewhere: shows truncation or a rewritten log",
+    )
+    cp = asub.add_parser("checkpoint", help="sign the chain head with the HSM and append it")
+    cp.add_argument("--config", type=Path, required=True)
     au.set_defaults(func=_cmd_audit)
 
     vc = sub.add_parser("validate-config", help="check a configuration file and report errors")

@@ -1,10 +1,16 @@
 """Composition root of the sidecar's ``serve`` command: ingest workers on the broker.
 
 Start order: audit log → store → HSM session → MQTT link (shared ingest subscription
-and the devices' OTA status). Stop in reverse. MQTT callbacks run ingest directly: it
+and the devices' OTA status; with a ``fleet`` section also the shared enrollment and
+renewal subscriptions, answered by ``cloud_sidecar.fleet``). Stop in reverse. MQTT callbacks run ingest directly: it
 is bounded work (one HSM decrypt, one SQLite transaction). When the HSM is unavailable
-the upload is neither stored nor acknowledged; the session is reopened with backoff and
-the device resends.
+the upload is neither stored nor acknowledged; a background thread reopens the session
+with backoff (never the MQTT thread), and the device resends. Any token failure during
+an unwrap other than "this ciphertext is not for this key" counts as unavailable: a
+retry loses nothing, a rejection would make the device drop the batch.
+
+The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
+``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
-from cloud_sidecar.errors import HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.keys.hsm import Hsm
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
-from fleet_protocol import topics
+from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
@@ -53,21 +59,47 @@ def open_link(
     )
 
 
+class _HsmUnwrapper:
+    """Ingest's view of the app's current HSM session; token failures become "unavailable"."""
+
+    def __init__(self, app: SidecarApp) -> None:
+        self._app = app
+
+    def unwrap_key_id(self) -> str:
+        try:
+            return self._app.hsm.unwrap_key_id()
+        except HsmUnavailableError:
+            raise
+        except HsmError as e:
+            raise HsmUnavailableError(f"HSM cannot name its unwrap key: {e}") from e
+
+    def decrypt_oaep(self, wrapped: bytes) -> bytes:
+        try:
+            return self._app.hsm.decrypt_oaep(wrapped)
+        except (HsmDecryptError, HsmUnavailableError):
+            raise
+        except HsmError as e:  # e.g. the key's handle vanished with the token
+            raise HsmUnavailableError(f"HSM failed during unwrap: {e}") from e
+
+
 class SidecarApp:
     def __init__(self, cfg: SidecarConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
         self._hsm_lock = threading.Lock()
+        self._reopening = False
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         cfg = self.cfg
-        self.audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+        cfg.check_residency()  # also for configs built in code, not only load_config
+        self.audit = cfg.open_audit()
         self.store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
         self.hsm = open_hsm(cfg)
         self.link = open_link(cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message)
         self.ingest = Ingest(
             self.store,
-            self.hsm,
+            _HsmUnwrapper(self),
             self.audit,
             self.metrics,
             self._publish,
@@ -75,8 +107,14 @@ class SidecarApp:
         )
         self.link.subscribe(topics.shared_upload_subscription(), 1)
         self.link.subscribe(OTA_STATUS_SUBSCRIPTION, 1)
+        self.fleet: FleetService | None = None
+        if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
+            self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
+            self.link.subscribe(enroll.ENROLL_SUBSCRIPTION, 1)
+            self.link.subscribe(enroll.RENEW_SUBSCRIPTION, 1)
         self.link.start(wait_s=15)
         self.audit.append("sidecar.started", "serve", pid=os.getpid())
+        self.checkpoint_audit()
         log.info("sidecar serving; store %s", self.store.counts())
 
     def _publish(self, topic: str, payload: bytes) -> None:
@@ -89,9 +127,15 @@ class SidecarApp:
             try:
                 self.ingest.handle(topic, payload)
             except HsmUnavailableError:
-                self._reopen_hsm()
+                self._hsm_failed()
         elif topic.endswith("/ota/status"):
             self._on_ota_status(topic, payload)
+        elif self.fleet is not None and (
+            topic.endswith("/cert/request") or topic.startswith(enroll.ENROLL_PREFIX + "/")
+        ):
+            reply = self.fleet.handle(topic, payload)
+            if reply is not None:
+                self._publish(*reply)
 
     def _on_ota_status(self, topic: str, payload: bytes) -> None:
         try:
@@ -109,18 +153,49 @@ class SidecarApp:
             reason=status.reason,
         )
 
-    def _reopen_hsm(self) -> None:
+    def _hsm_failed(self) -> None:
+        """Start one background reopen loop, unless one is running."""
         with self._hsm_lock:
-            for delay in (0.5, 1, 2, 4):
+            if self._reopening or self._stopping.is_set():
+                return
+            self._reopening = True
+        threading.Thread(target=self._reopen_hsm, name="hsm-reopen", daemon=True).start()
+
+    def _reopen_hsm(self) -> None:
+        delay = 0.5
+        try:
+            while not self._stopping.is_set():
+                self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
-                    self.hsm.close()
-                    self.hsm = open_hsm(self.cfg)
-                    self.ingest.hsm = self.hsm
-                    log.info("HSM session reopened")
-                    return
+                    hsm = open_hsm(self.cfg)
                 except HsmError as e:
                     log.warning("HSM still unavailable (%s); retrying in %.1f s", e, delay)
-                    time.sleep(delay)
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                try:
+                    hsm.unwrap_key_id()  # the token answers and holds the key
+                except HsmError as e:
+                    hsm.close()
+                    log.warning("HSM reopened but unusable (%s); retrying in %.1f s", e, delay)
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                self.hsm = hsm
+                self.metrics.inc("hsm_reopened_total")
+                log.info("HSM session reopened")
+                return
+        finally:
+            with self._hsm_lock:
+                self._reopening = False
+
+    def checkpoint_audit(self) -> None:
+        """Sign the audit chain head in the HSM; on failure log, count and go on."""
+        try:
+            self.audit.checkpoint(self.hsm.sign_digest, self.hsm.signing_key_id())
+        except HsmError as e:
+            self.metrics.inc("audit_checkpoint_failed_total")
+            log.warning("audit checkpoint not signed: %s", e)
 
     def write_metrics(self, path: Path) -> None:
         write_atomic(path, self.metrics.render().encode(), 0o644)
@@ -129,15 +204,21 @@ class SidecarApp:
         self.start()
         if ready is not None:
             ready.set()
+        last_checkpoint = time.monotonic()
         try:
             while not stop.wait(2.0):
                 self.write_metrics(self.cfg.data_dir / "metrics.prom")
+                if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
+                    self.checkpoint_audit()
+                    last_checkpoint = time.monotonic()
         finally:
             self.write_metrics(self.cfg.data_dir / "metrics.prom")
             self.stop()
 
     def stop(self) -> None:
-        for close in (self.link.stop, self.hsm.close, self.store.close):
+        self._stopping.set()
+        # the final checkpoint signs the head after the last ingest
+        for close in (self.link.stop, self.checkpoint_audit, self.hsm.close, self.store.close):
             try:
                 close()
             except Exception:

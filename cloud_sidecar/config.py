@@ -2,6 +2,10 @@
 
 The HSM PIN never sits in the config: it is read from systemd's credentials directory
 (``$CREDENTIALS_DIRECTORY/<pin_credential>``) or, for development, from ``pin_file``.
+
+Every endpoint (broker, HSM, data_dir, and any ``residency.other_endpoints``) declares
+its region; ``load_config`` refuses a configuration in which any of them lies outside
+the residency policy (``cloud_sidecar.residency``), naming the endpoint.
 """
 
 from __future__ import annotations
@@ -9,10 +13,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
+from cloud_sidecar.residency import MAX_REGION_LEN, ResidencyPolicy
+
+Region = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_REGION_LEN,
+        description="jurisdiction/region id (e.g. eu-central-1, on-prem-de); see residency.py",
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -25,6 +41,7 @@ class BrokerConfig(_Strict):
     ca_cert: Path
     client_cert: Path
     client_key: Path
+    region: Region
 
 
 class HsmConfig(_Strict):
@@ -37,6 +54,7 @@ class HsmConfig(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="environment the module needs (e.g. SOFTHSM2_CONF)"
     )
+    region: Region
 
     def pin(self) -> str:
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -73,17 +91,81 @@ class OtaConfig(_Strict):
     cohort: str = "all"
 
 
+class FleetConfig(_Strict):
+    """Enrollment and revocation (cloud_sidecar/fleet.py, docs/adr/0007)."""
+
+    ca_dir: Path = Field(description="fleet CA: ca.pem, ca.key (dev: file key), crl.pem")
+    cert_valid_s: int = Field(
+        7 * 24 * 3600, ge=60, le=90 * 24 * 3600, description="device certificate lifetime"
+    )
+    claim_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a claim expires after this")
+    max_clock_skew_s: int = Field(600, ge=1, description="accepted request time offset")
+    crl_hook: tuple[str, ...] = Field(
+        (),
+        description="argv run with the CRL path appended after each revocation; it must"
+        " make the broker(s) reload their CRL (devstack: devstack.mosquitto's reload-crl)",
+    )
+
+
+class ResidencyConfig(_Strict):
+    allowed_regions: tuple[str, ...] | None = Field(
+        None,
+        description="regions data may live in or pass through; default: the EU list in"
+        " cloud_sidecar/residency.py plus on-prem-<EU country code>",
+    )
+    other_endpoints: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="further endpoints and their regions (e.g. a model or container"
+        " registry, backups), checked like the broker, HSM and data_dir",
+    )
+
+    def policy(self) -> ResidencyPolicy:
+        if self.allowed_regions is None:
+            return ResidencyPolicy.eu_default()
+        return ResidencyPolicy.only(self.allowed_regions)
+
+
 class SidecarConfig(_Strict):
     data_dir: Path = Field(description="store, audit log, datasets, adapters, OTA repository")
     region: str = Field(
-        "eu-central-1", description="where data_dir lives; recorded with every entry"
+        min_length=1,
+        max_length=MAX_REGION_LEN,
+        description="where data_dir lives (object store: samples, datasets, model"
+        " registry, OTA repository, audit log); recorded with every entry",
     )
     base_model_dir: Path = Field(description="output of `cloud-sidecar pretrain`")
     broker: BrokerConfig
     hsm: HsmConfig
     train: TrainConfig = TrainConfig()
     ota: OtaConfig = OtaConfig()
+    fleet: FleetConfig | None = Field(None, description="enrollment; None: not served")
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    residency: ResidencyConfig = ResidencyConfig()
+    audit_checkpoint_s: float = Field(
+        3600, ge=1, description="serve: seconds between HSM-signed audit checkpoints"
+    )
+    audit_checkpoint_file: Path | None = Field(
+        None,
+        description="separate append-only copy of every checkpoint; put it on other"
+        " storage (another host, a WORM bucket). Default: data_dir/audit.checkpoints.jsonl",
+    )
+
+    def open_audit(self) -> AuditLog:
+        return AuditLog(self.data_dir / "audit.jsonl", self.region, self.audit_checkpoint_file)
+
+    def endpoint_regions(self) -> dict[str, str]:
+        """Every endpoint the sidecar uses, named for error messages, and its region."""
+        return {
+            f"broker ({self.broker.host}:{self.broker.port})": self.broker.region,
+            f"hsm (token {self.hsm.token_label!r})": self.hsm.region,
+            f"object store (data_dir {self.data_dir})": self.region,
+            **self.residency.other_endpoints,
+        }
+
+    def check_residency(self) -> None:
+        """Raise ``ResidencyError`` naming any endpoint outside the allowed regions."""
+        self.residency.policy().check(self.endpoint_regions())
 
     @property
     def ota_repo_dir(self) -> Path:
@@ -98,9 +180,13 @@ def load_config(path: Path) -> SidecarConfig:
     if len(raw) > 1024 * 1024:
         raise ConfigError(f"config {path} is larger than 1 MiB")
     try:
-        return SidecarConfig.model_validate(json.loads(raw))
+        cfg = SidecarConfig.model_validate(json.loads(raw))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, a huge integer, nested too deeply
+        raise ConfigError(f"{path}: not JSON: {str(e)[:120]}") from e
+    cfg.check_residency()
+    return cfg

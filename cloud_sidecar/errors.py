@@ -39,3 +39,12 @@ class HsmDecryptError(HsmError, ValueError):
     Also a ``ValueError``, so ``fleet_protocol.envelope.open_envelope`` reports it as a
     ``DecryptError`` (reject the upload) and not as an unreachable token (retry).
     """
+
+
+class ResidencyError(ConfigError):
+    """An endpoint declares a region outside the residency policy; names the endpoint."""
+
+    def __init__(self, message: str, endpoint: str = "", region: str = "") -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.region = region

@@ -6,11 +6,16 @@ Invariants:
 - a batch id is stored once; a second arrival with the same envelope digest is a
   retransmission (re-acknowledged, not stored again); with another digest, or with a
   sequence not above ``last_seq``, it is a replay and raises ``ReplayError``;
-- every row records the region its bytes live in.
+- every row records the region its bytes live in;
+- a claim is used at most once (checked and marked under one lock); only the
+  SHA-256 of its token is stored; every issued certificate serial is kept so that
+  revoking a device can list them all in the CRL;
+- schema upgrades run in order, each in one transaction (``_UPGRADES``).
 """
 
 from __future__ import annotations
 
+import hmac
 import sqlite3
 import threading
 import time
@@ -27,7 +32,7 @@ from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.features import N_FRAMES, N_MELS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE devices (
     device_id TEXT PRIMARY KEY,
@@ -63,6 +68,34 @@ CREATE TABLE samples (
 """
 
 
+# Upgrade steps: _UPGRADES[n] takes a store at version n-1 to version n (one transaction).
+_UPGRADES: dict[int, str] = {
+    # 2: enrollment (cloud_sidecar/fleet.py): one-time claims, issued certificate serials
+    2: """
+CREATE TABLE claims (
+    claim_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER,
+    region TEXT NOT NULL
+);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    not_before_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    issued_at_ms INTEGER NOT NULL,
+    via TEXT NOT NULL,
+    revoked_at_ms INTEGER,
+    region TEXT NOT NULL
+);
+CREATE INDEX certificates_device ON certificates(device_id);
+""",
+}
+
+
 @dataclass(frozen=True)
 class Device:
     device_id: str
@@ -90,11 +123,14 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             (version,) = self._db.execute("PRAGMA user_version").fetchone()
             if version == 0:
+                self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version=1; COMMIT;")
+                version = 1
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"store schema {version} is newer than {SCHEMA_VERSION}")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
                 self._db.executescript(
-                    f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN; {_UPGRADES[step]} PRAGMA user_version={step}; COMMIT;"
                 )
-            elif version != SCHEMA_VERSION:
-                raise StoreError(f"store schema {version} is not {SCHEMA_VERSION}")
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {path}: {e}") from e
 
@@ -110,7 +146,12 @@ class Store:
                 "INSERT INTO devices(device_id, public_key_pem, key_id, registered_at_ms)"
                 " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
                 " public_key_pem=excluded.public_key_pem, key_id=excluded.key_id, status='active'",
-                (device_id, public_key_pem, key_id_from_pem(public_key_pem), int(time.time() * 1000)),
+                (
+                    device_id,
+                    public_key_pem,
+                    key_id_from_pem(public_key_pem),
+                    int(time.time() * 1000),
+                ),
             )
         device = self.device(device_id)
         assert device is not None
@@ -131,6 +172,84 @@ class Store:
                 (device_id,),
             ).fetchone()
         return None if row is None else Device(row[0], bytes(row[1]), row[2], row[3], row[4])
+
+    # -- enrollment: claims and issued certificates (cloud_sidecar/fleet.py) ---
+
+    def add_claim(self, claim_id: str, device_id: str, token_hash: str, expires_ms: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO claims VALUES (?,?,?,?,?,NULL,?)",
+                (claim_id, device_id, token_hash, int(time.time() * 1000), expires_ms, self.region),
+            )
+
+    def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
+        """Mark the claim used and return "", or return why it cannot be used."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT device_id, token_hash, expires_at_ms, used_at_ms FROM claims"
+                " WHERE claim_id=?",
+                (claim_id,),
+            ).fetchone()
+            if row is None:
+                return "unknown_claim"
+            if not hmac.compare_digest(row[1], token_hash):
+                return "bad_token"
+            if row[3] is not None:
+                return "claim_used"
+            if row[0] != device_id:
+                return "claim_device_mismatch"
+            if now_ms > row[2]:
+                return "claim_expired"
+            cur = self._db.execute(
+                "UPDATE claims SET used_at_ms=? WHERE claim_id=? AND used_at_ms IS NULL",
+                (now_ms, claim_id),
+            )
+            return "" if cur.rowcount == 1 else "claim_used"
+
+    def add_certificate(
+        self, serial: str, device_id: str, not_before_ms: int, not_after_ms: int, via: str
+    ) -> None:
+        now = int(time.time() * 1000)
+        row = (serial, device_id, not_before_ms, not_after_ms, now, via, self.region)
+        with self._lock:
+            self._db.execute("INSERT INTO certificates VALUES (?,?,?,?,?,?,NULL,?)", row)
+
+    def revoke_device(self, device_id: str, now_ms: int) -> list[str] | None:
+        """Mark the device and all its certificates revoked (one transaction).
+
+        Returns every serial ever issued to it (hex), so a CRL update that failed
+        half-way is completed by revoking again; None for an unknown device.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "UPDATE devices SET status='revoked' WHERE device_id=?", (device_id,)
+                )
+                self._db.execute(
+                    "UPDATE certificates SET revoked_at_ms=? WHERE device_id=?"
+                    " AND revoked_at_ms IS NULL",
+                    (now_ms, device_id),
+                )
+                rows = self._db.execute(
+                    "SELECT serial FROM certificates WHERE device_id=? ORDER BY issued_at_ms",
+                    (device_id,),
+                ).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None if cur.rowcount == 0 and not rows else [r[0] for r in rows]
+
+    def certificates(self, device_id: str) -> list[tuple[str, int, int | None]]:
+        """(serial, not_after_ms, revoked_at_ms) of every certificate issued to a device."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT serial, not_after_ms, revoked_at_ms FROM certificates"
+                " WHERE device_id=? ORDER BY issued_at_ms",
+                (device_id,),
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # -- batches -------------------------------------------------------------
 

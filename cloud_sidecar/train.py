@@ -65,6 +65,7 @@ def gate(
 
 def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
     t0 = time.monotonic()
+    cfg.check_residency()
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
     store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
     base = load_base_model(cfg.base_model_dir)

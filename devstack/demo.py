@@ -2,7 +2,8 @@
 
 1. start the stack (CA, Mosquitto mTLS, SoftHSM token, one swtpm per device);
 2. ``cloud-sidecar pretrain``: the base CNN from the scene generator, ONNX fp32 + int8;
-3. provision and enrol devices (TPM keys, certificates, pinned cloud keys, base model);
+3. provision devices (one-time enrollment claim, pinned cloud keys, base model); each
+   device enrolls on first start: TPM identity key, CSR, short-lived certificate;
 4. ``cloud-sidecar serve`` and one ``edge-daemon run`` per device, as separate processes;
 5. when every device's batches are acknowledged: ``cloud-sidecar train`` (dataset,
    LoRA, gate, HSM signature, OTA publication);
@@ -26,9 +27,9 @@ from devstack.provision import (
     FP32_FILE,
     INT8_FILE,
     _run,
+    claim_device,
     cloud_config,
     device_config,
-    enroll_device,
     export_cloud_keys,
 )
 from devstack.stack import DevStack
@@ -84,10 +85,13 @@ def run_demo(
         cloud_cfg = cloud_config(stack, work / "cloud" / "data", base_dir)
         configs = []
         for i, slot in enumerate(stack.devices):
-            cfg = device_config(stack, slot, i, base_dir, cloud_keys, stream_s, eval_s)
-            enroll_device(cfg, cloud_cfg, slot.device_id)
+            claim = claim_device(cloud_cfg, slot)  # `cloud-sidecar fleet claim`, one-time
+            cfg = device_config(stack, slot, i, base_dir, cloud_keys, stream_s, eval_s, claim)
             configs.append(cfg)
-        print(f"[demo] enrolled {', '.join(d.device_id for d in stack.devices)}")
+        print(
+            f"[demo] claims issued for {', '.join(d.device_id for d in stack.devices)};"
+            " each enrolls on first start (TPM identity, CSR, short-lived certificate)"
+        )
         sidecar = stack.procs.start(
             "cloud-sidecar", [py, "-m", "cloud_sidecar", "serve", "--config", str(cloud_cfg)]
         )

@@ -13,7 +13,9 @@ Invariants:
 - ACL: admin identities read and write ``fleet/#``; a device (CN = device id) writes
   only its own ``fleet/v1/<id>/{upload,events,status,telemetry,ota/status,ota/request}``
   and reads only its own ``ack`` and ``ota/response/#`` plus the OTA tree
-  ``fleet/v1/ota/#``;
+  ``fleet/v1/ota/#``; it renews its certificate on its own ``cert/request`` and
+  ``cert/response``; an enrolling device (shared claim certificate, client id = claim
+  id) writes only ``fleet/v1/enroll/<client id>/request`` and reads its ``response``;
 - run as root, Mosquitto drops to user ``mosquitto`` (``nobody`` when that user does
   not exist) after binding; every file it reads, on start and on SIGHUP, must then be
   reachable by that user: the working directory and its files are made readable, the
@@ -32,6 +34,7 @@ import pwd
 import re
 import signal
 import stat
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,9 +53,22 @@ _READY_LINE = re.compile(r"mosquitto version \S+ running$", re.MULTILINE)
 _RELOAD_LINE = re.compile(r"Reloading config\.$", re.MULTILINE)
 _START_ATTEMPTS = 3
 
-DEVICE_WRITE = ("upload", "events", "status", "ota/status", "telemetry", "ota/request")
-DEVICE_READ = ("ack", "ota/response/#")
+DEVICE_WRITE = (
+    "upload",
+    "events",
+    "status",
+    "ota/status",
+    "telemetry",
+    "ota/request",
+    "cert/request",
+)
+DEVICE_READ = ("ack", "ota/response/#", "cert/response")
 OTA_TREE = "fleet/v1/ota/#"
+# Enrollment over the shared claim certificate: the MQTT client id is the claim id (%c).
+ENROLL_PATTERNS = (
+    "pattern write fleet/v1/enroll/%c/request",
+    "pattern read fleet/v1/enroll/%c/response",
+)
 
 
 @dataclass
@@ -79,6 +95,7 @@ def acl_text(admin_identities: Sequence[str]) -> str:
     lines += [f"pattern write fleet/v1/%u/{leaf}" for leaf in DEVICE_WRITE]
     lines += [f"pattern read fleet/v1/%u/{leaf}" for leaf in DEVICE_READ]
     lines.append(f"pattern read {OTA_TREE}")
+    lines += ENROLL_PATTERNS
     return "\n".join(lines) + "\n"
 
 
@@ -248,4 +265,35 @@ def reload_broker(broker: Broker, timeout: float = 5.0) -> None:
     log.debug("mosquitto pid=%s reloaded (CRL %s)", broker.child.pid, broker.crl)
 
 
-__all__ = ["Broker", "acl_text", "config_text", "reload_broker", "start_broker"]
+def crl_hook_argv(broker: Broker) -> list[str]:
+    """argv for the sidecar's ``fleet.crl_hook``: ``reload_broker`` from another process.
+
+    The sidecar appends the CRL path; the hook copies it into the broker's working
+    directory, sends SIGHUP and waits for the broker's reload line.
+    """
+    argv = [sys.executable, "-m", "devstack.mosquitto", "reload-crl"]
+    return [*argv, str(broker.crl), str(broker.child.pid), str(broker.child.log_path)]
+
+
+def _reload_crl_main(argv: Sequence[str], timeout: float = 5.0) -> int:
+    broker_crl, pid, log_path, crl_source = argv
+
+    def reloads() -> int:
+        return len(_RELOAD_LINE.findall(Path(log_path).read_text(errors="replace")))
+
+    before = reloads()
+    _copy(Path(crl_source), Path(broker_crl), 0o644)
+    os.kill(int(pid), signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while reloads() <= before:
+        if time.monotonic() > deadline:
+            print(f"mosquitto pid {pid} did not reload within {timeout}s", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    return 0
+
+
+__all__ = ["Broker", "acl_text", "config_text", "crl_hook_argv", "reload_broker", "start_broker"]
+
+if __name__ == "__main__" and sys.argv[1:2] == ["reload-crl"]:
+    sys.exit(_reload_crl_main(sys.argv[2:]))

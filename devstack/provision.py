@@ -3,6 +3,10 @@
 Writes the sidecar's config, each device's config (certificates, pinned cloud public
 keys, the base model copied into the device's state as an SD-card image would carry
 it), creates each device's TPM keys and registers their public keys with the cloud.
+With ``claim_device`` + ``device_config(claim_file=...)`` a device gets no certificate
+at all: only the shared claim certificate and a one-time claim, and it enrolls on first
+start (docs/adr/0007-device-identity-and-enrollment.md); ``enroll_device`` is the older
+direct registration, kept for fixed-certificate setups.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from devstack.mosquitto import crl_hook_argv
 from devstack.stack import DeviceSlot, DevStack
 
 # File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
@@ -41,14 +46,18 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
+                "region": "on-prem-de",  # loopback broker: the operator's own site
             },
             "hsm": {
                 "module": stack.token.module,
                 "token_label": stack.token.label,
                 "pin_file": stack.workdir / "hsm" / "pin",
                 "env": stack.token.env(),
+                "region": "on-prem-de",  # SoftHSM token on this machine
             },
             "train": train,
+            # enrollment: the dev CA's file key signs device certs (docs/adr/0007)
+            "fleet": {"ca_dir": stack.ca.directory, "crl_hook": crl_hook_argv(stack.broker)},
         },
     )
 
@@ -76,25 +85,33 @@ def device_config(
     cloud_keys: tuple[Path, Path],
     stream_s: int,
     eval_s: int,
+    claim_file: Path | None = None,
 ) -> Path:
+    """A device's config; with ``claim_file`` it enrolls on first start (no client cert)."""
     models = slot.state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
     for name in (FP32_FILE, INT8_FILE):
         shutil.copy2(base_model_dir / name, models / name)
     hilo = HILO_BY_DEVICE[index % len(HILO_BY_DEVICE)]
     scene = {"siren_pattern": "hilo", "hilo_hz": hilo, "speech_rate": 0.1}
+    broker: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": stack.broker.port,
+        "ca_cert": stack.ca.cert_path,
+    }
+    identity: dict[str, Any] = {}
+    if claim_file is None:
+        broker |= {"client_cert": slot.cert.cert, "client_key": slot.cert.key}
+    else:
+        claim = {"claim_cert": stack.claim_cert.cert, "claim_key": stack.claim_cert.key}
+        identity["enrollment"] = {**claim, "claim_file": claim_file, "timeout_s": 180}
     return _json(
         slot.state_dir.parent / f"{slot.device_id}.json",
         {
             "device_id": slot.device_id,
             "state_dir": slot.state_dir,
-            "broker": {
-                "host": "127.0.0.1",
-                "port": stack.broker.port,
-                "ca_cert": stack.ca.cert_path,
-                "client_cert": slot.cert.cert,
-                "client_key": slot.cert.key,
-            },
+            "broker": broker,
+            **identity,
             "tpm": {"tcti": slot.tpm.tcti},
             "cloud": {"unwrap_public_key": cloud_keys[0], "ota_public_key": cloud_keys[1]},
             "model": {
@@ -137,3 +154,14 @@ def enroll_device(config: Path, cloud_cfg: Path, device_id: str) -> None:
             str(pub),
         ]
     )
+
+
+def claim_device(cloud_cfg: Path, slot: DeviceSlot) -> Path:
+    """``cloud-sidecar fleet claim``: write the one-time claim where the device's image has it."""
+    cli = [sys.executable, "-m", "cloud_sidecar", "fleet", "--config", str(cloud_cfg)]
+    claim = _run([*cli, "claim", slot.device_id]).strip()
+    path = slot.state_dir.parent / f"{slot.device_id}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(claim + "\n")
+    path.chmod(0o600)
+    return path

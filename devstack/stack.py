@@ -28,6 +28,7 @@ from devstack.swtpm import Swtpm, start_swtpm
 
 log = logging.getLogger(__name__)
 CLOUD_IDENTITY = "cloud-sidecar"
+CLAIM_IDENTITY = "claim"  # the shared enrollment certificate (cloud_sidecar/fleet.py reserves it)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DevStack:
     broker: Broker = field(init=False)
     token: HsmToken = field(init=False)
     cloud_cert: CertPair = field(init=False)
+    claim_cert: CertPair = field(init=False)
     devices: list[DeviceSlot] = field(default_factory=list, init=False)
     _broker_dir: Path = field(init=False)
 
@@ -76,6 +78,7 @@ class DevStack:
         self.broker = start_broker(self.procs, self._broker_dir, self.ca, (CLOUD_IDENTITY,))
         log.info("broker on 127.0.0.1:%d (mTLS, per-device ACL)", self.broker.port)
         self.cloud_cert = self.ca.issue_client(CLOUD_IDENTITY)
+        self.claim_cert = self.ca.issue_client(CLAIM_IDENTITY, valid_days=365)
         self.token = init_token(self.workdir / "hsm")
         (self.workdir / "hsm" / "pin").write_text(self.token.user_pin)
         os.chmod(self.workdir / "hsm" / "pin", 0o600)

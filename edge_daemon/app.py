@@ -21,19 +21,22 @@ from typing import Any
 import numpy as np
 
 from edge_daemon.buffer import ReplayBuffer
-from edge_daemon.capture import AudioSource, open_source
+from edge_daemon.capture import AudioSource, CaptureProcess, open_capture, open_source
 from edge_daemon.config import DeviceConfig
+from edge_daemon.enroll import device_endpoint, make_renewer
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.ota import InstalledModel, OtaClient
 from edge_daemon.pipeline import Classified, EvalResult, evaluate, make_gate, run_stream
 from edge_daemon.privacy.vad import SileroVad
-from edge_daemon.selection import select
+from edge_daemon.selection import Selector
+from edge_daemon.sensors.runtime import DeviceSensors
 from fleet_protocol import batch, envelope, ota, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import file_sha256, write_atomic
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import Ack, Event, OtaStatus
+from fleet_protocol.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,9 @@ class EdgeApp:
         self.report: dict[str, Any] = {"device_id": self.device, "uplink_bytes": 0, "events": 0}
         self._ota_queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
         self._sent_at: dict[str, float] = {}
-        self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
+        self._selector = Selector(
+            cfg.selection, np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
+        )
         self._vad: SileroVad | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -64,17 +69,12 @@ class EdgeApp:
         base = OnnxClassifier(cfg.model.base_int8, cfg.model.threads)
         self.base_sha256 = file_sha256(cfg.model.base_fp32)
         self.link = MqttLink(
-            MqttEndpoint(
-                cfg.broker.host,
-                cfg.broker.port,
-                cfg.broker.ca_cert,
-                cfg.broker.client_cert,
-                cfg.broker.client_key,
-                cfg.broker.keepalive_s,
-            ),
+            device_endpoint(cfg, self.keys),  # enrolls first when there is no certificate
             client_id=self.device,
             on_message=self._on_message,
         )
+        self.renewer = make_renewer(cfg, self.keys, self.link)
+        self._renew_stop = threading.Event()
         self.ota = OtaClient(
             device_id=self.device,
             channel=cfg.ota.channel,
@@ -95,12 +95,23 @@ class EdgeApp:
         self.report["adapter_version"] = installed.adapter_version if installed else 0
         self.link.subscribe(topics.ack(self.device), 1)
         self.link.subscribe(self.ota.metadata_topic, 1)
+        if self.renewer is not None:
+            self.link.subscribe(self.renewer.response_topic, 1)
         self.link.start(wait_s=0)
+        if self.renewer is not None:
+            self.renewer.start(self._renew_stop)
+        self.sensors = DeviceSensors(cfg, self._publish_telemetry)
+        self.sensors.start()
         log.info(
             "edge daemon %s started (model %s)", self.device, self.classifier.model_sha256[:12]
         )
 
     def stop(self) -> None:
+        self._renew_stop.set()
+        if self.renewer is not None:
+            self.renewer.join()
+        if hasattr(self, "sensors"):
+            self.sensors.close()
         for close in (self.link.stop, self.buffer.close, self.keys.close):
             try:
                 close()
@@ -110,7 +121,9 @@ class EdgeApp:
     # -- MQTT callbacks (network thread) ------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == topics.ack(self.device):
+        if self.renewer is not None and topic == self.renewer.response_topic:
+            self.renewer.on_message(payload)
+        elif topic == topics.ack(self.device):
             try:
                 ack = Ack.from_bytes(payload)
             except ProtocolError as e:
@@ -125,6 +138,9 @@ class EdgeApp:
                 self._ota_queue.put_nowait((topic, payload))
             except queue.Full:
                 log.warning("OTA queue full; dropped a message on %s (it is retained)", topic)
+
+    def _publish_telemetry(self, t: Telemetry) -> bool:
+        return self.link.publish(topics.telemetry(self.device), t.to_bytes(), qos=0, timeout_s=0)
 
     def _publish_ota_status(self, status: OtaStatus) -> None:
         self.link.publish(topics.ota_status(self.device), status.to_bytes(), qos=1, timeout_s=2)
@@ -158,7 +174,9 @@ class EdgeApp:
             self.link.publish(topics.events(self.device), event.to_bytes(), qos=0, timeout_s=0)
             self.report["events"] += 1
         feedback = source.feedback(c.index)
-        reason = select(c.label, c.score, feedback, self._rng, self.cfg.selection)
+        reason = self._selector.decide(
+            c.label, c.score, feedback, stream_s=c.start_s, pending_bytes=self.buffer.pending_bytes
+        )
         if reason is None:
             return
         meta = batch.SampleMeta(
@@ -221,9 +239,9 @@ class EdgeApp:
         self.start()
         try:
             self._evaluate("before")
-            source = open_source(self.cfg.source)
+            source = open_capture(self.cfg.source, self.cfg.capture, stop)
             stats = run_stream(
-                source.blocks(),
+                self.sensors.tap(source.blocks()),
                 self._gate(),
                 lambda: self.classifier,
                 lambda c: self._on_window(c, source),
@@ -231,6 +249,10 @@ class EdgeApp:
             )
             self.seal_batches(force=True)
             self.report["stream"] = {k: v for k, v in asdict(stats).items() if k != "kept_indices"}
+            if isinstance(source, CaptureProcess):
+                self.report["capture"] = asdict(source.stats())
+            self.report["sensors"] = self.sensors.report()
+            self.report["selection"] = dict(self._selector.stats)
             phase = "serving"
             self._write_report(phase)
             while not stop.is_set():

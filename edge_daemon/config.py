@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_daemon.errors import ConfigError
 
@@ -24,9 +24,35 @@ class BrokerConfig(_Strict):
     host: str = Field("127.0.0.1", description="MQTT broker host")
     port: int = Field(8883, ge=1, le=65535, description="MQTT over TLS port")
     ca_cert: Path = Field(description="CA that signed the broker certificate (PEM)")
-    client_cert: Path = Field(description="this device's client certificate (PEM, CN = device id)")
-    client_key: Path = Field(description="private key of the client certificate (PEM)")
+    client_cert: Path | None = Field(
+        None,
+        description="a fixed client certificate (PEM, CN = device id); None: the enrolled,"
+        " auto-renewed identity in state_dir/tls (needs `enrollment`)",
+    )
+    client_key: Path | None = Field(None, description="private key of client_cert (PEM)")
     keepalive_s: int = Field(30, ge=5, le=600)
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> Self:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        return self
+
+
+class EnrollmentConfig(_Strict):
+    """First-boot enrollment and renewal (edge_daemon/enroll.py, docs/adr/0007)."""
+
+    claim_cert: Path = Field(description="the shared claim certificate (PEM), enrollment only")
+    claim_key: Path = Field(description="its private key (PEM)")
+    claim_file: Path = Field(
+        description="file holding '<claim id>.<token>' from `cloud-sidecar fleet claim`;"
+        " deleted once enrolled"
+    )
+    timeout_s: float = Field(60, gt=0, le=3600, description="give up enrolling after this")
+    renew_at: float = Field(
+        2 / 3, gt=0, lt=1, description="renew when this fraction of the lifetime has passed"
+    )
+    check_every_s: float = Field(60, gt=0, le=86400, description="renewal check period")
 
 
 class TpmConfig(_Strict):
@@ -72,10 +98,80 @@ class SceneSourceConfig(_Strict):
 
 class FileSourceConfig(_Strict):
     type: Literal["file"] = "file"
-    path: Path
+    path: Path = Field(description="WAV or FLAC, 16 kHz mono (any PCM width or float)")
+    realtime: bool = Field(
+        False, description="pace blocks at real time, as a sound card would (replays, fault tests)"
+    )
 
 
-SourceConfig = Annotated[SceneSourceConfig | FileSourceConfig, Field(discriminator="type")]
+class LiveSourceConfig(_Strict):
+    type: Literal["live"] = "live"
+    device: str | int | None = Field(
+        None,
+        description="PortAudio input device: index, or a substring of its name; None = default",
+    )
+    block_ms: int = Field(100, ge=10, le=1000, description="frames handed over per read")
+    latency: Literal["low", "high"] = "high"
+    retry_initial_s: float = Field(0.5, gt=0, le=60, description="first retry of a lost device")
+    retry_max_s: float = Field(30.0, gt=0, le=3600, description="longest wait between retries")
+
+
+SourceConfig = Annotated[
+    SceneSourceConfig | FileSourceConfig | LiveSourceConfig, Field(discriminator="type")
+]
+
+
+class CaptureConfig(_Strict):
+    """Capture in its own process (docs/adr/0009-capture-process.md)."""
+
+    isolation: Literal["auto", "process", "inline"] = Field(
+        "auto", description="auto: live sources in a capture process, file/scene inline"
+    )
+    max_lag_frames: int = Field(
+        50, ge=2, le=10_000, description="frames queued for a lagging consumer before drops"
+    )
+    stall_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a capture process silent this long is restarted"
+    )
+    restart_initial_s: float = Field(0.2, gt=0, le=60)
+    restart_max_s: float = Field(30.0, gt=0, le=3600)
+
+
+class IioSensorConfig(_Strict):
+    type: Literal["iio"] = "iio"
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$", description="sensor name in telemetry")
+    device: str = Field(description="IIO device: its `name` attribute, or iio:deviceN")
+    channels: tuple[str, ...] = Field(
+        (), description="e.g. temp, humidityrelative, pressure, accel_x; empty = all known"
+    )
+
+
+class HwmonSensorConfig(_Strict):
+    type: Literal["hwmon"] = "hwmon"
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$", description="sensor name in telemetry")
+    chip: str = Field(description="hwmon chip: its `name` attribute (cpu_thermal), or hwmonN")
+    channels: tuple[str, ...] = Field((), description="e.g. temp1, fan1, in0; empty = all known")
+
+
+SensorSourceConfig = Annotated[IioSensorConfig | HwmonSensorConfig, Field(discriminator="type")]
+
+
+class LaeqConfig(_Strict):
+    enabled: bool = True
+    calibration_db: float = Field(
+        120.0,
+        ge=0,
+        le=200,
+        description="dB SPL that reads 0 dBFS (AES17); 120 = a -26 dBFS @ 94 dB SPL MEMS mic",
+    )
+
+
+class SensorsConfig(_Strict):
+    period_s: float = Field(60.0, ge=0.05, le=86_400, description="sysfs sampling period")
+    sysfs_root: Path = Field(Path("/sys"), description="root of sysfs (a fake tree in tests)")
+    sources: tuple[SensorSourceConfig, ...] = ()
+    laeq: LaeqConfig = LaeqConfig()
+    max_rows: int = Field(500_000, ge=100, description="telemetry rows kept on the device")
 
 
 class GatePolicy(_Strict):
@@ -90,6 +186,17 @@ class SelectionConfig(_Strict):
     low_confidence: float = Field(0.7, gt=0, le=1, description="keep windows scored below this")
     audit_fraction: float = Field(0.03, ge=0, le=1, description="random fraction kept for audit")
     max_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    audit_max_fill: float = Field(
+        0.5, gt=0, le=1, description="refuse audit samples once unsent data fills this share"
+    )
+    low_confidence_max_fill: float = Field(
+        0.9, gt=0, le=1, description="refuse low-confidence samples once unsent data fills this"
+    )
+    uplink_bytes_per_day: int | None = Field(
+        None,
+        ge=1_000_000,
+        description="cap on kept sample bytes per day of audio (token bucket); None = no cap",
+    )
 
 
 class UplinkConfig(_Strict):
@@ -125,6 +232,15 @@ class DeviceConfig(_Strict):
     uplink: UplinkConfig = UplinkConfig()
     ota: OtaConfig = OtaConfig()
     evaluation: EvalConfig | None = None
+    capture: CaptureConfig = CaptureConfig()
+    sensors: SensorsConfig = SensorsConfig()
+    enrollment: EnrollmentConfig | None = None
+
+    @model_validator(mode="after")
+    def _identity_source(self) -> Self:
+        if self.broker.client_cert is None and self.enrollment is None:
+            raise ValueError("set broker.client_cert/client_key or an enrollment section")
+        return self
 
 
 def load_config(path: Path) -> DeviceConfig:
@@ -141,3 +257,5 @@ def load_config(path: Path) -> DeviceConfig:
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, a huge integer, nested too deeply
+        raise ConfigError(f"{path}: not JSON: {str(e)[:120]}") from e

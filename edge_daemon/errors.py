@@ -31,3 +31,11 @@ class UplinkError(EdgeError):
 
 class OtaError(EdgeError):
     """An update was rejected or could not be applied; the running model is unchanged."""
+
+
+class EnrollmentError(EdgeError):
+    """Enrollment or certificate renewal failed (refused, no answer, unusable certificate)."""
+
+    def __init__(self, message: str, reason: str = "enrollment_failed") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -147,7 +147,7 @@ def decode(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:
         raise MalformedError("manifest truncated")
     try:
         manifest = json.loads(plain[4 : 4 + mlen])
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MalformedError(f"manifest is not JSON: {e}") from e
     if not isinstance(manifest, dict):
         raise MalformedError("manifest must be an object")

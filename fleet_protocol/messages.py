@@ -20,7 +20,7 @@ def _load(data: bytes, cls: type[Any]) -> dict[str, Any]:
         raise TooLargeError(f"{cls.__name__} of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..."
         raise MalformedError(f"{cls.__name__} is not JSON: {e}") from e
     names = {f.name for f in fields(cls)}
     if not isinstance(obj, dict) or set(obj) != names:

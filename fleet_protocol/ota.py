@@ -137,7 +137,7 @@ def verify_targets(
         doc = json.loads(data)
         signed = doc["signed"]
         sigs = doc["signatures"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise MetadataError(f"metadata is not a signed document: {e}") from e
     if not isinstance(signed, dict) or not isinstance(sigs, list):
         raise MetadataError("metadata has the wrong shape")

@@ -35,6 +35,11 @@ def events(device: str) -> str:
     return f"{PREFIX}/{check_device_id(device)}/events"
 
 
+def telemetry(device: str) -> str:
+    """Sound level and sysfs sensor readings (``fleet_protocol.telemetry``)."""
+    return f"{PREFIX}/{check_device_id(device)}/telemetry"
+
+
 def status(device: str) -> str:
     return f"{PREFIX}/{check_device_id(device)}/status"
 

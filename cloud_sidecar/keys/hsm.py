@@ -146,10 +146,10 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
         _lib_conf[module] = conf
         try:
             token = lib.get_token(token_label=token_label)
-        except p11.NoSuchToken:
+        except p11.PKCS11Error:  # NoSuchToken, or GeneralError after the token went away
             if not idle:
                 raise
-            lib.reinitialize()  # tokens created since initialisation become visible
+            lib.reinitialize()  # tokens created or restored since initialisation become visible
             token = lib.get_token(token_label=token_label)
         session = token.open(rw=True, user_pin=user_pin)
         shared = _Shared(session=session, lock=threading.Lock(), pin_hash=pin_hash, users=1)

@@ -117,7 +117,7 @@ def _header(data: bytes) -> dict[str, object]:
         raise OtaError(f"edge adapter: header length {n} out of bounds")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise OtaError(f"edge adapter: header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise OtaError("edge adapter: header is not an object")

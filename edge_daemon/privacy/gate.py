@@ -8,17 +8,19 @@ Invariants:
 - windows are non-overlapping, ``WINDOW_SAMPLES`` long, aligned to the stream start;
   window ``i`` is samples ``[i*16000, (i+1)*16000)``; VAD chunks are 512 samples,
   also aligned to the stream start;
-- a window is decided only once every chunk overlapping its guard interval
-  ``[start - margin_before, end + margin_after)`` has been scored (at ``flush`` the
-  interval is cut at the stream end, after the zero-padded last chunk is scored);
-- a window is dropped if any of those chunks is *speech* for any detector:
+- a window is dropped if any chunk overlapping its guard interval
+  ``[start - margin_before, end + margin_after)`` is *speech* for any detector:
   probability >= ``threshold``, or >= ``threshold - hysteresis`` while that
-  detector's previous chunk was speech;
-- the detectors only ever see conditioned copies; the conditioning never reaches the
-  kept audio, which is the input samples unchanged;
+  detector's previous chunk was speech; a detector whose conditioning delays the
+  signal (the tonal one, by 256 samples) also marks the chunk before;
+- a window is decided only once every detector has scored all of its guard interval
+  (at ``flush`` the interval is cut at the stream end, the last chunk is zero-padded
+  and the delayed detectors are drained with silence);
+- the detectors only ever see conditioned copies; kept audio is the input unchanged;
 - a dropped window's samples are overwritten in the gate's buffer at decision time and
   never returned, logged or stored; only its index is counted;
-- decisions depend only on the samples, not on how they were split into ``push`` calls;
+- decisions depend only on the samples, not on how they were split into ``push``
+  calls: every stage works chunk by chunk on the stream-aligned grid;
 - a trailing partial window (less than 1 s at ``flush``) is discarded, never kept;
 - one ``push`` accepts at most ``config.max_block_samples`` samples (untrusted cap).
 """
@@ -38,8 +40,10 @@ from edge_daemon.privacy.vad import CHUNK_SAMPLES, SAMPLE_RATE, SileroVad
 log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = SAMPLE_RATE
-DETECTORS: tuple[str, ...] = ("level", "declip", "highpass")
-HIGHPASS_TAPS = 129
+DETECTORS: tuple[str, ...] = ("level", "declip", "tonal")
+STFT_SIZE = 512
+STFT_HOP = 256
+TONAL_HALF_BINS = 8  # +-250 Hz at 31.25 Hz per bin
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -53,35 +57,34 @@ class GateConfig:
     hysteresis: after a speech chunk, the next chunk of the same detector is speech
         while its probability is >= ``threshold - hysteresis`` (bridges dips).
     margin_before_s: guard time before a window's start that must be speech-free
-        (covers the VAD letting go before the quiet tail of an utterance ends).
+        (covers the VAD letting go early when an utterance fades into noise).
     margin_after_s: guard time after a window's end that must be speech-free (covers
-        the VAD's onset latency, which reaches ~1 s for speech that starts quietly in
-        noise). Windows are released this much after their end, plus up to one chunk.
-    agc_target_dbfs: the detectors' input is amplified so that the loudest chunk of
+        the VAD's onset latency, up to ~1 s for speech that starts quietly in noise).
+        Windows are released this much after their end, plus up to two chunks.
+    detectors: the conditioned copies of the signal that the VAD scores; a chunk is
+        speech if any of them says so; each costs one VAD run per chunk.
+        ``"level"``: AGC only. ``"declip"``: each chunk clipped at ``declip_factor``
+        times its median absolute sample (flattens impulsive noise such as
+        hammering). ``"tonal"``: STFT bins capped at ``tonal_factor`` times their
+        local median (cuts horns and sirens). Every detector ends with the AGC.
+    declip_factor, tonal_factor: see ``detectors``.
+    agc_target_dbfs: each detector's input is amplified so that the loudest chunk of
         the last ``agc_hold_s`` reaches this RMS level (Silero misses quiet speech).
     agc_max_gain_db: the most that amplification may add (it never attenuates).
     agc_hold_s: how far back the level estimate looks.
-    detectors: which conditioned copies of the signal the VAD scores; a chunk is speech
-        if any of them says so. Each costs one VAD run per chunk. ``"level"``: AGC
-        only. ``"declip"``: each chunk clipped at ``declip_factor`` times its median
-        absolute sample, then AGC; flattens impulsive noise (hammering) that masks
-        speech. ``"highpass"``: FIR high-pass at ``highpass_hz``, then AGC; removes
-        the low-frequency rumble (wind, engines) that masks speech.
-    declip_factor: see ``detectors``.
-    highpass_hz: see ``detectors``.
     max_block_samples: the largest block one ``push`` accepts.
     """
 
-    threshold: float = 0.2
+    threshold: float = 0.15
     hysteresis: float = 0.1
     margin_before_s: float = 1.0
     margin_after_s: float = 1.0
+    detectors: tuple[str, ...] = DETECTORS
+    declip_factor: float = 3.0
+    tonal_factor: float = 3.0
     agc_target_dbfs: float = -20.0
     agc_max_gain_db: float = 40.0
     agc_hold_s: float = 0.5
-    declip_factor: float = 3.0
-    highpass_hz: float = 300.0
-    detectors: tuple[str, ...] = DETECTORS
     max_block_samples: int = 60 * SAMPLE_RATE
 
     def __post_init__(self) -> None:
@@ -95,6 +98,13 @@ class GateConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 10.0:
                 raise ConfigError(f"privacy.{name} must be in [0, 10] s, got {v}")
+        if not self.detectors or set(self.detectors) - set(DETECTORS):
+            raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ConfigError("privacy.detectors lists a detector twice")
+        for name in ("declip_factor", "tonal_factor"):
+            if not getattr(self, name) >= 1.0:
+                raise ConfigError(f"privacy.{name} must be >= 1, got {getattr(self, name)}")
         if not -60.0 <= self.agc_target_dbfs <= 0.0:
             raise ConfigError(
                 f"privacy.agc_target_dbfs must be in [-60, 0], got {self.agc_target_dbfs}"
@@ -103,14 +113,6 @@ class GateConfig:
             raise ConfigError(
                 f"privacy.agc_max_gain_db must be in [0, 80], got {self.agc_max_gain_db}"
             )
-        if not self.detectors or set(self.detectors) - set(DETECTORS):
-            raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
-        if len(set(self.detectors)) != len(self.detectors):
-            raise ConfigError("privacy.detectors lists a detector twice")
-        if not 50.0 <= self.highpass_hz <= 2000.0:
-            raise ConfigError(f"privacy.highpass_hz must be in [50, 2000], got {self.highpass_hz}")
-        if not self.declip_factor > 0.0:
-            raise ConfigError(f"privacy.declip_factor must be positive, got {self.declip_factor}")
         if self.max_block_samples < 1:
             raise ConfigError("privacy.max_block_samples must be positive")
 
@@ -133,62 +135,104 @@ class GateStats:
     windows_dropped_speech: int = 0
 
 
-def highpass_taps(cutoff_hz: float, taps: int = HIGHPASS_TAPS) -> npt.NDArray[np.float64]:
-    """Linear-phase FIR high-pass (Hamming-windowed sinc, spectral inversion)."""
-    n = np.arange(taps) - (taps - 1) / 2
-    lowpass = np.sinc(2.0 * cutoff_hz / SAMPLE_RATE * n) * np.hamming(taps)
-    lowpass /= lowpass.sum()
-    h = -lowpass
-    h[(taps - 1) // 2] += 1.0
-    return np.asarray(h, dtype=np.float64)
+class _Declip:
+    """Clip each chunk at ``factor`` times its median absolute sample (impulses)."""
+
+    delay = 0
+
+    def __init__(self, factor: float) -> None:
+        self._factor = factor
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        lim = self._factor * float(np.median(np.abs(x)))
+        return np.clip(x, -lim, lim)
+
+
+class _Detonal:
+    """Streaming STFT (512/256, sqrt-Hann, exact overlap-add) that caps every bin at
+    ``factor`` times the median magnitude of the bins within +-``TONAL_HALF_BINS``.
+
+    Narrow tonal maskers (horns, sirens, whistles) stand far above their neighbours
+    and are cut by tens of dB; speech harmonics stand much less above them. Output
+    lags input by ``delay`` = 256 samples.
+    """
+
+    delay = STFT_HOP
+
+    def __init__(self, factor: float) -> None:
+        self._factor = factor
+        self._win = np.sqrt(np.hanning(STFT_SIZE + 1)[:STFT_SIZE])
+        self.reset()
+
+    def reset(self) -> None:
+        self._hist = np.zeros(STFT_SIZE - STFT_HOP, dtype=np.float64)
+        self._tail = np.zeros(STFT_SIZE - STFT_HOP, dtype=np.float64)
+
+    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        buf = np.concatenate((self._hist, x))  # frames 2c and 2c+1 of the stream
+        frames = np.stack((buf[:STFT_SIZE], buf[STFT_HOP:])) * self._win
+        spec = np.fft.rfft(frames, axis=1)
+        mag = np.abs(spec)
+        k = TONAL_HALF_BINS
+        padded = np.concatenate((np.repeat(mag[:, :1], k, 1), mag, np.repeat(mag[:, -1:], k, 1)), 1)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1, axis=1)
+        local = np.partition(windows, k, axis=2)[:, :, k]  # median of the 2k+1 bins
+        gain = np.minimum(1.0, (self._factor * local + 1e-12) / np.maximum(mag, 1e-12))
+        y = np.fft.irfft(spec * gain, n=STFT_SIZE, axis=1) * self._win
+        out = np.empty(STFT_SIZE + STFT_HOP, dtype=np.float64)
+        out[:STFT_HOP] = self._tail + y[0, :STFT_HOP]
+        out[STFT_HOP:STFT_SIZE] = y[0, STFT_HOP:] + y[1, :STFT_HOP]
+        out[STFT_SIZE:] = y[1, STFT_HOP:]
+        self._tail = out[CHUNK_SAMPLES:].copy()
+        self._hist = buf[CHUNK_SAMPLES:].copy()
+        return out[:CHUNK_SAMPLES]
 
 
 class _Detector:
-    """Conditioning (``kind``), then AGC, then one VAD stream with hysteresis.
+    """One conditioned copy of the signal -> AGC -> (VAD, batched by the gate) -> hysteresis.
 
     Works one chunk at a time so that its output cannot depend on block sizes.
     """
 
-    def __init__(self, vad: SileroVad, config: GateConfig, kind: str) -> None:
+    def __init__(self, config: GateConfig, kind: str) -> None:
         self.kind = kind
-        self._vad = vad
-        self._factor = config.declip_factor
-        self._taps = highpass_taps(config.highpass_hz) if kind == "highpass" else None
+        self._cond: _Declip | _Detonal | None = None
+        if kind == "declip":
+            self._cond = _Declip(config.declip_factor)
+        elif kind == "tonal":
+            self._cond = _Detonal(config.tonal_factor)
+        self.delay = self._cond.delay if self._cond is not None else 0
         self._target = 10.0 ** (config.agc_target_dbfs / 20.0)
         self._max_gain = 10.0 ** (config.agc_max_gain_db / 20.0)
-        self._hold = max(1, int(round(config.agc_hold_s * SAMPLE_RATE / CHUNK_SAMPLES)))
+        self._hold = max(1, round(config.agc_hold_s * SAMPLE_RATE / CHUNK_SAMPLES))
         self._on = config.threshold
         self._off = config.threshold - config.hysteresis
         self.reset()
 
     def reset(self) -> None:
-        self._vad.reset()
+        if self._cond is not None:
+            self._cond.reset()
         self._levels: deque[float] = deque(maxlen=self._hold)
-        self._fir_hist = np.zeros(HIGHPASS_TAPS - 1, dtype=np.float64)
         self._prev = False
 
-    def _condition(self, chunk: FloatArray) -> FloatArray:
+    def prepare(self, chunk: FloatArray) -> FloatArray:
+        """The VAD input for this chunk (CHUNK_SAMPLES, in stream order)."""
         x = chunk.astype(np.float64)
-        if self.kind == "declip":
-            lim = self._factor * float(np.median(np.abs(x)))
-            x = np.clip(x, -lim, lim)
-        elif self._taps is not None:
-            ext = np.concatenate((self._fir_hist, x))
-            self._fir_hist = ext[-(HIGHPASS_TAPS - 1) :]
-            x = np.convolve(ext, self._taps, mode="valid")
-        self._levels.append(float(np.sqrt(np.mean(x * x))) + 1e-9)
+        if self._cond is not None:
+            x = self._cond(x)
+        # AGC: lift the loudest chunk of the last agc_hold_s to the target; never cut.
+        self._levels.append(float(np.sqrt(np.dot(x, x) / x.size)) + 1e-9)
         gain = min(max(self._target / max(self._levels), 1.0), self._max_gain)
-        return (x * gain).astype(np.float32)
+        return np.asarray(x * gain, dtype=np.float32)
 
-    def speech(self, chunks: FloatArray) -> list[bool]:
-        """Speech flags for ``chunks`` of shape (n, CHUNK_SAMPLES), in stream order."""
-        flags: list[bool] = []
-        for chunk in chunks:
-            p = float(self._vad.chunk_probs(self._condition(chunk))[0])
-            s = p >= self._on or (self._prev and p >= self._off)
-            flags.append(s)
-            self._prev = s
-        return flags
+    def decide(self, prob: float) -> bool:
+        """Speech or not, given the VAD's probability for the prepared chunk."""
+        s = prob >= self._on or (self._prev and prob >= self._off)
+        self._prev = s
+        return s
 
 
 class PrivacyGate:
@@ -197,15 +241,17 @@ class PrivacyGate:
     def __init__(self, config: GateConfig, vad: SileroVad) -> None:
         self.config = config
         self.stats = GateStats()
-        self._detectors = [
-            _Detector(vad if i == 0 else vad.spawn(), config, kind)
-            for i, kind in enumerate(config.detectors)
-        ]
+        self._detectors = [_Detector(config, kind) for kind in config.detectors]
+        k = len(self._detectors)
+        self._vad = vad if vad.streams == k else vad.spawn(streams=k)
+        # a detector whose conditioning lags by d samples also flags the chunks before
+        self._lag = max(-(-d.delay // CHUNK_SAMPLES) for d in self._detectors)
         self._before = round(config.margin_before_s * SAMPLE_RATE)
         self._after = round(config.margin_after_s * SAMPLE_RATE)
         self._start_stream()
 
     def _start_stream(self) -> None:
+        self._vad.reset()
         for d in self._detectors:
             d.reset()
         self._next_window = 0  # index of the first undecided window
@@ -228,16 +274,19 @@ class PrivacyGate:
         self._audio = np.concatenate((self._audio, x))
         buf = np.concatenate((self._unscored, x))
         n = buf.size // CHUNK_SAMPLES
-        self._score(buf[: n * CHUNK_SAMPLES].reshape(n, CHUNK_SAMPLES))
+        for i in range(n):
+            self._score(buf[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
         self._unscored = buf[n * CHUNK_SAMPLES :].copy()
         return self._release(final=False)
 
     def flush(self) -> list[KeptWindow]:
-        """End of stream: score the zero-padded last chunk, decide every full window, reset."""
-        if self._unscored.size:
-            last = np.zeros((1, CHUNK_SAMPLES), dtype=np.float32)
-            last[0, : self._unscored.size] = self._unscored
+        """End of stream: score the rest (zero-padded, plus silence for the lagging
+        detectors to drain), decide every full window, discard the partial one, reset."""
+        last = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
+        last[: self._unscored.size] = self._unscored
+        for _ in range((1 if self._unscored.size else 0) + self._lag):
             self._score(last)
+            last = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
         kept = self._release(final=True)
         if self._audio.size:
             log.debug("discarding trailing partial window of %d samples", self._audio.size)
@@ -245,11 +294,16 @@ class PrivacyGate:
         self._start_stream()
         return kept
 
-    def _score(self, chunks: FloatArray) -> None:
-        if not chunks.shape[0]:
-            return
-        flags = [d.speech(chunks) for d in self._detectors]
-        self._speech.extend(any(f) for f in zip(*flags, strict=True))
+    def _score(self, chunk: FloatArray) -> None:
+        batch = np.stack([d.prepare(chunk) for d in self._detectors])
+        probs = self._vad.chunk_probs(batch)[:, 0].tolist()
+        self._speech.append(False)
+        for d, p in zip(self._detectors, probs, strict=True):
+            if d.decide(p):
+                # the flagged audio reaches back d.delay samples before this chunk
+                back = -(-d.delay // CHUNK_SAMPLES)
+                for j in range(max(0, len(self._speech) - 1 - back), len(self._speech)):
+                    self._speech[j] = True
 
     def _release(self, *, final: bool) -> list[KeptWindow]:
         kept: list[KeptWindow] = []
@@ -260,8 +314,8 @@ class PrivacyGate:
             end = start + WINDOW_SAMPLES
             guard_end = min(end + self._after, self._total) if final else end + self._after
             last_chunk = -(-guard_end // CHUNK_SAMPLES) - 1  # last chunk touching the guard
-            if last_chunk >= scored_chunks:
-                break  # after-margin not scored yet: wait for more audio
+            if last_chunk + self._lag >= scored_chunks:
+                break  # after-margin not fully scored yet: wait for more audio
             first_chunk = max(0, (start - self._before) // CHUNK_SAMPLES)
             lo, hi = first_chunk - self._chunk_base, last_chunk - self._chunk_base + 1
             speech = any(self._speech[lo:hi])

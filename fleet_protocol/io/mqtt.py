@@ -37,6 +37,7 @@ class MqttEndpoint:
     client_cert: Path
     client_key: Path
     keepalive_s: int = 30
+    key_password: bytes | None = None  # an encrypted PKCS#8 client key (edge_daemon/enroll.py)
 
 
 class MqttLink:
@@ -58,7 +59,10 @@ class MqttLink:
         self._client.max_inflight_messages_set(max_inflight)
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(endpoint.ca_cert))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(str(endpoint.client_cert), str(endpoint.client_key))
+        ctx.load_cert_chain(
+            str(endpoint.client_cert), str(endpoint.client_key), endpoint.key_password
+        )
+        self._ctx = ctx
         self._client.tls_set_context(ctx)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._handle_connect
@@ -137,6 +141,20 @@ class MqttLink:
         except (RuntimeError, ValueError):
             return False
         return info.is_published()
+
+    def reload_client_cert(self, cert: Path, key: Path, password: bytes | None = None) -> None:
+        """Use a new client certificate and key from the next handshake on, and reconnect now.
+
+        Loads them first (a file that does not load raises before the session is
+        touched); check that key and certificate match before calling. Not from the
+        network thread (inside ``on_message``): it stops and restarts that thread.
+        """
+        try:
+            self._ctx.load_cert_chain(str(cert), str(key), password)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise TransportError(f"cannot load client certificate {cert}: {e}") from e
+        self.stop()
+        self.start(wait_s=0)
 
     def stop(self) -> None:
         self._client.disconnect()

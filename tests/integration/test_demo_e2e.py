@@ -22,10 +22,23 @@ def _running(pattern: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
-def test_demo_loop_improves_shifted_accuracy_updates_every_device_and_leaks_no_speech(tmp_path: Path) -> None:
+def test_demo_loop_improves_shifted_accuracy_updates_every_device_and_leaks_no_speech(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "demo-out"
     proc = subprocess.run(
-        [sys.executable, "-m", "devstack", "demo", "--out", str(out), "--stream-seconds", "200", "--eval-seconds", "90"],
+        [
+            sys.executable,
+            "-m",
+            "devstack",
+            "demo",
+            "--out",
+            str(out),
+            "--stream-seconds",
+            "200",
+            "--eval-seconds",
+            "90",
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -43,7 +56,10 @@ def test_demo_loop_improves_shifted_accuracy_updates_every_device_and_leaks_no_s
     assert (Path(s["adapter_dir"]) / "adapter_model.safetensors").is_file()
     assert (Path(s["ota_repo_dir"]) / "metadata" / "targets.json").is_file()
     verify = subprocess.run(
-        [sys.executable, "-m", "cloud_sidecar", "audit", "verify", s["audit_log"]], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "cloud_sidecar", "audit", "verify", s["audit_log"]],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert verify.returncode == 0, verify.stderr
     assert not _running(str(out))

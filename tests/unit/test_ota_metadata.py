@@ -50,7 +50,11 @@ def _signed(key: ec.EllipticCurvePrivateKey, pem: bytes, version: int = 2, days:
 
 def _verify(data: bytes, pem: bytes, current: int = 1) -> ota.VerifiedTargets:
     return ota.verify_targets(
-        data, trusted_key_pem=pem, trusted_keyid=key_id_from_pem(pem), current_version=current, now=NOW
+        data,
+        trusted_key_pem=pem,
+        trusted_keyid=key_id_from_pem(pem),
+        current_version=current,
+        now=NOW,
     )
 
 

@@ -1,0 +1,144 @@
+"""Edge benchmarks: real-time factor and peak RSS of the device path, and int8 vs fp32.
+
+- ``run_pipeline``: runs ``benchmarks.edge_child`` as a subprocess pinned to one core.
+  ``edge.rtf_one_core`` = streaming-loop seconds / audio seconds (start-up and model
+  loading are reported apart, not in the ratio). ``edge.peak_rss_mb`` is the child's
+  ``VmHWM`` from ``/proc/self/status``, read by the child as it ends: ``ru_maxrss``
+  (``os.wait4``, ``RUSAGE_CHILDREN``) is no good here, because Linux carries the
+  high-water mark across fork+exec, so the child would inherit this parent's (torch
+  is loaded here for pretraining: ~400 MiB).
+- ``compare_models``: the fp32 and the int8 base model on the same windows (those the
+  gate released in the pipeline run), one thread, pinned to one core. Latency is per
+  window at batch 1, fp32 and int8 interleaved in rounds so that load from other
+  processes hits both alike; the ratio is of the medians over rounds. Macro-F1 is
+  against the scene's ground-truth labels over the classes present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    audio_s: float
+    process_s: float
+    setup_s: float
+    windows_in: int
+    windows_kept: int
+    samples_stored: int
+    peak_rss_mb: float
+    torch_imported: bool
+    windows: Path  # npz: index, label, score, features
+
+
+def pick_core() -> int:
+    """The last core this process may use (core 0 tends to take interrupts)."""
+    return max(os.sched_getaffinity(0))
+
+
+def run_pipeline(wav: Path, model_int8: Path, work: Path) -> PipelineRun:
+    work.mkdir(parents=True, exist_ok=True)
+    state = work / "state"
+    if state.exists():
+        for f in state.iterdir():
+            f.unlink()
+    state.mkdir(exist_ok=True)
+    out, windows = work / "pipeline.json", work / "windows.npz"
+    cmd = [
+        sys.executable, "-m", "benchmarks.edge_child", "--cpu", str(pick_core()),
+        "--wav", str(wav), "--model", str(model_int8), "--state", str(state),
+        "--out", str(out), "--windows", str(windows),
+    ]  # fmt: skip
+    rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
+    if rc != 0:
+        raise RuntimeError(f"edge pipeline child failed with exit code {rc}")
+    r = json.loads(out.read_text())
+    return PipelineRun(
+        audio_s=float(r["audio_s"]),
+        process_s=float(r["process_s"]),
+        setup_s=float(r["setup_s"]) + float(r["import_s"]),
+        windows_in=int(r["windows_in"]),
+        windows_kept=int(r["windows_kept"]),
+        samples_stored=int(r["samples_stored"]),
+        peak_rss_mb=int(r["vm_hwm_kib"]) / 1024.0,
+        torch_imported=bool(r["torch_imported"]),
+        windows=windows,
+    )
+
+
+def macro_f1(truth: list[str], predicted: list[str]) -> float:
+    """Unweighted mean F1 over the classes present in ``truth`` or ``predicted``."""
+    classes = sorted(set(truth) | set(predicted))
+    scores = []
+    for c in classes:
+        tp = sum(t == c and p == c for t, p in zip(truth, predicted, strict=True))
+        fp = sum(t != c and p == c for t, p in zip(truth, predicted, strict=True))
+        fn = sum(t == c and p != c for t, p in zip(truth, predicted, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _per_window_s(clf: object, x: npt.NDArray[np.float32]) -> float:
+    predict = clf.predict  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        predict(x[i : i + 1])
+    return (time.perf_counter() - t0) / max(1, len(x))
+
+
+def compare_models(
+    model_fp32: Path,
+    model_int8: Path,
+    windows: Path,
+    window_labels: tuple[str, ...],
+    latency_windows: int = 300,
+    rounds: int = 5,
+) -> dict[str, float]:
+    from edge_daemon.inference.onnx_backend import OnnxClassifier
+    from fleet_protocol.labels import CLASSES
+
+    data = np.load(windows)
+    x = data["features"].astype(np.float32)
+    truth = [window_labels[int(i)] for i in data["index"]]
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {pick_core()})
+    try:
+        fp32, int8 = OnnxClassifier(model_fp32, 1), OnnxClassifier(model_int8, 1)
+        preds = {
+            name: [CLASSES[int(k)] for k in clf.predict(x).argmax(axis=1)]
+            for name, clf in (("fp32", fp32), ("int8", int8))
+        }
+        sample = x[:latency_windows]
+        _per_window_s(fp32, sample[:20]), _per_window_s(int8, sample[:20])  # warm up
+        t_fp32, t_int8 = [], []
+        for _ in range(rounds):
+            t_fp32.append(_per_window_s(fp32, sample))
+            t_int8.append(_per_window_s(int8, sample))
+    finally:
+        os.sched_setaffinity(0, previous)
+    f1_fp32, f1_int8 = macro_f1(truth, preds["fp32"]), macro_f1(truth, preds["int8"])
+    agree = float(np.mean([a == b for a, b in zip(preds["fp32"], preds["int8"], strict=True)]))
+    return {
+        "edge.int8_over_fp32_latency": float(np.median(t_int8) / np.median(t_fp32)),
+        "edge.int8_macro_f1_delta": f1_fp32 - f1_int8,
+        "edge.fp32_macro_f1": f1_fp32,
+        "edge.int8_macro_f1": f1_int8,
+        "edge.int8_fp32_agreement": agree,
+        "edge.int8_latency_ms": float(np.median(t_int8) * 1000),
+        "edge.fp32_latency_ms": float(np.median(t_fp32) * 1000),
+        "edge.compare_windows": float(len(x)),
+    }

@@ -1,0 +1,218 @@
+"""``make bench``: measure, write ``benchmarks/results/latest.json``, refresh ``BENCHMARKS.md``.
+
+The results file is one flat JSON object of numbers, keyed ``<area>.<figure>``. The table
+in BENCHMARKS.md between the ``bench:table`` markers is regenerated from it; the rest of
+that page is prose and left alone. Each section (``SECTIONS``) returns its keys; a
+section that fails stops the run (a benchmark that silently drops keys is worse than
+none).
+
+    python -m benchmarks.run                 # 1 h of scene audio (a few minutes)
+    python -m benchmarks.run --minutes 10    # shorter scene
+    python -m benchmarks.run --quick         # smoke run: 1 min of audio, a tiny base model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import assets
+
+log = logging.getLogger("benchmarks")
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "latest.json"
+DOC = HERE.parent / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench:table:begin -->", "<!-- bench:table:end -->"
+
+# The deployment profile for the uplink figure: the daemon's defaults plus a daily cap
+# on kept sample bytes (edge_daemon.selection), sized for the issue's goal of 1e-3.
+UPLINK_BYTES_PER_DAY = 2_000_000
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    meaning: str
+    lower_is_better: bool | None = None  # None: informational
+    bound: float = math.nan
+
+
+GOALS: dict[str, Goal] = {
+    "edge.rtf_one_core": Goal(
+        "≤ 0.01", "processing s / audio s: file → gate → features → int8 → buffer", True, 0.01
+    ),
+    "edge.rtf_audio_s": Goal("", "seconds of scene audio the RTF was measured over"),
+    "edge.setup_s": Goal("", "child start-up: imports, VAD and model load (not in the RTF)"),
+    "edge.peak_rss_mb": Goal("≤ 300", "peak RSS of the one-core pipeline process (MiB)", True, 300),
+    "edge.int8_over_fp32_latency": Goal(
+        "≤ 0.6", "int8 / fp32 latency per window, batch 1, one thread", True, 0.6
+    ),
+    "edge.int8_macro_f1_delta": Goal(
+        "≤ 0.01", "fp32 macro-F1 minus int8 macro-F1, same windows", True, 0.01
+    ),
+    "edge.fp32_macro_f1": Goal("", "macro-F1 of the fp32 base on the released windows"),
+    "edge.int8_macro_f1": Goal("", "macro-F1 of the int8 base on the same windows"),
+    "edge.int8_fp32_agreement": Goal("", "share of windows where int8 and fp32 agree"),
+    "edge.int8_latency_ms": Goal("", "int8 latency per window (ms)"),
+    "edge.fp32_latency_ms": Goal("", "fp32 latency per window (ms)"),
+    "edge.compare_windows": Goal("", "windows in the int8/fp32 comparison"),
+    "edge.uplink_over_raw": Goal(
+        "≤ 0.001",
+        "uploaded / raw 16-bit bytes over a simulated day, deployment profile",
+        True,
+        0.001,
+    ),
+    "edge.uplink_bytes_per_day": Goal("", "sealed bytes uploaded in that day"),
+    "edge.uplink_samples_per_day": Goal("", "samples uploaded in that day"),
+    "bench.loadavg_1m": Goal(
+        "", "1-min load average, the higher of start and end (timing context)"
+    ),
+    "bench.cpus": Goal("", "CPUs of the machine"),
+    "bench.wall_s": Goal("", "seconds the whole run took"),
+    "edge.uplink_over_raw_unbudgeted": Goal(
+        "", "the same ratio with no daily cap (the daemon's default selection)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    minutes: int
+    quick: bool
+    work: Path
+
+
+def edge_section(opt: Options) -> dict[str, float]:
+    from benchmarks.edge import compare_models, run_pipeline
+    from benchmarks.uplink import simulate_day
+    from edge_daemon.config import SelectionConfig
+
+    if opt.quick:
+        int8, fp32 = _quick_base(opt.work)
+    else:
+        int8, fp32 = assets.base_model_int8_fp32()
+    scene = assets.scene_files(opt.minutes * 60)
+    log.info("pipeline: %d s of audio on one core", scene.duration_s)
+    run = run_pipeline(scene.wav, int8, opt.work / "edge")
+    if run.torch_imported:
+        raise RuntimeError("the device path imported torch")
+    out: dict[str, float] = {
+        "edge.rtf_one_core": run.process_s / run.audio_s,
+        "edge.rtf_audio_s": run.audio_s,
+        "edge.setup_s": run.setup_s,
+        "edge.peak_rss_mb": run.peak_rss_mb,
+    }
+    log.info("int8 vs fp32 on %d released windows", run.windows_kept)
+    out |= compare_models(
+        fp32, int8, run.windows, scene.window_labels, rounds=2 if opt.quick else 5
+    )
+    log.info("uplink: a simulated day")
+    budgeted = simulate_day(
+        run.windows,
+        scene.window_labels,
+        run.audio_s,
+        SelectionConfig(uplink_bytes_per_day=UPLINK_BYTES_PER_DAY),
+    )
+    unbudgeted = simulate_day(
+        run.windows, scene.window_labels, run.audio_s, SelectionConfig(), max_span_s=run.audio_s
+    )
+    out |= {
+        "edge.uplink_over_raw": budgeted.ratio,
+        "edge.uplink_bytes_per_day": float(budgeted.uploaded_bytes),
+        "edge.uplink_samples_per_day": float(budgeted.samples),
+        "edge.uplink_over_raw_unbudgeted": unbudgeted.ratio,
+    }
+    return out
+
+
+def _quick_base(work: Path) -> tuple[Path, Path]:
+    """A tiny base model for smoke runs: figures are meaningless, the code path is not."""
+    from cloud_sidecar.errors import TrainingError
+    from cloud_sidecar.pretrain import load_base_model, pretrain
+
+    d = assets.CACHE / "base-quick"
+    try:
+        base = load_base_model(d)
+    except TrainingError:
+        base = pretrain(d, seed=0, n_per_class=12, epochs=1)
+    return base.onnx_int8, base.onnx_fp32
+
+
+SECTIONS = (("edge", edge_section),)
+
+
+def render_table(results: dict[str, float]) -> str:
+    rows = ["| key | value | goal | meets | meaning |", "|---|---|---|---|---|"]
+
+    def order(k: str) -> tuple[bool, bool, str]:  # figures with a goal first, then the rest
+        return (GOALS.get(k, Goal("", "")).lower_is_better is None, k.startswith("bench."), k)
+
+    for key in sorted(results, key=order):
+        value = results[key]
+        goal = GOALS.get(key, Goal("", ""))
+        meets = ""
+        if goal.lower_is_better is not None:
+            ok = value <= goal.bound if goal.lower_is_better else value >= goal.bound
+            meets = "yes" if ok else "**no**"
+        rows.append(f"| `{key}` | {_fmt(value)} | {goal.text} | {meets} | {goal.meaning} |")
+    return "\n".join(rows)
+
+
+def _fmt(v: float) -> str:
+    if v == int(v) and abs(v) >= 10:
+        return str(int(v))
+    return f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.4f}".rstrip("0").rstrip(".")
+
+
+def refresh_doc(doc: Path, results: dict[str, float], note: str) -> None:
+    text = doc.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise RuntimeError(f"{doc}: markers {BEGIN} ... {END} not found")
+    table = f"{BEGIN}\n{note}\n\n{render_table(results)}\n"
+    doc.write_text(text[:start] + table + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=int, default=60, help="minutes of scene audio (1..60)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 minute, tiny base model")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results JSON to write")
+    p.add_argument("--no-doc", action="store_true", help="do not touch BENCHMARKS.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    minutes = 1 if args.quick else args.minutes
+    if not 1 <= minutes <= 60:
+        p.error("--minutes must be 1..60")
+    work = assets.CACHE / ("work-quick" if args.quick else "work")
+    opt = Options(minutes, args.quick, work)
+    t0, load_start = time.monotonic(), os.getloadavg()[0]
+    results: dict[str, float] = {}
+    for name, section in SECTIONS:
+        log.info("section %s", name)
+        results |= {k: float(v) for k, v in section(opt).items()}
+    results["bench.quick"] = float(args.quick)
+    results["bench.wall_s"] = time.monotonic() - t0
+    results["bench.loadavg_1m"] = max(load_start, os.getloadavg()[0])
+    results["bench.cpus"] = float(os.cpu_count() or 0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    if not args.no_doc:
+        note = f"Last run: `python -m benchmarks.run{' --quick' if args.quick else ''}`" + (
+            f" with --minutes {minutes}" if not args.quick and minutes != 60 else ""
+        )
+        refresh_doc(DOC, results, note + f", {time.strftime('%Y-%m-%d')}.")
+    for k in sorted(results):
+        print(f"{k:36s} {_fmt(results[k])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""Fleet identity on the cloud side: claims, enrollment, renewal, revocation, the fleet CA.
+
+Owns: issuing one-time claims, answering enrollment and renewal requests (verify the
+claim or the registered TPM identity, verify the CSR, sign a short-lived client
+certificate), revoking a device (store + CRL + broker reload hook), and the CA
+signer seam.
+
+Invariants:
+- a certificate is issued only after every check passed: request parsed within its
+  caps, TPM signature valid (enrollment: by the key it registers; renewal: by the key
+  registered for the broker-authenticated device), CSR for EC P-256 with subject
+  exactly ``CN=<device id>``, and for enrollment a claim that is known, unused,
+  unexpired and bound to that device id (consumed last, so a malformed request never
+  burns a claim);
+- every certificate is ``clientAuth`` only, CN = device id, valid ``cert_valid_s``,
+  and its serial is stored before the response is sent, so ``revoke`` can list it;
+- every rejection is logged, counted (``fleet_rejected_total{op,reason}``), audited,
+  and answered with a ``CertResponse`` when the request named a reply address;
+- the CA's private key is used only through ``CaSigner`` (a file key in the dev stack;
+  an HSM signer is the production path, docs/adr/0007-device-identity-and-enrollment.md);
+  the CRL keeps DevCA's layout (``<ca_dir>/crl.pem``, CRL number strictly increasing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from cloud_sidecar.audit import AuditLog
+from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.errors import CloudError, ConfigError
+from cloud_sidecar.metrics import Metrics
+from cloud_sidecar.store import Store
+from fleet_protocol import enroll, topics
+from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
+from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.mqtt import TransportError
+
+log = logging.getLogger(__name__)
+
+MAX_CA_FILE_BYTES = 256 * 1024
+CLOCK_SKEW = dt.timedelta(minutes=5)
+CRL_VALID = dt.timedelta(days=365)
+RESERVED_DEVICE_IDS = frozenset({"ota", "enroll", "claim"})  # topic levels, claim CN
+
+Reply = tuple[str, bytes]
+
+
+def _read_capped(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    if len(data) > MAX_CA_FILE_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CA_FILE_BYTES} bytes")
+    return data
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _ms(t: dt.datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+# -- the CA ----------------------------------------------------------------------------
+
+
+class CaSigner(Protocol):
+    """Holds the fleet CA key; signs what it is given. File key in dev, HSM in production."""
+
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate: ...
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList: ...
+
+
+class FileCaSigner:
+    """The dev stack's CA key, read from ``<ca_dir>/ca.key`` (DevCA's layout)."""
+
+    def __init__(self, ca_dir: Path) -> None:
+        self.certificate = x509.load_pem_x509_certificate(_read_capped(ca_dir / "ca.pem"))
+        key = serialization.load_pem_private_key(_read_capped(ca_dir / "ca.key"), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{ca_dir / 'ca.key'} is not an EC private key")
+        if key.public_key() != self.certificate.public_key():
+            raise ConfigError(f"{ca_dir}: ca.key does not match ca.pem")
+        self._key = key
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self._key, hashes.SHA256())
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        return builder.sign(self._key, hashes.SHA256())
+
+
+class FleetCA:
+    """Issues device client certificates and maintains the CRL in ``crl_path``."""
+
+    def __init__(self, signer: CaSigner, crl_path: Path, cert_valid: dt.timedelta) -> None:
+        self.signer = signer
+        self.crl_path = crl_path
+        self.cert_valid = cert_valid
+        ski = signer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
+    def issue(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
+        """A clientAuth certificate for the CSR's (already checked) subject and key."""
+        now = _now()
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise MalformedError("CSR key is not EC", "bad_csr")
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.signer.certificate.subject)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + self.cert_valid)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        return self.signer.sign_certificate(builder)
+
+    def revoke(self, serials: Sequence[int]) -> bool:
+        """Add ``serials`` to the CRL; False (nothing written) when all are listed already."""
+        old = x509.load_pem_x509_crl(_read_capped(self.crl_path))
+        if not old.is_signature_valid(self.signer.certificate.public_key()):  # type: ignore[arg-type]
+            raise CloudError(f"{self.crl_path} is not signed by the fleet CA")
+        entries = list(old)
+        listed = {e.serial_number for e in entries}
+        now = _now()
+        new = [s for s in dict.fromkeys(serials) if s not in listed]
+        if not new:
+            return False
+        entries += [
+            x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build()
+            for s in new
+        ]
+        number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        last = now - CLOCK_SKEW
+        if last <= old.last_update_utc:  # strictly later than the CRL it replaces
+            last = old.last_update_utc + dt.timedelta(seconds=1)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.signer.certificate.subject)
+            .last_update(last)
+            .next_update(last + CRL_VALID)
+            .add_extension(x509.CRLNumber(number + 1), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        for entry in entries:
+            builder = builder.add_revoked_certificate(entry)
+        crl = self.signer.sign_crl(builder)
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        log.info("CRL %s: number %d, %d serials", self.crl_path, number + 1, len(entries))
+        return True
+
+
+def run_crl_hook(argv: Sequence[str], crl_path: Path, timeout_s: float = 30.0) -> None:
+    """Tell the broker(s) to reload the CRL: run ``argv + [crl_path]``; raise on failure."""
+    if not argv:
+        log.warning("no fleet.crl_hook configured: reload the broker's CRL (%s) yourself", crl_path)
+        return
+    try:
+        out = subprocess.run(
+            [*argv, str(crl_path)], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CloudError(f"CRL hook {argv[0]} failed: {e}") from e
+    if out.returncode != 0:
+        raise CloudError(f"CRL hook {argv[0]} exited {out.returncode}: {out.stderr[-500:]}")
+
+
+# -- enrollment, renewal, revocation -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetPolicy:
+    claim_ttl_s: int = 7 * 24 * 3600
+    max_clock_skew_s: int = 600
+    reserved_ids: frozenset[str] = RESERVED_DEVICE_IDS
+
+
+class FleetService:
+    """Answers enrollment and renewal requests; issues claims; revokes devices."""
+
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        metrics: Metrics,
+        ca: FleetCA,
+        policy: FleetPolicy = FleetPolicy(),
+        on_crl_changed: Callable[[Path], None] = lambda _p: None,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.metrics = metrics
+        self.ca = ca
+        self.policy = policy
+        self._on_crl_changed = on_crl_changed
+
+    # -- operator commands ------------------------------------------------------------
+
+    def create_claim(self, device_id: str) -> enroll.Claim:
+        """A one-time claim bound to ``device_id``; only its token's hash is stored."""
+        try:
+            topics.check_device_id(device_id)
+        except ProtocolError as e:
+            raise ConfigError(str(e)) from e
+        if device_id in self.policy.reserved_ids:
+            raise ConfigError(f"{device_id!r} is reserved and cannot be a device id")
+        claim = enroll.Claim.new()
+        expires = int(time.time() * 1000) + self.policy.claim_ttl_s * 1000
+        self.store.add_claim(claim.claim_id, device_id, enroll.token_hash(claim.token), expires)
+        self.audit.append(
+            "fleet.claim_issued", device_id, claim_id=claim.claim_id, expires_ms=expires
+        )
+        return claim
+
+    def revoke(self, device_id: str) -> list[str]:
+        """Revoke every certificate of the device, refuse its uploads, reload the broker CRL."""
+        serials = self.store.revoke_device(device_id, int(time.time() * 1000))
+        if serials is None:
+            raise ConfigError(f"unknown device {device_id}")
+        changed = self.ca.revoke([int(s, 16) for s in serials])
+        self.audit.append("fleet.revoked", device_id, serials=serials, crl_changed=changed)
+        self.metrics.inc("fleet_revoked_total")
+        self._on_crl_changed(self.ca.crl_path)
+        log.info("revoked %s (%d certificates)", device_id, len(serials))
+        return serials
+
+    # -- requests (MQTT network thread) ------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> Reply | None:
+        """One request in, the reply (topic, bytes) out, or None when there is no one to tell."""
+        if topic.startswith(enroll.ENROLL_PREFIX + "/"):
+            return self._enroll(topic, payload)
+        return self._renew(topic, payload)
+
+    def _enroll(self, topic: str, payload: bytes) -> Reply | None:
+        req: enroll.EnrollRequest | None = None
+        claim_id = None
+        try:
+            claim_id = enroll.claim_of_topic(topic)
+            req = enroll.EnrollRequest.from_bytes(payload)
+            if req.claim_id != claim_id:
+                raise MalformedError("request names another claim than its topic", "claim_mismatch")
+            if req.device_id in self.policy.reserved_ids:
+                raise MalformedError(f"{req.device_id!r} is reserved", "reserved_device_id")
+            self._check_fresh(req.created_at_ms)
+            req.verify(req.identity_key.encode())
+            csr = enroll.check_csr(req.csr, req.device_id)
+            if csr.public_key() == enroll.load_identity_key(req.identity_key.encode()):
+                raise MalformedError("TLS key must differ from the identity key", "bad_csr")
+            why = self.store.use_claim(
+                claim_id, req.device_id, enroll.token_hash(req.token), int(time.time() * 1000)
+            )
+            if why:
+                raise SignatureError(f"claim {claim_id} refused: {why}", why)
+        except ProtocolError as e:
+            self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
+            if req is None or claim_id is None:
+                return None
+            return enroll.enroll_response_topic(claim_id), self._refusal(req, e.reason)
+        cert = self.ca.issue(csr)
+        device = self.store.register_device(req.device_id, req.identity_key.encode())
+        self._record(cert, req.device_id, "enroll")
+        self.audit.append(
+            "fleet.enrolled",
+            req.device_id,
+            claim_id=claim_id,
+            identity_key=device.key_id,
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+        self.metrics.inc("fleet_enrolled_total")
+        log.info("enrolled %s (identity key %s)", req.device_id, device.key_id)
+        return enroll.enroll_response_topic(claim_id), self._issued(req.device_id, req.nonce, cert)
+
+    def _renew(self, topic: str, payload: bytes) -> Reply | None:
+        device: str | None = None
+        req: enroll.RenewRequest | None = None
+        try:
+            device = enroll.device_of_cert_request(topic)  # CN authenticated by the broker
+            req = enroll.RenewRequest.from_bytes(payload)
+            if req.device_id != device:
+                raise MalformedError("request names another device", "device_mismatch")
+            record = self.store.device(device)
+            if record is None:
+                raise SignatureError(f"unknown device {device!r}", "unknown_device")
+            if record.status != "active":
+                raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
+            if req.kid != record.key_id:
+                raise SignatureError("signed with a key that is not the device's", "unknown_key")
+            self._check_fresh(req.created_at_ms)
+            req.verify(record.public_key_pem)
+            csr = enroll.check_csr(req.csr, device)
+        except ProtocolError as e:
+            self._rejected("renew", device or "?", e)
+            if req is None or device is None or req.device_id != device:
+                return None
+            return enroll.cert_response_topic(device), self._refusal(req, e.reason)
+        cert = self.ca.issue(csr)
+        self._record(cert, device, "renew")
+        self.audit.append(
+            "fleet.renewed",
+            device,
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+        self.metrics.inc("fleet_renewed_total")
+        log.info("renewed the certificate of %s", device)
+        return enroll.cert_response_topic(device), self._issued(device, req.nonce, cert)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _check_fresh(self, created_at_ms: int) -> None:
+        skew = abs(time.time() * 1000 - created_at_ms)
+        if skew > self.policy.max_clock_skew_s * 1000:
+            raise MalformedError(f"request is {skew / 1000:.0f} s off the clock", "stale_request")
+
+    def _record(self, cert: x509.Certificate, device: str, via: str) -> None:
+        self.store.add_certificate(
+            format(cert.serial_number, "x"),
+            device,
+            _ms(cert.not_valid_before_utc),
+            _ms(cert.not_valid_after_utc),
+            via,
+        )
+
+    def _rejected(self, op: str, device: str, e: ProtocolError, **details: object) -> None:
+        log.warning("%s request from %s rejected (%s): %s", op, device, e.reason, e)
+        self.metrics.inc("fleet_rejected_total", op=op, reason=e.reason)
+        self.audit.append(
+            f"fleet.{op}_rejected", device, reason=e.reason, detail=str(e)[:300], **details
+        )
+
+    @staticmethod
+    def _refusal(req: enroll.EnrollRequest | enroll.RenewRequest, reason: str) -> bytes:
+        return enroll.CertResponse(req.device_id, req.nonce, "rejected", reason, "", 0).to_bytes()
+
+    @staticmethod
+    def _issued(device: str, nonce: str, cert: x509.Certificate) -> bytes:
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        not_after = _ms(cert.not_valid_after_utc)
+        return enroll.CertResponse(device, nonce, "issued", "", pem, not_after).to_bytes()
+
+
+def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metrics) -> FleetService:
+    """The service as configured in ``cfg.fleet`` (file-key CA signer, CRL hook)."""
+    f = cfg.fleet
+    if f is None:
+        raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
+    ca = FleetCA(FileCaSigner(f.ca_dir), f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
+    policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s)
+    return FleetService(store, audit, metrics, ca, policy, lambda p: run_crl_hook(f.crl_hook, p))
+
+
+def end_session(cfg: SidecarConfig, device_id: str, wait_s: float = 10.0) -> bool:
+    """Close a (revoked) device's open MQTT session; True when it was done.
+
+    The broker checks the CRL only at handshakes, so a session opened before the
+    revocation would live on. Connecting with the device's client id (devices use their
+    id) makes the broker close the older session (MQTT session takeover); the device's
+    reconnect then meets the new CRL. Ingest refuses its uploads either way.
+    """
+    from cloud_sidecar.app import open_link  # app imports this module
+
+    link = open_link(cfg, device_id)
+    try:
+        link.start(wait_s=wait_s)
+        return True
+    except TransportError as e:
+        log.warning("could not take over the session of %s: %s", device_id, e)
+        return False
+    finally:
+        link.stop()
+
+
+__all__ = [
+    "CaSigner",
+    "FileCaSigner",
+    "FleetCA",
+    "FleetPolicy",
+    "FleetService",
+    "end_session",
+    "open_fleet",
+    "run_crl_hook",
+]

@@ -1,0 +1,237 @@
+"""Sysfs sensor plugins on a fake tree, telemetry messages, the sampler and the store."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_daemon.config import HwmonSensorConfig, IioSensorConfig, SensorsConfig
+from edge_daemon.sensors.sampler import SensorSampler, TelemetrySink
+from edge_daemon.sensors.store import TelemetryStore
+from edge_daemon.sensors.sysfs import MAX_ATTR_BYTES, HwmonSensor, IioSensor, make_sensor
+from fleet_protocol import topics
+from fleet_protocol.errors import MalformedError, TooLargeError
+from fleet_protocol.telemetry import MAX_TELEMETRY_BYTES, Reading, Telemetry
+
+
+def _attrs(d: Path, **files: str) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, value in files.items():
+        (d / name).write_text(value + "\n")
+    return d
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    iio = tmp_path / "bus/iio/devices"
+    _attrs(
+        iio / "iio:device0",
+        name="bme280",
+        in_temp_input="23450",
+        in_humidityrelative_input="45123",
+        in_pressure_input="101.325",
+    )
+    _attrs(
+        iio / "iio:device1",
+        name="adxl345",
+        in_accel_x_raw="-10",
+        in_accel_y_raw="0",
+        in_accel_z_raw="256",
+        in_accel_scale="0.038300",
+        in_accel_z_offset="2",
+        in_temp_raw="100",  # raw + shared scale: milli-degC after scaling
+        in_temp_scale="250",
+    )
+    _attrs(tmp_path / "class/hwmon/hwmon0", name="cpu_thermal", temp1_input="48312")
+    _attrs(tmp_path / "class/hwmon/hwmon1", name="rpi_volt", in0_input="850", fan1_input="1200")
+    return tmp_path
+
+
+def _values(readings: list[Reading]) -> dict[str, tuple[float, str]]:
+    return {r.quantity: (r.value, r.unit) for r in readings}
+
+
+def test_iio_processed_inputs_are_converted_to_si_units(sysfs: Path) -> None:
+    s = IioSensor(IioSensorConfig(name="env", device="bme280"), sysfs)
+    assert _values(s.read()) == {
+        "temperature": (23.45, "degC"),
+        "relative_humidity": (45.123, "%"),
+        "pressure": (1013.25, "hPa"),
+    }
+    assert s.errors == 0
+
+
+def test_iio_raw_channels_apply_offset_and_channel_or_shared_scale(sysfs: Path) -> None:
+    s = IioSensor(IioSensorConfig(name="vib", device="iio:device1"), sysfs)
+    v = _values(s.read())
+    assert v["acceleration_x"][0] == pytest.approx(-0.383)
+    assert v["acceleration_y"] == (0.0, "m/s2")
+    assert v["acceleration_z"][0] == pytest.approx(258 * 0.0383)
+    assert v["acceleration_z"][1] == "m/s2"
+    assert v["temperature"][0] == pytest.approx(25.0)
+
+
+def test_iio_channel_selection_reads_only_those(sysfs: Path) -> None:
+    s = IioSensor(IioSensorConfig(name="env", device="bme280", channels=("temp",)), sysfs)
+    assert [r.quantity for r in s.read()] == ["temperature"]
+
+
+def test_hwmon_channels_by_chip_name_or_directory(sysfs: Path) -> None:
+    cpu = HwmonSensor(HwmonSensorConfig(name="cpu", chip="cpu_thermal"), sysfs)
+    assert _values(cpu.read()) == {"temperature1": (48.312, "degC")}
+    volt = make_sensor(HwmonSensorConfig(type="hwmon", name="pmic", chip="hwmon1"), sysfs)
+    assert _values(volt.read()) == {"voltage0": (0.85, "V"), "fan_speed1": (1200.0, "rpm")}
+
+
+def test_missing_device_gives_no_readings_and_is_counted_not_raised(sysfs: Path) -> None:
+    s = IioSensor(IioSensorConfig(name="env", device="sht31"), sysfs)
+    assert s.read() == [] and s.errors == 1
+
+
+def test_unreadable_or_oversized_attribute_skips_only_that_reading(sysfs: Path) -> None:
+    d = sysfs / "bus/iio/devices/iio:device0"
+    (d / "in_pressure_input").write_text("9" * (MAX_ATTR_BYTES + 5))
+    (d / "in_humidityrelative_input").write_text("not-a-number")
+    s = IioSensor(IioSensorConfig(name="env", device="bme280"), sysfs)
+    assert _values(s.read()) == {"temperature": (23.45, "degC")}
+    assert s.errors == 2
+
+
+def test_missing_channel_is_counted(sysfs: Path) -> None:
+    s = HwmonSensor(HwmonSensorConfig(name="cpu", chip="cpu_thermal", channels=("temp2",)), sysfs)
+    assert s.read() == [] and s.errors == 1
+
+
+def test_telemetry_round_trips_and_is_documented_json() -> None:
+    t = Telemetry("pi-007", 1_764_000_000_000, 1000, (Reading("mic", "laeq", "dB(A)", 57.31),))
+    data = t.to_bytes()
+    assert data == (
+        b'{"device":"pi-007","period_ms":1000,"readings":[{"quantity":"laeq","sensor":"mic",'
+        b'"unit":"dB(A)","value":57.31}],"time_ms":1764000000000}'
+    )
+    assert Telemetry.from_bytes(data) == t
+    assert topics.telemetry("pi-007") == "fleet/v1/pi-007/telemetry"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"[]",
+        b'{"device":"pi","time_ms":1,"period_ms":1,"readings":[]}',
+        b'{"device":"PI!","time_ms":1,"period_ms":1,"readings":[{"sensor":"a","quantity":"b","unit":"c","value":1}]}',
+        b'{"device":"pi","time_ms":-1,"period_ms":1,"readings":[{"sensor":"a","quantity":"b","unit":"c","value":1}]}',
+        b'{"device":"pi","time_ms":1,"period_ms":1,"readings":[{"sensor":"a","quantity":"b","unit":"c","value":"1"}]}',
+        b'{"device":"pi","time_ms":1,"period_ms":1,"readings":[{"sensor":"a","quantity":"b","unit":"c","value":NaN}]}',
+        b'{"device":"pi","time_ms":1,"period_ms":1,"readings":[{"sensor":"a","quantity":"b","unit":"c"}]}',
+        b"\xff",
+    ],
+)
+def test_malformed_telemetry_is_rejected(bad: bytes) -> None:
+    with pytest.raises(MalformedError):
+        Telemetry.from_bytes(bad)
+
+
+def test_oversized_telemetry_is_rejected_before_parsing() -> None:
+    with pytest.raises(TooLargeError):
+        Telemetry.from_bytes(b" " * (MAX_TELEMETRY_BYTES + 1))
+
+
+def test_sampler_publishes_and_stores_every_sample_marking_what_went_out(
+    sysfs: Path, tmp_path: Path
+) -> None:
+    store = TelemetryStore(tmp_path / "buffer.sqlite3", max_rows=1000)
+    sent: list[Telemetry] = []
+    online = [True]
+
+    def publish(t: Telemetry) -> bool:
+        sent.append(t)
+        return online[0]
+
+    cfg = SensorsConfig(
+        period_s=0.05,
+        sysfs_root=sysfs,
+        sources=(
+            IioSensorConfig(name="env", device="bme280"),
+            HwmonSensorConfig(name="cpu", chip="cpu_thermal"),
+        ),
+    )
+    sampler = SensorSampler(
+        [make_sensor(c, cfg.sysfs_root) for c in cfg.sources],
+        TelemetrySink("pi-007", publish, store),
+        cfg.period_s,
+    )
+    t = sampler.sample_once()
+    assert t is not None and len(t.readings) == 4 and t.period_ms == 50
+    online[0] = False  # broker outage: kept, marked unpublished
+    sampler.sample_once()
+    assert store.count() == 8
+    pending = store.unpublished(100)
+    assert len(pending) == 4 and {r.sensor for *_, r in pending} == {"env", "cpu"}
+    store.mark_published([i for i, *_ in pending])
+    assert store.unpublished(100) == []
+    stop = threading.Event()
+    sampler.start(stop)
+    stop.wait(0.3)
+    stop.set()
+    sampler.join()
+    assert sampler.samples >= 3 and len(sent) == sampler.samples
+    store.close()
+
+
+def test_store_keeps_at_most_max_rows_dropping_the_oldest(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=100)
+    for i in range(130):
+        store.add(Telemetry("pi", i, 1000, (Reading("mic", "laeq", "dB(A)", float(i)),)), True)
+    assert store.count() == 100
+    assert store.recent(1)[0][1].value == 129.0
+    store.close()
+
+
+def test_store_shares_the_buffer_file_without_touching_its_schema_version(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "buffer.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 7")
+    db.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY)")
+    db.commit()
+    store = TelemetryStore(path, max_rows=100)
+    store.add(Telemetry("pi", 1, 1000, (Reading("mic", "laeq", "dB(A)", 50.0),)), False)
+    store.close()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0] == 1
+    db.close()
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12,
+)
+_KEYS = ("device", "time_ms", "period_ms", "readings", "sensor", "quantity", "unit", "value")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=512)
+    | st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=8).map(
+        lambda d: json.dumps(d).encode()
+    )
+)
+def test_telemetry_parser_raises_only_protocol_errors_on_any_input(data: bytes) -> None:
+    with contextlib.suppress(MalformedError, TooLargeError):
+        Telemetry.from_bytes(data)
+
+
+def test_a_huge_integer_value_is_malformed_not_a_crash() -> None:
+    r = '{"sensor":"a","quantity":"b","unit":"c","value":' + "9" * 400 + "}"
+    with pytest.raises(MalformedError, match="not finite"):
+        Telemetry.from_bytes(
+            ('{"device":"pi","time_ms":1,"period_ms":1,"readings":[' + r + "]}").encode()
+        )
