@@ -79,6 +79,18 @@ GOALS: dict[str, Goal] = {
     "edge.uplink_over_raw_unbudgeted": Goal(
         "", "the same ratio with no daily cap (the daemon's default selection)"
     ),
+    "privacy.max_leakage": Goal(
+        "≤ 0.001", "speech frames kept / speech frames, worst language and SNR", True, 0.001
+    ),
+    "privacy.yield_10db": Goal(
+        "≥ 0.8", "non-speech frames kept / non-speech frames at 10 dB SNR", False, 0.8
+    ),
+    "privacy.window_yield_10db": Goal(
+        "", "speech-free 1 s windows kept / speech-free windows at 10 dB SNR"
+    ),
+    "privacy.languages": Goal("", "espeak-ng languages in the privacy benchmark"),
+    "privacy.audio_s": Goal("", "seconds of audio through the gate in the privacy benchmark"),
+    "privacy.gate_rtf": Goal("", "gate processing s / audio s in the privacy benchmark"),
 }
 
 
@@ -145,7 +157,23 @@ def _quick_base(work: Path) -> tuple[Path, Path]:
     return base.onnx_int8, base.onnx_fp32
 
 
-SECTIONS = (("edge", edge_section),)
+# Markdown tables beside the key table: name -> table, refreshed between
+# ``<!-- bench:<name>:begin -->`` and ``<!-- bench:<name>:end -->`` in BENCHMARKS.md.
+TABLES: dict[str, str] = {}
+
+
+def privacy_section(opt: Options) -> dict[str, float]:
+    from benchmarks import privacy
+
+    if opt.quick:
+        run = privacy.run_privacy(privacy.QUICK_LANGUAGES, scene_s=20)
+    else:
+        run = privacy.run_privacy()
+    TABLES["privacy"] = privacy.render_table(run)
+    return privacy.results(run)
+
+
+SECTIONS = (("edge", edge_section), ("privacy", privacy_section))
 
 
 def render_table(results: dict[str, float]) -> str:
@@ -180,6 +208,17 @@ def refresh_doc(doc: Path, results: dict[str, float], note: str) -> None:
     doc.write_text(text[:start] + table + text[end:])
 
 
+def refresh_table(doc: Path, name: str, table: str) -> None:
+    """Replace the text between ``bench:<name>`` markers (skipped if the doc has none)."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    text = doc.read_text()
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        log.warning("%s: no %s ... %s markers, %s table not written", doc, begin, end, name)
+        return
+    doc.write_text(text[:start] + f"{begin}\n{table}\n" + text[stop:])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=int, default=60, help="minutes of scene audio (1..60)")
@@ -209,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             f" with --minutes {minutes}" if not args.quick and minutes != 60 else ""
         )
         refresh_doc(DOC, results, note + f", {time.strftime('%Y-%m-%d')}.")
+        for name, table in TABLES.items():
+            refresh_table(DOC, name, table)
     for k in sorted(results):
         print(f"{k:36s} {_fmt(results[k])}")
     return 0

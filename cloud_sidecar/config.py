@@ -94,7 +94,12 @@ class OtaConfig(_Strict):
 class FleetConfig(_Strict):
     """Enrollment and revocation (cloud_sidecar/fleet.py, docs/adr/0007)."""
 
-    ca_dir: Path = Field(description="fleet CA: ca.pem, ca.key (dev: file key), crl.pem")
+    ca_dir: Path = Field(description="fleet CA: ca.pem, crl.pem (and ca.key for the file signer)")
+    ca_signer: Annotated[str, Field(pattern="^(hsm|file)$")] = Field(
+        "hsm",
+        description="who holds the CA key: hsm (the token's fleet-ca key, cloud_sidecar/ca.py)"
+        " or file (<ca_dir>/ca.key; tests only)",
+    )
     cert_valid_s: int = Field(
         7 * 24 * 3600, ge=60, le=90 * 24 * 3600, description="device certificate lifetime"
     )

@@ -11,13 +11,15 @@ Invariants:
   registered for the broker-authenticated device), CSR for EC P-256 with subject
   exactly ``CN=<device id>``, and for enrollment a claim that is known, unused,
   unexpired and bound to that device id (consumed last, so a malformed request never
-  burns a claim);
+  burns a claim; the certificate is signed just before, and discarded when the claim is
+  refused, so an HSM outage never burns one either: no answer, the device resends);
 - every certificate is ``clientAuth`` only, CN = device id, valid ``cert_valid_s``,
   and its serial is stored before the response is sent, so ``revoke`` can list it;
 - every rejection is logged, counted (``fleet_rejected_total{op,reason}``), audited,
   and answered with a ``CertResponse`` when the request named a reply address;
-- the CA's private key is used only through ``CaSigner`` (a file key in the dev stack;
-  an HSM signer is the production path, docs/adr/0007-device-identity-and-enrollment.md);
+- the CA's private key is used only through ``CaSigner``: ``HsmCaSigner``
+  (cloud_sidecar/ca.py, the key never leaves the HSM) unless the config asks for the
+  file key kept for tests (docs/adr/0007-device-identity-and-enrollment.md);
   the CRL keeps DevCA's layout (``<ca_dir>/crl.pem``, CRL number strictly increasing).
 """
 
@@ -39,7 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
-from cloud_sidecar.errors import CloudError, ConfigError
+from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import enroll, topics
@@ -80,7 +82,7 @@ def _ms(t: dt.datetime) -> int:
 
 
 class CaSigner(Protocol):
-    """Holds the fleet CA key; signs what it is given. File key in dev, HSM in production."""
+    """Holds the fleet CA key; signs what it is given (HSM: cloud_sidecar/ca.py)."""
 
     @property
     def certificate(self) -> x509.Certificate: ...
@@ -93,7 +95,7 @@ class CaSigner(Protocol):
 
 
 class FileCaSigner:
-    """The dev stack's CA key, read from ``<ca_dir>/ca.key`` (DevCA's layout)."""
+    """A CA key file ``<ca_dir>/ca.key`` (DevCA's layout); for tests, never production."""
 
     def __init__(self, ca_dir: Path) -> None:
         self.certificate = x509.load_pem_x509_certificate(_read_capped(ca_dir / "ca.pem"))
@@ -290,6 +292,9 @@ class FleetService:
             csr = enroll.check_csr(req.csr, req.device_id)
             if csr.public_key() == enroll.load_identity_key(req.identity_key.encode()):
                 raise MalformedError("TLS key must differ from the identity key", "bad_csr")
+            cert = self._sign(csr, "enroll", req.device_id)
+            if cert is None:
+                return None  # CA unavailable: the claim is intact, the device resends
             why = self.store.use_claim(
                 claim_id, req.device_id, enroll.token_hash(req.token), int(time.time() * 1000)
             )
@@ -300,7 +305,6 @@ class FleetService:
             if req is None or claim_id is None:
                 return None
             return enroll.enroll_response_topic(claim_id), self._refusal(req, e.reason)
-        cert = self.ca.issue(csr)
         device = self.store.register_device(req.device_id, req.identity_key.encode())
         self._record(cert, req.device_id, "enroll")
         self.audit.append(
@@ -338,7 +342,9 @@ class FleetService:
             if req is None or device is None or req.device_id != device:
                 return None
             return enroll.cert_response_topic(device), self._refusal(req, e.reason)
-        cert = self.ca.issue(csr)
+        cert = self._sign(csr, "renew", device)
+        if cert is None:
+            return None  # the renewer retries with backoff
         self._record(cert, device, "renew")
         self.audit.append(
             "fleet.renewed",
@@ -351,6 +357,20 @@ class FleetService:
         return enroll.cert_response_topic(device), self._issued(device, req.nonce, cert)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _sign(
+        self, csr: x509.CertificateSigningRequest, op: str, device: str
+    ) -> x509.Certificate | None:
+        """The certificate for ``csr``; None (counted, audited) when the CA key is unreachable."""
+        try:
+            return self.ca.issue(csr)
+        except HsmError as e:
+            log.error("%s of %s: the CA could not sign: %s", op, device, e)
+            self.metrics.inc("fleet_rejected_total", op=op, reason="ca_unavailable")
+            self.audit.append(
+                f"fleet.{op}_rejected", device, reason="ca_unavailable", detail=str(e)[:300]
+            )
+            return None
 
     def _check_fresh(self, created_at_ms: int) -> None:
         skew = abs(time.time() * 1000 - created_at_ms)
@@ -385,11 +405,20 @@ class FleetService:
 
 
 def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metrics) -> FleetService:
-    """The service as configured in ``cfg.fleet`` (file-key CA signer, CRL hook)."""
+    """The service as configured in ``cfg.fleet`` (HSM or file CA signer, CRL hook)."""
     f = cfg.fleet
     if f is None:
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
-    ca = FleetCA(FileCaSigner(f.ca_dir), f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
+    signer: CaSigner
+    if f.ca_signer == "hsm":
+        from cloud_sidecar.app import open_hsm  # app imports this module
+        from cloud_sidecar.ca import HsmCaSigner
+
+        ca_cert = x509.load_pem_x509_certificate(_read_capped(f.ca_dir / "ca.pem"))
+        signer = HsmCaSigner(lambda: open_hsm(cfg), ca_cert)
+    else:
+        signer = FileCaSigner(f.ca_dir)
+    ca = FleetCA(signer, f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
     policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s)
     return FleetService(store, audit, metrics, ca, policy, lambda p: run_crl_hook(f.crl_hook, p))
 

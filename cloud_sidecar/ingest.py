@@ -92,7 +92,7 @@ class Ingest:
                 self.metrics.inc("ingest_duplicates_total")
                 self._ack(device, h.batch_id, h.seq, "stored", "duplicate")
                 return IngestResult(device, h.batch_id, "duplicate")
-            plain = envelope.open_envelope(env, self.hsm.decrypt_oaep)
+            plain = envelope.open_envelope(env, lambda wrapped: self._unwrap(device, h, wrapped))
             parsed = batch.decode_or_raise(plain)
             if parsed.device != device:
                 raise MalformedError("batch manifest names another device", "device_mismatch")
@@ -114,11 +114,24 @@ class Ingest:
             samples=n,
             digest=digest,
             unwrap_key=h.kid_wrap,
+            decrypted=h.aead,
             region=self.store.region,
         )
         self._ack(device, h.batch_id, h.seq, "stored", "")
         log.debug("stored batch %s (%d samples) from %s", h.batch_id, n, device)
         return IngestResult(device, h.batch_id, "stored", n_samples=n)
+
+    def _unwrap(self, device: str, h: envelope.EnvelopeHeader, wrapped: bytes) -> bytes:
+        """One HSM operation, audited whether it succeeds or not (key custody trail)."""
+        try:
+            key = self.hsm.decrypt_oaep(wrapped)
+        except Exception as e:
+            self.audit.append(
+                "hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=False, error=type(e).__name__
+            )
+            raise
+        self.audit.append("hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=True, mechanism=h.wrap)
+        return key
 
     def _reject(
         self, device: str | None, env: envelope.Envelope | None, reason: str, detail: str

@@ -17,8 +17,10 @@ Invariants:
   (``fleet_protocol.topics.DEVICE_ID_RE``) and not a reserved topic level (``ota``);
 - files read back (CA, CRL, certificates to revoke) are capped at ``MAX_PEM_BYTES``.
 
-This is a development CA: its key sits on disk. Production devices get their
-identity from the TPM and a real CA; nothing here is used on that path.
+A ``DevCA`` made by ``create`` keeps its key on disk (a development CA: the claim CA
+and the foreign/expired-certificate cases in tests). One made by ``create_with_signer``
+has no ``ca.key``: every signature comes from the signer, e.g. the HSM-held fleet CA
+(cloud_sidecar/ca.py ``HsmCaSigner``) that the dev stack's broker trusts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -99,13 +102,50 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
 
 
-class DevCA:
-    """A dev fleet CA in one directory. Use ``create`` or ``load``, not the constructor."""
+class CaSigner(Protocol):
+    """Signs certificates and CRLs for a CA (same shape as cloud_sidecar.fleet.CaSigner)."""
 
-    def __init__(self, directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey):
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate: ...
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList: ...
+
+
+@dataclass(frozen=True)
+class _KeySigner:
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self.key, hashes.SHA256())
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        return builder.sign(self.key, hashes.SHA256())
+
+
+class DevCA:
+    """A dev fleet CA in one directory. Use ``create``, ``create_with_signer`` or ``load``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cert: x509.Certificate,
+        key: ec.EllipticCurvePrivateKey | None,
+        signer: CaSigner | None = None,
+    ):
         self.directory = directory
         self.certificate = cert
-        self._key = key
+        if signer is None:
+            if key is None:
+                raise PKIError("a CA needs a key or a signer")
+            signer = _KeySigner(cert, key)
+        self._signer = signer
 
     # -- construction -------------------------------------------------------
 
@@ -156,6 +196,19 @@ class DevCA:
         ca = cls(directory, cert, key)
         ca._write_crl([], crl_number=1)
         log.debug("created dev CA %r in %s", name, directory)
+        return ca
+
+    @classmethod
+    def create_with_signer(cls, directory: Path, signer: CaSigner) -> DevCA:
+        """A CA in ``directory`` (``ca.pem``, empty CRL, no key file) signing via ``signer``."""
+        if (directory / "ca.pem").exists():
+            raise PKIError(f"{directory} already holds a CA")
+        _mkdir(directory)
+        _mkdir(directory / "issued")
+        pem = signer.certificate.public_bytes(serialization.Encoding.PEM)
+        write_atomic(directory / "ca.pem", pem, 0o644)
+        ca = cls(directory, signer.certificate, None, signer)
+        ca._write_crl([], crl_number=1)
         return ca
 
     @classmethod
@@ -274,7 +327,7 @@ class DevCA:
         )
         if san is not None:
             builder = builder.add_extension(san, critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
+        cert = self._signer.sign_certificate(builder)
         issued = self.directory / "issued"
         _mkdir(issued)
         pair = CertPair(issued / f"{name}.pem", issued / f"{name}.key")
@@ -292,7 +345,7 @@ class DevCA:
     def load_crl(self) -> x509.CertificateRevocationList:
         """The current CRL, after checking it is signed by this CA."""
         crl = x509.load_pem_x509_crl(_read_capped(self.crl_path))
-        if not crl.is_signature_valid(self._key.public_key()):
+        if not crl.is_signature_valid(self.certificate.public_key()):  # type: ignore[arg-type]
             raise PKIError(f"{self.crl_path} is not signed by this CA")
         return crl
 
@@ -345,5 +398,5 @@ class DevCA:
         )
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
-        crl = builder.sign(self._key, hashes.SHA256())
+        crl = self._signer.sign_crl(builder)
         write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)

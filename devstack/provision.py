@@ -56,8 +56,12 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "region": "on-prem-de",  # SoftHSM token on this machine
             },
             "train": train,
-            # enrollment: the dev CA's file key signs device certs (docs/adr/0007)
-            "fleet": {"ca_dir": stack.ca.directory, "crl_hook": crl_hook_argv(stack.broker)},
+            # enrollment: the token's fleet-ca key signs device certs (docs/adr/0007)
+            "fleet": {
+                "ca_dir": stack.ca.directory,
+                "ca_signer": "hsm",
+                "crl_hook": crl_hook_argv(stack.broker),
+            },
         },
     )
 
@@ -103,7 +107,11 @@ def device_config(
     if claim_file is None:
         broker |= {"client_cert": slot.cert.cert, "client_key": slot.cert.key}
     else:
-        claim = {"claim_cert": stack.claim_cert.cert, "claim_key": stack.claim_cert.key}
+        claim = {
+            "claim_cert": stack.claim_cert.cert,
+            "claim_key": stack.claim_cert.key,
+            "port": stack.broker.enroll_port,
+        }
         identity["enrollment"] = {**claim, "claim_file": claim_file, "timeout_s": 180}
     return _json(
         slot.state_dir.parent / f"{slot.device_id}.json",

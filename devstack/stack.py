@@ -1,5 +1,13 @@
-"""The embedded default, composed: dev CA, Mosquitto with mTLS, a SoftHSM token with the
-cloud's keys, and one swtpm per simulated device, all on loopback.
+"""The embedded default, composed: a SoftHSM token with the cloud's keys, the fleet CA
+whose key is in that token, a file-key claim CA, Mosquitto with mTLS (a device listener
+trusting the fleet CA, an enrollment listener trusting only the claim CA), and one swtpm
+per simulated device, all on loopback.
+
+The fleet CA (``ca``) signs through ``HsmCaSigner`` (cloud_sidecar/ca.py): its
+certificate is made once here, self-signed inside the token; the broker's server
+certificate, the sidecar's and the fixed device certificates are issued by it, so
+clients trust one anchor (``ca.cert_path``). The claim CA (``claim_ca``) only issues
+the shared claim certificate; its key file stands in for a factory/offline CA.
 
 ``DevStack`` is a context manager. On enter it starts everything (each child through
 one ``ProcessGroup``); on exit, also after an error or Ctrl-C, it stops every child by
@@ -20,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from cloud_sidecar.ca import HsmCaSigner, create_ca_certificate
+from cloud_sidecar.keys.hsm import Hsm
 from devstack.mosquitto import Broker, start_broker
 from devstack.pki import CertPair, DevCA
 from devstack.procs import ProcessGroup
@@ -46,6 +56,7 @@ class DevStack:
     device_prefix: str = "pi"
     procs: ProcessGroup = field(init=False)
     ca: DevCA = field(init=False)
+    claim_ca: DevCA = field(init=False)
     broker: Broker = field(init=False)
     token: HsmToken = field(init=False)
     cloud_cert: CertPair = field(init=False)
@@ -72,18 +83,35 @@ class DevStack:
         self.close()
 
     def _start(self) -> None:
-        self.ca = DevCA.create(self.workdir / "ca")
-        self._broker_dir = Path(tempfile.mkdtemp(prefix="sovereign-broker-"))
-        os.chmod(self._broker_dir, 0o755)
-        self.broker = start_broker(self.procs, self._broker_dir, self.ca, (CLOUD_IDENTITY,))
-        log.info("broker on 127.0.0.1:%d (mTLS, per-device ACL)", self.broker.port)
-        self.cloud_cert = self.ca.issue_client(CLOUD_IDENTITY)
-        self.claim_cert = self.ca.issue_client(CLAIM_IDENTITY, valid_days=365)
         self.token = init_token(self.workdir / "hsm")
         (self.workdir / "hsm" / "pin").write_text(self.token.user_pin)
         os.chmod(self.workdir / "hsm" / "pin", 0o600)
+        os.environ.update(self.token.env())  # read by the PKCS#11 module when it loads
+        with self.open_hsm() as hsm:
+            hsm.ensure_keys()
+        ca_cert = create_ca_certificate(self.open_hsm, "sovereign-edge dev fleet CA (HSM)")
+        self.ca = DevCA.create_with_signer(
+            self.workdir / "ca", HsmCaSigner(self.open_hsm, ca_cert)
+        )
+        self.claim_ca = DevCA.create(self.workdir / "claim-ca", name="sovereign-edge claim CA")
+        self._broker_dir = Path(tempfile.mkdtemp(prefix="sovereign-broker-"))
+        os.chmod(self._broker_dir, 0o755)
+        self.broker = start_broker(
+            self.procs, self._broker_dir, self.ca, (CLOUD_IDENTITY,), claim_ca=self.claim_ca
+        )
+        log.info(
+            "broker on 127.0.0.1:%d (mTLS, per-device ACL), enrollment on %s",
+            self.broker.port,
+            self.broker.enroll_port,
+        )
+        self.cloud_cert = self.ca.issue_client(CLOUD_IDENTITY)
+        self.claim_cert = self.claim_ca.issue_client(CLAIM_IDENTITY, valid_days=365)
         for i in range(self.n_devices):
             self.add_device(f"{self.device_prefix}-{i:02d}")
+
+    def open_hsm(self) -> Hsm:
+        """A session on the stack's token (the fleet CA key lives there)."""
+        return Hsm(str(self.token.module), self.token.label, self.token.user_pin)
 
     def add_device(self, device_id: str) -> DeviceSlot:
         state_dir = self.workdir / "devices" / device_id

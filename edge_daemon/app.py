@@ -24,7 +24,7 @@ from edge_daemon.buffer import ReplayBuffer
 from edge_daemon.capture import AudioSource, CaptureProcess, open_capture, open_source
 from edge_daemon.config import DeviceConfig
 from edge_daemon.enroll import device_endpoint, make_renewer
-from edge_daemon.inference.onnx_backend import OnnxClassifier
+from edge_daemon.inference.backends import Classifier, ModelFiles, make_classifier
 from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.ota import InstalledModel, OtaClient
 from edge_daemon.pipeline import Classified, EvalResult, evaluate, make_gate, run_stream
@@ -66,7 +66,11 @@ class EdgeApp:
         )
         self._unwrap_pem = cfg.cloud.unwrap_public_key.read_bytes()
         self._kid_wrap = envelope.key_id_from_pem(self._unwrap_pem)
-        base = OnnxClassifier(cfg.model.base_int8, cfg.model.threads)
+        base = make_classifier(
+            cfg.model.backend,
+            ModelFiles(cfg.model.base_fp32, cfg.model.base_int8),
+            cfg.model.threads,
+        )
         self.base_sha256 = file_sha256(cfg.model.base_fp32)
         self.link = MqttLink(
             device_endpoint(cfg, self.keys),  # enrolls first when there is no certificate
@@ -89,9 +93,7 @@ class EdgeApp:
             apply_adapter=_apply_adapter,
         )
         installed = self.ota.installed()
-        self.classifier = (
-            OnnxClassifier(installed.path, cfg.model.threads) if installed is not None else base
-        )
+        self.classifier = self._classifier_for(installed.path) if installed is not None else base
         self.report["adapter_version"] = installed.adapter_version if installed else 0
         self.link.subscribe(topics.ack(self.device), 1)
         self.link.subscribe(self.ota.metadata_topic, 1)
@@ -146,8 +148,15 @@ class EdgeApp:
         self.link.publish(topics.ota_status(self.device), status.to_bytes(), qos=1, timeout_s=2)
 
     def _install(self, model: InstalledModel) -> None:
-        self.classifier = OnnxClassifier(model.path, self.cfg.model.threads)
+        self.classifier = self._classifier_for(model.path)
         self.report["adapter_version"] = model.adapter_version
+
+    def _classifier_for(self, int8_path: Path) -> Classifier:
+        """An adapter-merged model (int8 beside its merged fp32) on the configured backend."""
+        from edge_daemon.inference.adapter import merged_fp32_path
+
+        files = ModelFiles(merged_fp32_path(int8_path), int8_path)
+        return make_classifier(self.cfg.model.backend, files, self.cfg.model.threads, merged=True)
 
     # -- work (main thread) --------------------------------------------------
 

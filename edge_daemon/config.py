@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_daemon.errors import ConfigError
+from edge_daemon.inference.backends.config import BackendConfig, OnnxBackendConfig
 
 
 class _Strict(BaseModel):
@@ -44,6 +45,13 @@ class EnrollmentConfig(_Strict):
 
     claim_cert: Path = Field(description="the shared claim certificate (PEM), enrollment only")
     claim_key: Path = Field(description="its private key (PEM)")
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the broker's enrollment listener, which alone accepts the claim"
+        " certificate (default: broker.port)",
+    )
     claim_file: Path = Field(
         description="file holding '<claim id>.<token>' from `cloud-sidecar fleet claim`;"
         " deleted once enrolled"
@@ -75,7 +83,11 @@ class ModelConfig(_Strict):
     base_int8: Path = Field(
         description="base model quantized to int8: what runs until an adapter arrives"
     )
-    threads: int = Field(1, ge=1, le=8, description="onnxruntime intra-op threads")
+    threads: int = Field(1, ge=1, le=8, description="inference runtime threads")
+    backend: BackendConfig = Field(
+        default_factory=OnnxBackendConfig,
+        description="inference runtime plugin, picked by type: onnxruntime | litert | hailo",
+    )
     event_threshold: float = Field(
         0.6, gt=0, le=1, description="score above which an event is published"
     )

@@ -329,7 +329,8 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
             raise EnrollmentError(f"no certificate and no claim ({err})", "no_claim") from err
         except ProtocolError as err:
             raise EnrollmentError(f"{e.claim_file}: {err}", err.reason) from err
-        claim_endpoint = MqttEndpoint(b.host, b.port, b.ca_cert, e.claim_cert, e.claim_key)
+        port = b.port if e.port is None else e.port  # the enrollment listener
+        claim_endpoint = MqttEndpoint(b.host, port, b.ca_cert, e.claim_cert, e.claim_key)
         identity = enroll_device(
             cfg.device_id,
             claim,

@@ -39,3 +39,7 @@ class EnrollmentError(EdgeError):
     def __init__(self, message: str, reason: str = "enrollment_failed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class BackendUnavailableError(InferenceError):
+    """The configured inference backend cannot run here: its library or hardware is absent."""

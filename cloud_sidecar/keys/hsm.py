@@ -1,9 +1,10 @@
-"""The cloud's key custody: an upload-unwrap key and an OTA-signing key in a PKCS#11 HSM.
+"""The cloud's key custody: upload-unwrap, OTA-signing and fleet-CA keys in a PKCS#11 HSM.
 
-Owns: the PKCS#11 session (python-pkcs11) on one token, generating the two
-keypairs inside the token, exporting their public halves, and the two private
+Owns: the PKCS#11 session (python-pkcs11) on one token, generating the three
+keypairs inside the token, exporting their public halves, and the private
 operations the sidecar needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and
-``CKM_ECDSA`` over a SHA-256 digest (docs/adr/0002-wrap-and-signature-mechanisms.md).
+``CKM_ECDSA`` over a SHA-256 digest (docs/adr/0002-wrap-and-signature-mechanisms.md)
+with the OTA-signing key or the fleet CA key (cloud_sidecar/ca.py, docs/adr/0007).
 
 Invariants:
 - private keys are generated in the token as sensitive, non-extractable, private
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 UNWRAP_LABEL = "upload-unwrap"
 SIGNING_LABEL = "ota-signing"
+CA_LABEL = "fleet-ca"
+EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL)  # EC P-256, sign only
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
 
@@ -176,13 +179,12 @@ def _release(module: str, token_label: str) -> None:
 
 
 class Hsm:
-    """A logged-in session on one PKCS#11 token holding the cloud's two keypairs."""
+    """A logged-in session on one PKCS#11 token holding the cloud's three keypairs."""
 
     def __init__(self, module: str, token_label: str, user_pin: str) -> None:
         self._module = module
         self._label = token_label
-        self._unwrap: _KeyPair | None = None
-        self._signing: _KeyPair | None = None
+        self._pairs: dict[str, _KeyPair] = {}
         try:
             shared = _acquire(module, token_label, user_pin)
         except HsmError:
@@ -198,7 +200,7 @@ class Hsm:
     # -- keys ------------------------------------------------------------------------
 
     def ensure_keys(self) -> None:
-        """Generate the unwrap and signing keypairs in the token if missing. Idempotent."""
+        """Generate the unwrap, signing and CA keypairs in the token if missing. Idempotent."""
         with self._lock:
             self._call("ensure keys", self._ensure_keys)
 
@@ -217,6 +219,10 @@ class Hsm:
     def signing_key_id(self) -> str:
         """First 16 hex chars of SHA-256 over the signing key's SPKI DER."""
         return self._pair(SIGNING_LABEL).key_id
+
+    def ca_public_key_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the EC P-256 fleet CA key."""
+        return self._pair(CA_LABEL).public_pem
 
     # -- private-key operations -------------------------------------------------------
 
@@ -240,9 +246,15 @@ class Hsm:
 
     def sign_digest(self, digest: bytes) -> bytes:
         """``CKM_ECDSA`` with the signing key over a 32-byte SHA-256 digest; DER signature."""
+        return self.sign_digest_with(SIGNING_LABEL, digest)
+
+    def sign_digest_with(self, label: str, digest: bytes) -> bytes:
+        """``CKM_ECDSA`` with the EC key ``label`` (``EC_SIGN_LABELS``); DER signature."""
+        if label not in EC_SIGN_LABELS:
+            raise HsmError(f"{label!r} is not a signing key")
         if len(digest) != DIGEST_BYTES:
             raise HsmError(f"digest must be {DIGEST_BYTES} bytes, got {len(digest)}")
-        private = cast(SignMixin, self._pair(SIGNING_LABEL).private)  # SIGN checked
+        private = cast(SignMixin, self._pair(label).private)  # SIGN checked
 
         def run() -> bytes:
             return bytes(encode_ecdsa_signature(private.sign(digest, mechanism=Mechanism.ECDSA)))
@@ -254,7 +266,7 @@ class Hsm:
         """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""
         with self._lock:
             session, self._session = self._session, None
-            self._unwrap = self._signing = None
+            self._pairs = {}
         if session is None:
             return
         _release(self._module, self._label)
@@ -307,7 +319,7 @@ class Hsm:
 
     def _pair(self, label: str) -> _KeyPair:
         with self._lock:
-            cached = self._unwrap if label == UNWRAP_LABEL else self._signing
+            cached = self._pairs.get(label)
             if cached is not None:
                 return cached
             pair = self._call("find keys", lambda: self._load_pair(label))
@@ -333,16 +345,18 @@ class Hsm:
                     Attribute.SIGN: False,
                 },
             )
-        if self._load_pair(SIGNING_LABEL) is None:
-            log.info("generating EC P-256 key %r in the token", SIGNING_LABEL)
+        for ec_label in EC_SIGN_LABELS:
+            if self._load_pair(ec_label) is not None:
+                continue
+            log.info("generating EC P-256 key %r in the token", ec_label)
             params = session.create_domain_parameters(
                 KeyType.EC,
                 {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
                 local=True,
             )
             params.generate_keypair(
-                id=SIGNING_LABEL.encode(),
-                label=SIGNING_LABEL,
+                id=ec_label.encode(),
+                label=ec_label,
                 store=True,
                 capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
                 public_template={Attribute.ENCRYPT: False, Attribute.WRAP: False},
@@ -352,7 +366,7 @@ class Hsm:
                     Attribute.DECRYPT: False,
                 },
             )
-        for label in (UNWRAP_LABEL, SIGNING_LABEL):
+        for label in (UNWRAP_LABEL, *EC_SIGN_LABELS):
             if self._load_pair(label) is None:
                 raise HsmError(f"key {label!r} missing right after generation")
 
@@ -383,10 +397,7 @@ class Hsm:
         ):
             raise HsmError(f"private key {label!r} is extractable or not single-use; refusing it")
         pair = self._export(label, private, public)
-        if label == UNWRAP_LABEL:
-            self._unwrap = pair
-        else:
-            self._signing = pair
+        self._pairs[label] = pair
         return pair
 
     @staticmethod

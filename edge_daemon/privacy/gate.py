@@ -77,7 +77,7 @@ class GateConfig:
 
     threshold: float = 0.15
     hysteresis: float = 0.1
-    margin_before_s: float = 1.0
+    margin_before_s: float = 0.75
     margin_after_s: float = 1.0
     detectors: tuple[str, ...] = DETECTORS
     declip_factor: float = 3.0

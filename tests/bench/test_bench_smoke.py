@@ -19,6 +19,9 @@ EDGE_KEYS = (
     "edge.int8_macro_f1_delta",
     "edge.uplink_over_raw",
     "edge.uplink_over_raw_unbudgeted",
+    "privacy.max_leakage",
+    "privacy.yield_10db",
+    "privacy.languages",
 )
 
 
@@ -40,6 +43,8 @@ def test_quick_bench_writes_a_flat_object_of_numbers_with_the_edge_keys(tmp_path
     assert results["edge.rtf_audio_s"] == 60
     assert results["edge.peak_rss_mb"] > 0
     assert 0 < results["edge.uplink_over_raw"] < 1
+    assert results["privacy.languages"] == 2  # --quick: two languages, all four SNRs
+    assert 0 <= results["privacy.max_leakage"] <= 1 and 0 < results["privacy.yield_10db"] <= 1
 
 
 def test_results_table_in_benchmarks_md_is_between_its_markers() -> None:

@@ -50,9 +50,9 @@ def fleet_of(cloud: Cloud) -> FleetService:
 
 def claim_endpoint(cloud: Cloud) -> MqttEndpoint:
     s = cloud.stack
-    return MqttEndpoint(
-        "127.0.0.1", s.broker.port, s.ca.cert_path, s.claim_cert.cert, s.claim_cert.key
-    )
+    port = s.broker.enroll_port  # only the enrollment listener accepts the claim cert
+    assert port is not None
+    return MqttEndpoint("127.0.0.1", port, s.ca.cert_path, s.claim_cert.cert, s.claim_cert.key)
 
 
 @contextmanager

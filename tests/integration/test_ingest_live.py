@@ -133,3 +133,82 @@ def test_device_cannot_upload_as_another_device(cloud: Cloud) -> None:
         a.link.publish(topics.upload(cloud.stack.devices[1].device_id), a.seal(cloud), timeout_s=2)
         time.sleep(1.0)
     assert cloud.app.store.counts()["batches"] == n
+
+
+def _reseq(d: Device, cloud: Cloud) -> bytes:
+    """An upload reusing an old sequence number (a replayed counter)."""
+    current = _SEQ[d.slot.device_id]
+    _SEQ[d.slot.device_id] = 0
+    try:
+        return d.seal(cloud)
+    finally:
+        _SEQ[d.slot.device_id] = current
+
+
+def _oversized(d: Device, cloud: Cloud) -> bytes:
+    return b"SEV1" + b"\0" * (9 * 1024 * 1024)
+
+
+def _unknown_algorithm(d: Device, cloud: Cloud) -> bytes:
+    return d.seal(cloud).replace(b'"aead":"A256GCM"', b'"aead":"A128GCM"', 1)
+
+
+def _tampered_header(d: Device, cloud: Cloud) -> bytes:
+    sealed = d.seal(cloud)
+    start = sealed.index(b'"created_at_ms":') + len(b'"created_at_ms":')
+    digit = sealed[start : start + 1]
+    return sealed[:start] + (b"1" if digit != b"1" else b"2") + sealed[start + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_reseq, "replay"),
+        (_oversized, "too_large"),
+        (_unknown_algorithm, "unknown_algorithm"),
+        (_tampered_header, "bad_signature"),
+    ],
+)
+def test_each_rejection_stores_nothing_is_counted_audited_and_service_continues(
+    cloud: Cloud, make: object, reason: str
+) -> None:
+    with device(cloud, 0) as a:
+        assert a.send(a.seal(cloud)).status == "stored"  # establishes a sequence above 0
+        samples = cloud.app.store.counts()["samples"]
+        rejected = cloud.app.metrics.get("ingest_rejected_total", reason=reason)
+        payload = make(a, cloud)  # type: ignore[operator]
+        if reason in ("too_large", "unknown_algorithm"):
+            # refused before the envelope parses: there is no batch id to acknowledge
+            assert a.link.publish(topics.upload(a.slot.device_id), payload)
+            time.sleep(2.0)
+            assert a.acks.empty()
+        else:
+            ack = a.send(payload)
+            assert (ack.status, ack.reason) == ("rejected", reason)
+    assert cloud.app.store.counts()["samples"] == samples
+    assert cloud.app.metrics.get("ingest_rejected_total", reason=reason) == rejected + 1
+    last = cloud.app.audit.path.read_text().splitlines()[-1]
+    assert '"ingest.rejected"' in last and f'"reason":"{reason}"' in last
+    with device(cloud, 1) as b:
+        assert b.send(b.seal(cloud)).status == "stored"
+
+
+def test_unregistered_device_is_rejected(cloud: Cloud) -> None:
+    slot = cloud.stack.add_device("pi-77")  # a certificate and a TPM, but never registered
+    acks: queue.Queue[Ack] = queue.Queue()
+    link = MqttLink(
+        MqttEndpoint("127.0.0.1", cloud.stack.broker.port, cloud.stack.ca.cert_path, slot.cert.cert, slot.cert.key),
+        client_id=slot.device_id,
+        on_message=lambda _t, p: acks.put(Ack.from_bytes(p)),
+        subscriptions=[(topics.ack(slot.device_id), 1)],
+    )
+    link.start(wait_s=10)
+    time.sleep(0.3)
+    try:
+        with TpmKeyStore(slot.tpm.tcti, slot.state_dir / "keys") as keys:
+            stranger = Device(slot, keys, link, acks)
+            ack = stranger.send(stranger.seal(cloud))
+    finally:
+        link.stop()
+    assert (ack.status, ack.reason) == ("rejected", "unknown_device")
+    assert cloud.app.metrics.get("ingest_rejected_total", reason="unknown_device") == 1

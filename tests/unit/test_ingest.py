@@ -6,6 +6,7 @@ rejected, and the next good upload from another device is still stored.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,9 @@ def test_valid_upload_is_stored_acked_and_audited(world: World) -> None:
     assert world.store.counts()["samples"] == 3
     topic, ack = world.acks[-1]
     assert topic == topics.ack("pi-00") and ack.status == "stored"
-    assert verify(world.audit.path) == 1
+    assert verify(world.audit.path) == 2
+    kinds = [json.loads(line)["kind"] for line in world.audit.path.read_text().splitlines()]
+    assert kinds == ["hsm.unwrap", "ingest.stored"]
 
 
 def test_retransmitted_batch_is_acked_again_but_stored_once(world: World) -> None:

@@ -1,0 +1,199 @@
+"""Inference backends as plugins: config union, onnxruntime, LiteRT and Hailo's errors.
+
+The model is an untrained ``AudioCNN`` exported the way pretraining exports it (the
+numbers do not matter, the graph does). LiteRT runs here (ai-edge-litert); Hailo has
+no library or HAT here, so its tests cover the errors an operator would see.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cloud_sidecar.model import AudioCNN
+from cloud_sidecar.pretrain import export_onnx
+from edge_daemon.config import ModelConfig
+from edge_daemon.errors import BackendUnavailableError, InferenceError
+from edge_daemon.inference.adapter import (
+    EdgeAdapter,
+    LowRankLayer,
+    apply_adapter,
+    encode_edge_adapter,
+    merged_fp32_path,
+    quantize_int8,
+)
+from edge_daemon.inference.backends import (
+    HailoBackendConfig,
+    LiteRtBackendConfig,
+    ModelFiles,
+    OnnxBackendConfig,
+    make_classifier,
+)
+from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
+from edge_daemon.inference.onnx_backend import OnnxClassifier
+from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.io.files import file_sha256
+
+F32 = npt.NDArray[np.float32]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    fp32 = d / "base.fp32.onnx"
+    export_onnx(AudioCNN(), fp32)
+    int8 = d / "base.int8.onnx"
+    quantize_int8(fp32, int8)
+    return ModelFiles(fp32, int8)
+
+
+def _features(n: int, seed: int = 0) -> F32:
+    return np.random.default_rng(seed).standard_normal((n, N_MELS, N_FRAMES)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------- config
+
+
+def test_model_config_defaults_to_onnxruntime_int8_and_picks_plugins_by_type() -> None:
+    m = ModelConfig(base_fp32=Path("a"), base_int8=Path("b"))
+    assert m.backend == OnnxBackendConfig() and m.backend.precision == "int8"
+    lite = ModelConfig.model_validate(
+        {"base_fp32": "a", "base_int8": "b", "backend": {"type": "litert"}}
+    )
+    assert isinstance(lite.backend, LiteRtBackendConfig)
+    hailo = ModelConfig.model_validate(
+        {"base_fp32": "a", "base_int8": "b", "backend": {"type": "hailo", "hef": "m.hef"}}
+    )
+    assert isinstance(hailo.backend, HailoBackendConfig) and hailo.backend.hef == Path("m.hef")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [{"type": "tpu"}, {"type": "hailo"}, {"type": "litert", "threads": 2}, {"precision": "int4"}],
+)
+def test_unknown_backend_type_missing_or_unknown_fields_are_refused(
+    backend: dict[str, str],
+) -> None:
+    with pytest.raises(ValidationError):
+        ModelConfig.model_validate({"base_fp32": "a", "base_int8": "b", "backend": backend})
+
+
+# ------------------------------------------------------------------ onnxruntime
+
+
+def test_onnx_backend_runs_the_int8_file_by_default_and_fp32_when_asked(base: ModelFiles) -> None:
+    int8 = make_classifier(OnnxBackendConfig(), base)
+    fp32 = make_classifier(OnnxBackendConfig(precision="fp32"), base)
+    assert isinstance(int8, OnnxClassifier)
+    assert int8.model_sha256 == file_sha256(base.int8)
+    assert fp32.model_sha256 == file_sha256(base.fp32)
+    assert int8.predict(_features(2)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------ LiteRT
+
+
+def test_litert_matches_onnxruntime_fp32_to_1e_4_at_several_batch_sizes(base: ModelFiles) -> None:
+    ref = OnnxClassifier(base.fp32)
+    lite = make_classifier(LiteRtBackendConfig(), base)
+    assert lite.n_classes == ref.n_classes == 10
+    for n in (1, 7, 1, 32):  # resizes up, down and up again
+        x = _features(n, seed=n)
+        got, want = lite.predict(x), ref.predict(x)
+        assert got.shape == want.shape == (n, 10)
+        assert float(np.max(np.abs(got - want))) <= TOL
+    assert lite.predict(np.zeros((0, N_MELS, N_FRAMES), np.float32)).shape == (0, 10)
+
+
+def test_litert_applies_an_adapter_from_the_merged_fp32_without_the_base_download(
+    base: ModelFiles, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(1)
+    adapter = EdgeAdapter(
+        file_sha256(base.fp32),
+        (
+            LowRankLayer(
+                "fc2.weight",
+                rng.standard_normal((4, 64)).astype(np.float32),
+                rng.standard_normal((10, 4)).astype(np.float32),
+                1.0,
+            ),
+        ),
+        {"rank": "4"},
+    )
+    path = tmp_path / "a.adapter"
+    path.write_bytes(encode_edge_adapter(adapter))
+    int8 = apply_adapter(base.fp32, path, tmp_path / "models" / "adapter-v1.int8.onnx")
+    merged = ModelFiles(merged_fp32_path(int8), int8)
+    lite = make_classifier(LiteRtBackendConfig(), merged, merged=True)
+    x = _features(16, seed=3)
+    want = OnnxClassifier(merged.fp32).predict(x)
+    assert float(np.max(np.abs(lite.predict(x) - want))) <= TOL
+    base_out = make_classifier(LiteRtBackendConfig(), base).predict(x)
+    assert float(np.max(np.abs(base_out - want))) > 1e-3  # the adapter changed the model
+    assert lite.model_sha256 != make_classifier(LiteRtBackendConfig(), base).model_sha256
+
+
+def test_litert_rejects_wrong_feature_shapes_with_inference_error(base: ModelFiles) -> None:
+    lite = make_classifier(LiteRtBackendConfig(), base)
+    with pytest.raises(InferenceError, match="expected"):
+        lite.predict(np.zeros((1, N_MELS, N_FRAMES - 1), np.float32))
+
+
+def test_tflite_writer_is_deterministic_and_refuses_ops_outside_the_classifier_set(
+    base: ModelFiles,
+) -> None:
+    model = onnx.load(str(base.fp32))
+    assert onnx_to_tflite(model) == onnx_to_tflite(model)
+    sig = onnx.helper.make_node("Sigmoid", ["probs"], ["out"])
+    model.graph.node.append(sig)
+    model.graph.output[0].name = "out"
+    with pytest.raises(InferenceError, match="Sigmoid is not supported"):
+        onnx_to_tflite(model)
+
+
+def test_litert_reports_an_unreadable_model_as_inference_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.fp32.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(InferenceError, match="cannot parse"):
+        make_classifier(LiteRtBackendConfig(), ModelFiles(bad, bad))
+
+
+# ------------------------------------------------------------------------- Hailo
+
+
+def test_hailo_without_hailort_names_the_missing_library(
+    base: ModelFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "hailo_platform", None)  # import fails, as here
+    with pytest.raises(BackendUnavailableError, match="HailoRT Python library") as exc:
+        make_classifier(HailoBackendConfig(hef=Path("base.hef")), base)
+    assert "hailo_platform" in str(exc.value) and "onnxruntime" in str(exc.value)
+
+
+def test_hailo_with_library_but_no_device_names_the_hat(
+    base: ModelFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = types.ModuleType("hailo_platform")
+    fake.Device = types.SimpleNamespace(scan=lambda: [])  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "hailo_platform", fake)
+    with pytest.raises(BackendUnavailableError, match="no Hailo device") as exc:
+        make_classifier(HailoBackendConfig(hef=Path("base.hef")), base)
+    assert "AI HAT" in str(exc.value)
+
+
+def test_hailo_refuses_an_adapter_merged_model_before_touching_the_device(
+    base: ModelFiles,
+) -> None:
+    with pytest.raises(InferenceError, match="adapter cannot be merged into a HEF"):
+        make_classifier(HailoBackendConfig(hef=Path("base.hef")), base, merged=True)
