@@ -56,6 +56,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ota_rollback(args: argparse.Namespace) -> int:
+    from cloud_sidecar.app import open_hsm
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
+
+    cfg = load_config(args.config)
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
+    hsm = open_hsm(cfg)
+    try:
+        pub = repo.roll_back(
+            args.to_adapter,
+            expires_days=cfg.ota.expires_days,
+            keyid=hsm.signing_key_id(),
+            sign_digest=hsm.sign_digest,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    finally:
+        hsm.close()
+    subject = f"adapter-v{args.to_adapter}"
+    audit.append(
+        "ota.rollback", subject, version=pub.version, adapter_version=pub.target.adapter_version
+    )
+    audit.append("ota.signed", subject, version=pub.version, target=pub.target.name)
+    if args.publish:
+        if not publish_via_broker(cfg, repo, pub, "cloud-sidecar-rollback"):
+            raise CloudError("the broker did not acknowledge the rollback publication")
+        audit.append("ota.published", subject, version=pub.version, channel=cfg.ota.channel)
+    print(
+        f"targets v{pub.version}: adapter v{pub.target.adapter_version} = earlier v{args.to_adapter}"
+    )
+    return EXIT_OK
+
+
 def _cmd_fleet(args: argparse.Namespace) -> int:
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
@@ -160,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", type=Path, required=True)
     tr.add_argument("--publish", action="store_true", help="publish over MQTT when the gate passes")
     tr.set_defaults(func=_cmd_train)
+
+    ot = sub.add_parser("ota", help="OTA repository")
+    ot.add_argument("--config", type=Path, required=True)
+    osub = ot.add_subparsers(dest="ota_command", required=True)
+    rb = osub.add_parser(
+        "rollback", help="roll forward to a new version that carries an earlier adapter"
+    )
+    rb.add_argument("--to-adapter", type=int, required=True, help="the earlier adapter version")
+    rb.add_argument("--publish", action="store_true", help="publish over MQTT")
+    ot.set_defaults(func=_cmd_ota_rollback)
 
     fl = sub.add_parser("fleet", help="device registry")
     fl.add_argument("--config", type=Path, required=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cloud_sidecar.config import SidecarConfig
 from fleet_protocol import ota, topics
 from fleet_protocol.io.files import write_atomic
 
@@ -83,7 +84,72 @@ class OtaRepository:
         log.info("OTA repository: targets v%d names %s", version, name)
         return Publication(version, target, metadata, artifact)
 
+    def next_adapter_version(self) -> int:
+        return max((t.adapter_version for t in self.targets()), default=0) + 1
+
+    def targets(self) -> list[ota.TargetInfo]:
+        """Every target ever published, from the kept metadata versions (trusted: we signed them)."""
+        out: dict[str, ota.TargetInfo] = {}
+        for path in sorted((self.dir / "metadata").glob("*.targets.json")):
+            signed = json.loads(path.read_bytes())["signed"]
+            for name, t in signed["targets"].items():
+                c = t["custom"]
+                out[name] = ota.TargetInfo(
+                    name,
+                    t["length"],
+                    t["hashes"]["sha256"],
+                    c["base_model_sha256"],
+                    c["adapter_format"],
+                    c["cohort"],
+                    c["adapter_version"],
+                )
+        return sorted(out.values(), key=lambda t: t.adapter_version)
+
+    def roll_back(
+        self,
+        to_adapter_version: int,
+        *,
+        expires_days: int,
+        keyid: str,
+        sign_digest: Callable[[bytes], bytes],
+    ) -> Publication:
+        """Roll forward to a new, higher version that carries an earlier adapter.
+
+        Devices only ever move to higher versions (rollback protection), so going back
+        means publishing the old artifact again under the next adapter version.
+        """
+        known = self.targets()
+        earlier = [t for t in known if t.adapter_version == to_adapter_version]
+        if not earlier:
+            raise ValueError(f"no published adapter has version {to_adapter_version}")
+        old = earlier[0]
+        artifact = (self.dir / "targets" / old.name).read_bytes()
+        ota.verify_artifact(artifact, old)
+        return self.add_adapter(
+            artifact,
+            base_model_sha256=old.base_model_sha256,
+            adapter_version=self.next_adapter_version(),
+            cohort=old.cohort,
+            expires_days=expires_days,
+            keyid=keyid,
+            sign_digest=sign_digest,
+        )
+
     def publish(self, pub: Publication, send: Callable[[str, bytes, bool], bool]) -> bool:
         """Retained artifact first, then the metadata that points at it."""
         ok = send(topics.ota_artifact(self.channel, pub.target.name), pub.artifact, True)
         return ok and send(topics.ota_metadata(self.channel, "targets"), pub.metadata, True)
+
+
+def publish_via_broker(
+    cfg: SidecarConfig, repo: OtaRepository, pub: Publication, client_id: str
+) -> bool:
+    """Publish ``pub`` as retained messages over the sidecar's own mTLS identity."""
+    from cloud_sidecar.app import open_link
+
+    link = open_link(cfg, client_id)
+    link.start(wait_s=15)
+    try:
+        return repo.publish(pub, lambda t, p, r: link.publish(t, p, qos=1, retain=r))
+    finally:
+        link.stop()

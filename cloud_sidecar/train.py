@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from cloud_sidecar.app import open_hsm, open_link
+from cloud_sidecar.app import open_hsm
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.dataset import build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
 from cloud_sidecar.model import build_training_set
-from cloud_sidecar.ota_repo import OtaRepository
+from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 from cloud_sidecar.pretrain import load_base_model
 from cloud_sidecar.store import Store
 from edge_daemon.inference.adapter import apply_adapter
@@ -148,7 +148,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         pub = repo.add_adapter(
             artifact,
             base_model_sha256=base.sha256_fp32,
-            adapter_version=repo.current_version() + 1,
+            adapter_version=repo.next_adapter_version(),
             cohort=cfg.ota.cohort,
             expires_days=cfg.ota.expires_days,
             keyid=hsm.signing_key_id(),
@@ -161,12 +161,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
     )
     published = False
     if publish:
-        link = open_link(cfg, f"cloud-sidecar-publisher-{run_id}")
-        link.start(wait_s=15)
-        try:
-            published = repo.publish(pub, lambda t, p, r: link.publish(t, p, qos=1, retain=r))
-        finally:
-            link.stop()
+        published = publish_via_broker(cfg, repo, pub, f"cloud-sidecar-publisher-{run_id}")
         if not published:
             raise TrainingError("the broker did not acknowledge the OTA publication")
         audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)

@@ -1,8 +1,9 @@
 """The privacy gate: 1 s audio windows leave the capture path only if no speech is near.
 
 Owns: cutting the stream into windows and 32 ms VAD chunks, the signal conditioning
-in front of the VAD (level normalisation, impulse clipping), the guard margins around
-each window and the keep/drop decision. Design and measurements: docs/adr/0005.
+in front of the VAD (level normalisation, impulse clipping, tonal suppression), the
+guard margins around each window and the keep/drop decision. Design and measurements:
+docs/adr/0005-privacy-gate.md.
 
 Invariants:
 - windows are non-overlapping, ``WINDOW_SAMPLES`` long, aligned to the stream start;
@@ -18,7 +19,8 @@ Invariants:
   and the delayed detectors are drained with silence);
 - the detectors only ever see conditioned copies; kept audio is the input unchanged;
 - a dropped window's samples are overwritten in the gate's buffer at decision time and
-  never returned, logged or stored; only its index is counted;
+  never returned, logged or stored; only its index is counted (detector state keeps
+  at most the last chunk's samples, replaced as the stream moves on);
 - decisions depend only on the samples, not on how they were split into ``push``
   calls: every stage works chunk by chunk on the stream-aligned grid;
 - a trailing partial window (less than 1 s at ``flush``) is discarded, never kept;

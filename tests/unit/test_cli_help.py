@@ -31,8 +31,8 @@ def test_every_subcommand_prints_help_and_exits_zero(
 ) -> None:
     parser = build()  # type: ignore[operator]
     argv = [*path, "--help"]
-    if path and path[0] == "fleet" and len(path) > 1:
-        argv = ["fleet", "--config", "x.json", *path[1:], "--help"]
+    if len(path) > 1 and path[0] in ("fleet", "ota"):  # --config belongs to the group
+        argv = [path[0], "--config", "x.json", *path[1:], "--help"]
     with pytest.raises(SystemExit) as e:
         parser.parse_args(argv)
     assert e.value.code == 0

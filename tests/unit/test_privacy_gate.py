@@ -119,7 +119,7 @@ def test_gate_config_rejects_unsafe_values() -> None:
         {"declip_factor": 0.5},
     ):
         with pytest.raises(ConfigError):
-            GateConfig(**bad)  # type: ignore[arg-type]
+            GateConfig(**bad)
 
 
 def _bed_and_speech(clip: F32, start: int, seed: int) -> tuple[F32, F32]:
