@@ -127,10 +127,17 @@ class Ingest:
             key = self.hsm.decrypt_oaep(wrapped)
         except Exception as e:
             self.audit.append(
-                "hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=False, error=type(e).__name__
+                "hsm.unwrap",
+                device,
+                batch_id=h.batch_id,
+                key_id=h.kid_wrap,
+                ok=False,
+                error=type(e).__name__,
             )
             raise
-        self.audit.append("hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=True, mechanism=h.wrap)
+        self.audit.append(
+            "hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=True, mechanism=h.wrap
+        )
         return key
 
     def _reject(

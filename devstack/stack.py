@@ -90,9 +90,7 @@ class DevStack:
         with self.open_hsm() as hsm:
             hsm.ensure_keys()
         ca_cert = create_ca_certificate(self.open_hsm, "sovereign-edge dev fleet CA (HSM)")
-        self.ca = DevCA.create_with_signer(
-            self.workdir / "ca", HsmCaSigner(self.open_hsm, ca_cert)
-        )
+        self.ca = DevCA.create_with_signer(self.workdir / "ca", HsmCaSigner(self.open_hsm, ca_cert))
         self.claim_ca = DevCA.create(self.workdir / "claim-ca", name="sovereign-edge claim CA")
         self._broker_dir = Path(tempfile.mkdtemp(prefix="sovereign-broker-"))
         os.chmod(self._broker_dir, 0o755)

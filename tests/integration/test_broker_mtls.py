@@ -320,7 +320,9 @@ def test_expired_certificate_is_refused(stack: Stack) -> None:
     assert not Client(stack.broker, expired, stack.ca.cert_path).connect()
 
 
-def _mosquitto_sub(stack: Stack, pair: CertPair, topics: list[str], count: int) -> subprocess.Popen[bytes]:
+def _mosquitto_sub(
+    stack: Stack, pair: CertPair, topics: list[str], count: int
+) -> subprocess.Popen[bytes]:
     """A real ``mosquitto_sub`` printing ``topic payload`` lines, exiting after ``count`` messages."""
     argv = ["mosquitto_sub", "-h", "localhost", "-p", str(stack.broker.port), "-V", "mqttv5", "-v"]
     argv += ["--cafile", str(stack.ca.cert_path), "--cert", str(pair.cert), "--key", str(pair.key)]
@@ -330,15 +332,25 @@ def _mosquitto_sub(stack: Stack, pair: CertPair, topics: list[str], count: int) 
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_mosquitto_sub_as_device_a_never_receives_device_b_traffic(stack: Stack, clients: list[Client]) -> None:
+def test_mosquitto_sub_as_device_a_never_receives_device_b_traffic(
+    stack: Stack, clients: list[Client]
+) -> None:
     """Real clients: A subscribes to B's ack and upload and to its own ack; only its own arrives."""
     a = stack.ca.issue_client("dev-sub-a")
     stack.ca.issue_client("dev-sub-b")
-    sub = _mosquitto_sub(stack, a, ["fleet/v1/dev-sub-b/ack", "fleet/v1/dev-sub-b/upload", "fleet/v1/dev-sub-a/ack"], 1)
+    sub = _mosquitto_sub(
+        stack,
+        a,
+        ["fleet/v1/dev-sub-b/ack", "fleet/v1/dev-sub-b/upload", "fleet/v1/dev-sub-a/ack"],
+        1,
+    )
     admin = _connected(stack, clients, stack.admin)
     deadline = time.monotonic() + 10
     while sub.poll() is None and time.monotonic() < deadline:  # until the subscription is live
-        for topic, msg in (("fleet/v1/dev-sub-b/ack", b"for-b"), ("fleet/v1/dev-sub-b/upload", b"b-data")):
+        for topic, msg in (
+            ("fleet/v1/dev-sub-b/ack", b"for-b"),
+            ("fleet/v1/dev-sub-b/upload", b"b-data"),
+        ):
             assert not admin.publish(topic, msg).is_failure
         assert not admin.publish("fleet/v1/dev-sub-a/ack", b"for-a").is_failure
         time.sleep(0.3)
@@ -347,9 +359,13 @@ def test_mosquitto_sub_as_device_a_never_receives_device_b_traffic(stack: Stack,
     assert out.strip() == b"fleet/v1/dev-sub-a/ack for-a"
 
 
-def test_mosquitto_pub_as_device_a_cannot_publish_as_device_b(stack: Stack, clients: list[Client]) -> None:
+def test_mosquitto_pub_as_device_a_cannot_publish_as_device_b(
+    stack: Stack, clients: list[Client]
+) -> None:
     a = stack.ca.issue_client("dev-pub-a")
     admin = _admin(stack, clients)
-    assert _mosquitto_pub(stack, a, "fleet/v1/dev-pub-b/upload", "forged") == 0  # QoS1: broker drops it
+    assert (
+        _mosquitto_pub(stack, a, "fleet/v1/dev-pub-b/upload", "forged") == 0
+    )  # QoS1: broker drops it
     assert _mosquitto_pub(stack, a, "fleet/v1/dev-pub-a/upload", "own") == 0
     assert admin.expect("fleet/v1/dev-pub-a/upload", b"own") == []

@@ -197,7 +197,13 @@ def test_unregistered_device_is_rejected(cloud: Cloud) -> None:
     slot = cloud.stack.add_device("pi-77")  # a certificate and a TPM, but never registered
     acks: queue.Queue[Ack] = queue.Queue()
     link = MqttLink(
-        MqttEndpoint("127.0.0.1", cloud.stack.broker.port, cloud.stack.ca.cert_path, slot.cert.cert, slot.cert.key),
+        MqttEndpoint(
+            "127.0.0.1",
+            cloud.stack.broker.port,
+            cloud.stack.ca.cert_path,
+            slot.cert.cert,
+            slot.cert.key,
+        ),
         client_id=slot.device_id,
         on_message=lambda _t, p: acks.put(Ack.from_bytes(p)),
         subscriptions=[(topics.ack(slot.device_id), 1)],
