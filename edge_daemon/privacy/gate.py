@@ -80,7 +80,7 @@ class GateConfig:
     threshold: float = 0.15
     hysteresis: float = 0.1
     margin_before_s: float = 0.75
-    margin_after_s: float = 1.0
+    margin_after_s: float = 1.25
     detectors: tuple[str, ...] = DETECTORS
     declip_factor: float = 3.0
     tonal_factor: float = 3.0

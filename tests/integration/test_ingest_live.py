@@ -69,7 +69,13 @@ class Device:
 
 @contextmanager
 def device(cloud: Cloud, index: int) -> Iterator[Device]:
-    slot = cloud.stack.devices[index]
+    with device_for(cloud, cloud.stack.devices[index]) as d:
+        yield d
+
+
+@contextmanager
+def device_for(cloud: Cloud, slot: DeviceSlot) -> Iterator[Device]:
+    """A device's own MQTT session (its certificate) and TPM, listening for its acks."""
     acks: queue.Queue[Ack] = queue.Queue()
     link = MqttLink(
         MqttEndpoint(
@@ -195,26 +201,7 @@ def test_each_rejection_stores_nothing_is_counted_audited_and_service_continues(
 
 def test_unregistered_device_is_rejected(cloud: Cloud) -> None:
     slot = cloud.stack.add_device("pi-77")  # a certificate and a TPM, but never registered
-    acks: queue.Queue[Ack] = queue.Queue()
-    link = MqttLink(
-        MqttEndpoint(
-            "127.0.0.1",
-            cloud.stack.broker.port,
-            cloud.stack.ca.cert_path,
-            slot.cert.cert,
-            slot.cert.key,
-        ),
-        client_id=slot.device_id,
-        on_message=lambda _t, p: acks.put(Ack.from_bytes(p)),
-        subscriptions=[(topics.ack(slot.device_id), 1)],
-    )
-    link.start(wait_s=10)
-    time.sleep(0.3)
-    try:
-        with TpmKeyStore(slot.tpm.tcti, slot.state_dir / "keys") as keys:
-            stranger = Device(slot, keys, link, acks)
-            ack = stranger.send(stranger.seal(cloud))
-    finally:
-        link.stop()
+    with device_for(cloud, slot) as stranger:
+        ack = stranger.send(stranger.seal(cloud))
     assert (ack.status, ack.reason) == ("rejected", "unknown_device")
     assert cloud.app.metrics.get("ingest_rejected_total", reason="unknown_device") == 1
