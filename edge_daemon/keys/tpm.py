@@ -10,8 +10,11 @@ Invariants:
   integrity-protected under the primary key), written temp -> fsync -> rename;
 - the primary key is re-derived from the owner seed on every open (same template,
   same key), so the blobs stay loadable after a TPM restart with the same state;
-- keys are created on first use and loaded from their blobs afterwards; a blob on
-  disk is read with a byte cap and its public area is checked before use;
+- the identity (signing) key is created once, made persistent at
+  ``SIGNING_PERSISTENT_HANDLE`` (EvictControl) and opened from there afterwards, so it
+  survives a wiped or replaced SD card; its blob is kept as the record of its public
+  area (and migrates older devices); the sealed storage key stays a blob, bound to this
+  TPM; a blob on disk is read with a byte cap and any public area is checked before use;
 - the storage key's random bytes and its unsealed value cross the TPM bus only
   inside a salted, AES-CFB parameter-encrypted session;
 - every TPM or blob failure surfaces as ``edge_daemon.errors.KeyStoreError``;
@@ -54,6 +57,9 @@ from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
+
+SIGNING_PERSISTENT_HANDLE = 0x81010001
+"""Owner-hierarchy persistent handle of the device identity (signing) key."""
 
 MAX_BLOB_BYTES = 4096
 """Byte cap on a key blob read from ``state_dir``."""
@@ -181,10 +187,12 @@ class TpmKeyStore:
             if self._closed:
                 return
             self._closed = True
-            for handle in (self._signing, self._primary):
-                if handle is not None:
-                    with contextlib.suppress(RuntimeError):
-                        self._esapi.flush_context(handle)
+            if self._signing is not None:  # persistent: drop our reference, keep the key
+                with contextlib.suppress(RuntimeError):
+                    self._esapi.tr_close(self._signing)
+            if self._primary is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._esapi.flush_context(self._primary)
             self._signing = None
             with contextlib.suppress(RuntimeError):
                 self._esapi.close()
@@ -231,24 +239,47 @@ class TpmKeyStore:
         return session
 
     def _signing_key(self) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
+        """The identity key at its persistent handle; created (or migrated from a blob) once."""
         self._check_open()
         if self._signing is not None and self._signing_public is not None:
             return self._signing, self._signing_public
         path = self._state_dir / SIGNING_BLOB
+        persisted = self._persistent_signing_key()
+        if persisted is not None:
+            self._signing, self._signing_public = persisted
+            return persisted
         if path.exists():
             public, private = _decode_blob(path)
             self._check_signing_public(public, path)
-            log.debug("loading TPM signing key from %s", path)
+            log.debug("migrating TPM signing key from %s to a persistent handle", path)
         else:
             with _tpm_errors("create signing key"):
                 template = TPM2B_PUBLIC.parse(_SIGNING_TEMPLATE, objectAttributes=_SIGNING_ATTRS)
                 private, public, _, _, _ = self._esapi.create(self._primary, None, template)
                 write_atomic(path, _encode_blob(public, private))
             log.debug("created TPM signing key, blob %s", path)
-        with _tpm_errors("load signing key"):
-            self._signing = self._esapi.load(self._primary, private, public)
+        with _tpm_errors("persist signing key"):
+            loaded = self._esapi.load(self._primary, private, public)
+            self._signing = self._esapi.evict_control(
+                ESYS_TR.RH_OWNER, loaded, SIGNING_PERSISTENT_HANDLE
+            )
+            self._esapi.flush_context(loaded)
         self._signing_public = public
         return self._signing, public
+
+    def _persistent_signing_key(self) -> tuple[ESYS_TR, TPM2B_PUBLIC] | None:
+        """The key at ``SIGNING_PERSISTENT_HANDLE`` if the TPM holds one (checked like a blob)."""
+        with _tpm_errors("list persistent handles"):
+            _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, SIGNING_PERSISTENT_HANDLE, 1)
+        if SIGNING_PERSISTENT_HANDLE not in [int(h) for h in data.data.handles]:
+            return None
+        with _tpm_errors("open persistent signing key"):
+            handle = self._esapi.tr_from_tpmpublic(SIGNING_PERSISTENT_HANDLE)
+            public, _, _ = self._esapi.read_public(handle)
+        self._check_signing_public(
+            public, Path(f"persistent handle {SIGNING_PERSISTENT_HANDLE:#x}")
+        )
+        return handle, public
 
     @staticmethod
     def _check_signing_public(public: TPM2B_PUBLIC, path: Path) -> None:

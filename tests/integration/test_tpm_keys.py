@@ -18,7 +18,7 @@ from devstack.procs import ProcessGroup, free_port, require_tool
 from devstack.swtpm import Swtpm, start_swtpm
 from edge_daemon.errors import KeyStoreError
 from edge_daemon.keys import TpmKeyStore
-from edge_daemon.keys.tpm import SIGNING_BLOB, STORAGE_BLOB
+from edge_daemon.keys.tpm import STORAGE_BLOB
 
 pytestmark = pytest.mark.integration
 
@@ -101,19 +101,43 @@ def test_blobs_do_not_load_in_another_tpm(procs: ProcessGroup, tpm: Swtpm, tmp_p
             store.signing_public_key_pem()
 
 
-def test_corrupt_or_oversized_blob_raises_key_store_error(tpm: Swtpm, tmp_path: Path) -> None:
+def test_corrupt_or_oversized_storage_blob_raises_key_store_error(
+    tpm: Swtpm, tmp_path: Path
+) -> None:
     keys = tmp_path / "keys"
     with TpmKeyStore(tpm.tcti, keys) as store:
-        store.signing_public_key_pem()
-    blob = keys / SIGNING_BLOB
+        store.storage_key()
+    blob = keys / STORAGE_BLOB
     data = bytearray(blob.read_bytes())
     data[-3] ^= 0xFF
     blob.write_bytes(bytes(data))
     with TpmKeyStore(tpm.tcti, keys) as store, pytest.raises(KeyStoreError):
-        store.sign_digest(b"\x00" * 32)
+        store.storage_key()
     blob.write_bytes(b"\x00" * 10_000)
     with TpmKeyStore(tpm.tcti, keys) as store, pytest.raises(KeyStoreError):
-        store.signing_public_key_pem()
+        store.storage_key()
+
+
+def test_identity_key_lives_at_a_persistent_handle_and_survives_a_wiped_state_dir(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    from edge_daemon.keys.tpm import SIGNING_PERSISTENT_HANDLE
+
+    tpm = start_swtpm(procs, tmp_path / "tpm-state")
+    with TpmKeyStore(tpm.tcti, tmp_path / "sd-card-1") as store:
+        pem = store.signing_public_key_pem()
+    out = subprocess.run(
+        ["tpm2_getcap", "-T", f"swtpm:host=127.0.0.1,port={tpm.port}", "handles-persistent"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"{SIGNING_PERSISTENT_HANDLE:#x}" in out.stdout.lower()
+    with TpmKeyStore(tpm.tcti, tmp_path / "sd-card-2") as store:  # a new, empty SD card
+        assert store.signing_public_key_pem() == pem
+        digest = hashlib.sha256(b"same identity").digest()
+        _verify(pem, store.sign_digest(digest), digest)
 
 
 def test_bad_digest_length_and_closed_store_raise_key_store_error(
