@@ -1,7 +1,9 @@
 """Composition root of the edge daemon: builds components in order, stops them in reverse.
 
 Start order: TPM key store → replay buffer (needs the sealed storage key) → classifier
-(the installed adapter model if there is one, else the base) → MQTT link → OTA client.
+(the installed adapter model if there is one, else the base, on the configured backend)
+→ MQTT link (enrolling first when the device has no certificate) → certificate renewer
+→ OTA client → sensors. ``stop`` undoes them in reverse.
 The main thread runs the audio pipeline and then services acks, retries and updates;
 MQTT callbacks only enqueue work or touch the thread-safe buffer.
 """
