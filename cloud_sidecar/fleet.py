@@ -45,6 +45,7 @@ from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import enroll, topics
+from fleet_protocol.certs import authority_key_id, leaf_builder
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.mqtt import TransportError
@@ -122,8 +123,7 @@ class FleetCA:
         self.signer = signer
         self.crl_path = crl_path
         self.cert_valid = cert_valid
-        ski = signer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+        self._aki = authority_key_id(signer.certificate)
 
     def issue(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
         """A clientAuth certificate for the CSR's (already checked) subject and key."""
@@ -131,32 +131,13 @@ class FleetCA:
         key = csr.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise MalformedError("CSR key is not EC", "bad_csr")
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(self.signer.certificate.subject)
-            .public_key(key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + self.cert_valid)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
-            .add_extension(self._aki, critical=False)
+        builder = leaf_builder(
+            subject=csr.subject,
+            issuer=self.signer.certificate,
+            public_key=key,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + self.cert_valid,
+            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
         )
         return self.signer.sign_certificate(builder)
 

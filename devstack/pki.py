@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devstack.errors import PKIError
+from fleet_protocol.certs import authority_key_id, leaf_builder
 from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -289,41 +290,19 @@ class DevCA:
         san: x509.SubjectAlternativeName | None,
     ) -> CertPair:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
-                        x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    ]
-                )
-            )
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(self._aki(), critical=False)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        builder = leaf_builder(
+            subject=subject,
+            issuer=self.certificate,
+            public_key=key.public_key(),
+            not_before=not_before,
+            not_after=not_after,
+            eku=eku,
         )
         if san is not None:
             builder = builder.add_extension(san, critical=False)
@@ -335,10 +314,6 @@ class DevCA:
         write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         log.debug("issued %s cert CN=%s serial=%x", eku._name, name, cert.serial_number)
         return pair
-
-    def _aki(self) -> x509.AuthorityKeyIdentifier:
-        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
     # -- revocation -------------------------------------------------------------
 
@@ -394,7 +369,7 @@ class DevCA:
             .last_update(last)
             .next_update(last + dt.timedelta(days=CRL_VALID_DAYS))
             .add_extension(x509.CRLNumber(crl_number), critical=False)
-            .add_extension(self._aki(), critical=False)
+            .add_extension(authority_key_id(self.certificate), critical=False)
         )
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
