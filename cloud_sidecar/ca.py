@@ -1,6 +1,6 @@
 """The fleet CA whose private key never leaves the HSM.
 
-Owns: ``HsmCaSigner`` (the production ``CaSigner`` of cloud_sidecar/fleet.py) and
+Owns: ``HsmCaSigner`` (the production ``CaSigner`` of fleet_protocol/certs.py) and
 ``create_ca_certificate``, the one-time, self-signed CA certificate made at
 provisioning. Both sign with the token's ``fleet-ca`` key (EC P-256, sensitive,
 non-extractable, sign only; cloud_sidecar/keys/hsm.py) through ``CKM_ECDSA`` over
@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from cloud_sidecar.errors import ConfigError, HsmError
 from cloud_sidecar.keys.hsm import CA_LABEL, Hsm
+from fleet_protocol.certs import ca_builder
 
 log = logging.getLogger(__name__)
 
@@ -103,30 +104,11 @@ def create_ca_certificate(
         ]
     )
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    builder = ca_builder(
+        subject=subject,
+        public_key=public,
+        not_before=now - CLOCK_SKEW,
+        not_after=now + dt.timedelta(days=valid_days),
     )
     tbs = builder.sign(_scratch_key(), hashes.SHA256()).tbs_certificate_bytes
     signature = _hsm_signature(open_hsm, tbs, CA_LABEL)

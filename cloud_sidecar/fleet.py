@@ -32,10 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -45,7 +44,7 @@ from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import enroll, topics
-from fleet_protocol.certs import authority_key_id, leaf_builder
+from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, leaf_builder
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.mqtt import TransportError
@@ -82,38 +81,15 @@ def _ms(t: dt.datetime) -> int:
 # -- the CA ----------------------------------------------------------------------------
 
 
-class CaSigner(Protocol):
-    """Holds the fleet CA key; signs what it is given (HSM: cloud_sidecar/ca.py)."""
-
-    @property
-    def certificate(self) -> x509.Certificate: ...
-
-    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate: ...
-
-    def sign_crl(
-        self, builder: x509.CertificateRevocationListBuilder
-    ) -> x509.CertificateRevocationList: ...
-
-
-class FileCaSigner:
-    """A CA key file ``<ca_dir>/ca.key`` (DevCA's layout); for tests, never production."""
-
-    def __init__(self, ca_dir: Path) -> None:
-        self.certificate = x509.load_pem_x509_certificate(_read_capped(ca_dir / "ca.pem"))
-        key = serialization.load_pem_private_key(_read_capped(ca_dir / "ca.key"), None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{ca_dir / 'ca.key'} is not an EC private key")
-        if key.public_key() != self.certificate.public_key():
-            raise ConfigError(f"{ca_dir}: ca.key does not match ca.pem")
-        self._key = key
-
-    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return builder.sign(self._key, hashes.SHA256())
-
-    def sign_crl(
-        self, builder: x509.CertificateRevocationListBuilder
-    ) -> x509.CertificateRevocationList:
-        return builder.sign(self._key, hashes.SHA256())
+def file_ca_signer(ca_dir: Path) -> KeySigner:
+    """The CA key file ``<ca_dir>/ca.key`` (DevCA's layout); for tests, never production."""
+    certificate = x509.load_pem_x509_certificate(_read_capped(ca_dir / "ca.pem"))
+    key = serialization.load_pem_private_key(_read_capped(ca_dir / "ca.key"), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_dir / 'ca.key'} is not an EC private key")
+    if key.public_key() != certificate.public_key():
+        raise ConfigError(f"{ca_dir}: ca.key does not match ca.pem")
+    return KeySigner(certificate, key)
 
 
 class FleetCA:
@@ -398,7 +374,7 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
         ca_cert = x509.load_pem_x509_certificate(_read_capped(f.ca_dir / "ca.pem"))
         signer = HsmCaSigner(lambda: open_hsm(cfg), ca_cert)
     else:
-        signer = FileCaSigner(f.ca_dir)
+        signer = file_ca_signer(f.ca_dir)
     ca = FleetCA(signer, f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
     policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s)
     return FleetService(store, audit, metrics, ca, policy, lambda p: run_crl_hook(f.crl_hook, p))
@@ -427,7 +403,7 @@ def end_session(cfg: SidecarConfig, device_id: str, wait_s: float = 10.0) -> boo
 
 __all__ = [
     "CaSigner",
-    "FileCaSigner",
+    "file_ca_signer",
     "FleetCA",
     "FleetPolicy",
     "FleetService",

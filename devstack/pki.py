@@ -32,7 +32,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devstack.errors import PKIError
-from fleet_protocol.certs import authority_key_id, leaf_builder
+from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, ca_builder, leaf_builder
 from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -103,33 +102,6 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
 
 
-class CaSigner(Protocol):
-    """Signs certificates and CRLs for a CA (same shape as cloud_sidecar.fleet.CaSigner)."""
-
-    @property
-    def certificate(self) -> x509.Certificate: ...
-
-    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate: ...
-
-    def sign_crl(
-        self, builder: x509.CertificateRevocationListBuilder
-    ) -> x509.CertificateRevocationList: ...
-
-
-@dataclass(frozen=True)
-class _KeySigner:
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return builder.sign(self.key, hashes.SHA256())
-
-    def sign_crl(
-        self, builder: x509.CertificateRevocationListBuilder
-    ) -> x509.CertificateRevocationList:
-        return builder.sign(self.key, hashes.SHA256())
-
-
 class DevCA:
     """A dev fleet CA in one directory. Use ``create``, ``create_with_signer`` or ``load``."""
 
@@ -145,7 +117,7 @@ class DevCA:
         if signer is None:
             if key is None:
                 raise PKIError("a CA needs a key or a signer")
-            signer = _KeySigner(cert, key)
+            signer = KeySigner(cert, key)
         self._signer = signer
 
     # -- construction -------------------------------------------------------
@@ -165,33 +137,12 @@ class DevCA:
             ]
         )
         now = _now()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + dt.timedelta(days=CA_VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        cert = ca_builder(
+            subject=subject,
+            public_key=key.public_key(),
+            not_before=now - CLOCK_SKEW,
+            not_after=now + dt.timedelta(days=CA_VALID_DAYS),
+        ).sign(key, hashes.SHA256())
         write_atomic(directory / "ca.key", _key_pem(key), 0o600)
         write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
         ca = cls(directory, cert, key)

@@ -54,6 +54,7 @@ class EdgeApp:
             cfg.selection, np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
         )
         self._vad: SileroVad | None = None
+        self._acked = threading.Event()  # set by the network thread: the report is stale
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -137,6 +138,7 @@ class EdgeApp:
                 log.error("cloud rejected batch %s: %s", ack.batch_id, ack.reason)
             if self.buffer.mark_acked(ack.batch_id):
                 self._sent_at.pop(ack.batch_id, None)
+                self._acked.set()
         else:
             try:
                 self._ota_queue.put_nowait((topic, payload))
@@ -271,7 +273,8 @@ class EdgeApp:
                     topic, payload = self._ota_queue.get(timeout=0.5)
                 except queue.Empty:
                     self.resend_unacked()
-                    if self.buffer.counts() != self.report["buffer"]:
+                    if self._acked.is_set():
+                        self._acked.clear()
                         self._write_report(phase)
                     continue
                 before = self.report["adapter_version"]

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from cloud_sidecar.lora import convert_for_edge, train_adapter
 from cloud_sidecar.model import build_training_set
-from cloud_sidecar.ota_repo import OtaRepository
+from cloud_sidecar.ota_repo import OtaRepository, Publication
 from edge_daemon.inference.adapter import merged_fp32_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.ota import InstalledModel, OtaClient
@@ -100,6 +100,19 @@ def _apply(base: Path, adapter: Path, out: Path) -> Path:
     return apply_adapter(base, adapter, out)
 
 
+def _hsm_signed(cloud: Cloud, repo: OtaRepository, base_model: Any, artifact: bytes) -> Publication:
+    """Adapter v1 in ``repo``, its targets metadata signed by the sidecar's real HSM key."""
+    return repo.add_adapter(
+        artifact,
+        base_model_sha256=base_model.sha256_fp32,
+        adapter_version=1,
+        cohort="all",
+        expires_days=7,
+        keyid=cloud.app.hsm.signing_key_id(),
+        sign_digest=cloud.app.hsm.sign_digest,
+    )
+
+
 def _publish(cloud: Cloud, topic: str, payload: bytes) -> None:
     assert cloud.app.link.publish(topic, payload, qos=1, retain=True)
 
@@ -108,15 +121,7 @@ def test_signed_adapter_is_verified_and_applied_by_the_device(
     cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
 ) -> None:
     repo = OtaRepository(tmp_path / "repo", "green")
-    pub = repo.add_adapter(
-        edge_adapter,
-        base_model_sha256=base_model.sha256_fp32,
-        adapter_version=1,
-        cohort="all",
-        expires_days=7,
-        keyid=cloud.app.hsm.signing_key_id(),
-        sign_digest=cloud.app.hsm.sign_digest,
-    )
+    pub = _hsm_signed(cloud, repo, base_model, edge_adapter)
     assert repo.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
     with edge(cloud, base_model, tmp_path / "device", "green") as dev:
         model = dev.installed.get(timeout=60)
@@ -166,16 +171,7 @@ def test_metadata_signed_by_another_key_is_refused(
 def test_tampered_artifact_is_refused(
     cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
 ) -> None:
-    repo = OtaRepository(tmp_path / "repo", "amber")
-    pub = repo.add_adapter(
-        edge_adapter,
-        base_model_sha256=base_model.sha256_fp32,
-        adapter_version=1,
-        cohort="all",
-        expires_days=7,
-        keyid=cloud.app.hsm.signing_key_id(),
-        sign_digest=cloud.app.hsm.sign_digest,
-    )
+    pub = _hsm_signed(cloud, OtaRepository(tmp_path / "repo", "amber"), base_model, edge_adapter)
     bad = bytearray(edge_adapter)
     bad[len(bad) // 2] ^= 0xFF
     _publish(cloud, topics.ota_artifact("amber", pub.target.name), bytes(bad))
