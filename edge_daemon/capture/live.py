@@ -6,13 +6,19 @@ device that goes away with exponential backoff.
 
 Invariants:
 - the PortAudio stream sits behind ``StreamBackend``/``InputStream``; ``SoundDeviceBackend``
-  is the only code that imports ``sounddevice`` (tests use a fake backend);
+  is the only code that imports ``sounddevice`` (unit tests use a fake backend; the
+  integration tests drive the real one through ALSA's ``file`` plugin);
 - a device that is missing or cannot do 16 kHz mono *at start* is one ``CaptureError``
   naming the device, the input devices PortAudio sees, and what to do;
 - a device lost while running is never fatal: ``state`` becomes ``"lost"``, it is
   reopened after ``retry_initial_s``, doubling up to ``retry_max_s``; while lost,
   ``blocks()`` yields an empty block about once a second so the consumer knows the
-  capture side is alive (a heartbeat, not audio);
+  capture side is alive (a heartbeat, not audio); a source built with
+  ``retry_missing`` (a restarted capture process: the device was there before) treats
+  a device missing at start the same way;
+- PortAudio lists devices once, when it initialises; after a failure the backend
+  re-initialises it before the next resolve or open, so a device that came back (under
+  the same name, possibly another index or ALSA card number) is found;
 - every overrun flag is counted in ``overruns`` and logged (rate-limited), never silent.
 """
 
@@ -72,6 +78,28 @@ class SoundDeviceBackend:
                 f"PortAudio is not installed ({e}); install it: apt-get install libportaudio2"
             ) from e
         self.sd: Any = sounddevice
+        self._stale = False  # the device list may be out of date (a device failed)
+
+    def _refresh(self) -> None:
+        """Re-list devices after a failure: PortAudio enumerates only in ``Pa_Initialize``.
+
+        ``sd._terminate()``/``sd._initialize()`` is sounddevice's documented way to do it
+        (python-sounddevice issue #125); no stream of ours is open at this point.
+        """
+        if not self._stale:
+            return
+        self._stale = False
+        try:
+            self.sd._terminate()
+            self.sd._initialize()
+        except self.sd.PortAudioError as e:
+            self._stale = True
+            raise DeviceLostError(f"PortAudio could not re-list devices: {e}") from e
+        log.debug("PortAudio re-initialised; %d input device(s)", len(self._inputs()))
+
+    def _lost(self, e: Exception) -> DeviceLostError:
+        self._stale = True
+        return DeviceLostError(str(e))
 
     def _inputs(self) -> list[str]:
         return [
@@ -82,8 +110,13 @@ class SoundDeviceBackend:
 
     def resolve(self, device: str | int | None) -> str:
         try:
+            self._refresh()
+        except DeviceLostError as e:
+            raise CaptureError(str(e)) from e
+        try:
             info = self.sd.query_devices(device, "input")
         except (ValueError, self.sd.PortAudioError) as e:
+            self._stale = True
             seen = "; ".join(self._inputs()) or "none: PortAudio sees no input device"
             want = "the default input device" if device is None else f"input device {device!r}"
             raise CaptureError(
@@ -94,6 +127,7 @@ class SoundDeviceBackend:
                 device=device, channels=1, samplerate=SAMPLE_RATE, dtype="float32"
             )
         except (ValueError, self.sd.PortAudioError) as e:
+            self._stale = True
             raise CaptureError(
                 f"input device {info['name']!r} cannot capture {SAMPLE_RATE} Hz mono ({e}); "
                 "use an ALSA device that resamples (e.g. 'default' or a plughw: device) or "
@@ -102,6 +136,7 @@ class SoundDeviceBackend:
         return str(info["name"])
 
     def open(self, device: str | int | None, blocksize: int, latency: str) -> InputStream:
+        self._refresh()
         try:
             stream = self.sd.InputStream(
                 device=device,
@@ -111,29 +146,31 @@ class SoundDeviceBackend:
                 blocksize=blocksize,
                 latency=latency,
             )
-            stream.start()
         except (ValueError, self.sd.PortAudioError) as e:
-            raise DeviceLostError(str(e)) from e
-        return _SdStream(stream, self.sd.PortAudioError)
+            raise self._lost(e) from e
+        try:
+            stream.start()
+        except self.sd.PortAudioError as e:
+            stream.close(ignore_errors=True)
+            raise self._lost(e) from e
+        return _SdStream(stream, self)
 
 
 class _SdStream:
-    def __init__(self, stream: Any, error: type[Exception]) -> None:
-        self._s, self._error = stream, error
+    def __init__(self, stream: Any, backend: SoundDeviceBackend) -> None:
+        self._s, self._backend = stream, backend
+        self._error: type[Exception] = backend.sd.PortAudioError
 
     def read(self, frames: int) -> tuple[npt.NDArray[np.float32], bool]:
         try:
             data, overflowed = self._s.read(frames)
         except self._error as e:
-            raise DeviceLostError(str(e)) from e
+            raise self._backend._lost(e) from e
         return np.ascontiguousarray(data[:, 0], dtype=np.float32), bool(overflowed)
 
     def close(self) -> None:
-        try:
-            self._s.abort()
-            self._s.close()
-        except self._error:
-            pass
+        self._s.abort(ignore_errors=True)  # a lost device fails both: ignore, still close
+        self._s.close(ignore_errors=True)
 
 
 class LiveSource:
@@ -146,21 +183,35 @@ class LiveSource:
         cfg: LiveSourceConfig,
         backend: StreamBackend | None = None,
         stop: threading.Event | None = None,
+        retry_missing: bool = False,
     ) -> None:
+        """``retry_missing``: a device missing now is lost, not a mistake (it was seen before)."""
         self.cfg = cfg
         self.backend = backend if backend is not None else SoundDeviceBackend()
         self.block_samples = SAMPLE_RATE * cfg.block_ms // 1000
         self.stop = stop if stop is not None else threading.Event()
-        self.device_name = self.backend.resolve(cfg.device)  # fails fast, clearly
         self.state = "starting"
         self.overruns = 0
         self.reconnects = 0
         self._last_overrun_log = 0.0
+        self.device_name = "default" if cfg.device is None else str(cfg.device)
+        self._resolved = False
+        try:
+            self.device_name = self.backend.resolve(cfg.device)  # fails fast, clearly
+            self._resolved = True
+        except CaptureError as e:
+            if not retry_missing:
+                raise
+            self.state = "lost"
+            log.error("input device %r is gone (%s); will retry", self.device_name, e)
 
     def blocks(self, start: int = 0) -> Iterator[npt.NDArray[np.float32]]:
         delay = self.cfg.retry_initial_s
         while not self.stop.is_set():
             try:
+                if not self._resolved:
+                    self.device_name = self.backend.resolve(self.cfg.device)
+                    self._resolved = True
                 stream = self.backend.open(self.cfg.device, self.block_samples, self.cfg.latency)
             except (DeviceLostError, CaptureError) as e:
                 yield from self._wait_lost(delay, str(e))

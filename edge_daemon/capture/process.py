@@ -160,6 +160,8 @@ class CaptureProcess:
             "--start",
             str(self._next_seq),
         ]
+        if self._restarts:
+            cmd.append("--restarted")  # a live device missing now is lost, not misconfigured
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._spawned_at = self._last_rx = time.monotonic()
         log.info("capture process %d started at block %d", self._proc.pid, self._next_seq)

@@ -11,7 +11,9 @@ Invariants:
 - a source that runs without a clock (a file not paced in real time, a scene) is not
   dropped from: it waits for the consumer instead, since it cannot overrun;
 - a ``CaptureError`` ends the process with exit code 4 after an ERROR frame carrying the
-  message; the natural end of a finite source sends END and exits 0.
+  message; the natural end of a finite source sends END and exits 0;
+- a restarted capture process (``--restarted``) treats a live device that is missing as
+  lost and retries it: it was there before, so its absence is not a configuration mistake.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ class _Counters:
         self.last_log = 0.0
 
 
-def _open(cfg: SourceConfig, stop: threading.Event) -> tuple[FrameSource, bool]:
+def _open(
+    cfg: SourceConfig, stop: threading.Event, restarted: bool = False
+) -> tuple[FrameSource, bool]:
     """The source, and whether it runs against a clock (and so must never wait)."""
     from edge_daemon.capture.live import LiveSource
     from edge_daemon.capture.sources import FileSource, SceneSource
 
     if isinstance(cfg, LiveSourceConfig):
-        return LiveSource(cfg, stop=stop), True
+        return LiveSource(cfg, stop=stop, retry_missing=restarted), True
     if isinstance(cfg, FileSourceConfig):
         return FileSource(cfg, FRAME_SAMPLES), cfg.realtime
     assert isinstance(cfg, SceneSourceConfig)
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", required=True, help="source config as JSON")
     p.add_argument("--hwm", type=int, default=25)
     p.add_argument("--start", type=int, default=0, help="first block index")
+    p.add_argument(
+        "--restarted", action="store_true", help="an earlier capture process ran this source"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     counters = _Counters()
     try:
         cfg: SourceConfig = TypeAdapter(SourceConfig).validate_json(args.source)
-        source, clocked = _open(cfg, stop)
+        source, clocked = _open(cfg, stop, args.restarted)
         run(sock, source, clocked, args.start, stop, counters)
     except CaptureError as e:
         log.error("capture: %s", e)
