@@ -1,15 +1,18 @@
 """Pretraining the base model: scene generator → AudioCNN → ONNX fp32 → int8, with a card.
 
 Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.int8.onnx``,
-``model_card.json``) and ``BaseModel``, its typed handle. Invariants:
+``base.calib.npy``, ``model_card.json``) and ``BaseModel``, its typed handle. Invariants:
 
 - every file is written atomically and its sha256 is in the card; ``load_base_model``
   refuses a directory whose files do not match their card;
 - the ONNX graph has input ``features`` ``(batch, 64, 98)`` float32 and output ``probs``,
   a dynamic batch axis, opset 17, and one initializer ``<layer>.weight`` per adaptable
   layer (checked here, relied on by the edge adapter);
-- the int8 model comes from ``edge_daemon.inference.adapter.quantize_int8``, the very
-  function a device runs after merging an adapter, so both quantize identically;
+- the int8 model comes from ``edge_daemon.inference.int8.quantize_int8`` (static QDQ),
+  the very function a device runs after merging an adapter, calibrated on the same
+  ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class, made
+  here from the synthetic scenes, shipped with the base, and named by sha256 both in
+  the card and in the fp32 model's metadata; so both sides quantize identically;
 - the same seed gives the same data and initial weights.
 """
 
@@ -34,7 +37,14 @@ import torch
 
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
-from edge_daemon.inference.adapter import QUANT_OP_TYPES, QUANT_PER_CHANNEL, quantize_int8
+from edge_daemon.inference.int8 import (
+    QUANT_LAYERS,
+    RECIPE,
+    calibration_path,
+    encode_calibration,
+    quantize_int8,
+    set_calibration_sha,
+)
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASSES, LABELS_VERSION
@@ -48,12 +58,14 @@ HELD_OUT_FRACTION = 0.15
 TRAIN_THREADS = 1
 BATCH = 64
 MAX_CARD_BYTES = 1024 * 1024
+CALIBRATION_PER_CLASS = 3
 STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
     "base.pt",
     "base.fp32.onnx",
     "base.int8.onnx",
     "model_card.json",
 )
+CALIB_FILE = calibration_path(Path(FP32_FILE)).name  # base.calib.npy, where devices look
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class BaseModel:
     onnx_int8: Path
     card: Path
     sha256_fp32: str
+    calibration: Path
 
 
 def fit(
@@ -111,16 +124,28 @@ def fit(
     return float(loss.detach())
 
 
-def _onnx_accuracy(path: Path, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
+def _onnx_predict(path: Path, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     (probs,) = sess.run(["probs"], {"features": x})
-    return float((np.asarray(probs).argmax(axis=1) == y).mean())
+    labels: npt.NDArray[np.int64] = np.asarray(probs).argmax(axis=1)
+    return labels
 
 
-def export_onnx(model: AudioCNN, path: Path) -> str:
-    """Export ``model`` to ONNX fp32 at ``path`` (atomically); return its sha256."""
+def calibration_windows(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], per_class: int = CALIBRATION_PER_CLASS
+) -> npt.NDArray[np.float32]:
+    """The first ``per_class`` windows of each class present, in class order."""
+    picks = [np.flatnonzero(y == c)[:per_class] for c in range(len(CLASSES))]
+    return x[np.concatenate(picks)]
+
+
+def export_onnx(model: AudioCNN, path: Path, *, calibration_sha256: str) -> str:
+    """Export ``model`` to ONNX fp32 at ``path`` (atomically); return its sha256.
+
+    The model's metadata names the calibration set its int8 form is quantized with.
+    """
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -138,11 +163,13 @@ def export_onnx(model: AudioCNN, path: Path) -> str:
                 dynamo=False,
             )
         data = tmp_path.read_bytes()
-    names = {t.name for t in onnx.load_from_string(data).graph.initializer}
+    proto = onnx.load_from_string(data)
+    names = {t.name for t in proto.graph.initializer}
     missing = [f"{layer}.weight" for layer in ADAPTABLE_LAYERS if f"{layer}.weight" not in names]
     if missing:
         raise TrainingError(f"ONNX export lost the initializer names {missing}")
-    write_atomic(path, data, 0o644)
+    set_calibration_sha(proto, calibration_sha256)
+    write_atomic(path, proto.SerializeToString(), 0o644)
     return file_sha256(path)
 
 
@@ -189,10 +216,14 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     write_atomic(state_path, buf.getvalue(), 0o644)
+    calib = out_dir / CALIB_FILE
+    calib_x = calibration_windows(x_tr, y_tr)
+    write_atomic(calib, encode_calibration(calib_x), 0o644)
     fp32 = out_dir / FP32_FILE
-    sha_fp32 = export_onnx(model, fp32)
-    int8 = quantize_int8(fp32, out_dir / INT8_FILE)
-    acc_fp32, acc_int8 = _onnx_accuracy(fp32, x_ho, y_ho), _onnx_accuracy(int8, x_ho, y_ho)
+    sha_fp32 = export_onnx(model, fp32, calibration_sha256=file_sha256(calib))
+    int8 = quantize_int8(fp32, out_dir / INT8_FILE, calibration=calib)
+    p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
+    acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
     card = {
         "model": "AudioCNN",
         "n_parameters": n_parameters(model),
@@ -217,18 +248,27 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
             "accuracy_torch": round(acc_fp32_torch, 4),
             "accuracy_fp32": round(acc_fp32, 4),
             "accuracy_int8": round(acc_int8, 4),
+            "int8_fp32_agreement": round(float((p_fp32 == p_int8).mean()), 4),
         },
         "quantization": {
-            "method": "onnxruntime quantize_dynamic",
-            "op_types": list(QUANT_OP_TYPES),
-            "per_channel": QUANT_PER_CHANNEL,
-            "weight_type": "int8",
+            "method": "static QDQ (edge_daemon.inference.int8)",
+            "recipe": RECIPE,
+            "int8_layers": list(QUANT_LAYERS),
+            "fp32_layers": [x for x in ADAPTABLE_LAYERS if x not in QUANT_LAYERS],
+            "weights": "int8, symmetric, per output channel",
+            "activations": "uint8, zero point 0, calibrated max rounded up to 5 bits",
+            "calibration": {
+                "file": CALIB_FILE,
+                "windows": len(calib_x),
+                "source": f"first {CALIBRATION_PER_CLASS} training windows of each class",
+            },
         },
         "opset": OPSET,
         "sha256": {
             STATE_FILE: file_sha256(state_path),
             FP32_FILE: sha_fp32,
             INT8_FILE: file_sha256(int8),
+            CALIB_FILE: file_sha256(calib),
         },
     }
     card_path = out_dir / CARD_FILE
@@ -240,7 +280,7 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
         acc_fp32,
         acc_int8,
     )
-    return BaseModel(out_dir, state_path, fp32, int8, card_path, sha_fp32)
+    return BaseModel(out_dir, state_path, fp32, int8, card_path, sha_fp32, calib)
 
 
 def load_base_model(base_dir: Path) -> BaseModel:
@@ -250,7 +290,10 @@ def load_base_model(base_dir: Path) -> BaseModel:
         if card_path.stat().st_size > MAX_CARD_BYTES:
             raise TrainingError(f"{card_path} exceeds {MAX_CARD_BYTES} bytes")
         card = json.loads(card_path.read_bytes())
-        hashes = {name: str(card["sha256"][name]) for name in (STATE_FILE, FP32_FILE, INT8_FILE)}
+        hashes = {
+            name: str(card["sha256"][name])
+            for name in (STATE_FILE, FP32_FILE, INT8_FILE, CALIB_FILE)
+        }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"{base_dir} is not a base-model directory: {exc}") from exc
     for name, expected in hashes.items():
@@ -264,4 +307,5 @@ def load_base_model(base_dir: Path) -> BaseModel:
         base_dir / INT8_FILE,
         card_path,
         hashes[FP32_FILE],
+        base_dir / CALIB_FILE,
     )

@@ -1,8 +1,9 @@
 """Provisioning for the embedded default: what flashing and enrolment would leave behind.
 
 Writes the sidecar's config, each device's config (certificates, pinned cloud public
-keys, the base model copied into the device's state as an SD-card image would carry
-it), creates each device's TPM keys and registers their public keys with the cloud.
+keys, the base model: fp32, int8 and the int8 calibration set, copied into the device's
+state as an SD-card image would carry it), creates each device's TPM keys and registers
+their public keys with the cloud.
 With ``claim_device`` + ``device_config(claim_file=...)`` a device gets no certificate
 at all: only the shared claim certificate and a one-time claim, and it enrolls on first
 start (docs/adr/0007-device-identity-and-enrollment.md); ``enroll_device`` is the older
@@ -21,9 +22,12 @@ from typing import Any
 
 from devstack.mosquitto import crl_hook_argv
 from devstack.stack import DeviceSlot, DevStack
+from edge_daemon.inference.int8 import calibration_path
 
 # File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
 FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"
+# The int8 calibration set ships beside the fp32 base: the device re-quantizes with it.
+CALIB_FILE = calibration_path(Path(FP32_FILE)).name
 HILO_BY_DEVICE = ((435.0, 580.0), (450.0, 600.0), (392.0, 523.0), (466.0, 622.0), (415.0, 554.0))
 
 
@@ -94,7 +98,7 @@ def device_config(
     """A device's config; with ``claim_file`` it enrolls on first start (no client cert)."""
     models = slot.state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
-    for name in (FP32_FILE, INT8_FILE):
+    for name in (FP32_FILE, INT8_FILE, CALIB_FILE):
         shutil.copy2(base_model_dir / name, models / name)
     hilo = HILO_BY_DEVICE[index % len(HILO_BY_DEVICE)]
     scene = {"siren_pattern": "hilo", "hilo_hz": hilo, "speech_rate": 0.1}

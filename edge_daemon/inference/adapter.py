@@ -3,14 +3,20 @@
 Owns the byte format the cloud ships (``encode_edge_adapter``/``parse_edge_adapter``)
 and the device-side merge (``apply_adapter``): the device adds ``scale * (B @ A)`` to
 each named initializer of its own fp32 base model, then quantizes the result exactly
-as pretraining did (``quantize_int8``). Invariants:
+as pretraining did (``edge_daemon.inference.int8.quantize_int8``: static QDQ calibrated
+on the base model's own calibration set, ``base.calib.npy`` beside ``base.fp32.onnx``).
+Invariants:
 
 - an adapter applies only to the base whose fp32 sha256 it names (else ``OtaError``);
 - every untrusted read is capped (``MAX_ADAPTER_BYTES``, ``MAX_HEADER_BYTES``,
-  ``MAX_RANK``, ``MAX_LAYERS``, ``MAX_MODEL_BYTES``) and every tensor is checked for
-  dtype, shape against the initializer it targets, and finiteness before any write;
-- the merged fp32 and int8 models are written atomically (temp, fsync, rename), so a
-  failure leaves no partial model and the running model untouched;
+  ``MAX_RANK``, ``MAX_LAYERS``, ``MAX_MODEL_BYTES``, ``MAX_CALIBRATION_BYTES``) and
+  every tensor is checked for dtype, shape against the initializer it targets, and
+  finiteness before any write;
+- the int8 model is built in memory first (merge, calibration check, quantization);
+  only then are the merged fp32 and the int8 written, each atomically (temp, fsync,
+  rename), so a failure leaves no partial model and the running model untouched;
+- the merged fp32 keeps the base's graph and metadata: only the targeted initializers'
+  values change, so it still names the base's calibration set;
 - numpy, onnx, onnxruntime and safetensors only: no torch on the device.
 
 Format: a safetensors file; for every adapted layer ``<initializer>.lora_A``
@@ -21,14 +27,11 @@ or conv ``(out, r, 1, 1)``), float32; metadata ``format``, ``base_model_sha256``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,13 @@ import onnx
 from onnx import numpy_helper
 
 from edge_daemon.errors import OtaError
+from edge_daemon.inference.int8 import (
+    MAX_CALIBRATION_BYTES,
+    MAX_MODEL_BYTES,
+    calibration_path,
+    quantize_model,
+    read_capped,
+)
 from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -46,13 +56,9 @@ log = logging.getLogger(__name__)
 ADAPTER_FORMAT = "lora-lowrank-v1"
 MAX_ADAPTER_BYTES = 8 * 1024 * 1024
 MAX_HEADER_BYTES = 256 * 1024
-MAX_MODEL_BYTES = 64 * 1024 * 1024
 MAX_RANK = 64
 MAX_LAYERS = 64
 MAX_SCALE = 1024.0
-# The int8 recipe, shared by pretraining and the device (same input -> same bytes).
-QUANT_OP_TYPES = ("Conv", "MatMul")
-QUANT_PER_CHANNEL = True
 
 F32 = npt.NDArray[np.float32]
 
@@ -225,44 +231,6 @@ def _stored_transposed(nodes: list[onnx.NodeProto]) -> bool:
     return False
 
 
-def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
-    """Dynamic int8 quantization (per-channel int8 weights), written atomically.
-
-    The same recipe runs at pretraining and on the device, and is deterministic, so the
-    cloud can predict the hash of the int8 model a device will build.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".onnx")
-    os.close(fd)
-    root = logging.getLogger()
-    root.addFilter(_drop_quantizer_chatter)
-    try:
-        quantize_dynamic(
-            fp32_path,
-            tmp,
-            op_types_to_quantize=list(QUANT_OP_TYPES),
-            per_channel=QUANT_PER_CHANNEL,
-            weight_type=QuantType.QInt8,
-        )
-        write_atomic(out_path, Path(tmp).read_bytes(), 0o644)
-    except OtaError:
-        raise
-    except Exception as exc:  # onnxruntime.quantization raises assorted error types
-        raise OtaError(f"int8 quantization of {fp32_path} failed: {exc}") from exc
-    finally:
-        root.removeFilter(_drop_quantizer_chatter)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return out_path
-
-
-def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
-    """onnxruntime.quantization logs through the root logger; keep it out of ours."""
-    return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
-
-
 def merged_fp32_path(out_int8: Path) -> Path:
     """Where ``apply_adapter`` keeps the merged fp32 model: next to the int8 one."""
     name = out_int8.name
@@ -270,24 +238,17 @@ def merged_fp32_path(out_int8: Path) -> Path:
     return out_int8.with_name(f"{stem}.fp32.onnx")
 
 
-def _read_capped(path: Path, cap: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            raise OtaError(f"{path}: {size} bytes exceeds {cap}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise OtaError(f"cannot read {path}: {exc}") from exc
-
-
 def apply_adapter(base_fp32: Path, edge_adapter: Path, out_int8: Path) -> Path:
     """Merge ``edge_adapter`` into ``base_fp32``; write merged fp32 and int8; return int8.
 
-    Raises ``OtaError`` if the adapter is malformed, names another base model, or does
-    not fit the base's initializers. Nothing is written before every check passed.
+    The int8 model is quantized with the calibration set beside the base
+    (``calibration_path(base_fp32)``). Raises ``OtaError`` if the adapter is malformed,
+    names another base model, or does not fit the base's initializers, or if the
+    calibration set is missing or not the base's. Nothing is written before every check
+    passed.
     """
-    adapter = parse_edge_adapter(_read_capped(edge_adapter, MAX_ADAPTER_BYTES))
-    base_bytes = _read_capped(base_fp32, MAX_MODEL_BYTES)
+    adapter = parse_edge_adapter(read_capped(edge_adapter, MAX_ADAPTER_BYTES))
+    base_bytes = read_capped(base_fp32, MAX_MODEL_BYTES)
     base_sha = hashlib.sha256(base_bytes).hexdigest()
     if adapter.base_model_sha256 != base_sha:
         raise OtaError(
@@ -298,9 +259,9 @@ def apply_adapter(base_fp32: Path, edge_adapter: Path, out_int8: Path) -> Path:
     except Exception as exc:  # protobuf DecodeError and friends
         raise OtaError(f"cannot parse base model {base_fp32}: {exc}") from exc
     merge_into(model, adapter)
-    fp32_out = merged_fp32_path(out_int8)
-    write_atomic(fp32_out, model.SerializeToString(), 0o644)
-    quantize_int8(fp32_out, out_int8)
+    int8 = quantize_model(model, read_capped(calibration_path(base_fp32), MAX_CALIBRATION_BYTES))
+    write_atomic(merged_fp32_path(out_int8), model.SerializeToString(), 0o644)
+    write_atomic(out_int8, int8, 0o644)
     log.info(
         "applied %d-layer adapter to base %s -> %s", len(adapter.layers), base_sha[:12], out_int8
     )

@@ -28,7 +28,6 @@ from edge_daemon.inference.adapter import (
     apply_adapter,
     encode_edge_adapter,
     merged_fp32_path,
-    quantize_int8,
 )
 from edge_daemon.inference.backends import (
     HailoBackendConfig,
@@ -38,6 +37,7 @@ from edge_daemon.inference.backends import (
     make_classifier,
 )
 from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
+from edge_daemon.inference.int8 import calibration_path, encode_calibration, quantize_int8
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
@@ -51,9 +51,11 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
     d = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
     fp32 = d / "base.fp32.onnx"
-    export_onnx(AudioCNN(), fp32)
+    calibration = calibration_path(fp32)
+    calibration.write_bytes(encode_calibration(_features(8, seed=99)))
+    export_onnx(AudioCNN(), fp32, calibration_sha256=file_sha256(calibration))
     int8 = d / "base.int8.onnx"
-    quantize_int8(fp32, int8)
+    quantize_int8(fp32, int8, calibration=calibration)
     return ModelFiles(fp32, int8)
 
 

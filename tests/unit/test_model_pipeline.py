@@ -2,8 +2,9 @@
 
 The demo target: a base trained on wail/yelp sirens mistakes two-tone (hilo) sirens for
 horns; a LoRA adapter trained on a device's hilo sirens, converted to the edge format
-and merged by the device into its own fp32 copy then re-quantized, recognises them
-without costing the other classes. The format tests at the top need no training.
+and merged by the device into its own fp32 copy then re-quantized (static int8,
+calibrated on the base's calibration set), recognises them without costing the other
+classes. The format tests at the top need no training.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edge_daemon.inference.adapter import (
     merged_fp32_path,
     parse_edge_adapter,
 )
+from edge_daemon.inference.int8 import RECIPE, calibration_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
@@ -195,8 +197,12 @@ def test_pretrain_meets_budget_and_held_out_accuracy(pipe: Pipeline) -> None:
     assert pipe.pretrain_s <= 90.0
     assert card["held_out"]["accuracy_int8"] >= 0.90
     assert card["classes"] == list(CLASSES) and card["feature_version"] == "logmel-v1"
-    for path in (pipe.base.state_dict, pipe.base.onnx_fp32, pipe.base.onnx_int8):
+    assert card["held_out"]["int8_fp32_agreement"] >= 0.99
+    assert card["quantization"]["recipe"] == RECIPE
+    base = pipe.base
+    for path in (base.state_dict, base.onnx_fp32, base.onnx_int8, base.calibration):
         assert card["sha256"][path.name] == file_sha256(path)
+    assert base.calibration == calibration_path(base.onnx_fp32)
     assert pipe.base.sha256_fp32 == file_sha256(pipe.base.onnx_fp32)
 
 
@@ -218,11 +224,12 @@ def test_exported_graph_has_the_contract_io_and_named_weight_initializers(pipe: 
 @pytest.mark.slow
 def test_tampered_base_directory_is_refused(pipe: Pipeline, tmp_path: Path) -> None:
     assert load_base_model(pipe.base.dir) == pipe.base
-    copy = tmp_path / "base"
-    shutil.copytree(pipe.base.dir, copy)
-    (copy / pipe.base.onnx_int8.name).write_bytes(b"\0" * 16)
-    with pytest.raises(TrainingError):
-        load_base_model(copy)
+    for name in (pipe.base.onnx_int8.name, pipe.base.calibration.name):
+        copy = tmp_path / name
+        shutil.copytree(pipe.base.dir, copy)
+        (copy / name).write_bytes(b"\0" * 16)
+        with pytest.raises(TrainingError):
+            load_base_model(copy)
 
 
 @pytest.mark.slow
@@ -274,6 +281,22 @@ def test_adapted_int8_recognises_hilo_without_losing_other_classes(pipe: Pipelin
     assert hilo_new >= 0.85
     assert other_new >= other_base - 0.02
     assert all_new >= all_base - 0.02
+
+
+@pytest.mark.slow
+def test_int8_agrees_with_fp32_on_top1_for_base_and_adapted_models(pipe: Pipeline) -> None:
+    x = np.concatenate([pipe.others[0], pipe.hilo[0]])  # like the calibration windows
+    pairs = {
+        "base": (pipe.base.onnx_fp32, pipe.base.onnx_int8),
+        "adapted": (merged_fp32_path(pipe.adapted_int8), pipe.adapted_int8),
+    }
+    rates = {}
+    for name, (fp32, int8) in pairs.items():
+        top32 = OnnxClassifier(fp32).predict(x).argmax(axis=1)
+        top8 = OnnxClassifier(int8).predict(x).argmax(axis=1)
+        rates[name] = float((top32 == top8).mean())
+    print(f"\nint8/fp32 top-1 agreement on {len(x)} windows: {rates}")
+    assert min(rates.values()) >= 0.99
 
 
 @pytest.mark.slow
