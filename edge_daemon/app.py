@@ -3,7 +3,8 @@
 Start order: TPM key store → replay buffer (needs the sealed storage key) → classifier
 (the installed adapter model if there is one, else the base, on the configured backend)
 → MQTT link (enrolling first when the device has no certificate) → certificate renewer
-→ OTA client → sensors. ``stop`` undoes them in reverse.
+→ OTA client → sensors (and the resend of telemetry an outage held back). ``stop`` undoes
+them in reverse.
 The main thread runs the audio pipeline and then services acks, retries and updates;
 MQTT callbacks only enqueue work or touch the thread-safe buffer.
 """
@@ -105,7 +106,12 @@ class EdgeApp:
         self.link.start(wait_s=0)
         if self.renewer is not None:
             self.renewer.start(self._renew_stop)
-        self.sensors = DeviceSensors(cfg, self._publish_telemetry)
+        self.sensors = DeviceSensors(
+            cfg,
+            self._publish_telemetry,
+            link_up=lambda: self.link.connected,
+            republish=self._republish_telemetry,
+        )
         self.sensors.start()
         log.info(
             "edge daemon %s started (model %s)", self.device, self.classifier.model_sha256[:12]
@@ -147,6 +153,10 @@ class EdgeApp:
 
     def _publish_telemetry(self, t: Telemetry) -> bool:
         return self.link.publish(topics.telemetry(self.device), t.to_bytes(), qos=0, timeout_s=0)
+
+    def _republish_telemetry(self, t: Telemetry) -> bool:
+        """Held-back telemetry (sensors/resend.py, its own thread): marked sent on PUBACK."""
+        return self.link.publish(topics.telemetry(self.device), t.to_bytes(), qos=1, timeout_s=5)
 
     def _publish_ota_status(self, status: OtaStatus) -> None:
         self.link.publish(topics.ota_status(self.device), status.to_bytes(), qos=1, timeout_s=2)

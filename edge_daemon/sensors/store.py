@@ -7,8 +7,9 @@ stored in clear.
 
 Invariants: WAL mode, ``synchronous=FULL``, one transaction per telemetry message (all
 of its readings or none); at most ``max_rows`` rows, the oldest deleted first; a row
-records whether it was published, so an uplink can later send what a broker outage
-held back (``unpublished``/``mark_published``). Thread-safe (one lock, one connection).
+records whether it was published, so what a broker outage held back is sent later
+(``unpublished``/``mark_published``, used by ``resend.py``). Thread-safe (one lock, one
+connection).
 """
 
 from __future__ import annotations
@@ -77,18 +78,31 @@ class TelemetryStore:
     def unpublished(self, limit: int) -> list[tuple[int, int, int, Reading]]:
         """(row id, time_ms, period_ms, reading) of readings not yet published, oldest first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, time_ms, period_ms, sensor, quantity, unit, value FROM telemetry "
-                "WHERE published = 0 ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, time_ms, period_ms, sensor, quantity, unit, value FROM telemetry "
+                    "WHERE published = 0 ORDER BY id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            except sqlite3.Error as e:
+                raise BufferError_(f"cannot read unpublished telemetry: {e}") from e
         return [(r[0], r[1], r[2], Reading(r[3], r[4], r[5], r[6])) for r in rows]
 
     def mark_published(self, ids: list[int]) -> None:
-        with self._lock, self._db:
-            self._db.executemany(
-                "UPDATE telemetry SET published = 1 WHERE id = ?", [(i,) for i in ids]
-            )
+        """Mark rows published; ids no longer there (evicted) are ignored."""
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.executemany(
+                        "UPDATE telemetry SET published = 1 WHERE id = ?", [(i,) for i in ids]
+                    )
+            except sqlite3.Error as e:
+                raise BufferError_(f"cannot mark telemetry published: {e}") from e
+
+    def unpublished_count(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM telemetry WHERE published = 0").fetchone()
+        return int(row[0])
 
     def recent(self, limit: int) -> list[tuple[int, Reading]]:
         with self._lock:

@@ -1,4 +1,5 @@
-"""Sysfs sensor plugins on a fake tree, telemetry messages, the sampler and the store."""
+"""Sysfs sensor plugins on a fake tree, telemetry messages, the sampler, the store, and
+the resend of telemetry held back by a broker outage (against a fake link)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_daemon.config import HwmonSensorConfig, IioSensorConfig, SensorsConfig
+from edge_daemon.config import DeviceConfig, HwmonSensorConfig, IioSensorConfig, SensorsConfig
+from edge_daemon.sensors.resend import TelemetryResender, regroup
+from edge_daemon.sensors.runtime import DeviceSensors
 from edge_daemon.sensors.sampler import SensorSampler, TelemetrySink
 from edge_daemon.sensors.store import TelemetryStore
 from edge_daemon.sensors.sysfs import MAX_ATTR_BYTES, HwmonSensor, IioSensor, make_sensor
@@ -235,3 +238,153 @@ def test_a_huge_integer_value_is_malformed_not_a_crash() -> None:
         Telemetry.from_bytes(
             ('{"device":"pi","time_ms":1,"period_ms":1,"readings":[' + r + "]}").encode()
         )
+
+
+# ------------------------------------------------------- resending after an outage
+
+
+class FakeLink:
+    """A publisher standing in for the MQTT link: up or down, failing after N sends."""
+
+    def __init__(self, up: bool = True, fail_after: int | None = None) -> None:
+        self.up, self.fail_after = up, fail_after
+        self.sent: list[Telemetry] = []
+
+    def publish(self, t: Telemetry) -> bool:
+        if not self.up or (self.fail_after is not None and len(self.sent) >= self.fail_after):
+            return False
+        self.sent.append(Telemetry.from_bytes(t.to_bytes()))  # what a subscriber would get
+        return True
+
+
+def _message(i: int, n: int = 3) -> Telemetry:
+    readings = tuple(Reading(f"s{k}", "temperature", "degC", float(i * 10 + k)) for k in range(n))
+    return Telemetry("pi-007", 1_000 * i, 60_000, readings)
+
+
+def _outage(store: TelemetryStore, count: int, readings: int = 3) -> list[Telemetry]:
+    """``count`` messages stored while the broker was away (not published)."""
+    messages = [_message(i, readings) for i in range(count)]
+    for t in messages:
+        store.add(t, published=False)
+    return messages
+
+
+def test_regroup_rebuilds_the_stored_messages(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=1000)
+    messages = [_message(0, 2), _message(1, 1), _message(1, 2), _message(2, 3)]
+    for t in messages:
+        store.add(t, published=False)
+    groups = regroup("pi-007", store.unpublished(100))
+    # two messages with the same time and period stored back to back read as one: harmless
+    assert [t for _, t in groups] == [
+        messages[0],
+        Telemetry("pi-007", 1000, 60_000, messages[1].readings + messages[2].readings),
+        messages[3],
+    ]
+    assert [ids for ids, _ in groups] == [[1, 2], [3, 4, 5], [6, 7, 8]]
+    store.close()
+
+
+def test_held_back_telemetry_is_resent_oldest_first_in_bounded_batches(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=1000)
+    held = _outage(store, 5)
+    store.add(_message(99), published=True)  # went out live once the link was back
+    link = FakeLink()
+    resender = TelemetryResender("pi-007", store, link.publish, lambda: link.up, batch_rows=7)
+    assert resender.resend_once() == 6  # 2 whole messages; the third would be cut: next batch
+    assert link.sent == held[:2]
+    assert resender.drain(threading.Event()) == 9
+    assert link.sent == held and resender.resent == 5
+    assert store.unpublished(100) == [] and store.count() == 18
+    assert resender.resend_once() == 0
+    store.close()
+
+
+def test_resend_waits_for_the_link_and_resumes_after_a_failure_without_skipping(
+    tmp_path: Path,
+) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=1000)
+    held = _outage(store, 4)
+    link = FakeLink(up=False)
+    resender = TelemetryResender("pi-007", store, link.publish, lambda: link.up)
+    assert resender.drain(threading.Event()) == 0 and link.sent == []
+    link.up, link.fail_after = True, 2  # the link drops again after two messages
+    assert resender.drain(threading.Event()) == 6
+    assert link.sent == held[:2] and len(store.unpublished(100)) == 6
+    link.fail_after = None
+    assert resender.drain(threading.Event()) == 6
+    assert link.sent == held
+    store.close()
+
+
+def test_a_publish_that_raises_counts_as_a_failure(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=1000)
+    _outage(store, 2)
+
+    def boom(t: Telemetry) -> bool:
+        raise OSError("socket closed")
+
+    resender = TelemetryResender("pi-007", store, boom, lambda: True)
+    assert resender.drain(threading.Event()) == 0 and len(store.unpublished(100)) == 6
+    store.close()
+
+
+def test_rows_beyond_max_rows_are_evicted_oldest_first_before_they_are_resent(
+    tmp_path: Path,
+) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=100)
+    held = _outage(store, 130, readings=1)
+    link = FakeLink()
+    resender = TelemetryResender("pi-007", store, link.publish, lambda: True, batch_rows=32)
+    assert resender.drain(threading.Event()) == 100
+    assert link.sent == held[30:]  # the 30 oldest were evicted during the outage
+    store.mark_published([1, 2, 3])  # evicted ids: a no-op
+    assert store.count() == 100 and store.unpublished(1) == []
+    store.close()
+
+
+def test_resend_thread_sends_the_backlog_once_the_link_is_up(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=1000)
+    held = _outage(store, 3)
+    link = FakeLink(up=False)
+    resender = TelemetryResender("pi-007", store, link.publish, lambda: link.up, period_s=0.02)
+    stop = threading.Event()
+    resender.start(stop)
+    stop.wait(0.1)
+    assert link.sent == []
+    link.up = True
+    for _ in range(250):
+        if len(link.sent) == 3:
+            break
+        stop.wait(0.02)
+    stop.set()
+    resender.join()
+    assert link.sent == held and store.unpublished(10) == []
+    store.close()
+
+
+def test_device_sensors_resend_what_the_live_publish_could_not_send(tmp_path: Path) -> None:
+    cfg = DeviceConfig.model_validate(
+        {
+            "device_id": "pi-007",
+            "state_dir": str(tmp_path),
+            "broker": {"ca_cert": "ca.pem", "client_cert": "c.pem", "client_key": "k.pem"},
+            "tpm": {},
+            "cloud": {"unwrap_public_key": "u.pem", "ota_public_key": "o.pem"},
+            "model": {"base_fp32": "a.onnx", "base_int8": "b.onnx"},
+            "source": {"type": "live"},
+        }
+    )
+    link = FakeLink(up=False)
+    sensors = DeviceSensors(cfg, link.publish, link_up=lambda: link.up)
+    for level in (50.0, 51.0, 52.0):  # LAeq each second while the broker is away
+        sensors.sink.emit([Reading("mic", "laeq", "dB(A)", level)], 1000)
+    assert sensors.report()["telemetry_unpublished_rows"] == 3
+    link.up = True
+    assert sensors.resender is not None
+    sensors.resender.drain(threading.Event())
+    assert [t.readings[0].value for t in link.sent] == [50.0, 51.0, 52.0]
+    report = sensors.report()
+    assert report["telemetry_resent"] == 3 and report["telemetry_unpublished_rows"] == 0
+    sensors.close()
