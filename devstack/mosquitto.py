@@ -31,7 +31,10 @@ Invariants:
   whose parents that user cannot traverse (pytest's ``tmp_path`` is such a place);
 - each MQTT packet is capped at ``max_packet_bytes`` (the broker drops clients that
   send larger ones);
-- the broker is a child of the caller's ``ProcessGroup`` and is stopped by its PID.
+- the broker is a child of the caller's ``ProcessGroup`` and is stopped by its PID;
+  ``restart_broker`` starts it again from the same working directory (same port(s),
+  certificates and ACL; the CRL copy refreshed as on reload) after ``stop_broker`` or a
+  crash, and ``broker.child`` is then the new process.
 """
 
 from __future__ import annotations
@@ -332,6 +335,49 @@ def reload_broker(broker: Broker, timeout: float = 5.0) -> None:
     log.debug("mosquitto pid=%s reloaded (CRL %s)", broker.child.pid, broker.crl)
 
 
+def stop_broker(procs: ProcessGroup, broker: Broker) -> None:
+    """Stop the broker by its PID (SIGTERM, then SIGKILL): an outage until ``restart_broker``.
+
+    Mosquitto keeps no sessions across it (``persistence false``): clients reconnect and
+    subscribe again, and a message published before a subscriber is back reaches no one.
+    """
+    procs.stop(broker.child)
+    log.info("mosquitto pid=%s stopped (port %s)", broker.child.pid, broker.port)
+
+
+def restart_broker(procs: ProcessGroup, broker: Broker, timeout: float = 10.0) -> None:
+    """Start the broker again on the same port(s), with the same certificates and ACL.
+
+    A running broker is stopped first. The CRL copy is refreshed from the CA as on reload.
+    ``broker.child`` becomes the new process: a ``crl_hook_argv`` taken before names the
+    old PID. Raises ``ComponentStartError`` when it does not serve within ``timeout``
+    (another process may have taken the port meanwhile: the log tail says so).
+    """
+    if broker.child.alive():
+        procs.stop(broker.child)
+    exe = require_tool("mosquitto")
+    _copy(broker.crl_source, broker.crl, 0o644)
+    name = f"mosquitto-{broker.port}"
+    log_path = procs.log_dir / f"{name}.log"
+    old_log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    ready_before = len(_READY_LINE.findall(old_log))
+    child = procs.start(name, [exe, "-c", str(broker.config_path)])
+    up = (
+        wait_for_port(broker.port, timeout, alive=child.alive)
+        and (
+            broker.enroll_port is None
+            or wait_for_port(broker.enroll_port, timeout, alive=child.alive)
+        )
+        and _wait_log(child, _READY_LINE, ready_before + 1, timeout)
+    )
+    if not (up and child.alive()):
+        tail = child.log_tail()
+        procs.stop(child)
+        raise ComponentStartError("mosquitto", f"restart on port {broker.port} failed:\n{tail}")
+    broker.child = child
+    log.info("mosquitto pid=%s listening again on 127.0.0.1:%s", child.pid, broker.port)
+
+
 def crl_hook_argv(broker: Broker) -> list[str]:
     """argv for the sidecar's ``fleet.crl_hook``: ``reload_broker`` from another process.
 
@@ -367,7 +413,9 @@ __all__ = [
     "crl_hook_argv",
     "enroll_acl_text",
     "reload_broker",
+    "restart_broker",
     "start_broker",
+    "stop_broker",
 ]
 
 if __name__ == "__main__" and sys.argv[1:2] == ["reload-crl"]:
