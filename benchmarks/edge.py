@@ -1,8 +1,11 @@
 """Edge benchmarks: real-time factor and peak RSS of the device path, and int8 vs fp32.
 
 - ``run_pipeline``: runs ``benchmarks.edge_child`` as a subprocess pinned to one core.
-  ``edge.rtf_one_core`` = streaming-loop seconds / audio seconds (start-up and model
-  loading are reported apart, not in the ratio). ``edge.peak_rss_mb`` is the child's
+  ``edge.rtf_one_core`` = CPU seconds of the streaming loop / audio seconds: the child is
+  single-threaded and pinned, so this is what the loop costs a core; the wall-clock
+  ratio (``edge.rtf_wall_one_core``) also counts the time other processes held that core
+  on this shared machine. Start-up and model loading are reported apart, not in the
+  ratio. ``edge.peak_rss_mb`` is the child's
   ``VmHWM`` from ``/proc/self/status``, read by the child as it ends: ``ru_maxrss``
   (``os.wait4``, ``RUSAGE_CHILDREN``) is no good here, because Linux carries the
   high-water mark across fork+exec, so the child would inherit this parent's (torch
@@ -39,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class PipelineRun:
     audio_s: float
-    process_s: float
+    process_s: float  # wall-clock seconds of the streaming loop
+    cpu_s: float  # CPU seconds the process used in that loop (one thread, one core)
     setup_s: float
     windows_in: int
     windows_kept: int
@@ -74,6 +78,7 @@ def run_pipeline(wav: Path, model_int8: Path, work: Path) -> PipelineRun:
     return PipelineRun(
         audio_s=float(r["audio_s"]),
         process_s=float(r["process_s"]),
+        cpu_s=float(r["cpu_s"]),
         setup_s=float(r["setup_s"]) + float(r["import_s"]),
         windows_in=int(r["windows_in"]),
         windows_kept=int(r["windows_kept"]),

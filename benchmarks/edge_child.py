@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             stored += buffer.add(meta, f16)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = run_stream(source.blocks(), gate, lambda: classifier, on_window)
-    process_s = time.perf_counter() - t0
+    process_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     buffer.close()
     result = {
         "audio_s": source.duration_s,
         "process_s": process_s,
+        "cpu_s": cpu_s,
         "import_s": t_setup - t_import,
         "setup_s": t0 - t_setup,
         "windows_in": stats.windows_in,

@@ -46,8 +46,9 @@ class Goal:
 
 GOALS: dict[str, Goal] = {
     "edge.rtf_one_core": Goal(
-        "≤ 0.01", "processing s / audio s: file → gate → features → int8 → buffer", True, 0.01
+        "≤ 0.01", "CPU s / audio s: file → gate → features → int8 → buffer, one core", True, 0.01
     ),
+    "edge.rtf_wall_one_core": Goal("", "the same, wall-clock s (includes other processes)"),
     "edge.rtf_audio_s": Goal("", "seconds of scene audio the RTF was measured over"),
     "edge.setup_s": Goal("", "child start-up: imports, VAD and model load (not in the RTF)"),
     "edge.peak_rss_mb": Goal("≤ 300", "peak RSS of the one-core pipeline process (MiB)", True, 300),
@@ -116,7 +117,8 @@ def edge_section(opt: Options) -> dict[str, float]:
     if run.torch_imported:
         raise RuntimeError("the device path imported torch")
     out: dict[str, float] = {
-        "edge.rtf_one_core": run.process_s / run.audio_s,
+        "edge.rtf_one_core": run.cpu_s / run.audio_s,
+        "edge.rtf_wall_one_core": run.process_s / run.audio_s,
         "edge.rtf_audio_s": run.audio_s,
         "edge.setup_s": run.setup_s,
         "edge.peak_rss_mb": run.peak_rss_mb,

@@ -187,11 +187,19 @@ class SensorsConfig(_Strict):
 
 
 class GatePolicy(_Strict):
-    threshold: float | None = Field(
-        None, gt=0, lt=1, description="VAD speech threshold; None = gate default"
-    )
+    """The deployment's privacy policy; ``None`` keeps the gate's measured default
+    (``edge_daemon.privacy.gate.GateConfig``, ADR 0005)."""
+
+    threshold: float | None = Field(None, gt=0, lt=1, description="VAD speech threshold")
+    hysteresis: float | None = Field(None, ge=0, lt=1)
     margin_before_s: float | None = Field(None, ge=0, le=5)
     margin_after_s: float | None = Field(None, ge=0, le=5)
+    detectors: list[Literal["denoise", "level", "declip", "tonal"]] | None = Field(
+        None, min_length=1, max_length=4, description="conditioned views the VAD scores"
+    )
+    vad_reset_s: float | None = Field(
+        None, ge=0, le=600, description="twin VAD state restart period; 0 = never"
+    )
 
 
 class SelectionConfig(_Strict):

@@ -55,6 +55,8 @@ class StreamStats:
 
 def make_gate(policy: GatePolicy, vad: SileroVad) -> PrivacyGate:
     overrides = {k: v for k, v in policy.model_dump().items() if v is not None}
+    if "detectors" in overrides:
+        overrides["detectors"] = tuple(overrides["detectors"])
     return PrivacyGate(dataclasses.replace(GateConfig(), **overrides), vad)
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 CHUNK_SAMPLES = 512  # 32 ms: the only chunk size the 16 kHz model accepts
 CONTEXT_SAMPLES = 64
-MAX_STREAMS = 8
+MAX_STREAMS = 16
 MAX_BLOCK_SAMPLES = 60 * SAMPLE_RATE
 MODEL_FILE = "silero_vad.onnx"  # opset 16, 8/16 kHz, v6 weights
 MAX_MODEL_BYTES = 16 * 1024 * 1024
@@ -114,6 +114,10 @@ class SileroVad:
         self._state: FloatArray = np.zeros((2, self.streams, 128), dtype=np.float32)
         self._context: FloatArray = np.zeros((self.streams, CONTEXT_SAMPLES), dtype=np.float32)
         self._pending: FloatArray = np.zeros((self.streams, 0), dtype=np.float32)
+
+    def reset_streams(self, streams: slice) -> None:
+        """Zero the recurrent state of some streams (their context and buffer stay)."""
+        self._state[:, streams] = 0.0
 
     @property
     def pending_samples(self) -> int:
