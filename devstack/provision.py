@@ -131,6 +131,8 @@ def device_config(
                 "base_int8": models / INT8_FILE,
             },
             "source": {"type": "scene", "seed": 1000 + index, "duration_s": stream_s, **scene},
+            # the demo packs a device's days into minutes of audio: no daily uplink cap
+            "selection": {"uplink_bytes_per_day": None},
             "evaluation": {
                 "source": {"type": "scene", "seed": 5000 + index, "duration_s": eval_s, **scene}
             },

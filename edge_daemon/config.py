@@ -213,9 +213,12 @@ class SelectionConfig(_Strict):
         0.9, gt=0, le=1, description="refuse low-confidence samples once unsent data fills this"
     )
     uplink_bytes_per_day: int | None = Field(
-        None,
+        2_000_000,
         ge=1_000_000,
-        description="cap on kept sample bytes per day of audio (token bucket); None = no cap",
+        description=(
+            "cap on kept sample bytes per day of audio (token bucket; the default keeps"
+            " uploads near 0.06% of the raw audio bytes); None = no cap"
+        ),
     )
 
 

@@ -1,8 +1,8 @@
 """The privacy gate: 1 s audio windows leave the capture path only if no speech is near.
 
 Owns: cutting the stream into windows and 32 ms VAD chunks, the signal conditioning
-in front of the VAD (level normalisation, impulse clipping, tonal suppression), the
-guard margins around each window and the keep/drop decision. Design and measurements:
+in front of the VAD (noise-floor subtraction, level normalisation, impulse clipping,
+tonal suppression), the twin VAD states, the guard margins around each window and the keep/drop decision. Design and measurements:
 docs/adr/0005-privacy-gate.md.
 
 Invariants:
@@ -14,19 +14,24 @@ Invariants:
   probability >= ``threshold``, or >= ``threshold - hysteresis`` while that
   detector's previous chunk was speech; a detector whose conditioning delays the
   signal (those with the tonal stage, by 256 samples) also marks the chunk before;
+- chunks are conditioned one by one as they arrive and queued; once the queue holds
+  ``ENCODE_BATCH`` rows (chunks x detectors) the VAD encoder scores them as one
+  batch and its recurrent decoder steps through them in stream order;
 - a window is decided only once every detector has scored all of its guard interval;
   at ``flush`` the last chunk is zero-padded and the delayed detectors are drained with
   silence, and a window whose after-margin the stream end cuts is dropped unvetted
   (speech starting in the last ``margin_after_s`` of a file may not be detected yet);
 - the detectors only ever see conditioned copies; kept audio is the input unchanged;
 - a dropped window's samples are overwritten in the gate's buffer at decision time and
-  never returned, logged or stored; only its index is counted (detector state keeps
-  at most the last chunk's samples, replaced as the stream moves on);
+  never returned, logged or stored; only its index is counted (detector state and
+  the scoring queue keep at most the last ``ENCODE_BATCH`` chunks' conditioned
+  samples, replaced as the stream moves on);
 - each detector's chunk is scored by two VAD states whose recurrent state is zeroed in
   turn, every ``vad_reset_s`` and half a period apart, on the stream-aligned chunk
   count; the older of the two decides (ties: the first);
 - decisions depend only on the samples, not on how they were split into ``push``
-  calls: every stage works chunk by chunk on the stream-aligned grid;
+  calls: every stage works chunk by chunk on the stream-aligned grid, and the
+  encoder's result for a chunk does not depend on its batch-mates (``silero.encode``);
 - a trailing partial window (less than 1 s at ``flush``) is discarded, never kept;
 - one ``push`` accepts at most ``config.max_block_samples`` samples (untrusted cap).
 """
@@ -41,7 +46,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon.errors import ConfigError
-from edge_daemon.privacy.vad import CHUNK_SAMPLES, SAMPLE_RATE, SileroVad
+from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN
+from edge_daemon.privacy.vad import (
+    CHUNK_SAMPLES,
+    CONTEXT_SAMPLES,
+    SAMPLE_RATE,
+    SileroVad,
+    context_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +82,8 @@ class GateConfig:
         mostly holds on well past the end, so this can be short).
     margin_after_s: guard time after a window's end that must be speech-free (covers
         the VAD's onset latency, over 1 s for speech that starts quietly in noise).
-        Windows are released this much after their end, plus up to two chunks.
+        Windows are released this much after their end, plus the chunks waiting for
+        the next encoder batch (up to ``ENCODE_BATCH``, 256 ms, with one detector).
     detectors: the conditioned copies of the signal that the VAD scores; a chunk is
         speech if any of them says so; each costs one VAD run per chunk (two with
         ``vad_reset_s``). ``"denoise"``: spectral subtraction of a minimum-statistics
@@ -313,6 +326,18 @@ class _Detector:
         return s
 
 
+def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
+    """Before scoring stream chunk ``chunk``: (zero twin A, zero twin B, A decides).
+
+    A restarts at every multiple of ``period`` after the first chunk, B half a period
+    later; the twin that restarted longer ago decides (A on a tie, at stream start).
+    """
+    half = period // 2
+    age_a = chunk % period
+    age_b = (chunk - half) % period if chunk >= half else chunk
+    return chunk > 0 and age_a == 0, chunk >= half and age_b == 0, age_a >= age_b
+
+
 class PrivacyGate:
     """Streaming gate over one audio stream; ``flush`` ends it and starts the next."""
 
@@ -321,10 +346,10 @@ class PrivacyGate:
         self.stats = GateStats()
         self._detectors = [_Detector(config, kind) for kind in config.detectors]
         k = len(self._detectors)
+        self._model = vad.model
         # twin VAD states per detector, restarted in turn every vad_reset_s (see GateConfig)
         self._period = round(config.vad_reset_s * SAMPLE_RATE / CHUNK_SAMPLES)
-        streams = 2 * k if self._period else k
-        self._vad = vad if vad.streams == streams else vad.spawn(streams=streams)
+        self._states = 2 * k if self._period else k
         # a detector whose conditioning lags by d samples also flags the chunks before
         self._lag = max(-(-d.delay // CHUNK_SAMPLES) for d in self._detectors)
         self._before = round(config.margin_before_s * SAMPLE_RATE)
@@ -332,7 +357,10 @@ class PrivacyGate:
         self._start_stream()
 
     def _start_stream(self) -> None:
-        self._vad.reset()
+        k = len(self._detectors)
+        self._context = np.zeros((k, CONTEXT_SAMPLES), dtype=np.float32)
+        self._state = np.zeros((2, self._states, HIDDEN), dtype=np.float32)
+        self._queue: list[FloatArray] = []  # prepared (k, 512) chunks not yet scored
         for d in self._detectors:
             d.reset()
         self._next_window = 0  # index of the first undecided window
@@ -357,8 +385,10 @@ class PrivacyGate:
         buf = np.concatenate((self._unscored, x))
         n = buf.size // CHUNK_SAMPLES
         for i in range(n):
-            self._score(buf[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
+            self._prepare(buf[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
         self._unscored = buf[n * CHUNK_SAMPLES :].copy()
+        if len(self._queue) * len(self._detectors) >= ENCODE_BATCH:
+            self._score_queue()
         return self._release(final=False)
 
     def flush(self) -> list[KeptWindow]:
@@ -367,8 +397,9 @@ class PrivacyGate:
         last = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
         last[: self._unscored.size] = self._unscored
         for _ in range((1 if self._unscored.size else 0) + self._lag):
-            self._score(last)
+            self._prepare(last)
             last = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
+        self._score_queue()
         kept = self._release(final=True)
         if self._audio.size:
             log.debug("discarding trailing partial window of %d samples", self._audio.size)
@@ -376,23 +407,37 @@ class PrivacyGate:
         self._start_stream()
         return kept
 
-    def _score(self, chunk: FloatArray) -> None:
-        batch = np.stack([d.prepare(chunk) for d in self._detectors])
+    def _prepare(self, chunk: FloatArray) -> None:
+        self._queue.append(np.stack([d.prepare(chunk) for d in self._detectors]))
+
+    def _score_queue(self) -> None:
+        """Score the queued chunks: one encoder batch, then the decoder chunk by chunk."""
+        if not self._queue:
+            return
+        chunks = np.stack(self._queue)  # (n, k, 512)
+        self._queue.clear()
+        n, k = chunks.shape[0], chunks.shape[1]
+        inputs = context_inputs(self._context, chunks)
+        self._context = np.array(chunks[-1, :, -CONTEXT_SAMPLES:], dtype=np.float32)
+        gates = self._model.encode(inputs.reshape(n * k, -1)).reshape(n, k, -1)
+        for g in gates:
+            self._score(g)
+
+    def _score(self, gates: FloatArray) -> None:
         k, i = len(self._detectors), self._chunks
         self._chunks += 1
         if not self._period:
-            probs = self._vad.chunk_probs(batch)[:, 0].tolist()
+            probs, self._state = self._model.step(gates, self._state)
         else:
-            half = self._period // 2
-            if i and i % self._period == 0:
-                self._vad.reset_streams(slice(0, k))  # twin A restarts
-            if i % self._period == half:
-                self._vad.reset_streams(slice(k, 2 * k))  # twin B restarts
-            both = self._vad.chunk_probs(np.concatenate((batch, batch)))[:, 0]
-            age_a, age_b = i % self._period, (i - half) % self._period if i >= half else i
-            probs = (both[:k] if age_a >= age_b else both[k:]).tolist()  # the older twin
+            restart_a, restart_b, a_decides = twin_schedule(i, self._period)
+            if restart_a:
+                self._state[:, :k] = 0.0
+            if restart_b:
+                self._state[:, k:] = 0.0
+            both, self._state = self._model.step(np.concatenate((gates, gates)), self._state)
+            probs = both[:k] if a_decides else both[k:]
         self._speech.append(False)
-        for d, p in zip(self._detectors, probs, strict=True):
+        for d, p in zip(self._detectors, probs.tolist(), strict=True):
             if d.decide(p):
                 # the flagged audio reaches back d.delay samples before this chunk
                 back = -(-d.delay // CHUNK_SAMPLES)

@@ -1,7 +1,10 @@
-"""Silero VAD run through onnxruntime: one speech probability per 32 ms chunk.
+"""Silero VAD: one speech probability per 32 ms chunk, streaming.
 
 Owns: locating the ONNX file shipped by the ``silero-vad`` package (without importing
-it: its ``__init__`` imports torch), the onnxruntime session and the streaming state.
+it: its ``__init__`` imports torch), reading it under a byte cap, and the streaming
+state (context and recurrent state per stream). The model itself runs split
+(``edge_daemon.privacy.silero``): the chunks of one call go through the encoder as one
+batch, then the recurrent decoder steps through them in order.
 
 Invariants:
 - torch is never imported; only numpy and onnxruntime;
@@ -11,8 +14,8 @@ Invariants:
 - each chunk is fed with the 64 samples before it prepended (``CONTEXT_SAMPLES``)
   and the recurrent state of the previous chunk, exactly as silero-vad 5+/6's own
   ``OnnxWrapper`` does (zeros at stream start);
-- several streams (``streams``) are scored as one batch per chunk, each with its own
-  state; one stream's samples never influence another's probabilities;
+- several streams (``streams``) are scored together, each with its own state; one
+  stream's samples never influence another's probabilities;
 - a single call accepts at most ``MAX_BLOCK_SAMPLES`` samples per stream (input cap).
 """
 
@@ -25,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from edge_daemon.errors import InferenceError
+from edge_daemon.privacy.silero import SileroModel
 
 log = logging.getLogger(__name__)
 
@@ -73,40 +76,26 @@ class SileroVad:
         path = model_path or default_model_path()
         try:
             size = path.stat().st_size
+            if size > MAX_MODEL_BYTES:
+                raise InferenceError(f"VAD model {path} is {size} bytes > cap {MAX_MODEL_BYTES}")
+            data = path.read_bytes()
         except OSError as exc:
             raise InferenceError(f"VAD model {path} unreadable: {exc}") from exc
-        if size > MAX_MODEL_BYTES:
-            raise InferenceError(f"VAD model {path} is {size} bytes > cap {MAX_MODEL_BYTES}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3  # the shipped graph has unused initializers; not news
-        try:
-            session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise InferenceError(f"cannot load VAD model {path}: {exc}") from exc
-        names = {i.name for i in session.get_inputs()}
-        if names != {"input", "state", "sr"}:
-            raise InferenceError(f"VAD model {path} has inputs {sorted(names)}, not input/state/sr")
-        self._setup(session, path, streams)
+        self._setup(SileroModel(data, path, threads), path, streams)
         log.debug("silero VAD loaded from %s (%d threads, %d streams)", path, threads, streams)
 
-    def _setup(self, session: ort.InferenceSession, path: Path, streams: int) -> None:
+    def _setup(self, model: SileroModel, path: Path, streams: int) -> None:
         if not 1 <= streams <= MAX_STREAMS:
             raise ValueError(f"streams must be 1..{MAX_STREAMS}, got {streams}")
-        self._session = session
+        self.model = model
         self.model_path = path
         self.streams = streams
-        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
 
     def spawn(self, streams: int = 1) -> SileroVad:
-        """Another VAD on the same loaded model (shares the session, own state)."""
+        """Another VAD on the same loaded model (own state)."""
         twin = object.__new__(SileroVad)
-        twin._setup(self._session, self.model_path, streams)
+        twin._setup(self.model, self.model_path, streams)
         return twin
 
     def reset(self) -> None:
@@ -114,10 +103,6 @@ class SileroVad:
         self._state: FloatArray = np.zeros((2, self.streams, 128), dtype=np.float32)
         self._context: FloatArray = np.zeros((self.streams, CONTEXT_SAMPLES), dtype=np.float32)
         self._pending: FloatArray = np.zeros((self.streams, 0), dtype=np.float32)
-
-    def reset_streams(self, streams: slice) -> None:
-        """Zero the recurrent state of some streams (their context and buffer stay)."""
-        self._state[:, streams] = 0.0
 
     @property
     def pending_samples(self) -> int:
@@ -140,9 +125,8 @@ class SileroVad:
             raise ValueError(f"block of {x.shape[1]} samples > cap {MAX_BLOCK_SAMPLES}")
         buf = np.concatenate((self._pending, x), axis=1) if self._pending.size else x
         n = buf.shape[1] // CHUNK_SAMPLES
-        out = np.empty((self.streams, n), dtype=np.float32)
-        for i in range(n):
-            out[:, i] = self._run(buf[:, i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
+        chunks = buf[:, : n * CHUNK_SAMPLES].reshape(self.streams, n, CHUNK_SAMPLES)
+        out = self._score(chunks.transpose(1, 0, 2)).T
         self._pending = np.array(buf[:, n * CHUNK_SAMPLES :], dtype=np.float32)
         return out[0] if one_d else out
 
@@ -157,17 +141,26 @@ class SileroVad:
             chunk = np.zeros((self.streams, CHUNK_SAMPLES), dtype=np.float32)
             chunk[:, :n] = self._pending
             self._pending = np.zeros((self.streams, 0), dtype=np.float32)
-            out[:, 0] = self._run(chunk)
+            out[:, 0] = self._score(chunk[None])[0]
         return out[0] if self.streams == 1 else out
 
-    def _run(self, chunk: FloatArray) -> FloatArray:
-        x = np.concatenate((self._context, chunk), axis=1)
-        try:
-            prob, state = self._session.run(
-                None, {"input": x, "state": self._state, "sr": self._sr}
-            )
-        except Exception as exc:
-            raise InferenceError(f"VAD inference failed: {exc}") from exc
-        self._state = np.asarray(state, dtype=np.float32)
-        self._context = np.array(chunk[:, -CONTEXT_SAMPLES:], dtype=np.float32)
-        return np.asarray(prob, dtype=np.float32).reshape(self.streams)
+    def _score(self, chunks: FloatArray) -> FloatArray:
+        """Probabilities ``(n, streams)`` for chunks ``(n, streams, 512)`` in stream order."""
+        n = chunks.shape[0]
+        if not n:
+            return np.zeros((0, self.streams), dtype=np.float32)
+        inputs = context_inputs(self._context, chunks)
+        self._context = np.array(chunks[-1, :, -CONTEXT_SAMPLES:], dtype=np.float32)
+        gates = self.model.encode(inputs.reshape(n * self.streams, -1))
+        gates = gates.reshape(n, self.streams, -1)
+        out = np.empty((n, self.streams), dtype=np.float32)
+        for i in range(n):
+            out[i], self._state = self.model.step(gates[i], self._state)
+        return out
+
+
+def context_inputs(context: FloatArray, chunks: FloatArray) -> FloatArray:
+    """``(n, s, 64 + 512)`` model inputs: each chunk with the 64 samples before it
+    (``context`` ``(s, 64)`` before the first)."""
+    tails = np.concatenate((context[None], chunks[:-1, :, -CONTEXT_SAMPLES:]), axis=0)
+    return np.ascontiguousarray(np.concatenate((tails, chunks), axis=2), dtype=np.float32)
