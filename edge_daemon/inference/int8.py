@@ -203,6 +203,18 @@ def _plan(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, 
     return convs, relu_of
 
 
+def _dequantize(tensor: str) -> onnx.NodeProto:
+    """``<tensor>_dequantized`` from ``<tensor>_quantized``, ``_scale`` and ``_zero_point``
+    (per channel along axis 0)."""
+    return helper.make_node(
+        "DequantizeLinear",
+        [f"{tensor}_quantized", f"{tensor}_scale", f"{tensor}_zero_point"],
+        [f"{tensor}_dequantized"],
+        name=f"{tensor}_DequantizeLinear",
+        axis=0,
+    )
+
+
 def _weight_qdq(
     w: F32, b: F32 | None, x_scale: np.float32, name: str
 ) -> tuple[list[TensorProto], list[onnx.NodeProto], list[str]]:
@@ -218,15 +230,7 @@ def _weight_qdq(
             np.zeros_like(wq, shape=w_scale.shape), f"{name}.weight_zero_point"
         ),
     ]
-    nodes = [
-        helper.make_node(
-            "DequantizeLinear",
-            [f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"],
-            [f"{name}.weight_dequantized"],
-            name=f"{name}.weight_DequantizeLinear",
-            axis=0,
-        )
-    ]
+    nodes = [_dequantize(f"{name}.weight")]
     outs = [f"{name}.weight_dequantized"]
     if b is not None:
         b_scale = (w_scale * x_scale).astype(np.float32)
@@ -238,15 +242,7 @@ def _weight_qdq(
             numpy_helper.from_array(b_scale, f"{name}.bias_scale"),
             numpy_helper.from_array(np.zeros(b_scale.shape, np.int32), f"{name}.bias_zero_point"),
         ]
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{name}.bias_quantized", f"{name}.bias_scale", f"{name}.bias_zero_point"],
-                [f"{name}.bias_dequantized"],
-                name=f"{name}.bias_DequantizeLinear",
-                axis=0,
-            )
-        )
+        nodes.append(_dequantize(f"{name}.bias"))
         outs.append(f"{name}.bias_dequantized")
     return inits, nodes, outs
 

@@ -15,11 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import pytest
-import torch
 from pydantic import ValidationError
 
-from cloud_sidecar.model import AudioCNN
-from cloud_sidecar.pretrain import export_onnx
 from edge_daemon.config import ModelConfig
 from edge_daemon.errors import BackendUnavailableError, InferenceError
 from edge_daemon.inference.adapter import (
@@ -37,10 +34,10 @@ from edge_daemon.inference.backends import (
     make_classifier,
 )
 from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
-from edge_daemon.inference.int8 import calibration_path, encode_calibration, quantize_int8
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
+from tests.unit.model_files import untrained_base
 
 F32 = npt.NDArray[np.float32]
 TOL = 1e-4
@@ -48,14 +45,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    fp32 = d / "base.fp32.onnx"
-    calibration = calibration_path(fp32)
-    calibration.write_bytes(encode_calibration(_features(8, seed=99)))
-    export_onnx(AudioCNN(), fp32, calibration_sha256=file_sha256(calibration))
-    int8 = d / "base.int8.onnx"
-    quantize_int8(fp32, int8, calibration=calibration)
+    fp32, _, int8 = untrained_base(tmp_path_factory.mktemp("base"), _features(8, seed=99))
     return ModelFiles(fp32, int8)
 
 

@@ -17,13 +17,10 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from cloud_sidecar.model import AudioCNN
-from cloud_sidecar.pretrain import export_onnx
 from edge_daemon.errors import OtaError
 from edge_daemon.inference.adapter import (
     EdgeAdapter,
@@ -45,27 +42,19 @@ from edge_daemon.inference.int8 import (
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
+from tests.unit.model_files import random_windows, untrained_base
 
 F32 = npt.NDArray[np.float32]
 FP32_LAYERS = ("conv1", "fc1", "fc2")
 
 
-def _windows(n: int, seed: int = 0) -> F32:
-    """Log-mel-like windows: normalised features sit roughly in [-3, 5]."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, N_MELS, N_FRAMES)) * 1.5 + 0.5).astype(np.float32)
+_windows = random_windows
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(fp32, calibration, int8) of an untrained model, as pretraining lays them out."""
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    fp32 = d / "base.fp32.onnx"
-    calibration = calibration_path(fp32)
-    calibration.write_bytes(encode_calibration(_windows(30, seed=1)))
-    export_onnx(AudioCNN(), fp32, calibration_sha256=file_sha256(calibration))
-    return fp32, calibration, quantize_int8(fp32, d / "base.int8.onnx", calibration=calibration)
+    return untrained_base(tmp_path_factory.mktemp("base"), _windows(30, seed=1))
 
 
 def test_calibration_set_lives_beside_the_base_fp32() -> None:
