@@ -10,16 +10,16 @@ the residency policy (``cloud_sidecar.residency``), naming the endpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
 from cloud_sidecar.residency import MAX_REGION_LEN, ResidencyPolicy
+from fleet_protocol.io.config import load_json_model
 
 Region = Annotated[
     str,
@@ -178,20 +178,6 @@ class SidecarConfig(_Strict):
 
 
 def load_config(path: Path) -> SidecarConfig:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    if len(raw) > 1024 * 1024:
-        raise ConfigError(f"config {path} is larger than 1 MiB")
-    try:
-        cfg = SidecarConfig.model_validate(json.loads(raw))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from e
-    except (ValueError, RecursionError) as e:  # not UTF-8, a huge integer, nested too deeply
-        raise ConfigError(f"{path}: not JSON: {str(e)[:120]}") from e
+    cfg = load_json_model(path, SidecarConfig, ConfigError)
     cfg.check_residency()
     return cfg

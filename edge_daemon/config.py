@@ -7,14 +7,14 @@ here. ``validate-config`` reports errors with their location.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_daemon.errors import ConfigError
 from edge_daemon.inference.backends.config import BackendConfig, OnnxBackendConfig
+from fleet_protocol.io.config import load_json_model
 
 
 class _Strict(BaseModel):
@@ -267,18 +267,5 @@ class DeviceConfig(_Strict):
 
 
 def load_config(path: Path) -> DeviceConfig:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    if len(raw) > 1024 * 1024:
-        raise ConfigError(f"config {path} is larger than 1 MiB")
-    try:
-        return DeviceConfig.model_validate(json.loads(raw))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from e
-    except (ValueError, RecursionError) as e:  # not UTF-8, a huge integer, nested too deeply
-        raise ConfigError(f"{path}: not JSON: {str(e)[:120]}") from e
+    cfg = load_json_model(path, DeviceConfig, ConfigError)
+    return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +69,28 @@ class OnnxClassifier:
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Probabilities ``(B, n_classes)`` for features ``(B, N_MELS, N_FRAMES)``."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-            raise InferenceError(f"expected (batch, {N_MELS}, {N_FRAMES}) features, got {x.shape}")
-        if x.shape[0] == 0:
-            return np.zeros((0, self.n_classes), dtype=np.float32)
-        if x.shape[0] > MAX_BATCH:
-            parts = [self.predict(x[i : i + MAX_BATCH]) for i in range(0, x.shape[0], MAX_BATCH)]
-            return np.concatenate(parts, axis=0)
+        return predict_in_batches(features, self.n_classes, self._run)
+
+    def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         try:
             (probs,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
         except Exception as exc:
             raise InferenceError(f"inference failed on {self.path}: {exc}") from exc
         return np.asarray(probs, dtype=np.float32)
+
+
+def predict_in_batches(
+    features: npt.NDArray[np.float32],
+    n_classes: int,
+    run: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
+) -> npt.NDArray[np.float32]:
+    """The input contract every backend shares: ``(B, N_MELS, N_FRAMES)`` or
+    ``InferenceError``; an empty batch gives ``(0, n_classes)``; ``run`` sees contiguous
+    float32 batches of at most ``MAX_BATCH``."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
+        raise InferenceError(f"expected (batch, {N_MELS}, {N_FRAMES}) features, got {x.shape}")
+    if x.shape[0] == 0:
+        return np.zeros((0, n_classes), dtype=np.float32)
+    parts = [run(x[i : i + MAX_BATCH]) for i in range(0, x.shape[0], MAX_BATCH)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

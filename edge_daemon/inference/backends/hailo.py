@@ -28,7 +28,7 @@ import numpy.typing as npt
 from edge_daemon.errors import BackendUnavailableError, InferenceError
 from edge_daemon.inference.backends.config import HailoBackendConfig
 from edge_daemon.inference.backends.files import ModelFiles
-from fleet_protocol.features import N_FRAMES, N_MELS
+from edge_daemon.inference.onnx_backend import predict_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,9 @@ class HailoClassifier:
             raise InferenceError(f"Hailo backend: cannot configure {self.path}: {exc}") from exc
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-            raise InferenceError(f"expected (batch, {N_MELS}, {N_FRAMES}) features, got {x.shape}")
-        if x.shape[0] == 0:
-            return np.zeros((0, self.n_classes), dtype=np.float32)
+        return predict_in_batches(features, self.n_classes, self._run)
+
+    def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         try:
             hp, group = self._hp, self._group
             with (

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from edge_daemon.errors import BackendUnavailableError, InferenceError
 from edge_daemon.inference.backends.config import LiteRtBackendConfig
 from edge_daemon.inference.backends.files import ModelFiles
-from edge_daemon.inference.onnx_backend import MAX_BATCH, MAX_MODEL_BYTES
+from edge_daemon.inference.onnx_backend import MAX_MODEL_BYTES, predict_in_batches
 from fleet_protocol.features import N_FRAMES, N_MELS
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,9 @@ class LiteRtClassifier:
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Probabilities ``(B, n_classes)`` for features ``(B, N_MELS, N_FRAMES)``."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-            raise InferenceError(f"expected (batch, {N_MELS}, {N_FRAMES}) features, got {x.shape}")
-        if x.shape[0] == 0:
-            return np.zeros((0, self.n_classes), dtype=np.float32)
-        if x.shape[0] > MAX_BATCH:
-            parts = [self.predict(x[i : i + MAX_BATCH]) for i in range(0, x.shape[0], MAX_BATCH)]
-            return np.concatenate(parts, axis=0)
+        return predict_in_batches(features, self.n_classes, self._run)
+
+    def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         try:
             self._resize(x.shape[0])
             self._it.set_tensor(self._in, x)
