@@ -35,6 +35,7 @@ from devstack.pki import CertPair, DevCA
 from devstack.procs import ProcessGroup
 from devstack.softhsm import HsmToken, init_token
 from devstack.swtpm import Swtpm, start_swtpm
+from fleet_protocol.io.mqtt import MqttEndpoint
 
 log = logging.getLogger(__name__)
 CLOUD_IDENTITY = "cloud-sidecar"
@@ -110,6 +111,10 @@ class DevStack:
     def open_hsm(self) -> Hsm:
         """A session on the stack's token (the fleet CA key lives there)."""
         return Hsm(str(self.token.module), self.token.label, self.token.user_pin)
+
+    def endpoint(self, pair: CertPair) -> MqttEndpoint:
+        """The broker's device listener, as the holder of ``pair`` connects to it."""
+        return MqttEndpoint("127.0.0.1", self.broker.port, self.ca.cert_path, pair.cert, pair.key)
 
     def add_device(self, device_id: str) -> DeviceSlot:
         state_dir = self.workdir / "devices" / device_id

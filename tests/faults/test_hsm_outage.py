@@ -39,7 +39,7 @@ from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_FRAMES, N_MELS
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import Ack
 
 pytestmark = pytest.mark.integration
@@ -135,9 +135,7 @@ class Device:
         self.seq = 0
         stack = outage.stack
         self.link = MqttLink(
-            MqttEndpoint(
-                "127.0.0.1", stack.broker.port, stack.ca.cert_path, slot.cert.cert, slot.cert.key
-            ),
+            stack.endpoint(slot.cert),
             client_id=slot.device_id,
             on_message=lambda _t, p: self.acks.put(Ack.from_bytes(p)),
             subscriptions=[(topics.ack(slot.device_id), 1)],

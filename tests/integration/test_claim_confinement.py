@@ -21,7 +21,7 @@ import pytest
 from devstack.pki import CertPair
 from devstack.procs import require_tool
 from devstack.stack import DevStack
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.io.mqtt import MqttLink
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +44,7 @@ class Admin:
     def __init__(self, stack: DevStack) -> None:
         self.got: queue.Queue[tuple[str, bytes]] = queue.Queue()
         pair = stack.cloud_cert
-        endpoint = MqttEndpoint(
-            "127.0.0.1", stack.broker.port, stack.ca.cert_path, pair.cert, pair.key
-        )
+        endpoint = stack.endpoint(pair)
         self.link = MqttLink(
             endpoint, f"admin-{uuid.uuid4().hex[:8]}", lambda t, p: self.got.put((t, p))
         )

@@ -22,7 +22,7 @@ from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_FRAMES, N_MELS
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import Ack
 
 from .conftest import Cloud
@@ -78,13 +78,7 @@ def device_for(cloud: Cloud, slot: DeviceSlot) -> Iterator[Device]:
     """A device's own MQTT session (its certificate) and TPM, listening for its acks."""
     acks: queue.Queue[Ack] = queue.Queue()
     link = MqttLink(
-        MqttEndpoint(
-            "127.0.0.1",
-            cloud.stack.broker.port,
-            cloud.stack.ca.cert_path,
-            slot.cert.cert,
-            slot.cert.key,
-        ),
+        cloud.stack.endpoint(slot.cert),
         client_id=slot.device_id,
         on_message=lambda _t, p: acks.put(Ack.from_bytes(p)),
         subscriptions=[(topics.ack(slot.device_id), 1)],

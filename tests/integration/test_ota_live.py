@@ -31,7 +31,7 @@ from edge_daemon.inference.adapter import merged_fp32_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.ota import InstalledModel, OtaClient
 from fleet_protocol import ota, topics
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import OtaStatus
 
 from .conftest import Cloud
@@ -60,13 +60,7 @@ def edge(cloud: Cloud, base_model: Any, tmp: Path, channel: str) -> Iterator[Edg
     slot = cloud.stack.devices[0]
     holder: list[EdgeOta] = []
     link = MqttLink(
-        MqttEndpoint(
-            "127.0.0.1",
-            cloud.stack.broker.port,
-            cloud.stack.ca.cert_path,
-            slot.cert.cert,
-            slot.cert.key,
-        ),
+        cloud.stack.endpoint(slot.cert),
         client_id=slot.device_id,
         on_message=lambda t, p: holder[0].client.handle(t, p),  # noqa: PLW0108 - late binding: the client exists only after the link
     )
