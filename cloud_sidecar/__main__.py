@@ -57,9 +57,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_ota_rollback(args: argparse.Namespace) -> int:
-    from cloud_sidecar.app import open_hsm
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
     from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 
     cfg = load_config(args.config)
@@ -156,8 +156,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    from cloud_sidecar.app import open_hsm
     from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
 
     cfg = load_config(args.config)
     with open_hsm(cfg) as hsm:

@@ -19,44 +19,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
-from cloud_sidecar.keys.hsm import Hsm
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
-from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
 from fleet_protocol.messages import OtaStatus
 
 log = logging.getLogger(__name__)
 OTA_STATUS_SUBSCRIPTION = f"{topics.PREFIX}/+/ota/status"
-
-
-def open_hsm(cfg: SidecarConfig) -> Hsm:
-    os.environ.update(cfg.hsm.env)  # the PKCS#11 module reads these when it loads
-    return Hsm(str(cfg.hsm.module), cfg.hsm.token_label, cfg.hsm.pin())
-
-
-def _ignore(_topic: str, _payload: bytes) -> None:
-    return None
-
-
-def open_link(
-    cfg: SidecarConfig, client_id: str, on_message: Callable[[str, bytes], None] = _ignore
-) -> MqttLink:
-    b = cfg.broker
-    return MqttLink(
-        MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
-        client_id=client_id,
-        on_message=on_message,
-    )
 
 
 class _HsmUnwrapper:

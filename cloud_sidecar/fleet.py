@@ -40,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
@@ -368,7 +369,6 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
     signer: CaSigner
     if f.ca_signer == "hsm":
-        from cloud_sidecar.app import open_hsm  # app imports this module
         from cloud_sidecar.ca import HsmCaSigner
 
         ca_cert = x509.load_pem_x509_certificate(_read_capped(f.ca_dir / "ca.pem"))
@@ -388,7 +388,6 @@ def end_session(cfg: SidecarConfig, device_id: str, wait_s: float = 10.0) -> boo
     id) makes the broker close the older session (MQTT session takeover); the device's
     reconnect then meets the new CRL. Ingest refuses its uploads either way.
     """
-    from cloud_sidecar.app import open_link  # app imports this module
 
     link = open_link(cfg, device_id)
     try:

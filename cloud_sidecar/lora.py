@@ -6,9 +6,10 @@ Owns the adapter lifecycle on the cloud side. Invariants:
   and Linear of ``AudioCNN``) train, and the adapter is saved in PEFT's own format
   (``adapter_config.json`` + ``adapter_model.safetensors``);
 - ``convert_for_edge`` maps each adapted layer to the initializer that holds its weight
-  in the base's exported ONNX graph (read from the graph, not assumed), dry-runs the
-  device's merge on that graph, and writes the ``lora-lowrank-v1`` artifact with the
-  base model's fp32 sha256; what it writes is what ``edge_daemon`` parses;
+  in the base's exported ONNX graph (read from the graph, not assumed) and returns the
+  ``lora-lowrank-v1`` artifact's bytes with the base model's fp32 sha256: what
+  ``fleet_model`` parses and merges on the device (and in ``train``, which judges the
+  merged int8 model before anything is signed);
 - training is deterministic given ``seed`` and the inputs.
 """
 
@@ -34,14 +35,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, fit, torch_threads
-from edge_daemon.errors import OtaError
-from edge_daemon.inference.adapter import (
-    EdgeAdapter,
-    LowRankLayer,
-    encode_edge_adapter,
-    merge_into,
-)
-from fleet_protocol.io.files import file_sha256, write_atomic
+from fleet_model import EdgeAdapter, LowRankLayer, encode_edge_adapter
+from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -202,8 +197,8 @@ def _onnx_weight_initializers(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
-def convert_for_edge(adapter_dir: Path, base: BaseModel, out_path: Path) -> Path:
-    """Write the ``lora-lowrank-v1`` artifact for ``adapter_dir``; return ``out_path``."""
+def convert_for_edge(adapter_dir: Path, base: BaseModel) -> bytes:
+    """The ``lora-lowrank-v1`` artifact's bytes for the PEFT adapter in ``adapter_dir``."""
     from safetensors.numpy import load_file
 
     try:
@@ -246,10 +241,6 @@ def convert_for_edge(adapter_dir: Path, base: BaseModel, out_path: Path) -> Path
             "rank": str(max(x.rank for x in layers)),
         },
     )
-    try:
-        merge_into(graph, adapter)  # dry run of the device's merge: names and shapes fit
-    except OtaError as exc:
-        raise TrainingError(f"adapter does not fit the base graph: {exc}") from exc
-    write_atomic(out_path, encode_edge_adapter(adapter), 0o644)
-    log.info("edge adapter %s: %d layers, %d bytes", out_path, len(layers), out_path.stat().st_size)
-    return out_path
+    data = encode_edge_adapter(adapter)
+    log.info("edge adapter: %d layers, %d bytes", len(layers), len(data))
+    return data

@@ -11,7 +11,7 @@ city background, turned into log-mel features). Invariants:
 - no BatchNorm: every Conv2d/Linear weight is exported to ONNX as its own initializer
   under its PyTorch name (``conv1.weight`` ...), which the edge adapter relies on;
 - ``ADAPTABLE_LAYERS`` names the layers LoRA may target; fewer than 200k parameters;
-- shaped for the int8 recipe (``edge_daemon.inference.int8``, ADR 0012): conv2..conv4
+- shaped for the int8 recipe (``fleet_model.int8``, ADR 0012): conv2..conv4
   carry ~97% of the multiply-adds and run int8; conv1 (one input channel, strided,
   no pool after it) and the head stay fp32; channel counts stay multiples of 16, the
   block onnxruntime's fp32 kernels want on x86, so int8 is compared with fast fp32.

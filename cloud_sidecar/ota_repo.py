@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.connect import open_link
+from fleet_model import ADAPTER_FORMAT
 from fleet_protocol import ota, topics
 from fleet_protocol.io.files import write_atomic
 
@@ -67,7 +69,7 @@ class OtaRepository:
             length=len(artifact),
             sha256=sha,
             base_model_sha256=base_model_sha256,
-            adapter_format=ota.ADAPTER_FORMAT,
+            adapter_format=ADAPTER_FORMAT,
             cohort=cohort,
             adapter_version=adapter_version,
         )
@@ -145,7 +147,6 @@ def publish_via_broker(
     cfg: SidecarConfig, repo: OtaRepository, pub: Publication, client_id: str
 ) -> bool:
     """Publish ``pub`` as retained messages over the sidecar's own mTLS identity."""
-    from cloud_sidecar.app import open_link
 
     link = open_link(cfg, client_id)
     link.start(wait_s=15)

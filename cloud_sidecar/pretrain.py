@@ -8,7 +8,7 @@ Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.in
 - the ONNX graph has input ``features`` ``(batch, 64, 98)`` float32 and output ``probs``,
   a dynamic batch axis, opset 17, and one initializer ``<layer>.weight`` per adaptable
   layer (checked here, relied on by the edge adapter);
-- the int8 model comes from ``edge_daemon.inference.int8.quantize_int8`` (static QDQ),
+- the int8 model comes from ``fleet_model.quantize_model`` (static QDQ),
   the very function a device runs after merging an adapter, calibrated on the same
   ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class, made
   here from the synthetic scenes, shipped with the base, and named by sha256 both in
@@ -37,12 +37,13 @@ import torch
 
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
-from edge_daemon.inference.int8 import (
+from fleet_model import (
     QUANT_LAYERS,
     RECIPE,
+    ModelError,
     calibration_path,
     encode_calibration,
-    quantize_int8,
+    quantize_model,
     set_calibration_sha,
 )
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
@@ -173,6 +174,18 @@ def export_onnx(model: AudioCNN, path: Path, *, calibration_sha256: str) -> str:
     return file_sha256(path)
 
 
+def quantize_file(fp32: Path, out: Path, *, calibration: Path) -> Path:
+    """``fleet_model.quantize_model`` on files; ``TrainingError`` if the recipe refuses."""
+    try:
+        data = quantize_model(onnx.load(str(fp32)), calibration.read_bytes())
+    except OSError as exc:
+        raise TrainingError(f"cannot read the model or calibration set: {exc}") from exc
+    except ModelError as exc:
+        raise TrainingError(f"int8 quantization of {fp32} failed: {exc}") from exc
+    write_atomic(out, data, 0o644)
+    return out
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the body with ``n`` torch intra-op threads, restoring the previous count."""
@@ -221,7 +234,7 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
     write_atomic(calib, encode_calibration(calib_x), 0o644)
     fp32 = out_dir / FP32_FILE
     sha_fp32 = export_onnx(model, fp32, calibration_sha256=file_sha256(calib))
-    int8 = quantize_int8(fp32, out_dir / INT8_FILE, calibration=calib)
+    int8 = quantize_file(fp32, out_dir / INT8_FILE, calibration=calib)
     p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
     acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
     card = {
@@ -251,7 +264,7 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
             "int8_fp32_agreement": round(float((p_fp32 == p_int8).mean()), 4),
         },
         "quantization": {
-            "method": "static QDQ (edge_daemon.inference.int8)",
+            "method": "static QDQ (fleet_model.int8)",
             "recipe": RECIPE,
             "int8_layers": list(QUANT_LAYERS),
             "fp32_layers": [x for x in ADAPTABLE_LAYERS if x not in QUANT_LAYERS],

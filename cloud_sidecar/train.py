@@ -1,7 +1,8 @@
 """One training run: dataset → LoRA → gate → bundle → HSM signature → (publication).
 
 Each step is written to the audit log. The gate judges the exact int8 artifact the
-devices will run (merged by the edge's own ``apply_adapter`` into the base, scored with
+devices will run (merged into the base by ``fleet_model.merge_and_quantize``, the very
+function a device runs, and scored with
 onnxruntime), on the held-out split of device data and on a golden set drawn from
 the base distribution: the candidate must not be worse than production on the split
 (by ``min_val_gain``) and must not lose more than ``max_golden_drop`` on the golden set.
@@ -21,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud_sidecar.app import open_hsm
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
@@ -31,7 +32,7 @@ from cloud_sidecar.model import build_training_set
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 from cloud_sidecar.pretrain import load_base_model
 from cloud_sidecar.store import Store
-from edge_daemon.inference.adapter import apply_adapter
+from fleet_model import ModelError, merge_and_quantize
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -117,14 +118,23 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         rank=cfg.train.rank,
     )
 
-    edge_adapter = convert_for_edge(adapter_dir, base, run_dir / "edge-adapter.safetensors")
-    candidate = apply_adapter(base.onnx_fp32, edge_adapter, run_dir / "candidate.int8.onnx")
+    # The artifact's bytes stay in memory from here: what is gated is what is signed.
+    artifact = convert_for_edge(adapter_dir, base)
+    edge_adapter = run_dir / "edge-adapter.safetensors"
+    write_atomic(edge_adapter, artifact, 0o644)
+    try:
+        merged = merge_and_quantize(
+            base.onnx_fp32.read_bytes(), artifact, base.calibration.read_bytes()
+        )
+    except ModelError as exc:
+        raise TrainingError(f"adapter does not merge into the base: {exc}") from exc
+    candidate = run_dir / "candidate.int8.onnx"
+    write_atomic(candidate, merged.int8, 0o644)
     decision = gate(base.onnx_int8, candidate, (x_val, y_val), golden, cfg)
     audit.append("gate.decision", run_id, **decision)
     if not decision["passed"]:
         raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
 
-    artifact = edge_adapter.read_bytes()
     card = {
         "run_id": run_id,
         "dataset_id": ds.dataset_id,

@@ -22,7 +22,7 @@ from typing import Any
 
 from devstack.mosquitto import crl_hook_argv
 from devstack.stack import DeviceSlot, DevStack
-from edge_daemon.inference.int8 import calibration_path
+from fleet_model import calibration_path
 
 # File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
 FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_daemon.errors import OtaError
+from fleet_model import ADAPTER_FORMAT
 from fleet_protocol import ota, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ProtocolError
@@ -124,7 +125,7 @@ class OtaClient:
             t
             for t in verified.targets
             if t.cohort in (self._cohort, "all")
-            and t.adapter_format == ota.ADAPTER_FORMAT
+            and t.adapter_format == ADAPTER_FORMAT
             and t.base_model_sha256 == self._base_sha
             and t.adapter_version > self.state.adapter_version
         ]

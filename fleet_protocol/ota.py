@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from fleet_protocol.errors import MetadataError, TooLargeError
 
 SPEC_VERSION = "1.0.31"
-ADAPTER_FORMAT = "lora-lowrank-v1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 

@@ -30,6 +30,7 @@ from cloud_sidecar.ota_repo import OtaRepository, Publication
 from edge_daemon.inference.adapter import merged_fp32_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.ota import InstalledModel, OtaClient
+from fleet_model import ADAPTER_FORMAT
 from fleet_protocol import ota, topics
 from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import OtaStatus
@@ -44,7 +45,7 @@ def edge_adapter(base_model: Any, tmp_path_factory: pytest.TempPathFactory) -> b
     x, y = build_training_set(np.random.default_rng(3), 6, ("hilo",))
     out = tmp_path_factory.mktemp("adapter")
     peft_dir = train_adapter(base_model, x, y, replay=None, out_dir=out / "peft", rank=2, epochs=1)
-    return convert_for_edge(peft_dir, base_model, out / "edge.safetensors").read_bytes()
+    return convert_for_edge(peft_dir, base_model)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def test_metadata_signed_by_another_key_is_refused(
         length=len(edge_adapter),
         sha256=hashlib.sha256(edge_adapter).hexdigest(),
         base_model_sha256=base_model.sha256_fp32,
-        adapter_format=ota.ADAPTER_FORMAT,
+        adapter_format=ADAPTER_FORMAT,
         cohort="all",
         adapter_version=9,
     )

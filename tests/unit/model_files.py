@@ -9,8 +9,8 @@ import numpy.typing as npt
 import torch
 
 from cloud_sidecar.model import AudioCNN
-from cloud_sidecar.pretrain import export_onnx
-from edge_daemon.inference.int8 import calibration_path, encode_calibration, quantize_int8
+from cloud_sidecar.pretrain import export_onnx, quantize_file
+from fleet_model import calibration_path, encode_calibration
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
 
@@ -30,4 +30,4 @@ def untrained_base(
     calibration = calibration_path(fp32)
     calibration.write_bytes(encode_calibration(calibration_windows))
     export_onnx(AudioCNN(), fp32, calibration_sha256=file_sha256(calibration))
-    return fp32, calibration, quantize_int8(fp32, d / "base.int8.onnx", calibration=calibration)
+    return fp32, calibration, quantize_file(fp32, d / "base.int8.onnx", calibration=calibration)

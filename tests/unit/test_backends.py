@@ -19,13 +19,7 @@ from pydantic import ValidationError
 
 from edge_daemon.config import ModelConfig
 from edge_daemon.errors import BackendUnavailableError, InferenceError
-from edge_daemon.inference.adapter import (
-    EdgeAdapter,
-    LowRankLayer,
-    apply_adapter,
-    encode_edge_adapter,
-    merged_fp32_path,
-)
+from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
 from edge_daemon.inference.backends import (
     HailoBackendConfig,
     LiteRtBackendConfig,
@@ -35,6 +29,11 @@ from edge_daemon.inference.backends import (
 )
 from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
 from edge_daemon.inference.onnx_backend import OnnxClassifier
+from fleet_model.adapter import (
+    EdgeAdapter,
+    LowRankLayer,
+    encode_edge_adapter,
+)
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
 from tests.unit.model_files import untrained_base

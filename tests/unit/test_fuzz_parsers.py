@@ -3,7 +3,7 @@
 Each parser gets random bytes, nesting bombs, structurally plausible documents (the
 right field names with random values) and mutations of a valid input. The only
 exception allowed out of a parser is its documented error root (``ProtocolError``,
-``OtaError``, ``ConfigError``); anything else (``RecursionError``, ``TypeError``,
+``AdapterError``, ``ConfigError``); anything else (``RecursionError``, ``TypeError``,
 ``UnicodeDecodeError``, ...) fails the test.
 
 Examples here: ``TOTAL_EXAMPLES`` (6,100); tests/unit/test_envelope.py (4,600) and
@@ -36,13 +36,13 @@ from cloud_sidecar.config import load_config as load_cloud_config
 from cloud_sidecar.errors import ConfigError as CloudConfigError
 from edge_daemon.config import load_config as load_device_config
 from edge_daemon.errors import ConfigError as DeviceConfigError
-from edge_daemon.errors import OtaError
-from edge_daemon.inference.adapter import (
+from fleet_model.adapter import (
     EdgeAdapter,
     LowRankLayer,
     encode_edge_adapter,
     parse_edge_adapter,
 )
+from fleet_model.errors import AdapterError
 from fleet_protocol import batch, enroll, messages, ota, telemetry, topics
 from fleet_protocol.errors import ProtocolError
 
@@ -301,7 +301,7 @@ def test_ota_targets_verification_raises_only_protocol_errors(data: bytes) -> No
     )
 
 
-# -- edge adapter (edge_daemon.inference.adapter) ----------------------------------------
+# -- edge adapter (fleet_model.adapter) ----------------------------------------
 
 _rng = np.random.default_rng(7)
 _VALID_ADAPTER = encode_edge_adapter(
@@ -364,8 +364,8 @@ _adapter_headers = st.fixed_dictionaries(
         st.tuples(_adapter_headers, st.binary(max_size=64)).map(_safetensors),
     )
 )
-def test_edge_adapter_parse_raises_only_ota_errors(data: bytes) -> None:
-    _only(OtaError, lambda: parse_edge_adapter(data))
+def test_edge_adapter_parse_raises_only_adapter_errors(data: bytes) -> None:
+    _only(AdapterError, lambda: parse_edge_adapter(data))
 
 
 # -- configuration files (edge and cloud) ------------------------------------------------

@@ -21,14 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
+from cloud_sidecar.errors import TrainingError
+from cloud_sidecar.pretrain import quantize_file
 from edge_daemon.errors import OtaError
-from edge_daemon.inference.adapter import (
+from edge_daemon.inference.adapter import apply_adapter
+from edge_daemon.inference.onnx_backend import OnnxClassifier
+from fleet_model.adapter import (
     EdgeAdapter,
     LowRankLayer,
-    apply_adapter,
     encode_edge_adapter,
 )
-from edge_daemon.inference.int8 import (
+from fleet_model.errors import CalibrationError
+from fleet_model.int8 import (
     MAX_CALIBRATION_BYTES,
     MAX_CALIBRATION_WINDOWS,
     QUANT_LAYERS,
@@ -36,10 +40,8 @@ from edge_daemon.inference.int8 import (
     calibration_path,
     encode_calibration,
     parse_calibration,
-    quantize_int8,
     round_range,
 )
-from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
 from tests.unit.model_files import random_windows, untrained_base
@@ -92,7 +94,7 @@ def test_quantization_is_deterministic_and_leaves_the_fp32_model_untouched(
 ) -> None:
     fp32, calibration, int8 = base
     before = fp32.read_bytes()
-    again = quantize_int8(fp32, tmp_path / "again.int8.onnx", calibration=calibration)
+    again = quantize_file(fp32, tmp_path / "again.int8.onnx", calibration=calibration)
     assert again.read_bytes() == int8.read_bytes()
     assert fp32.read_bytes() == before
 
@@ -108,10 +110,10 @@ def test_another_or_a_missing_calibration_set_is_refused(
 ) -> None:
     other = tmp_path / "other.calib.npy"
     other.write_bytes(encode_calibration(_windows(30, seed=3)))
-    with pytest.raises(OtaError, match="not the one"):
-        quantize_int8(base[0], tmp_path / "x.int8.onnx", calibration=other)
-    with pytest.raises(OtaError, match="cannot read"):
-        quantize_int8(base[0], tmp_path / "x.int8.onnx", calibration=tmp_path / "missing.npy")
+    with pytest.raises(TrainingError, match="not the one"):
+        quantize_file(base[0], tmp_path / "x.int8.onnx", calibration=other)
+    with pytest.raises(TrainingError, match="cannot read"):
+        quantize_file(base[0], tmp_path / "x.int8.onnx", calibration=tmp_path / "missing.npy")
     assert not (tmp_path / "x.int8.onnx").exists()
 
 
@@ -160,20 +162,22 @@ def _npy(x: npt.NDArray[np.generic]) -> bytes:
     ],
 )
 def test_malformed_calibration_files_are_rejected(data: bytes) -> None:
-    with pytest.raises(OtaError):
+    with pytest.raises(CalibrationError):
         parse_calibration(data)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pos=st.integers(0, 200), byte=st.integers(0, 255), cut=st.integers(0, 300))
-def test_corrupted_calibration_bytes_raise_only_ota_error(pos: int, byte: int, cut: int) -> None:
+def test_corrupted_calibration_bytes_raise_only_calibration_error(
+    pos: int, byte: int, cut: int
+) -> None:
     good = encode_calibration(np.zeros((1, N_MELS, N_FRAMES), np.float32))
     data = bytearray(good)
     data[pos] = byte  # within the 128-byte header or the start of the payload
     blob = bytes(data[: len(data) - cut])
     try:
         x = parse_calibration(blob)
-    except OtaError:
+    except CalibrationError:
         return
     assert x.shape == (1, N_MELS, N_FRAMES)
 

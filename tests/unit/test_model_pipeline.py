@@ -30,18 +30,18 @@ from cloud_sidecar.lora import convert_for_edge, evaluate, load_with_adapter, tr
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
 from cloud_sidecar.pretrain import BaseModel, load_base_model, pretrain
 from edge_daemon.errors import InferenceError, OtaError
-from edge_daemon.inference.adapter import (
+from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
+from edge_daemon.inference.onnx_backend import OnnxClassifier
+from fleet_model import RECIPE, calibration_path
+from fleet_model.adapter import (
     ADAPTER_FORMAT,
     MAX_ADAPTER_BYTES,
     EdgeAdapter,
     LowRankLayer,
-    apply_adapter,
     encode_edge_adapter,
-    merged_fp32_path,
     parse_edge_adapter,
 )
-from edge_daemon.inference.int8 import RECIPE, calibration_path
-from edge_daemon.inference.onnx_backend import OnnxClassifier
+from fleet_model.errors import AdapterError
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -100,30 +100,30 @@ def test_conv_delta_equals_peft_conv_merge_formula() -> None:
         lambda a: replace(a, layers=()),
     ],
 )
-def test_malformed_adapters_are_rejected_with_ota_error(mutate: Any) -> None:
-    with pytest.raises(OtaError):
+def test_malformed_adapters_are_rejected_with_adapter_error(mutate: Any) -> None:
+    with pytest.raises(AdapterError):
         parse_edge_adapter(encode_edge_adapter(mutate(_adapter())))
 
 
 def test_wrong_format_tag_oversize_and_rank_above_cap_are_rejected() -> None:
     data = encode_edge_adapter(_adapter())
-    with pytest.raises(OtaError, match="format"):
+    with pytest.raises(AdapterError, match="format"):
         parse_edge_adapter(data.replace(ADAPTER_FORMAT.encode(), b"lora-lowrank-v9"))
-    with pytest.raises(OtaError, match="exceeds"):
+    with pytest.raises(AdapterError, match="exceeds"):
         parse_edge_adapter(data + b" " * MAX_ADAPTER_BYTES)
-    with pytest.raises(OtaError, match="rank"):
+    with pytest.raises(AdapterError, match="rank"):
         parse_edge_adapter(encode_edge_adapter(_adapter(rank=65)))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pos=st.integers(min_value=0), byte=st.integers(0, 255), cut=st.integers(min_value=0))
-def test_corrupted_or_truncated_adapter_bytes_raise_only_ota_error(
+def test_corrupted_or_truncated_adapter_bytes_raise_only_adapter_error(
     pos: int, byte: int, cut: int
 ) -> None:
     data = bytearray(encode_edge_adapter(_adapter()))
     data[pos % len(data)] = byte
     blob = bytes(data[: len(data) - cut % 64])
-    with contextlib.suppress(OtaError):  # any other exception fails the test
+    with contextlib.suppress(AdapterError):  # any other exception fails the test
         parse_edge_adapter(blob)
 
 
@@ -181,7 +181,8 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
         seed=0,
     )
     lora_s = time.monotonic() - t1
-    edge = convert_for_edge(adapter_dir, base, root / "edge-adapter.safetensors")
+    edge = root / "edge-adapter.safetensors"
+    edge.write_bytes(convert_for_edge(adapter_dir, base))
     int8 = apply_adapter(base.onnx_fp32, edge, root / "device" / "model.int8.onnx")
     return Pipeline(base, pretrain_s, lora_s, adapter_dir, edge, int8, hilo, others)
 

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from fleet_model import ADAPTER_FORMAT
 from fleet_protocol import ota
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import MetadataError, TooLargeError
@@ -32,7 +33,7 @@ def _target(data: bytes = b"adapter") -> ota.TargetInfo:
         length=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         base_model_sha256="0" * 64,
-        adapter_format=ota.ADAPTER_FORMAT,
+        adapter_format=ADAPTER_FORMAT,
         cohort="all",
         adapter_version=1,
     )

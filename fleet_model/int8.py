@@ -1,8 +1,9 @@
 """The int8 recipe: static QDQ quantization of the classifier, calibrated on fixed windows.
 
-Owns ``quantize_int8`` (the one function that pretraining and the device both run, so
-that the cloud can predict the int8 model a device builds), the calibration-set file
-(``<base>.calib.npy`` beside the base fp32) and the QDQ rewrite. Invariants:
+Owns ``quantize_model`` (the one function that pretraining and the device both run, so
+that the cloud can predict the int8 model a device builds), the calibration-set format
+(``<base>.calib.npy`` beside the base fp32; ``calibration_path`` names it) and the QDQ
+rewrite. Bytes in, bytes out: the callers read and write the files. Invariants:
 
 - deterministic: the same fp32 bytes and the same calibration file give the same int8
   bytes. Activation ranges come from one single-threaded fp32 onnxruntime run over the
@@ -18,7 +19,7 @@ that the cloud can predict the int8 model a device builds), the calibration-set 
 - the fp32 model passed in is not modified (every fp32 initializer the adapter merges
   into keeps its name and bytes there); the int8 model holds no fp32 copy of a
   quantized weight;
-- the calibration file is untrusted input: read with a byte cap, checked for dtype,
+- the calibration file is untrusted input: capped, checked for dtype,
   shape, count and finiteness, and its sha256 must equal the one the fp32 model names
   in its metadata (``CALIBRATION_SHA_KEY``, set at export), so the base model's hash,
   which every adapter names, pins the calibration set too;
@@ -44,9 +45,8 @@ import onnx
 from numpy.lib import format as npy_format
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_daemon.errors import OtaError
+from fleet_model.errors import CalibrationError, QuantizationError
 from fleet_protocol.features import N_FRAMES, N_MELS
-from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,45 +90,38 @@ def encode_calibration(windows: npt.NDArray[np.floating]) -> bytes:
 
 
 def parse_calibration(data: bytes) -> F32:
-    """Untrusted calibration bytes → float32 windows; ``OtaError`` on anything off.
+    """Untrusted calibration bytes → float32 windows; ``CalibrationError`` on anything off.
 
     The ``.npy`` header is checked (dtype, order, shape, count) before any payload is
     touched, and the payload must have exactly the size the header announces.
     """
     if len(data) > MAX_CALIBRATION_BYTES:
-        raise OtaError(f"calibration set: {len(data)} bytes exceeds {MAX_CALIBRATION_BYTES}")
+        raise CalibrationError(
+            f"calibration set: {len(data)} bytes exceeds {MAX_CALIBRATION_BYTES}"
+        )
     f = io.BytesIO(data)
     try:
         if npy_format.read_magic(f) != (1, 0):  # what np.save writes for this shape
             raise ValueError("not .npy format version 1.0")
         shape, fortran_order, dtype = npy_format.read_array_header_1_0(f, max_header_size=1024)
     except Exception as exc:  # numpy's header parser raises tokenize/ast errors too
-        raise OtaError(f"calibration set is not a .npy array: {exc}") from exc
+        raise CalibrationError(f"calibration set is not a .npy array: {exc}") from exc
     if dtype != np.dtype("<f2") or fortran_order:
-        raise OtaError(f"calibration set must be C-order float16, not {dtype}")
+        raise CalibrationError(f"calibration set must be C-order float16, not {dtype}")
     if len(shape) != 3 or tuple(shape[1:]) != (N_MELS, N_FRAMES):
-        raise OtaError(f"calibration set has shape {shape}, not (n, {N_MELS}, {N_FRAMES})")
+        raise CalibrationError(f"calibration set has shape {shape}, not (n, {N_MELS}, {N_FRAMES})")
     n = int(shape[0])
     if not 0 < n <= MAX_CALIBRATION_WINDOWS:
-        raise OtaError(f"calibration set has {n} windows, not 1..{MAX_CALIBRATION_WINDOWS}")
+        raise CalibrationError(f"calibration set has {n} windows, not 1..{MAX_CALIBRATION_WINDOWS}")
     payload = data[f.tell() :]
     if len(payload) != n * N_MELS * N_FRAMES * 2:
-        raise OtaError(f"calibration set payload is {len(payload)} bytes, header says {n} windows")
+        raise CalibrationError(
+            f"calibration set payload is {len(payload)} bytes, header says {n} windows"
+        )
     x = np.frombuffer(payload, dtype="<f2").reshape(n, N_MELS, N_FRAMES).astype(np.float32)
     if not np.isfinite(x).all():
-        raise OtaError("calibration set has non-finite values")
+        raise CalibrationError("calibration set has non-finite values")
     return x
-
-
-def read_capped(path: Path, cap: int) -> bytes:
-    """The bytes of ``path``, or ``OtaError`` if unreadable or larger than ``cap``."""
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            raise OtaError(f"{path}: {size} bytes exceeds {cap}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise OtaError(f"cannot read {path}: {exc}") from exc
 
 
 def set_calibration_sha(model: onnx.ModelProto, sha256_hex: str) -> None:
@@ -194,12 +187,12 @@ def _plan(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, 
             continue
         after = consumers.get(node.output[0], [])
         if len(after) != 1 or after[0].op_type != "Relu":
-            raise OtaError(f"int8: {layer} is not followed by exactly one ReLU")
+            raise QuantizationError(f"int8: {layer} is not followed by exactly one ReLU")
         convs[node.input[1]] = node
         relu_of[node.output[0]] = after[0].output[0]
     missing = sorted(set(QUANT_LAYERS) - {w.removesuffix(".weight") for w in convs})
     if missing:
-        raise OtaError(f"int8: layers {missing} not found as Conv nodes")
+        raise QuantizationError(f"int8: layers {missing} not found as Conv nodes")
     return convs, relu_of
 
 
@@ -236,7 +229,7 @@ def _weight_qdq(
         b_scale = (w_scale * x_scale).astype(np.float32)
         bq = np.rint(b.astype(np.float64) / b_scale.astype(np.float64))
         if np.abs(bq).max(initial=0.0) > INT32_MAX:
-            raise OtaError(f"int8: {name} bias does not fit int32 at its scale")
+            raise QuantizationError(f"int8: {name} bias does not fit int32 at its scale")
         inits += [
             numpy_helper.from_array(bq.astype(np.int32), f"{name}.bias_quantized"),
             numpy_helper.from_array(b_scale, f"{name}.bias_scale"),
@@ -281,7 +274,7 @@ def to_qdq(model: onnx.ModelProto, ranges: dict[str, float]) -> onnx.ModelProto:
     for conv in convs.values():
         for name in (conv.input[0], relu_of[conv.output[0]]):
             if name not in ranges:
-                raise OtaError(f"int8: no calibrated range for {name}")
+                raise QuantizationError(f"int8: no calibrated range for {name}")
             scales[name] = np.float32(ranges[name] / 255.0)
     drop_relu = {relu_of[c.output[0]] for c in convs.values()}
     nodes: list[onnx.NodeProto] = []
@@ -330,38 +323,24 @@ def to_qdq(model: onnx.ModelProto, ranges: dict[str, float]) -> onnx.ModelProto:
 def quantize_model(model: onnx.ModelProto, calibration: bytes) -> bytes:
     """The int8 model's bytes for fp32 ``model`` and calibration-file bytes; writes nothing.
 
-    Raises ``OtaError`` if the calibration set is malformed or is not the one ``model``
-    names, or if the graph is not the classifier this recipe knows.
+    Raises ``CalibrationError`` if the calibration set is malformed or is not the one
+    ``model`` names, ``QuantizationError`` if the graph is not the classifier this
+    recipe knows.
     """
     want, got = _meta(model, CALIBRATION_SHA_KEY), hashlib.sha256(calibration).hexdigest()
     if want != got:
-        raise OtaError(f"calibration set {got[:12]} is not the one the model names ({want})")
+        raise CalibrationError(
+            f"calibration set {got[:12]} is not the one the model names ({want})"
+        )
     windows = parse_calibration(calibration)
     convs, relu_of = _plan(model.graph)
     names = sorted({c.input[0] for c in convs.values()} | set(relu_of.values()))
     try:
         ranges = activation_ranges(model, names, windows)
         data: bytes = to_qdq(model, ranges).SerializeToString()
-    except OtaError:
+    except QuantizationError:
         raise
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise OtaError(f"int8 quantization failed: {exc}") from exc
+        raise QuantizationError(f"int8 quantization failed: {exc}") from exc
     log.debug("int8 activation ranges %s", ranges)
     return data
-
-
-def quantize_int8(fp32_path: Path, out_path: Path, *, calibration: Path) -> Path:
-    """Static QDQ int8 of ``fp32_path`` calibrated on ``calibration``, written atomically.
-
-    Both files are read with their caps; errors as ``quantize_model``. Nothing is
-    written unless quantization succeeded.
-    """
-    fp32_bytes = read_capped(fp32_path, MAX_MODEL_BYTES)
-    calib_bytes = read_capped(calibration, MAX_CALIBRATION_BYTES)
-    try:
-        model = onnx.load_from_string(fp32_bytes)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise OtaError(f"cannot parse {fp32_path}: {exc}") from exc
-    data = quantize_model(model, calib_bytes)
-    write_atomic(out_path, data, 0o644)
-    return out_path

@@ -1,0 +1,36 @@
+"""The sidecar's sessions with its real components, opened from config: the HSM and the broker.
+
+Every command (serve, train, fleet, ota, audit) opens them here, so none of them has to
+import the composition root (``cloud_sidecar.app``). Invariants: the PKCS#11 module's
+environment is set before the module loads; the broker link uses the sidecar's own mTLS
+identity from ``cfg.broker``; nothing here retries (the caller owns the policy).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.keys.hsm import Hsm
+from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
+
+
+def open_hsm(cfg: SidecarConfig) -> Hsm:
+    os.environ.update(cfg.hsm.env)  # the PKCS#11 module reads these when it loads
+    return Hsm(str(cfg.hsm.module), cfg.hsm.token_label, cfg.hsm.pin())
+
+
+def _ignore(_topic: str, _payload: bytes) -> None:
+    return None
+
+
+def open_link(
+    cfg: SidecarConfig, client_id: str, on_message: Callable[[str, bytes], None] = _ignore
+) -> MqttLink:
+    b = cfg.broker
+    return MqttLink(
+        MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
+        client_id=client_id,
+        on_message=on_message,
+    )
