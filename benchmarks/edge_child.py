@@ -63,14 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         f16 = c.features.astype(np.float16)
         kept.append((c.index, c.label, c.score))
         features.append(f16)
-        reason = selector.decide(
-            c.label, c.score, None, stream_s=c.start_s, pending_bytes=buffer.pending_bytes
-        )
+        reason = selector.decide(c.score, stream_s=c.start_s, pending_bytes=buffer.pending_bytes)
         if reason is not None:
             meta = SampleMeta(
-                os.urandom(16).hex(), int(time.time() * 1000), c.start_s, c.label,
-                min(1.0, max(0.0, c.score)), None, c.model_sha256, reason,
-            )  # fmt: skip
+                sample_id=os.urandom(16).hex(),
+                captured_at_ms=int(time.time() * 1000),
+                stream_offset_s=c.start_s,
+                predicted=c.label,
+                score=min(1.0, max(0.0, c.score)),
+                model_sha256=c.model_sha256,
+                reason=reason,
+            )
             stored += buffer.add(meta, f16)
 
     t0, c0 = time.perf_counter(), time.process_time()

@@ -126,13 +126,11 @@ def edge_section(opt: Options) -> dict[str, float]:
     log.info("uplink: a simulated day")
     budgeted = simulate_day(
         run.windows,
-        scene.window_labels,
         run.audio_s,
         SelectionConfig(),  # the device default, with its daily uplink cap
     )
     unbudgeted = simulate_day(
         run.windows,
-        scene.window_labels,
         run.audio_s,
         SelectionConfig(uplink_bytes_per_day=None),
         max_span_s=run.audio_s,

@@ -2,9 +2,8 @@
 
 Method: the windows the gate released in the pipeline run (their predictions, scores
 and features, over the scene's audio span) are replayed back to back until a day of
-stream time is covered (one hour of scene: 24 passes). Each pass draws its own
-downstream feedback (a ``feedback_coverage`` share of windows get the true label) and
-its own audit draws. Every window goes through the real ``Selector`` and an in-memory
+stream time is covered (one hour of scene: 24 passes). Each pass draws its own audit
+samples. Every window goes through the real ``Selector`` and an in-memory
 ``ReplayStore``; every 64 samples become a batch that is encoded (``fleet_protocol.batch``)
 and sealed (``fleet_protocol.envelope``: AES-256-GCM, RSA-3072-OAEP wrap, ECDSA P-256
 signature; software keys, the same sizes as the HSM's and the TPM's) and counted at its
@@ -82,11 +81,9 @@ class _Sealer:
 
 def simulate_day(
     windows: Path,
-    window_labels: tuple[str, ...],
     audio_s: float,
     cfg: SelectionConfig,
     *,
-    feedback_coverage: float = 0.05,
     max_span_s: float = DAY_S,
     seed: int = 0,
 ) -> UplinkResult:
@@ -118,23 +115,23 @@ def simulate_day(
 
     for rep in range(math.ceil(span_s / audio_s)):
         offset = rep * audio_s
-        has_feedback = rng.random(len(index)) < feedback_coverage
         for j in range(len(index)):
             stream_s = offset + float(index[j])
             if stream_s >= span_s:
                 break
-            truth = window_labels[int(index[j])]
-            feedback = truth if has_feedback[j] else None
-            predicted, s = str(label[j]), float(score[j])
-            reason = selector.decide(
-                predicted, s, feedback, stream_s=stream_s, pending_bytes=store.pending_bytes
-            )
+            s = float(score[j])
+            reason = selector.decide(s, stream_s=stream_s, pending_bytes=store.pending_bytes)
             if reason is None:
                 continue
             meta = SampleMeta(
-                os.urandom(16).hex(), int(stream_s * 1000), stream_s, predicted,
-                min(1.0, max(0.0, s)), feedback, "ab" * 32, reason,
-            )  # fmt: skip
+                sample_id=os.urandom(16).hex(),
+                captured_at_ms=int(stream_s * 1000),
+                stream_offset_s=stream_s,
+                predicted=str(label[j]),
+                score=min(1.0, max(0.0, s)),
+                model_sha256="ab" * 32,
+                reason=reason,
+            )
             n_samples += store.add(meta, feats[j])
             uploaded += flush(force=False)
     uploaded += flush(force=True)

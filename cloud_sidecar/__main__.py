@@ -1,7 +1,8 @@
 """``cloud-sidecar``: the EU-side service's command line.
 
 Exit codes (for systemd's RestartPreventExitStatus=): 0 ok, 2 configuration error,
-3 HSM error, 4 audit chain broken, 5 training or gate refused, 6 other sidecar error.
+3 HSM error, 4 audit chain broken, 5 training or gate refused, 6 other sidecar error,
+7 input refused (e.g. a label import; nothing was changed).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cloud_sidecar.errors import (
     TrainingError,
 )
 
-EXIT_OK, EXIT_CONFIG, EXIT_HSM, EXIT_AUDIT, EXIT_TRAIN, EXIT_OTHER = 0, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_CONFIG, EXIT_HSM, EXIT_AUDIT, EXIT_TRAIN, EXIT_OTHER, EXIT_INPUT = 0, 2, 3, 4, 5, 6, 7
 log = logging.getLogger("cloud_sidecar")
 
 
@@ -166,6 +167,29 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_labels_import(args: argparse.Namespace) -> int:
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.labels import LabelService
+    from cloud_sidecar.metrics import Metrics
+    from cloud_sidecar.store import Store
+    from fleet_protocol.topics import check_device_id
+
+    cfg = load_config(args.config)
+    source = check_device_id(args.source)
+    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    try:
+        result = LabelService(store, cfg.open_audit(), Metrics()).import_csv(args.csv, source)
+    finally:
+        store.close()
+    if result.status != "accepted":
+        for err in result.errors:
+            print(f"{args.csv}: {err.message} ({err.reason})", file=sys.stderr)
+        print(f"{args.csv}: refused; nothing was imported", file=sys.stderr)
+        return EXIT_INPUT
+    print(json.dumps({"imported": result.accepted, "source": source}))
+    return EXIT_OK
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
 
@@ -237,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp = asub.add_parser("checkpoint", help="sign the chain head with the HSM and append it")
     cp.add_argument("--config", type=Path, required=True)
     au.set_defaults(func=_cmd_audit)
+
+    lb = sub.add_parser("labels", help="labels from downstream systems (docs/labels.md)")
+    lb.add_argument("--config", type=Path, required=True)
+    lsub = lb.add_subparsers(dest="labels_command", required=True)
+    li = lsub.add_parser(
+        "import", help="import a CSV of device,label,start,end|event_id; all or nothing"
+    )
+    li.add_argument("--csv", type=Path, required=True)
+    li.add_argument("--source", required=True, help="who made these labels (audited)")
+    li.set_defaults(func=_cmd_labels_import)
 
     vc = sub.add_parser("validate-config", help="check a configuration file and report errors")
     vc.add_argument("--config", type=Path, required=True)

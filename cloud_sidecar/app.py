@@ -1,7 +1,7 @@
 """Composition root of the sidecar's ``serve`` command: ingest workers on the broker.
 
-Start order: audit log → store → HSM session → MQTT link (shared ingest subscription
-and the devices' OTA status; with a ``fleet`` section also the shared enrollment and
+Start order: audit log → store → HSM session → MQTT link (shared ingest subscription,
+the label channel's shared subscription and the devices' OTA status; with a ``fleet`` section also the shared enrollment and
 renewal subscriptions, answered by ``cloud_sidecar.fleet``). Stop in reverse. MQTT callbacks run ingest directly: it
 is bounded work (one HSM decrypt, one SQLite transaction). When the HSM is unavailable
 the upload is neither stored nor acknowledged; a background thread reopens the session
@@ -26,6 +26,7 @@ from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
+from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import enroll, topics
@@ -83,7 +84,9 @@ class SidecarApp:
             self._publish,
             cfg.max_upload_bytes,
         )
+        self.labels = LabelService(self.store, self.audit, self.metrics)
         self.link.subscribe(topics.shared_upload_subscription(), 1)
+        self.link.subscribe(topics.labels_subscription(), 1)
         self.link.subscribe(OTA_STATUS_SUBSCRIPTION, 1)
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
@@ -108,6 +111,10 @@ class SidecarApp:
                 self._hsm_failed()
         elif topic.endswith("/ota/status"):
             self._on_ota_status(topic, payload)
+        elif topic.startswith(topics.LABELS_PREFIX + "/"):
+            reply = self.labels.handle(topic, payload)
+            if reply is not None:
+                self._publish(*reply)
         elif self.fleet is not None and (
             topic.endswith("/cert/request") or topic.startswith(enroll.ENROLL_PREFIX + "/")
         ):

@@ -1,6 +1,7 @@
 """Datasets: a reproducible, audited manifest of which stored samples train and which judge.
 
-Only samples with a downstream-feedback label are used. The split is a function of
+Only samples a label from the label channel covers are used (``Store.labelled_samples``
+joins labels to samples by device and capture time); unlabelled samples stay stored. The split is a function of
 each sample's identity (SHA-256 of device and sample id), so adding samples never
 moves an existing sample between train and validation. The dataset id is the SHA-256
 of the canonical manifest body: the same samples and labels give the same id.
@@ -44,7 +45,7 @@ def build_dataset(store: Store, out_dir: Path, val_fraction: float) -> Dataset:
         "dataset_id": dataset_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "region": store.region,
-        "label_source": "downstream_feedback",
+        "label_sources": dict(Counter(s.source for s in samples)),
         "n_train": len(train),
         "n_val": len(val),
         "labels_train": dict(Counter(s.label for s in train)),

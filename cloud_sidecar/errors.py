@@ -48,3 +48,12 @@ class ResidencyError(ConfigError):
         super().__init__(message)
         self.endpoint = endpoint
         self.region = region
+
+
+class LabelError(CloudError):
+    """A label import was refused as a whole; ``problems`` holds (record index, reason,
+    message) for each record at fault (index -1: the import itself)."""
+
+    def __init__(self, message: str, problems: list[tuple[int, str, str]]) -> None:
+        super().__init__(message)
+        self.problems = problems

@@ -1,4 +1,4 @@
-"""The sidecar's SQLite store: device registry, replay state, batches and samples.
+"""The sidecar's SQLite store: device registry, replay state, batches, samples and labels.
 
 Invariants:
 - a batch, its samples and the device's ``last_seq`` are written in one transaction,
@@ -10,6 +10,11 @@ Invariants:
 - a claim is used at most once (checked and marked under one lock); only the
   SHA-256 of its token is stored; every issued certificate serial is kept so that
   revoking a device can list them all in the CRL;
+- labels are stored all-or-nothing per import, and never contradict each other: a
+  span overlapping a stored label of another class on the same device is refused; a
+  sample's label is the one whose span holds its window's midpoint (capture time +
+  half a window), joined when a dataset is built, so labels may arrive before or after
+  the samples they describe, and unlabelled samples stay;
 - schema upgrades run in order, each in one transaction (``_UPGRADES``).
 """
 
@@ -26,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cloud_sidecar.errors import StoreError
+from cloud_sidecar.errors import LabelError, StoreError
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.labels import WINDOW_MS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE devices (
     device_id TEXT PRIMARY KEY,
@@ -93,6 +99,24 @@ CREATE TABLE certificates (
 );
 CREATE INDEX certificates_device ON certificates(device_id);
 """,
+    # 3: labels come from outside the device (cloud_sidecar/labels.py), joined to samples
+    # by device and capture time; the simulated per-sample feedback column goes
+    3: """
+CREATE TABLE labels (
+    label_id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    source TEXT NOT NULL,
+    import_id TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    region TEXT NOT NULL
+);
+CREATE INDEX labels_device_time ON labels(device_id, start_ms);
+CREATE INDEX samples_device_time ON samples(device_id, captured_at_ms);
+ALTER TABLE samples DROP COLUMN feedback;
+""",
 }
 
 
@@ -109,6 +133,15 @@ class Device:
 class LabelledSample:
     device_id: str
     sample_id: str
+    label: str
+    source: str
+
+
+@dataclass(frozen=True)
+class LabelSpan:
+    device_id: str
+    start_ms: int
+    end_ms: int  # exclusive
     label: str
 
 
@@ -280,7 +313,6 @@ class Store:
                 s.captured_at_ms,
                 s.predicted,
                 s.score,
-                s.feedback,
                 s.reason,
                 s.model_sha256,
                 zlib.compress(np.asarray(batch.features[i], dtype="<f2").tobytes()),
@@ -300,7 +332,12 @@ class Store:
                     "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
                     (batch_id, batch.device, seq, digest, now, len(rows), self.region),
                 )
-                self._db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                self._db.executemany(
+                    "INSERT INTO samples(sample_id, device_id, batch_id, captured_at_ms,"
+                    " predicted, score, reason, model_sha256, features, region)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
                 self._db.execute(
                     "UPDATE devices SET last_seq=? WHERE device_id=?", (seq, batch.device)
                 )
@@ -312,13 +349,72 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
+    # -- labels (cloud_sidecar/labels.py) -------------------------------------
+
+    def add_labels(self, spans: list[LabelSpan], source: str, import_id: str) -> int:
+        """Store ``spans`` in one transaction, or none of them.
+
+        Raises ``LabelError`` naming every span that overlaps a stored label of another
+        class on the same device (a contradiction); spans that agree with stored ones
+        are kept (idempotent re-sends). Returns the number stored.
+        """
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                problems: list[tuple[int, str, str]] = []
+                for i, s in enumerate(spans):
+                    clash = self._db.execute(
+                        "SELECT label, start_ms, end_ms, source FROM labels WHERE device_id=?"
+                        " AND start_ms < ? AND end_ms > ? AND label != ? LIMIT 1",
+                        (s.device_id, s.end_ms, s.start_ms, s.label),
+                    ).fetchone()
+                    if clash is not None:
+                        problems.append(
+                            (
+                                i,
+                                "contradicts_stored_label",
+                                f"{s.label} on {s.device_id} [{s.start_ms}, {s.end_ms}) overlaps"
+                                f" {clash[0]} [{clash[1]}, {clash[2]}) from {clash[3]}",
+                            )
+                        )
+                if problems:
+                    raise LabelError(f"{len(problems)} label(s) contradict stored ones", problems)
+                self._db.executemany(
+                    "INSERT INTO labels(device_id, start_ms, end_ms, label, source, import_id,"
+                    " created_at_ms, region) VALUES (?,?,?,?,?,?,?,?)",
+                    [
+                        (s.device_id, s.start_ms, s.end_ms, s.label, source, import_id, now,
+                         self.region)
+                        for s in spans
+                    ],
+                )  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(spans)
+
+    def label_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT source, COUNT(*) FROM labels GROUP BY source")
+            return {r[0]: r[1] for r in rows.fetchall()}
+
     # -- datasets ------------------------------------------------------------
 
     def labelled_samples(self) -> list[LabelledSample]:
+        """Samples whose window midpoint lies in a label's span on the same device.
+
+        Stored labels never contradict each other (``add_labels``), so a sample has at
+        most one label; samples without one stay stored, unlabelled.
+        """
         with self._lock:
             rows = self._db.execute(
-                "SELECT device_id, sample_id, feedback FROM samples WHERE feedback IS NOT NULL"
-                " ORDER BY device_id, sample_id"
+                "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source)"
+                " FROM samples s JOIN labels l ON l.device_id = s.device_id"
+                " AND l.start_ms <= s.captured_at_ms + ? AND l.end_ms > s.captured_at_ms + ?"
+                " GROUP BY s.device_id, s.sample_id ORDER BY s.device_id, s.sample_id",
+                (WINDOW_MS // 2, WINDOW_MS // 2),
             ).fetchall()
         return [LabelledSample(*r) for r in rows]
 
@@ -339,6 +435,17 @@ class Store:
             (b,) = self._db.execute("SELECT COUNT(*) FROM batches").fetchone()
             (s,) = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()
         return {"devices": d, "batches": b, "samples": s}
+
+    def capture_times(self) -> dict[str, list[int]]:
+        """Each device's stored samples' capture times (ms), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, captured_at_ms FROM samples ORDER BY device_id, captured_at_ms"
+            ).fetchall()
+        out: dict[str, list[int]] = {}
+        for device, t in rows:
+            out.setdefault(device, []).append(t)
+        return out
 
     def samples_per_device(self) -> dict[str, int]:
         with self._lock:

@@ -28,7 +28,6 @@ from fleet_model import calibration_path
 FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"
 # The int8 calibration set ships beside the fp32 base: the device re-quantizes with it.
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name
-HILO_BY_DEVICE = ((435.0, 580.0), (450.0, 600.0), (392.0, 523.0), (466.0, 622.0), (415.0, 554.0))
 
 
 def _json(path: Path, obj: dict[str, Any]) -> Path:
@@ -88,20 +87,21 @@ def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
 def device_config(
     stack: DevStack,
     slot: DeviceSlot,
-    index: int,
     base_model_dir: Path,
     cloud_keys: tuple[Path, Path],
-    stream_s: int,
-    eval_s: int,
+    source: dict[str, Any],
     claim_file: Path | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> Path:
-    """A device's config; with ``claim_file`` it enrolls on first start (no client cert)."""
+    """A device's config; with ``claim_file`` it enrolls on first start (no client cert).
+
+    ``source`` is the device's audio source section as an operator writes it (a
+    ``file`` replay of devstack's scene, or ``live``); nothing in it is simulation.
+    """
     models = slot.state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
     for name in (FP32_FILE, INT8_FILE, CALIB_FILE):
         shutil.copy2(base_model_dir / name, models / name)
-    hilo = HILO_BY_DEVICE[index % len(HILO_BY_DEVICE)]
-    scene = {"siren_pattern": "hilo", "hilo_hz": hilo, "speech_rate": 0.1}
     broker: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": stack.broker.port,
@@ -130,12 +130,8 @@ def device_config(
                 "base_fp32": models / FP32_FILE,
                 "base_int8": models / INT8_FILE,
             },
-            "source": {"type": "scene", "seed": 1000 + index, "duration_s": stream_s, **scene},
-            # the demo packs a device's days into minutes of audio: no daily uplink cap
-            "selection": {"uplink_bytes_per_day": None},
-            "evaluation": {
-                "source": {"type": "scene", "seed": 5000 + index, "duration_s": eval_s, **scene}
-            },
+            "source": source,
+            "selection": selection or {},
         },
     )
 

@@ -235,8 +235,9 @@ class MemoryReplayStore:
 # -- SQLite: the store -------------------------------------------------------
 
 _SAMPLE_COLUMNS = (
-    "sample_id, captured_at_ms, stream_offset_s, predicted, score, feedback, model_sha256, reason"
+    "sample_id, captured_at_ms, stream_offset_s, predicted, score, model_sha256, reason"
 )
+_SAMPLE_FIELDS = tuple(c.strip() for c in _SAMPLE_COLUMNS.split(","))
 _UNACKED_ENVELOPES = "SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM batches WHERE acked = 0"
 
 
@@ -293,14 +294,14 @@ class SqliteReplayStore:
         payload = self._aead.encrypt(nonce, plain, meta.sample_id.encode())
         row = (
             meta.sample_id, meta.captured_at_ms, meta.stream_offset_s, meta.predicted, meta.score,
-            meta.feedback, meta.model_sha256, meta.reason, nonce, payload,
+            meta.model_sha256, meta.reason, nonce, payload,
             sample_charge(len(plain)), priority(meta.reason),
         )  # fmt: skip
 
         def insert() -> bool:
             cur = self._db.execute(
                 f"INSERT OR IGNORE INTO samples({_SAMPLE_COLUMNS}, nonce, payload, nbytes, priority)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             if cur.rowcount != 1:
@@ -344,9 +345,9 @@ class SqliteReplayStore:
             ).fetchall()
         out = []
         for r in rows:
-            meta = SampleMeta(*r[:8])
+            meta = SampleMeta(**dict(zip(_SAMPLE_FIELDS, r[:7], strict=True)))
             try:
-                plain = self._aead.decrypt(r[8], r[9], meta.sample_id.encode())
+                plain = self._aead.decrypt(r[7], r[8], meta.sample_id.encode())
             except InvalidTag as e:
                 raise BufferError_(f"sample {meta.sample_id} fails authentication") from e
             out.append((meta, _features_from(plain)))

@@ -25,7 +25,7 @@ TAG_BYTES = 16
 ROW_OVERHEAD_BYTES = 256  # metadata, nonce and index share of one sample row
 FEATURE_BYTES = N_MELS * N_FRAMES * 2
 # Higher is kept longer when unsent samples must be evicted; unknown reasons rank lowest.
-REASON_PRIORITY = {"audit": 0, "low_confidence": 1, "disagreement": 2}
+REASON_PRIORITY = {"audit": 0, "low_confidence": 1}
 
 
 def sample_charge(n_feature_bytes: int = FEATURE_BYTES) -> int:
@@ -88,9 +88,20 @@ def _v2_budget_and_priority(db: sqlite_utils.Database) -> None:
     samples.create_index(["batch_id", "priority"], index_name="samples_eviction")
 
 
+def _v3_no_device_labels(db: sqlite_utils.Database) -> None:
+    """A device has no labels (they come from outside, joined in the cloud): drop the
+    simulated-feedback column; samples kept for a disagreement become low_confidence."""
+    db.execute(
+        "UPDATE samples SET reason = 'low_confidence', priority = ? WHERE reason = 'disagreement'",
+        (REASON_PRIORITY["low_confidence"],),
+    )
+    db.execute("ALTER TABLE samples DROP COLUMN feedback")
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "byte charge, priority, ack time", _v2_budget_and_priority),
+    (3, "no device-side labels", _v3_no_device_labels),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

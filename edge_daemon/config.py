@@ -93,26 +93,18 @@ class ModelConfig(_Strict):
     )
 
 
-class SceneSourceConfig(_Strict):
-    type: Literal["scene"] = "scene"
-    seed: int = 0
-    duration_s: int = Field(300, ge=1, le=7 * 24 * 3600)
-    siren_pattern: Literal["wail", "yelp", "hilo"] = "hilo"
-    hilo_hz: tuple[float, float] = (440.0, 587.0)
-    speech_rate: float = Field(0.1, ge=0, le=0.9)
-    feedback_coverage: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="fraction of windows for which simulated downstream feedback arrives",
-    )
-
-
 class FileSourceConfig(_Strict):
     type: Literal["file"] = "file"
     path: Path = Field(description="WAV or FLAC, 16 kHz mono (any PCM width or float)")
     realtime: bool = Field(
         False, description="pace blocks at real time, as a sound card would (replays, fault tests)"
+    )
+    start_time_ms: int | None = Field(
+        None,
+        ge=0,
+        le=2**53,
+        description="wall-clock time (Unix ms) of the file's first sample, so kept windows"
+        " carry their real capture time; None: the time the file is opened",
     )
 
 
@@ -128,16 +120,14 @@ class LiveSourceConfig(_Strict):
     retry_max_s: float = Field(30.0, gt=0, le=3600, description="longest wait between retries")
 
 
-SourceConfig = Annotated[
-    SceneSourceConfig | FileSourceConfig | LiveSourceConfig, Field(discriminator="type")
-]
+SourceConfig = Annotated[FileSourceConfig | LiveSourceConfig, Field(discriminator="type")]
 
 
 class CaptureConfig(_Strict):
     """Capture in its own process (docs/adr/0009-capture-process.md)."""
 
     isolation: Literal["auto", "process", "inline"] = Field(
-        "auto", description="auto: live sources in a capture process, file/scene inline"
+        "auto", description="auto: live sources in a capture process, files inline"
     )
     max_lag_frames: int = Field(
         50, ge=2, le=10_000, description="frames queued for a lagging consumer before drops"
@@ -235,13 +225,6 @@ class OtaConfig(_Strict):
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
 
-class EvalConfig(_Strict):
-    """A held-out scene with ground truth, scored at start and after every update (simulation only)."""
-
-    source: SceneSourceConfig
-    shifted_classes: tuple[str, ...] = ("siren",)
-
-
 class DeviceConfig(_Strict):
     device_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     state_dir: Path = Field(description="replay buffer, key blobs, installed models, OTA state")
@@ -254,7 +237,6 @@ class DeviceConfig(_Strict):
     selection: SelectionConfig = SelectionConfig()
     uplink: UplinkConfig = UplinkConfig()
     ota: OtaConfig = OtaConfig()
-    evaluation: EvalConfig | None = None
     capture: CaptureConfig = CaptureConfig()
     sensors: SensorsConfig = SensorsConfig()
     enrollment: EnrollmentConfig | None = None

@@ -2,7 +2,9 @@
 
 source blocks → privacy gate (speech windows dropped here, never seen by any later
 stage) → log-mel features → classifier. Nothing in this module stores or sends; the
-caller decides what to keep. Invariant: only windows the gate released are featurised.
+caller decides what to keep. Invariants: only windows the gate released are featurised;
+nothing here knows labels or ground truth (simulations score the windows themselves,
+in devstack).
 """
 
 from __future__ import annotations
@@ -10,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_daemon.capture import AudioSource, GroundTruth
 from edge_daemon.config import GatePolicy
 from edge_daemon.privacy.gate import GateConfig, KeptWindow, PrivacyGate
 from edge_daemon.privacy.vad import SileroVad
-from fleet_protocol.features import HOP, SAMPLE_RATE, WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import SAMPLE_RATE, log_mel_batch
 from fleet_protocol.labels import CLASSES
 
 log = logging.getLogger(__name__)
-FRAMES_PER_WINDOW = WINDOW_SAMPLES // HOP  # 10 ms ground-truth frames per 1 s window
 
 
 class Classifier(Protocol):
@@ -45,12 +45,12 @@ class Classified:
 
 @dataclass
 class StreamStats:
+    """Counters of one stream, updated as it flows (read them from any thread)."""
+
+    blocks: int = 0
     windows_in: int = 0
     windows_kept: int = 0
     raw_audio_bytes: int = 0
-    speech_frames_in: int = 0
-    speech_frames_leaked: int = 0
-    kept_indices: list[int] = field(default_factory=list)
 
 
 def make_gate(policy: GatePolicy, vad: SileroVad) -> PrivacyGate:
@@ -84,64 +84,26 @@ def run_stream(
     gate: PrivacyGate,
     classifier: Callable[[], Classifier],
     on_window: Callable[[Classified], None],
-    truth: GroundTruth | None = None,
+    stats: StreamStats | None = None,
 ) -> StreamStats:
-    """Push every block through the gate and classify what it releases."""
-    stats = StreamStats()
-    for block in blocks:
-        stats.raw_audio_bytes += 2 * len(block)  # what 16-bit PCM of this audio would weigh
-        for c in classify(gate.push(block), classifier()):
-            stats.kept_indices.append(c.index)
+    """Push every block through the gate and classify what it releases.
+
+    ``classifier`` is asked for the model at every block, so a model swapped by an
+    update takes effect at the next block without a gap. ``stats`` is updated as the
+    stream flows. At the end of a finite stream the gate is flushed.
+    """
+    stats = stats if stats is not None else StreamStats()
+
+    def release(kept: list[KeptWindow]) -> None:
+        for c in classify(kept, classifier()):
             on_window(c)
-    for c in classify(gate.flush(), classifier()):
-        stats.kept_indices.append(c.index)
-        on_window(c)
-    stats.windows_in = gate.stats.windows_in
-    stats.windows_kept = gate.stats.windows_kept
-    if truth is not None:
-        frames = truth.speech_frames
-        stats.speech_frames_in = int(frames.sum())
-        stats.speech_frames_leaked = int(
-            sum(
-                frames[i * FRAMES_PER_WINDOW : (i + 1) * FRAMES_PER_WINDOW].sum()
-                for i in stats.kept_indices
-            )
-        )
+        stats.windows_in = gate.stats.windows_in
+        stats.windows_kept = gate.stats.windows_kept
+
+    for block in blocks:
+        stats.blocks += 1
+        stats.raw_audio_bytes += 2 * len(block)  # what 16-bit PCM of this audio would weigh
+        release(gate.push(block))
+    release(gate.flush())
     log.debug("stream done: %d windows in, %d kept", stats.windows_in, stats.windows_kept)
     return stats
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    accuracy: float
-    shifted_accuracy: float
-    n_windows: int
-    n_shifted: int
-    speech_frames_in: int
-    speech_frames_leaked: int
-
-
-def evaluate(
-    source: AudioSource, gate: PrivacyGate, classifier: Classifier, shifted: tuple[str, ...]
-) -> EvalResult:
-    """Accuracy on the windows the gate keeps from a held-out source with ground truth."""
-    truth = source.truth()
-    if truth is None:
-        raise ValueError("evaluation needs a source with ground truth")
-    hits: list[tuple[bool, bool]] = []
-
-    def score(c: Classified) -> None:
-        label = truth.window_labels[c.index]
-        hits.append((c.label == label, label in shifted))
-
-    stats = run_stream(source.blocks(), gate, lambda: classifier, score, truth)
-    all_ok = [ok for ok, _ in hits]
-    shifted_ok = [ok for ok, is_shifted in hits if is_shifted]
-    return EvalResult(
-        accuracy=float(np.mean(all_ok)) if all_ok else 0.0,
-        shifted_accuracy=float(np.mean(shifted_ok)) if shifted_ok else 0.0,
-        n_windows=len(all_ok),
-        n_shifted=len(shifted_ok),
-        speech_frames_in=stats.speech_frames_in,
-        speech_frames_leaked=stats.speech_frames_leaked,
-    )

@@ -1,22 +1,23 @@
 """Which classified windows the device keeps for the cloud, within its byte budgets. Pure logic.
 
-A window is a candidate when downstream feedback disagrees with the prediction (the
-model was wrong), when the model is unsure, or by a seeded random audit draw that keeps
-an unbiased sample of everything else (``select``). The returned reason travels with
-the sample and ranks it: disagreement > low_confidence > audit.
+A window is a candidate when the model is unsure (``low_confidence``: the hard cases an
+adapter learns from), or by a seeded random audit draw that keeps an unbiased,
+representative sample of everything else (``audit``: what the cloud evaluates on, so
+its figures reflect what the fleet hears). The device has no labels: they come from
+outside, joined in the cloud by capture time. The returned reason travels with the
+sample and ranks it: low_confidence > audit.
 
 ``Selector`` then bounds what is kept by bytes, two ways:
 
 - the replay buffer's byte budget: a candidate is refused when the bytes the buffer
   could only free by dropping unsent data (``pending_bytes``) already fill more than
-  its reason's share (``audit_max_fill``, ``low_confidence_max_fill``; disagreement
-  always passes and the buffer evicts lower-priority unsent samples for it). During an
+  its reason's share (``audit_max_fill``, ``low_confidence_max_fill``). During an
   uplink outage the buffer fills with the most useful samples first;
 - optionally an uplink budget, ``uplink_bytes_per_day``: a token bucket over *stream*
   time (seconds of audio heard, the same as wall time for live capture) holding at most
   one hour of budget and starting full, so over any span T at most
-  ``budget * (T / 1 day + 1 / 24)`` bytes of samples are kept. Lower priorities keep a
-  reserve for higher ones (audit needs half the bucket left, low_confidence a quarter).
+  ``budget * (T / 1 day + 1 / 24)`` bytes of samples are kept. Audit keeps a reserve
+  for low_confidence (it needs half the bucket left).
 
 Invariant: a refused candidate never consumes budget; every decision is counted in
 ``Selector.stats``.
@@ -31,24 +32,17 @@ import numpy as np
 
 from edge_daemon.buffer_schema import sample_charge
 from edge_daemon.config import SelectionConfig
+from fleet_protocol.batch import SelectionReason
 
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
 BUCKET_HOURS = 1.0  # the uplink bucket holds this much of the daily budget
-_RESERVE = {"disagreement": 0.0, "low_confidence": 0.25, "audit": 0.5}  # of the bucket
+_RESERVE = {"low_confidence": 0.0, "audit": 0.5}  # of the bucket
 
 
-def select(
-    predicted: str,
-    score: float,
-    feedback: str | None,
-    rng: np.random.Generator,
-    cfg: SelectionConfig,
-) -> str | None:
+def select(score: float, rng: np.random.Generator, cfg: SelectionConfig) -> SelectionReason | None:
     """The reason to keep this window, or None to let it go (no budget applied)."""
-    if feedback is not None and feedback != predicted:
-        return "disagreement"
     if score < cfg.low_confidence:
         return "low_confidence"
     if rng.random() < cfg.audit_fraction:
@@ -66,7 +60,6 @@ class Selector:
         self.rng = rng
         self.sample_bytes = sample_bytes
         self._fill_limit = {
-            "disagreement": float("inf"),
             "low_confidence": cfg.low_confidence_max_fill,
             "audit": cfg.audit_max_fill,
         }
@@ -84,13 +77,11 @@ class Selector:
 
     def decide(
         self,
-        predicted: str,
         score: float,
-        feedback: str | None,
         *,
         stream_s: float,
         pending_bytes: Callable[[], int],
-    ) -> str | None:
+    ) -> SelectionReason | None:
         """The reason to keep this window within budget, or None.
 
         ``stream_s`` is the window's offset in the stream (non-decreasing);
@@ -98,7 +89,7 @@ class Selector:
         """
         self.stats["windows"] += 1
         self._refill(stream_s)
-        reason = select(predicted, score, feedback, self.rng, self.cfg)
+        reason = select(score, self.rng, self.cfg)
         if reason is None:
             return None
         fill = pending_bytes() / self.cfg.max_buffer_bytes

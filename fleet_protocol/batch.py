@@ -2,8 +2,14 @@
 
 Wire (before encryption): zlib( u32 BE manifest_len | manifest JSON | features ),
 where ``features`` is ``n_samples * N_MELS * N_FRAMES`` float16 values, little-endian,
-in manifest order. Only log-mel features travel, never waveforms: no raw audio leaves
-the device (docs/adr/0006-upload-features-not-audio.md).
+in manifest order; the manifest is a ``BatchManifest`` (a typed ``WireModel``). Only
+log-mel features travel, never waveforms: no raw audio leaves the device
+(docs/adr/0006-upload-features-not-audio.md).
+
+Version 2 (this one) carries no label: a device has none. Labels come from outside the
+device, through the sidecar's label channel (``fleet_protocol.labels``), and are joined
+to samples by device and capture time (``captured_at_ms``, the wall-clock time of the
+window's first sample).
 
 Invariants: decoding never inflates more than ``BatchLimits.max_plain`` bytes (zip
 bombs stop at the cap); every manifest field is type- and range-checked; decode
@@ -12,22 +18,25 @@ raises only ``fleet_protocol.errors.ProtocolError`` subclasses.
 
 from __future__ import annotations
 
-import json
-import math
 import struct
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field, ValidationError
 
 from fleet_protocol.errors import MalformedError, ProtocolError, TooLargeError
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
-from fleet_protocol.labels import CLASSES
+from fleet_protocol.labels import ClassName
+from fleet_protocol.topics import DeviceId
+from fleet_protocol.wire import WireModel
 
-BATCH_VERSION = 1
+BATCH_VERSION = 2
+MAX_SAMPLES = 1024
 _FEATURE_BYTES = N_MELS * N_FRAMES * 2
+SelectionReason = Literal["low_confidence", "audit"]
 
 
 @dataclass(frozen=True)
@@ -35,21 +44,35 @@ class BatchLimits:
     max_compressed: int = 8 * 1024 * 1024
     max_plain: int = 32 * 1024 * 1024
     max_manifest: int = 1024 * 1024
-    max_samples: int = 1024
+    max_samples: int = MAX_SAMPLES
 
 
-@dataclass(frozen=True)
-class SampleMeta:
-    """What the device knows about one kept window."""
+class SampleMeta(WireModel):
+    """What the device knows about one kept window (never a label: it has none)."""
 
-    sample_id: str  # 32 hex, unique per device
-    captured_at_ms: int
-    stream_offset_s: float
-    predicted: str
-    score: float
-    feedback: str | None  # label from downstream feedback, if any
-    model_sha256: str
-    reason: str  # why the selection policy kept it: low_confidence | disagreement | audit
+    sample_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="random, unique per device")
+    captured_at_ms: int = Field(
+        ge=0, le=2**53, description="wall-clock capture time of the window's first sample"
+    )
+    stream_offset_s: float = Field(ge=0, le=1e10, description="offset in the daemon's stream")
+    predicted: ClassName
+    score: float = Field(ge=0, le=1)
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    reason: SelectionReason = Field(
+        description="why it was kept: low_confidence (hard case) or audit (a random,"
+        " representative sample of everything kept)"
+    )
+
+
+class BatchManifest(WireModel):
+    MAX_BYTES: ClassVar[int] = BatchLimits.max_manifest
+
+    v: int = Field(ge=0, le=2**31)
+    device: DeviceId
+    feature_version: str = Field(max_length=64)
+    shape: tuple[int, int]
+    dtype: Literal["float16"]
+    samples: tuple[SampleMeta, ...] = Field(max_length=MAX_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -65,15 +88,15 @@ def encode(batch: Batch) -> bytes:
         raise MalformedError(
             f"features shape {feats.shape} does not match {len(batch.samples)} samples"
         )
-    manifest = {
-        "v": BATCH_VERSION,
-        "device": batch.device,
-        "feature_version": FEATURE_VERSION,
-        "shape": [N_MELS, N_FRAMES],
-        "dtype": "float16",
-        "samples": [asdict(s) for s in batch.samples],
-    }
-    mbytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    manifest = BatchManifest(
+        v=BATCH_VERSION,
+        device=batch.device,
+        feature_version=FEATURE_VERSION,
+        shape=(N_MELS, N_FRAMES),
+        dtype="float16",
+        samples=batch.samples,
+    )
+    mbytes = manifest.to_bytes()
     return zlib.compress(struct.pack(">I", len(mbytes)) + mbytes + feats.tobytes(), level=6)
 
 
@@ -90,47 +113,16 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return out
 
 
-def _str(obj: dict[str, Any], key: str, max_len: int = 64) -> str:
-    v = obj.get(key)
-    if not isinstance(v, str) or not 0 < len(v) <= max_len:
-        raise MalformedError(f"field {key!r} must be a string of 1..{max_len} characters")
-    return v
-
-
-def _num(obj: dict[str, Any], key: str, lo: float, hi: float) -> float:
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise MalformedError(f"field {key!r} must be a finite number")
-    if not lo <= v <= hi:
-        raise MalformedError(f"field {key!r}={v} outside [{lo}, {hi}]")
-    return float(v)
-
-
-def _label(obj: dict[str, Any], key: str, optional: bool = False) -> str | None:
-    v = obj.get(key)
-    if v is None and optional:
-        return None
-    if v not in CLASSES:
-        raise MalformedError(f"field {key!r} is not a known label")
-    return str(v)
-
-
-def _sample(obj: Any) -> SampleMeta:
-    if not isinstance(obj, dict) or set(obj) != set(SampleMeta.__dataclass_fields__):
-        raise MalformedError("sample entry has missing or unknown fields")
-    sid = _str(obj, "sample_id", 32)
-    if len(sid) != 32 or any(c not in "0123456789abcdef" for c in sid):
-        raise MalformedError("sample_id must be 32 lowercase hex characters")
-    return SampleMeta(
-        sample_id=sid,
-        captured_at_ms=int(_num(obj, "captured_at_ms", 0, 2**53)),
-        stream_offset_s=_num(obj, "stream_offset_s", 0, 10**10),
-        predicted=str(_label(obj, "predicted")),
-        score=_num(obj, "score", 0.0, 1.0),
-        feedback=_label(obj, "feedback", optional=True),
-        model_sha256=_str(obj, "model_sha256", 64),
-        reason=_str(obj, "reason", 32),
-    )
+def _manifest(data: bytes) -> BatchManifest:
+    try:
+        m = BatchManifest.model_validate_json(data)
+    except (ValidationError, ValueError, RecursionError) as e:
+        raise MalformedError(f"batch manifest is invalid: {str(e)[:300]}") from e
+    if m.v != BATCH_VERSION or m.feature_version != FEATURE_VERSION:
+        raise MalformedError("unsupported batch or feature version", reason="unknown_algorithm")
+    if m.shape != (N_MELS, N_FRAMES):
+        raise MalformedError(f"unexpected feature shape {m.shape}")
+    return m
 
 
 def decode(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:
@@ -145,22 +137,10 @@ def decode(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:
         raise TooLargeError(f"manifest of {mlen} bytes exceeds {limits.max_manifest}")
     if 4 + mlen > len(plain):
         raise MalformedError("manifest truncated")
-    try:
-        manifest = json.loads(plain[4 : 4 + mlen])
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise MalformedError(f"manifest is not JSON: {e}") from e
-    if not isinstance(manifest, dict):
-        raise MalformedError("manifest must be an object")
-    if manifest.get("v") != BATCH_VERSION or manifest.get("feature_version") != FEATURE_VERSION:
-        raise MalformedError("unsupported batch or feature version", reason="unknown_algorithm")
-    if manifest.get("shape") != [N_MELS, N_FRAMES] or manifest.get("dtype") != "float16":
-        raise MalformedError("unexpected feature shape or dtype")
-    raw = manifest.get("samples")
-    if not isinstance(raw, list):
-        raise MalformedError("samples must be a list")
-    if len(raw) > limits.max_samples:
+    manifest = _manifest(plain[4 : 4 + mlen])
+    samples = manifest.samples
+    if len(samples) > limits.max_samples:
         raise TooLargeError(f"more than {limits.max_samples} samples")
-    samples = tuple(_sample(s) for s in raw)
     if len({s.sample_id for s in samples}) != len(samples):
         raise MalformedError("duplicate sample_id in batch")
     body = plain[4 + mlen :]
@@ -171,9 +151,7 @@ def decode(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:
     feats = np.frombuffer(body, dtype="<f2").reshape(len(samples), N_MELS, N_FRAMES)
     if not np.isfinite(feats).all():
         raise MalformedError("non-finite feature values")
-    return Batch(
-        device=_str(manifest, "device"), samples=samples, features=feats.astype(np.float16)
-    )
+    return Batch(device=manifest.device, samples=samples, features=feats.astype(np.float16))
 
 
 def decode_or_raise(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:

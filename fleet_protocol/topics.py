@@ -9,12 +9,16 @@ taken from an upload topic is authenticated by the broker.
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 from fleet_protocol.errors import MalformedError
 
 PREFIX = "fleet/v1"
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 INGEST_SHARE_GROUP = "ingest"
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_RE.pattern)]
 
 
 def check_device_id(device: str) -> str:
@@ -60,6 +64,32 @@ def ota_artifact(channel: str, name: str) -> str:
 
 def ota_subscription(channel: str) -> str:
     return f"{PREFIX}/ota/{check_device_id(channel)}/#"
+
+
+LABELS_PREFIX = f"{PREFIX}/labels"
+
+
+def labels(source: str) -> str:
+    """Where a downstream label source publishes ``LabelBatch`` messages."""
+    return f"{LABELS_PREFIX}/{check_device_id(source)}"
+
+
+def labels_result(source: str) -> str:
+    """Where the sidecar answers a label source with ``LabelResult`` messages."""
+    return f"{labels(source)}/result"
+
+
+def labels_subscription() -> str:
+    """Shared subscription for the sidecar's workers: every source's label batches."""
+    return f"$share/{INGEST_SHARE_GROUP}/{LABELS_PREFIX}/+"
+
+
+def source_of_labels(topic: str) -> str:
+    """The source id in ``fleet/v1/labels/<source>``; ``MalformedError`` otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 4 or "/".join(parts[:3]) != LABELS_PREFIX:
+        raise MalformedError(f"not a labels topic: {topic[:120]!r}", reason="bad_topic")
+    return check_device_id(parts[3])
 
 
 def shared_upload_subscription() -> str:

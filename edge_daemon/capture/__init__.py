@@ -1,11 +1,12 @@
 """Audio capture: where the daemon's 16 kHz mono float32 blocks come from.
 
-Sources are plugins chosen by the config's ``type``: ``scene`` (the procedural city
-generator, with ground truth and simulated downstream feedback), ``file`` (WAV/FLAC via
-libsndfile) and ``live`` (a sound card via PortAudio). ``open_capture`` decides where a
-source runs: live sources run in their own capture process (``process.py``,
-``worker.py``; docs/adr/0009-capture-process.md) so inference can never make the sound
-card overrun; file and scene sources run inline unless the config says otherwise.
+Sources are plugins chosen by the config's ``type``: ``file`` (WAV/FLAC via libsndfile)
+and ``live`` (a sound card via PortAudio). Any other ``AudioSource`` (devstack's
+simulated city, a test's endless generator) is handed to the daemon in code, through
+the same protocol. ``open_capture`` decides where a configured source runs: live
+sources run in their own capture process (``process.py``, ``worker.py``;
+docs/adr/0009-capture-process.md) so inference can never make the sound card overrun;
+files run inline unless the config says otherwise.
 """
 
 from __future__ import annotations
@@ -13,21 +14,8 @@ from __future__ import annotations
 import threading
 
 from edge_daemon.capture.process import CaptureProcess, CaptureStats
-from edge_daemon.capture.sources import (
-    BLOCK_SAMPLES,
-    AudioSource,
-    FileSource,
-    GroundTruth,
-    SceneSource,
-    WavFileSource,
-)
-from edge_daemon.config import (
-    CaptureConfig,
-    FileSourceConfig,
-    LiveSourceConfig,
-    SceneSourceConfig,
-    SourceConfig,
-)
+from edge_daemon.capture.sources import BLOCK_SAMPLES, AudioSource, FileSource, Timeline
+from edge_daemon.config import CaptureConfig, FileSourceConfig, LiveSourceConfig, SourceConfig
 
 __all__ = [
     "BLOCK_SAMPLES",
@@ -35,9 +23,7 @@ __all__ = [
     "CaptureProcess",
     "CaptureStats",
     "FileSource",
-    "GroundTruth",
-    "SceneSource",
-    "WavFileSource",
+    "Timeline",
     "open_capture",
     "open_source",
 ]
@@ -45,8 +31,6 @@ __all__ = [
 
 def open_source(cfg: SourceConfig, stop: threading.Event | None = None) -> AudioSource:
     """The source itself, in this process."""
-    if isinstance(cfg, SceneSourceConfig):
-        return SceneSource(cfg)
     if isinstance(cfg, FileSourceConfig):
         return FileSource(cfg)
     from edge_daemon.capture.live import LiveSource

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edge_daemon.capture.sources import Timeline
 from edge_daemon.config import LiveSourceConfig
 from edge_daemon.errors import CaptureError
 from fleet_protocol.features import SAMPLE_RATE
@@ -196,6 +197,7 @@ class LiveSource:
         self._last_overrun_log = 0.0
         self.device_name = "default" if cfg.device is None else str(cfg.device)
         self._resolved = False
+        self._timeline = Timeline()
         try:
             self.device_name = self.backend.resolve(cfg.device)  # fails fast, clearly
             self._resolved = True
@@ -206,6 +208,7 @@ class LiveSource:
             log.error("input device %r is gone (%s); will retry", self.device_name, e)
 
     def blocks(self, start: int = 0) -> Iterator[npt.NDArray[np.float32]]:
+        delivered = start * self.block_samples  # sample index of the next block
         delay = self.cfg.retry_initial_s
         while not self.stop.is_set():
             try:
@@ -229,6 +232,10 @@ class LiveSource:
                     block, overflowed = stream.read(self.block_samples)
                     if overflowed:
                         self._overrun()
+                    # read returns when the block's last sample is in: it began a block ago
+                    now_ms = time.time_ns() // 1_000_000
+                    self._timeline.mark(delivered, now_ms - len(block) * 1000 // SAMPLE_RATE)
+                    delivered += len(block)
                     yield block
             except DeviceLostError as e:
                 log.error("input device %r lost: %s", self.device_name, e)
@@ -254,8 +261,5 @@ class LiveSource:
             self._last_overrun_log = now
             log.warning("input overrun on %r (%d so far)", self.device_name, self.overruns)
 
-    def truth(self) -> None:
-        return None
-
-    def feedback(self, window_index: int) -> None:
-        return None
+    def captured_at_ms(self, sample_index: int) -> int:
+        return self._timeline.at(sample_index)

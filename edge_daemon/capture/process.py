@@ -9,8 +9,9 @@ Invariants:
   the worker's own count of frames it dropped for a lagging consumer arrives in every
   header and is summed over restarts into ``frames_dropped``; overruns and device
   reconnects likewise; none of these is ever silent;
-- a capture process that exits without END, or stays silent for ``stall_timeout_s``, is
-  killed and restarted after an exponential backoff (``restart_initial_s`` doubling to
+- a capture process that exits without END, or stays silent for ``stall_timeout_s``
+  (``STARTUP_S`` at least before its first frame: starting an interpreter on a busy
+  CPU is not a stall), is killed and restarted after an exponential backoff (``restart_initial_s`` doubling to
   ``restart_max_s``, reset once an incarnation has lived 30 s); a restarted worker
   resumes at the next expected block, so a file is not replayed from its start;
 - a worker that reports a ``CaptureError`` (missing device, bad file) is not restarted:
@@ -37,11 +38,13 @@ import zmq
 from pydantic import TypeAdapter
 
 from edge_daemon.capture import wire
+from edge_daemon.capture.sources import Timeline
 from edge_daemon.config import CaptureConfig, SourceConfig
 from edge_daemon.errors import CaptureError
 
 log = logging.getLogger(__name__)
 HEALTHY_AFTER_S = 30.0
+STARTUP_S = 20.0  # a capture process's first frame may take this long (interpreter start)
 EXIT_CAPTURE = 4
 
 
@@ -105,6 +108,9 @@ class CaptureProcess:
         self._backoff = cfg.restart_initial_s
         self._spawned_at = 0.0
         self._last_rx = 0.0
+        self._heard = False
+        self._timeline = Timeline()
+        self._samples = 0  # samples delivered by blocks(): the daemon's stream index
 
     # -- AudioSource --------------------------------------------------------
 
@@ -124,11 +130,8 @@ class CaptureProcess:
         finally:
             self.close()
 
-    def truth(self) -> None:
-        return None
-
-    def feedback(self, window_index: int) -> None:
-        return None
+    def captured_at_ms(self, sample_index: int) -> int:
+        return self._timeline.at(sample_index)
 
     # -- supervision --------------------------------------------------------
 
@@ -164,6 +167,7 @@ class CaptureProcess:
             cmd.append("--restarted")  # a live device missing now is lost, not misconfigured
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._spawned_at = self._last_rx = time.monotonic()
+        self._heard = False  # this incarnation has not sent a frame yet
         log.info("capture process %d started at block %d", self._proc.pid, self._next_seq)
 
     def _receive(self, data: bytes) -> npt.NDArray[np.float32] | str | None:
@@ -173,6 +177,7 @@ class CaptureProcess:
             log.warning("ignored a malformed capture frame: %s", e)
             return None
         self._last_rx = time.monotonic()
+        self._heard = True
         if f.kind == wire.ERROR:
             with self._lock:
                 self._state = "failed"
@@ -200,12 +205,18 @@ class CaptureProcess:
         with self._lock:
             self._frames += 1
         self._next_seq = f.seq + 1
+        self._timeline.mark(self._samples, f.captured_ns // 1_000_000)
+        self._samples += len(f.audio)
         return f.audio
 
     def _check_alive(self) -> None:
         assert self._proc is not None
         code = self._proc.poll()
-        if code is None and time.monotonic() - self._last_rx < self.cfg.stall_timeout_s:
+        # a worker still starting (imports on a loaded CPU) is not a stalled one
+        limit = (
+            self.cfg.stall_timeout_s if self._heard else max(self.cfg.stall_timeout_s, STARTUP_S)
+        )
+        if code is None and time.monotonic() - self._last_rx < limit:
             return
         if code == EXIT_CAPTURE:
             with self._lock:

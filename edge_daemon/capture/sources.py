@@ -1,26 +1,29 @@
-"""Audio sources that need no sound card: the scene generator and WAV/FLAC files.
+"""The ``AudioSource`` protocol, capture timelines, and WAV/FLAC file sources.
 
-Owns the ``AudioSource`` protocol every source implements (live, file, scene, and the
-capture-process client) and the file checks. Invariants: every block is float32 mono
-at ``SAMPLE_RATE`` in [-1, 1]; a file is checked (exists, size cap, readable, rate,
-channels) when the source is built, so a bad file fails before the daemon starts, with
-one ``CaptureError`` naming the file, what is wrong and the command that fixes it.
-``blocks(start)`` skips ``start`` blocks, so a restarted capture process resumes where
-the last one stopped.
+Owns the ``AudioSource`` protocol every source implements (live, file, the
+capture-process client, and devstack's simulated city, which reaches the daemon through
+this same interface), ``Timeline`` (capture time of each delivered sample) and the file
+checks. Invariants: every block is float32 mono at ``SAMPLE_RATE`` in [-1, 1]; a source
+knows only audio and time, never labels or ground truth; a file is checked (exists, size
+cap, readable, rate, channels) when the source is built, so a bad file fails before the
+daemon starts, with one ``CaptureError`` naming the file, what is wrong and the command
+that fixes it. ``blocks(start)`` skips ``start`` blocks, so a restarted capture process
+resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_daemon.config import FileSourceConfig, SceneSourceConfig
+from edge_daemon.config import FileSourceConfig
 from edge_daemon.errors import CaptureError
 from fleet_protocol.features import SAMPLE_RATE
 
@@ -31,21 +34,46 @@ FIX_HINT = "convert it with: sox IN -r 16000 -c 1 -b 16 OUT.wav (or OUT.flac)"
 
 
 class AudioSource(Protocol):
+    """What the daemon reads audio from: a microphone, a file, or a simulation (devstack).
+
+    ``blocks()`` yields float32 mono blocks at ``SAMPLE_RATE`` (an empty block is a
+    heartbeat: alive, no audio); ``captured_at_ms(i)`` is the wall-clock time (Unix ms)
+    at which the ``i``-th sample ``blocks()`` delivered was captured, so kept windows
+    carry their capture time and labels from the city can be joined to them.
+    """
+
     duration_s: float
 
     def blocks(self) -> Iterator[npt.NDArray[np.float32]]: ...
 
-    def truth(self) -> GroundTruth | None: ...
-
-    def feedback(self, window_index: int) -> str | None: ...
+    def captured_at_ms(self, sample_index: int) -> int: ...
 
 
-@dataclass(frozen=True)
-class GroundTruth:
-    """What a simulation knows: the label of each 1 s window and which 10 ms frames hold speech."""
+class Timeline:
+    """Maps delivered sample indices to capture times, from anchors set as blocks arrive.
 
-    window_labels: tuple[str, ...]
-    speech_frames: npt.NDArray[np.bool_]
+    Bounded: the oldest anchors are forgotten (``max_anchors``); an index before the
+    oldest kept anchor maps from that anchor. Between anchors time runs at the sample
+    rate, so a gap in capture (dropped frames) shows as a jump at the next anchor.
+    """
+
+    def __init__(self, start_ms: int | None = None, max_anchors: int = 4096) -> None:
+        self._idx: deque[int] = deque(maxlen=max_anchors)
+        self._ms: deque[int] = deque(maxlen=max_anchors)
+        if start_ms is not None:
+            self.mark(0, start_ms)
+
+    def mark(self, sample_index: int, epoch_ms: int) -> None:
+        if self._idx and sample_index <= self._idx[-1]:
+            return  # anchors only move forward
+        self._idx.append(sample_index)
+        self._ms.append(epoch_ms)
+
+    def at(self, sample_index: int) -> int:
+        if not self._idx:
+            return int(time.time() * 1000)
+        i = max(0, bisect.bisect_right(self._idx, sample_index) - 1)
+        return self._ms[i] + (sample_index - self._idx[i]) * 1000 // SAMPLE_RATE
 
 
 def paced(
@@ -60,41 +88,6 @@ def paced(
         if delay > 0:
             time.sleep(delay)
         yield b
-
-
-class SceneSource:
-    def __init__(self, cfg: SceneSourceConfig, block_samples: int = BLOCK_SAMPLES) -> None:
-        from devstack.scene.stream import SceneSpec, render_scene  # simulation only
-
-        self.cfg = cfg
-        self.block_samples = block_samples
-        self._scene = render_scene(
-            SceneSpec(
-                seed=cfg.seed,
-                duration_s=cfg.duration_s,
-                siren_pattern=cfg.siren_pattern,
-                hilo_hz=cfg.hilo_hz,
-                speech_rate=cfg.speech_rate,
-            )
-        )
-        self.duration_s = float(cfg.duration_s)
-        rng = np.random.default_rng(cfg.seed + 7_919)
-        self._has_feedback = rng.random(len(self._scene.window_labels)) < cfg.feedback_coverage
-
-    def blocks(self, start: int = 0) -> Iterator[npt.NDArray[np.float32]]:
-        audio = self._scene.audio
-        n = self.block_samples
-        for i in range(start * n, len(audio), n):
-            yield audio[i : i + n]
-
-    def truth(self) -> GroundTruth:
-        return GroundTruth(self._scene.window_labels, self._scene.speech_frames)
-
-    def feedback(self, window_index: int) -> str | None:
-        """Simulated downstream feedback (e.g. dispatch confirmed an ambulance nearby)."""
-        if 0 <= window_index < len(self._has_feedback) and self._has_feedback[window_index]:
-            return self._scene.window_labels[window_index]
-        return None
 
 
 class FileSource:
@@ -135,6 +128,8 @@ class FileSource:
                 f"{SAMPLE_RATE} Hz mono; {FIX_HINT}"
             )
         self.duration_s = info.frames / SAMPLE_RATE
+        start = cfg.start_time_ms if cfg.start_time_ms is not None else int(time.time() * 1000)
+        self._timeline = Timeline(start)  # a recording: its samples are evenly spaced
 
     def blocks(self, start: int = 0) -> Iterator[npt.NDArray[np.float32]]:
         gen = self._read(start)
@@ -158,11 +153,5 @@ class FileSource:
                 f"re-export it ({FIX_HINT})"
             ) from e
 
-    def truth(self) -> None:
-        return None
-
-    def feedback(self, window_index: int) -> None:
-        return None
-
-
-WavFileSource = FileSource  # the name the walking skeleton used
+    def captured_at_ms(self, sample_index: int) -> int:
+        return self._timeline.at(sample_index)

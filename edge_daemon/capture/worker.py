@@ -8,7 +8,9 @@ Invariants:
 - the read loop never waits for the consumer: a frame is sent with ``NOBLOCK``; when
   the consumer lags by more than the high-water mark the frame is dropped, counted in
   ``dropped`` (sent in every later frame header) and logged, never silently;
-- a source that runs without a clock (a file not paced in real time, a scene) is not
+- every frame carries the capture time of its first sample (``captured_ns``), from the
+  source's own timeline (a file's start time plus its offset; a live read's clock);
+- a source that runs without a clock (a file not paced in real time) is not
   dropped from: it waits for the consumer instead, since it cannot overrun;
 - a ``CaptureError`` ends the process with exit code 4 after an ERROR frame carrying the
   message; the natural end of a finite source sends END and exits 0;
@@ -33,7 +35,7 @@ import zmq
 from pydantic import TypeAdapter
 
 from edge_daemon.capture import wire
-from edge_daemon.config import FileSourceConfig, LiveSourceConfig, SceneSourceConfig, SourceConfig
+from edge_daemon.config import FileSourceConfig, LiveSourceConfig, SourceConfig
 from edge_daemon.errors import CaptureError
 from fleet_protocol.features import SAMPLE_RATE
 
@@ -43,7 +45,11 @@ FRAME_SAMPLES = SAMPLE_RATE // 10  # file and scene frames: 100 ms, like a live 
 
 
 class FrameSource(Protocol):
+    block_samples: int
+
     def blocks(self, start: int = 0) -> Iterator[npt.NDArray[np.float32]]: ...
+
+    def captured_at_ms(self, sample_index: int) -> int: ...
 
 
 class _Counters:
@@ -57,14 +63,12 @@ def _open(
 ) -> tuple[FrameSource, bool]:
     """The source, and whether it runs against a clock (and so must never wait)."""
     from edge_daemon.capture.live import LiveSource
-    from edge_daemon.capture.sources import FileSource, SceneSource
+    from edge_daemon.capture.sources import FileSource
 
     if isinstance(cfg, LiveSourceConfig):
         return LiveSource(cfg, stop=stop, retry_missing=restarted), True
-    if isinstance(cfg, FileSourceConfig):
-        return FileSource(cfg, FRAME_SAMPLES), cfg.realtime
-    assert isinstance(cfg, SceneSourceConfig)
-    return SceneSource(cfg, FRAME_SAMPLES), False
+    assert isinstance(cfg, FileSourceConfig)
+    return FileSource(cfg, FRAME_SAMPLES), cfg.realtime
 
 
 def run(
@@ -76,15 +80,18 @@ def run(
     c: _Counters,
 ) -> None:
     seq = start
+    pos = start * source.block_samples  # sample index of the next block in the source
     for block in source.blocks(start):
         if stop.is_set():
             return
+        captured_ns = source.captured_at_ms(pos) * 1_000_000
+        pos += len(block)
         state = getattr(source, "state", "running")
         frame = wire.Frame(
             wire.AUDIO if len(block) else wire.STATUS,
             state if state in wire.STATES else "running",
             seq,
-            time.time_ns(),
+            captured_ns,
             c.dropped,
             int(getattr(source, "overruns", 0)),
             int(getattr(source, "reconnects", 0)),

@@ -57,7 +57,7 @@ ZYGOTE = textwrap.dedent(
         i = 0
         while True:
             sid = f"{run:08x}{i:024x}"
-            meta = SampleMeta(sid, i, float(i), "horn", 0.5, None, "ab" * 32, "audit")
+            meta = SampleMeta(sample_id=sid, captured_at_ms=i, stream_offset_s=float(i), predicted="horn", score=0.5, model_sha256="ab" * 32, reason="audit")
             if buf.add(meta, np.full((64, 98), i % 2048, dtype=np.float16)):
                 report("S", sid)
             i += 1

@@ -32,7 +32,7 @@ WRITER = textwrap.dedent(
     keys = TpmKeyStore(tcti, state / "keys")
     buf = ReplayBuffer(state / "buffer.sqlite3", keys.storage_key())
     for i in range(int(sys.argv[3])):
-        meta = SampleMeta(f"{i:032x}", i, float(i), "horn", 0.5, "siren", "ab" * 32, "audit")
+        meta = SampleMeta(sample_id=f"{i:032x}", captured_at_ms=i, stream_offset_s=float(i), predicted="horn", score=0.5, model_sha256="ab" * 32, reason="audit")
         buf.add(meta, np.full((64, 98), i, dtype=np.float16))
         print(i, flush=True)
     time.sleep(60)

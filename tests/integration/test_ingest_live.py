@@ -41,7 +41,13 @@ class Device:
     def seal(self, cloud: Cloud, n: int = 2) -> bytes:
         metas = tuple(
             batch.SampleMeta(
-                os.urandom(16).hex(), 1, float(i), "horn", 0.4, "siren", "ab" * 32, "disagreement"
+                sample_id=os.urandom(16).hex(),
+                captured_at_ms=1,
+                stream_offset_s=float(i),
+                predicted="horn",
+                score=0.4,
+                model_sha256="ab" * 32,
+                reason="low_confidence",
             )
             for i in range(n)
         )

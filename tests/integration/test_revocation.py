@@ -78,7 +78,15 @@ def upload(
     cloud: Cloud, dev: Enrolling, link: MqttLink, inbox: queue.Queue[tuple[str, bytes]], seq: int
 ) -> Ack:
     device = dev.slot.device_id
-    meta = batch.SampleMeta(os.urandom(16).hex(), 1, 0.0, "horn", 0.4, "siren", "ab" * 32, "audit")
+    meta = batch.SampleMeta(
+        sample_id=os.urandom(16).hex(),
+        captured_at_ms=1,
+        stream_offset_s=0.0,
+        predicted="horn",
+        score=0.4,
+        model_sha256="ab" * 32,
+        reason="audit",
+    )
     plain = batch.encode(batch.Batch(device, (meta,), np.zeros((1, N_MELS, N_FRAMES), np.float16)))
     pem = cloud.unwrap_pem.read_bytes()
     sealed = envelope.seal(

@@ -23,12 +23,12 @@ def _meta(i: int, **kw: object) -> batch.SampleMeta:
         "stream_offset_s": float(i),
         "predicted": "horn",
         "score": 0.5,
-        "feedback": "siren",
         "model_sha256": "ab" * 32,
-        "reason": "disagreement",
+        "reason": "low_confidence",
     }
-    base.update(kw)
-    return batch.SampleMeta(**base)  # type: ignore[arg-type]
+    if kw:  # an invalid sample, as a broken or hostile device would encode it
+        return batch.SampleMeta.model_construct(**(base | kw))
+    return batch.SampleMeta.model_validate(base)
 
 
 def _batch(n: int = 3) -> batch.Batch:
@@ -58,7 +58,7 @@ def test_too_many_samples_is_rejected() -> None:
 
 def test_unknown_label_is_rejected() -> None:
     b = _batch(1)
-    bad = batch.Batch(b.device, (_meta(0, feedback="unicorn"),), b.features)
+    bad = batch.Batch(b.device, (_meta(0, predicted="unicorn"),), b.features)
     with pytest.raises(MalformedError):
         batch.decode(batch.encode(bad))
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from edge_daemon.capture import (
     CaptureProcess,
     FileSource,
-    WavFileSource,
+    Timeline,
     open_capture,
     open_source,
     wire,
@@ -58,6 +58,29 @@ def test_file_source_resumes_at_a_block_index(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rest, x[16_000:])
 
 
+def test_file_samples_carry_the_recording_start_time_plus_their_offset(tmp_path: Path) -> None:
+    sf.write(tmp_path / "a.wav", _tone(2.0), RATE)
+    start = 1_764_000_000_000
+    src = FileSource(FileSourceConfig(path=tmp_path / "a.wav", start_time_ms=start))
+    assert src.captured_at_ms(0) == start
+    assert src.captured_at_ms(RATE) == start + 1000
+    assert src.captured_at_ms(RATE + 8) == start + 1000  # 0.5 ms rounds down
+
+
+def test_timeline_maps_samples_through_anchors_and_shows_a_capture_gap() -> None:
+    t = Timeline(max_anchors=3)
+    assert abs(t.at(0) - __import__("time").time() * 1000) < 5000  # no anchor yet: now
+    t.mark(0, 10_000)
+    t.mark(1600, 10_100)  # contiguous: 100 ms later
+    t.mark(3200, 15_000)  # frames were lost: capture resumed 4.8 s later
+    assert t.at(800) == 10_050
+    assert t.at(3200 + 16_000) == 16_000
+    t.mark(100, 0)  # anchors only move forward
+    assert t.at(3200) == 15_000
+    t.mark(4800, 15_100)  # the oldest anchor is forgotten (max_anchors=3)
+    assert t.at(0) == 10_100 - 100  # mapped back from the oldest kept anchor (1600 -> 10_100)
+
+
 def test_wrong_rate_names_rate_and_the_fix(tmp_path: Path) -> None:
     sf.write(tmp_path / "a.wav", _tone(1, 44_100), 44_100)
     with pytest.raises(CaptureError, match=r"44100 Hz, 1 channel.*expected 16000 Hz mono.*sox"):
@@ -72,7 +95,7 @@ def test_stereo_names_channels_and_the_fix(tmp_path: Path) -> None:
 
 def test_missing_file_says_so_and_where_to_fix_it(tmp_path: Path) -> None:
     with pytest.raises(CaptureError, match=r"nope\.wav: no such file; check source\.path"):
-        WavFileSource(FileSourceConfig(path=tmp_path / "nope.wav"))
+        FileSource(FileSourceConfig(path=tmp_path / "nope.wav"))
 
 
 def test_corrupt_file_is_one_clear_error(tmp_path: Path) -> None:

@@ -385,7 +385,7 @@ _DEVICE_DOC: dict[str, Any] = {
     "tpm": {"tcti": "device:/dev/tpmrm0"},
     "cloud": {"unwrap_public_key": "/u.pem", "ota_public_key": "/o.pem"},
     "model": {"base_fp32": "/a.onnx", "base_int8": "/b.onnx"},
-    "source": {"type": "scene", "seed": 1, "duration_s": 10},
+    "source": {"type": "live", "device": "mic"},
 }
 _CLOUD_DOC: dict[str, Any] = {
     "data_dir": "/srv/data",

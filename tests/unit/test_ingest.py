@@ -59,7 +59,13 @@ class FakeDevice:
     ) -> bytes:
         metas = tuple(
             batch.SampleMeta(
-                os.urandom(16).hex(), 1, float(i), "horn", 0.4, "siren", "ab" * 32, "disagreement"
+                sample_id=os.urandom(16).hex(),
+                captured_at_ms=1,
+                stream_offset_s=float(i),
+                predicted="horn",
+                score=0.4,
+                model_sha256="ab" * 32,
+                reason="low_confidence",
             )
             for i in range(n)
         )

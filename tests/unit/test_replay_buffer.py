@@ -51,9 +51,17 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 0);
 """
 
 
-def _meta(i: int, reason: str = "disagreement") -> SampleMeta:
-    return SampleMeta(
-        f"{i:032x}", 1_700_000_000_000 + i, float(i), "horn", 0.4, "siren", "ab" * 32, reason
+def _meta(i: int, reason: str = "low_confidence") -> SampleMeta:
+    return SampleMeta.model_validate(
+        {
+            "sample_id": f"{i:032x}",
+            "captured_at_ms": 1_700_000_000_000 + i,
+            "stream_offset_s": float(i),
+            "predicted": "horn",
+            "score": 0.4,
+            "model_sha256": "ab" * 32,
+            "reason": reason,
+        }
     )
 
 
@@ -67,17 +75,19 @@ def _write_v1_database(path: Path) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(f"BEGIN; {V1_SCHEMA} PRAGMA user_version=1; COMMIT;")
     aead = AESGCM(KEY)
+    # v1 rows carried the simulated feedback label; "disagreement" was a reason then
     for i, (reason, batch_id) in enumerate(
         [("audit", "a" * 32), ("low_confidence", "b" * 32), ("disagreement", None)]
     ):
-        m, nonce = _meta(i, reason), os.urandom(12)
+        m, nonce = _meta(i), os.urandom(12)
         payload = aead.encrypt(nonce, _feats(i).astype("<f2").tobytes(), m.sample_id.encode())
         db.execute(
             "INSERT INTO samples(sample_id, captured_at_ms, stream_offset_s, predicted, score,"
             " feedback, model_sha256, reason, nonce, payload, batch_id)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (*vars(m).values(), nonce, payload, batch_id),
-        )
+            (m.sample_id, m.captured_at_ms, m.stream_offset_s, m.predicted, m.score, "siren",
+             m.model_sha256, reason, nonce, payload, batch_id),
+        )  # fmt: skip
     db.execute("INSERT INTO batches VALUES (?, 0, 1, x'', 1)", ("a" * 32,))
     db.execute("INSERT INTO batches VALUES (?, 1, 2, x'0102', 0)", ("b" * 32,))
     db.execute("UPDATE meta SET value = 2 WHERE key = 'next_seq'")
@@ -133,7 +143,7 @@ def test_version_1_database_upgrades_keeping_samples_batches_and_sequence(tmp_pa
     _write_v1_database(path)
     buf = ReplayBuffer(path, KEY)
     [(meta, feats)] = buf.unbatched(10)
-    assert meta == _meta(2)
+    assert meta == _meta(2, "low_confidence")  # v3: a device keeps no labels
     assert np.array_equal(feats, _feats(2))
     assert buf.next_seq() == 2
     assert [p.batch_id for p in buf.unacked()] == ["b" * 32]
@@ -143,12 +153,14 @@ def test_version_1_database_upgrades_keeping_samples_batches_and_sequence(tmp_pa
     buf.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,), (3,)]
         assert db.execute("SELECT priority FROM samples ORDER BY rowid").fetchall() == [
             (0,),
             (1,),
-            (2,),
+            (1,),
         ]
+        columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
+        assert "feedback" not in columns
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 

@@ -21,9 +21,17 @@ MB = 1024 * 1024
 Factory = Callable[[int], ReplayStore]
 
 
-def meta(i: int, reason: str = "disagreement") -> SampleMeta:
-    return SampleMeta(
-        f"{i:032x}", 1_700_000_000_000 + i, float(i), "horn", 0.4, "siren", "ab" * 32, reason
+def meta(i: int, reason: str = "low_confidence") -> SampleMeta:
+    return SampleMeta.model_validate(
+        {
+            "sample_id": f"{i:032x}",
+            "captured_at_ms": 1_700_000_000_000 + i,
+            "stream_offset_s": float(i),
+            "predicted": "horn",
+            "score": 0.4,
+            "model_sha256": "ab" * 32,
+            "reason": reason,
+        }
     )
 
 
@@ -136,20 +144,20 @@ def test_eviction_drops_acknowledged_samples_before_unsent_ones(make: Factory) -
 
 def test_unsent_samples_are_evicted_lowest_priority_then_oldest_first(make: Factory) -> None:
     store = make(4 * ONE)
-    store.add(meta(0, "disagreement"), feats(0))
+    store.add(meta(0, "low_confidence"), feats(0))
     store.add(meta(1, "audit"), feats(1))
     store.add(meta(2, "low_confidence"), feats(2))
     store.add(meta(3, "audit"), feats(3))
-    assert store.add(meta(4, "disagreement"), feats(4))  # evicts audit 1
+    assert store.add(meta(4, "low_confidence"), feats(4))  # evicts audit 1
     assert store.add(meta(5, "low_confidence"), feats(5))  # evicts audit 3
-    assert store.add(meta(6, "disagreement"), feats(6))  # evicts low_confidence 2
-    assert ids(store.unbatched(10)) == [0, 4, 5, 6]
+    assert store.add(meta(6, "low_confidence"), feats(6))  # evicts low_confidence 0, the oldest
+    assert ids(store.unbatched(10)) == [2, 4, 5, 6]
 
 
 def test_a_new_sample_below_everything_kept_is_not_stored(make: Factory) -> None:
     store = make(2 * ONE)
-    store.add(meta(0, "disagreement"), feats(0))
-    store.add(meta(1, "disagreement"), feats(1))
+    store.add(meta(0, "low_confidence"), feats(0))
+    store.add(meta(1, "low_confidence"), feats(1))
     assert not store.add(meta(2, "audit"), feats(2))
     assert ids(store.unbatched(10)) == [0, 1]
 
@@ -169,7 +177,7 @@ def test_stored_bytes_stay_within_budget_under_churn(make: Factory) -> None:
     rng = np.random.default_rng(0)
     seq = 0
     for i in range(60):
-        store.add(meta(i, str(rng.choice(["audit", "low_confidence", "disagreement"]))), feats(i))
+        store.add(meta(i, str(rng.choice(["audit", "low_confidence"]))), feats(i))
         assert store.stored_bytes() <= budget
         if i % 7 == 6:
             batch = [m.sample_id for m, _ in store.unbatched(3)]
