@@ -1,7 +1,8 @@
 """Inputs the benchmarks share, built once into ``benchmarks/.cache`` (gitignored).
 
-- the base model: ``cloud_sidecar.pretrain`` with its defaults (seed 0), the same
-  recipe the demo flashes onto devices; reused while its files match its model card;
+- the base model: the synthetic city written as a dataset (``devstack.dataset``, its
+  defaults) and ``cloud_sidecar.pretrain`` on it with seed 0, the same recipe the demo
+  flashes onto devices; reused while its files match its model card;
 - scene audio: ``devstack.scene.stream`` rendered as a device hears it (two-tone
   siren the base never saw, 10% of the time speech), written as 16-bit WAV (what a
   file capture reads) with its ground truth beside it; keyed by seed and duration;
@@ -32,14 +33,15 @@ class SceneFiles:
 def base_model_int8_fp32(cache: Path = CACHE) -> tuple[Path, Path]:
     """(int8, fp32) ONNX paths of the base model, pretraining it on first use."""
     from cloud_sidecar.errors import TrainingError
-    from cloud_sidecar.pretrain import load_base_model, pretrain
+    from cloud_sidecar.pretrain import load_base_model
+    from devstack.dataset import pretrain_synthetic
 
     base_dir = cache / "base-seed0"
     try:
         base = load_base_model(base_dir)
     except TrainingError:
         log.info("pretraining the base model into %s (once)", base_dir)
-        base = pretrain(base_dir, seed=0)
+        base = pretrain_synthetic(base_dir, seed=0)
     return base.onnx_int8, base.onnx_fp32
 
 

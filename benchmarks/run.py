@@ -147,13 +147,14 @@ def edge_section(opt: Options) -> dict[str, float]:
 def _quick_base(work: Path) -> tuple[Path, Path]:
     """A tiny base model for smoke runs: figures are meaningless, the code path is not."""
     from cloud_sidecar.errors import TrainingError
-    from cloud_sidecar.pretrain import load_base_model, pretrain
+    from cloud_sidecar.pretrain import load_base_model
+    from devstack.dataset import pretrain_synthetic
 
     d = assets.CACHE / "base-quick"
     try:
         base = load_base_model(d)
     except TrainingError:
-        base = pretrain(d, seed=0, n_per_class=12, epochs=1)
+        base = pretrain_synthetic(d, seed=0, per_class=3, epochs=1)
     return base.onnx_int8, base.onnx_fp32
 
 

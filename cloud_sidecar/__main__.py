@@ -25,14 +25,45 @@ from cloud_sidecar.errors import (
 )
 
 EXIT_OK, EXIT_CONFIG, EXIT_HSM, EXIT_AUDIT, EXIT_TRAIN, EXIT_OTHER, EXIT_INPUT = 0, 2, 3, 4, 5, 6, 7
+LAYOUTS = ("folders", "esc50", "urbansound8k", "csv")  # cloud_sidecar.audio_dataset (numpy)
 log = logging.getLogger("cloud_sidecar")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.dataset is None:
+        raise TrainingError(
+            "pretrain needs --dataset DIR: labeled audio as a folder per class, or an"
+            " ESC-50, UrbanSound8K or path,label CSV layout (docs/datasets.md); for the"
+            " synthetic city, write one with `devstack write-dataset --out DIR`"
+        )
+    from cloud_sidecar.audio_dataset import DatasetConfig
     from cloud_sidecar.pretrain import pretrain
 
-    base = pretrain(args.out, seed=args.seed)
-    print(json.dumps({"dir": str(base.dir), "sha256_fp32": base.sha256_fp32}))
+    cfg = DatasetConfig(
+        strict=args.strict,
+        bad_files="skip" if args.skip_bad_files else "fail",
+        held_out_folds=tuple(args.held_out_fold) if args.held_out_fold else None,
+    )
+    base = pretrain(
+        args.out,
+        args.dataset,
+        layout=args.layout,
+        class_map=args.class_map,
+        dataset_config=cfg,
+        seed=args.seed,
+        epochs=args.epochs,
+    )
+    card = json.loads(base.card.read_text())
+    print(
+        json.dumps(
+            {
+                "dir": str(base.dir),
+                "sha256_fp32": base.sha256_fp32,
+                "dataset_manifest_sha256": card["dataset"]["manifest_sha256"],
+                "held_out": card["held_out"],
+            }
+        )
+    )
     return EXIT_OK
 
 
@@ -204,12 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pt = sub.add_parser(
-        "pretrain", help="train the base CNN on the scene generator; export ONNX fp32+int8"
+        "pretrain", help="train the base CNN on a labeled audio dataset; export ONNX fp32+int8"
     )
     pt.add_argument(
-        "--out", type=Path, required=True, help="directory for base.pt, ONNX files, model card"
+        "--dataset",
+        type=Path,
+        help="dataset directory (required): a folder per class, or an ESC-50, UrbanSound8K"
+        " or path,label CSV layout; see docs/datasets.md",
+    )
+    pt.add_argument(
+        "--layout",
+        choices=("auto", *LAYOUTS),
+        default="auto",
+        help="auto: meta/esc50.csv, metadata/UrbanSound8K.csv or manifest.csv if present,"
+        " else folders",
+    )
+    pt.add_argument(
+        "--class-map",
+        type=Path,
+        help="JSON {dataset label: model class or null}; overrides the built-in maps",
+    )
+    pt.add_argument(
+        "--strict", action="store_true", help="refuse a label no class map knows (default: skip)"
+    )
+    pt.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="skip and count unreadable or missing audio files (up to 5%%) instead of stopping",
+    )
+    pt.add_argument(
+        "--held-out-fold",
+        type=int,
+        action="append",
+        help="a fold to hold out where the CSV has folds (repeatable; default: the highest)",
+    )
+    pt.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for base.pt, ONNX files, golden/replay sets, dataset manifest, model card",
     )
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--epochs", type=int, default=6)
     pt.set_defaults(func=_cmd_pretrain)
 
     sv = sub.add_parser("serve", help="run ingest workers until SIGTERM")

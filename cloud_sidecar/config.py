@@ -73,9 +73,17 @@ class TrainConfig(_Strict):
     )
     val_fraction: float = Field(0.25, gt=0, lt=1)
     replay_per_class: int = Field(
-        40, ge=0, description="base-distribution samples per class mixed in"
+        40,
+        ge=0,
+        description="base-distribution samples per class mixed in (from the base's"
+        " replay.npz; at most what pretraining saved)",
     )
-    golden_per_class: int = Field(40, ge=1, description="golden-set samples per class for the gate")
+    golden_per_class: int = Field(
+        40,
+        ge=1,
+        description="golden-set samples per class for the gate (from the base's golden.npz;"
+        " at most what pretraining saved)",
+    )
     max_golden_drop: float = Field(
         0.02, ge=0, le=1, description="gate: allowed golden-set accuracy drop"
     )

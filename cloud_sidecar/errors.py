@@ -25,6 +25,18 @@ class TrainingError(CloudError):
     """Dataset building or training failed."""
 
 
+class DatasetError(TrainingError):
+    """A pretraining dataset cannot be read; the message names the file and the fix.
+
+    ``path`` is the offending file or directory (empty when the dataset as a whole is
+    at fault, e.g. no usable windows).
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class GateRejectedError(CloudError):
     """A candidate adapter did not pass the evaluation gate."""
 

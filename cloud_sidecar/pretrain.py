@@ -1,7 +1,11 @@
-"""Pretraining the base model: scene generator → AudioCNN → ONNX fp32 → int8, with a card.
+"""Pretraining the base model: a dataset on disk → AudioCNN → ONNX fp32 → int8, with a card.
 
 Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.int8.onnx``,
-``base.calib.npy``, ``model_card.json``) and ``BaseModel``, its typed handle. Invariants:
+``base.calib.npy``, ``golden.npz``, ``replay.npz``, ``dataset-manifest.csv``,
+``model_card.json``) and ``BaseModel``, its typed handle. The data comes only from the
+dataset directory given to ``pretrain`` (``cloud-sidecar pretrain --dataset DIR``), read
+by ``cloud_sidecar.audio_dataset`` (folder per class, ESC-50, UrbanSound8K or a generic
+CSV; ``docs/datasets.md``); there is no built-in data. Invariants:
 
 - every file is written atomically and its sha256 is in the card; ``load_base_model``
   refuses a directory whose files do not match their card;
@@ -10,10 +14,18 @@ Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.in
   layer (checked here, relied on by the edge adapter);
 - the int8 model comes from ``fleet_model.quantize_model`` (static QDQ),
   the very function a device runs after merging an adapter, calibrated on the same
-  ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class, made
-  here from the synthetic scenes, shipped with the base, and named by sha256 both in
-  the card and in the fp32 model's metadata; so both sides quantize identically;
-- the same seed gives the same data and initial weights.
+  ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class of the
+  dataset, shipped with the base, and named by sha256 both in the card and in the fp32
+  model's metadata; so both sides quantize identically;
+- ``golden.npz`` (held-out windows, at most ``GOLDEN_MAX_PER_CLASS`` per class) and
+  ``replay.npz`` (training windows, at most ``REPLAY_MAX_PER_CLASS`` per class) freeze
+  the base distribution for every later training run: the gate's golden set and the
+  replay mixed into LoRA training (``load_reference_sets``); arrays ``x`` float32
+  ``(N, 64, 98)`` and ``y`` int64, stored without pickle;
+- the card records the dataset: layout, path, the sha256 of its manifest (audio bytes,
+  label and split of every file used; the manifest itself is ``dataset-manifest.csv``),
+  windows per class and what was skipped;
+- the same dataset and seed give the same model.
 """
 
 from __future__ import annotations
@@ -35,8 +47,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from cloud_sidecar.audio_dataset import DatasetConfig, Layout, LoadedDataset, load_dataset
 from cloud_sidecar.errors import TrainingError
-from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
+from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, n_parameters
 from fleet_model import (
     QUANT_LAYERS,
     RECIPE,
@@ -53,13 +66,16 @@ from fleet_protocol.labels import CLASSES, LABELS_VERSION
 log = logging.getLogger(__name__)
 
 OPSET = 17
-HELD_OUT_FRACTION = 0.15
 # One intra-op thread: on a shared 2-core box two OpenMP threads spin at every barrier
 # while the other process holds a core; measured 10x slower per batch than one thread.
 TRAIN_THREADS = 1
 BATCH = 64
+MAX_EPOCHS = 200
 MAX_CARD_BYTES = 1024 * 1024
 CALIBRATION_PER_CLASS = 3
+GOLDEN_MAX_PER_CLASS = 100
+REPLAY_MAX_PER_CLASS = 100
+MAX_REFERENCE_WINDOWS = 20_000  # per .npz file: 20k x 25 KiB = 490 MiB at most
 STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
     "base.pt",
     "base.fp32.onnx",
@@ -67,6 +83,18 @@ STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
     "model_card.json",
 )
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name  # base.calib.npy, where devices look
+GOLDEN_FILE, REPLAY_FILE, MANIFEST_FILE = "golden.npz", "replay.npz", "dataset-manifest.csv"
+CHECKED_FILES = (
+    STATE_FILE,
+    FP32_FILE,
+    INT8_FILE,
+    CALIB_FILE,
+    GOLDEN_FILE,
+    REPLAY_FILE,
+    MANIFEST_FILE,
+)
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,8 @@ class BaseModel:
     card: Path
     sha256_fp32: str
     calibration: Path
+    golden: Path
+    replay: Path
 
 
 def fit(
@@ -199,23 +229,51 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def pretrain(
     out_dir: Path,
-    seed: int = 0,
-    n_per_class: int = 160,
-    epochs: int = 6,
+    dataset: Path | None,
     *,
+    layout: Layout = "auto",
+    class_map: Path | None = None,
+    dataset_config: DatasetConfig | None = None,
+    seed: int = 0,
+    epochs: int = 6,
     threads: int = TRAIN_THREADS,
 ) -> BaseModel:
-    """Train the base CNN on wail/yelp scenes and write the base-model directory."""
-    with torch_threads(threads):
-        return _pretrain(out_dir, seed, n_per_class, epochs)
+    """Train the base CNN on the dataset at ``dataset`` and write the base-model directory.
 
-
-def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseModel:
+    ``dataset`` is required: there is no built-in data (the synthetic city is one
+    dataset, written by ``devstack write-dataset``).
+    """
+    if dataset is None:
+        raise TrainingError(
+            "pretrain needs a dataset: --dataset DIR (a folder per class, or an ESC-50,"
+            " UrbanSound8K or path,label CSV layout; docs/datasets.md). For the synthetic"
+            " city: devstack write-dataset --out DIR"
+        )
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise TrainingError(f"epochs must be in 1..{MAX_EPOCHS}, got {epochs}")
     t0 = time.monotonic()
+    data = load_dataset(dataset, layout, class_map, dataset_config)
+    with torch_threads(threads):
+        return _pretrain(out_dir, data, seed, epochs, t0)
+
+
+def _first_per_class(y: I64, n: int) -> npt.NDArray[np.intp]:
+    """Indices of the first ``n`` windows of each class, in their order in ``y``."""
+    picks = [np.flatnonzero(y == c)[:n] for c in range(len(CLASSES))]
+    return np.sort(np.concatenate(picks))
+
+
+def _npz_bytes(x: F32, y: I64) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False))
+    return buf.getvalue()
+
+
+def _pretrain(out_dir: Path, data: LoadedDataset, seed: int, epochs: int, t0: float) -> BaseModel:
     rng = np.random.default_rng(seed)
-    x, y = build_training_set(rng, n_per_class, ("wail", "yelp"))
-    n_hold = max(len(CLASSES), int(len(x) * HELD_OUT_FRACTION))
-    x_tr, y_tr, x_ho, y_ho = x[n_hold:], y[n_hold:], x[:n_hold], y[:n_hold]
+    train = rng.permutation(np.flatnonzero(~data.held_out))  # shuffled: calibration, replay
+    held = rng.permutation(np.flatnonzero(data.held_out))
+    x_tr, y_tr, x_ho, y_ho = data.x[train], data.y[train], data.x[held], data.y[held]
     t_data = time.monotonic() - t0
     torch.manual_seed(seed)
     model = AudioCNN(len(CLASSES))
@@ -237,6 +295,12 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
     int8 = quantize_file(fp32, out_dir / INT8_FILE, calibration=calib)
     p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
     acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
+    gold = _first_per_class(y_ho, GOLDEN_MAX_PER_CLASS)
+    replay = _first_per_class(y_tr, REPLAY_MAX_PER_CLASS)
+    golden_path, replay_path = out_dir / GOLDEN_FILE, out_dir / REPLAY_FILE
+    write_atomic(golden_path, _npz_bytes(x_ho[gold], y_ho[gold]), 0o644)
+    write_atomic(replay_path, _npz_bytes(x_tr[replay], y_tr[replay]), 0o644)
+    write_atomic(out_dir / MANIFEST_FILE, data.manifest, 0o644)
     card = {
         "model": "AudioCNN",
         "n_parameters": n_parameters(model),
@@ -246,22 +310,34 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
         "input": {"name": "features", "shape": ["batch", N_MELS, N_FRAMES], "dtype": "float32"},
         "output": {"name": "probs", "shape": ["batch", len(CLASSES)]},
         "adaptable_layers": {layer: f"{layer}.weight" for layer in ADAPTABLE_LAYERS},
+        "dataset": {**data.summary, "manifest_file": MANIFEST_FILE},
         "training": {
             "seed": seed,
-            "n_per_class": n_per_class,
             "epochs": epochs,
-            "siren_patterns": ["wail", "yelp"],
+            "train_windows": len(y_tr),
             "final_loss": round(loss, 4),
             "data_seconds": round(t_data, 1),
             "training_seconds": round(train_s, 1),
             "torch": torch.__version__,
         },
         "held_out": {
-            "n": int(n_hold),
+            "n": len(y_ho),
             "accuracy_torch": round(acc_fp32_torch, 4),
             "accuracy_fp32": round(acc_fp32, 4),
             "accuracy_int8": round(acc_int8, 4),
             "int8_fp32_agreement": round(float((p_fp32 == p_int8).mean()), 4),
+        },
+        "reference_sets": {
+            "golden": {
+                "file": GOLDEN_FILE,
+                "windows": len(gold),
+                "source": f"held-out windows, at most {GOLDEN_MAX_PER_CLASS} per class",
+            },
+            "replay": {
+                "file": REPLAY_FILE,
+                "windows": len(replay),
+                "source": f"training windows, at most {REPLAY_MAX_PER_CLASS} per class",
+            },
         },
         "quantization": {
             "method": "static QDQ (fleet_model.int8)",
@@ -277,23 +353,19 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
             },
         },
         "opset": OPSET,
-        "sha256": {
-            STATE_FILE: file_sha256(state_path),
-            FP32_FILE: sha_fp32,
-            INT8_FILE: file_sha256(int8),
-            CALIB_FILE: file_sha256(calib),
-        },
+        "sha256": {name: file_sha256(out_dir / name) for name in CHECKED_FILES},
     }
     card_path = out_dir / CARD_FILE
     write_atomic(card_path, json.dumps(card, indent=1).encode(), 0o644)
     log.info(
-        "pretrained base %s in %.1f s: held-out accuracy fp32 %.3f int8 %.3f",
+        "pretrained base %s in %.1f s on %d windows: held-out accuracy fp32 %.3f int8 %.3f",
         sha_fp32[:12],
         time.monotonic() - t0,
+        len(y_tr),
         acc_fp32,
         acc_int8,
     )
-    return BaseModel(out_dir, state_path, fp32, int8, card_path, sha_fp32, calib)
+    return load_base_model(out_dir)
 
 
 def load_base_model(base_dir: Path) -> BaseModel:
@@ -303,12 +375,12 @@ def load_base_model(base_dir: Path) -> BaseModel:
         if card_path.stat().st_size > MAX_CARD_BYTES:
             raise TrainingError(f"{card_path} exceeds {MAX_CARD_BYTES} bytes")
         card = json.loads(card_path.read_bytes())
-        hashes = {
-            name: str(card["sha256"][name])
-            for name in (STATE_FILE, FP32_FILE, INT8_FILE, CALIB_FILE)
-        }
+        hashes = {name: str(card["sha256"][name]) for name in CHECKED_FILES}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainingError(f"{base_dir} is not a base-model directory: {exc}") from exc
+        raise TrainingError(
+            f"{base_dir} is not a base-model directory of this version ({exc}); run"
+            " cloud-sidecar pretrain --dataset DIR --out it again"
+        ) from exc
     for name, expected in hashes.items():
         path = base_dir / name
         if not path.is_file() or file_sha256(path) != expected:
@@ -321,4 +393,47 @@ def load_base_model(base_dir: Path) -> BaseModel:
         card_path,
         hashes[FP32_FILE],
         base_dir / CALIB_FILE,
+        base_dir / GOLDEN_FILE,
+        base_dir / REPLAY_FILE,
     )
+
+
+def _load_npz(path: Path) -> tuple[F32, I64]:
+    """A reference set's arrays, checked (the file's sha256 was checked on opening the base)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(f"{path} is not a reference set (x, y arrays): {exc}") from exc
+    ok = (
+        x.dtype == np.float32
+        and y.dtype == np.int64
+        and x.ndim == 3
+        and x.shape[1:] == (N_MELS, N_FRAMES)
+        and y.shape == (len(x),)
+        and 0 < len(x) <= MAX_REFERENCE_WINDOWS
+        and int(y.min()) >= 0
+        and int(y.max()) < len(CLASSES)
+    )
+    if not ok:
+        raise TrainingError(f"{path}: arrays {x.dtype}{x.shape}, {y.dtype}{y.shape} are malformed")
+    return x, y
+
+
+def load_reference_sets(
+    base: BaseModel, replay_per_class: int, golden_per_class: int
+) -> tuple[tuple[F32, I64] | None, tuple[F32, I64]]:
+    """(replay or None when ``replay_per_class`` is 0, golden) from the base-model directory.
+
+    The first ``*_per_class`` windows of each class of ``replay.npz`` and ``golden.npz``
+    (fewer where pretraining saved fewer): the base distribution a training run mixes in
+    and is judged on, frozen at pretraining.
+    """
+    gx, gy = _load_npz(base.golden)
+    g = _first_per_class(gy, golden_per_class)
+    golden = (gx[g], gy[g])
+    if replay_per_class <= 0:
+        return None, golden
+    rx, ry = _load_npz(base.replay)
+    r = _first_per_class(ry, replay_per_class)
+    return (rx[r], ry[r]), golden

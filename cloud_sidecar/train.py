@@ -3,9 +3,10 @@
 Each step is written to the audit log. The gate judges the exact int8 artifact the
 devices will run (merged into the base by ``fleet_model.merge_and_quantize``, the very
 function a device runs, and scored with
-onnxruntime), on the held-out split of device data and on a golden set drawn from
-the base distribution: the candidate must not be worse than production on the split
-(by ``min_val_gain``) and must not lose more than ``max_golden_drop`` on the golden set.
+onnxruntime), on the held-out split of device data and on the golden set frozen at
+pretraining (held-out windows of the base dataset, ``golden.npz``): the candidate must
+not be worse than production on the split (by ``min_val_gain``) and must not lose more
+than ``max_golden_drop`` on the golden set.
 
 The run directory holds: the PEFT adapter (``adapter/``: adapter_config.json +
 adapter_model.safetensors), the edge artifact, the merged int8 model used by the
@@ -28,16 +29,14 @@ from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
-from cloud_sidecar.model import build_training_set
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-from cloud_sidecar.pretrain import load_base_model
+from cloud_sidecar.pretrain import load_base_model, load_reference_sets
 from cloud_sidecar.store import Store
 from fleet_model import ModelError, merge_and_quantize
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
-GOLDEN_SEED = 424_242
 
 
 def gate(
@@ -92,11 +91,10 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         y_val = np.array([CLASS_INDEX[s.label] for s in ds.val], dtype=np.int64)
     finally:
         store.close()
-    rng = np.random.default_rng(cfg.train.seed)
-    replay = (
-        build_training_set(rng, cfg.train.replay_per_class) if cfg.train.replay_per_class else None
+    # The base distribution, frozen at pretraining: replay.npz and golden.npz of the base.
+    replay, golden = load_reference_sets(
+        base, cfg.train.replay_per_class, cfg.train.golden_per_class
     )
-    golden = build_training_set(np.random.default_rng(GOLDEN_SEED), cfg.train.golden_per_class)
 
     t_train = time.monotonic()
     adapter_dir = train_adapter(

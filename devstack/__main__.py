@@ -1,4 +1,4 @@
-"""``devstack``: start the embedded default by hand, or run the demo."""
+"""``devstack``: start the embedded default by hand, run the demo, or write the synthetic dataset."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--eval-seconds", type=int, default=180, help="held-out scene each device scores"
     )
+    w = sub.add_parser(
+        "write-dataset",
+        help="write the synthetic city as a folder-per-class WAV dataset (for pretrain --dataset)",
+    )
+    w.add_argument("--out", type=Path, required=True, help="new or empty directory")
+    w.add_argument("--per-class", type=int, default=40, help="clips per class")
+    w.add_argument("--clip-seconds", type=int, default=4, help="1-s windows per clip")
+    w.add_argument("--seed", type=int, default=0)
     u = sub.add_parser("up", help="start the stack and keep it up until Ctrl-C")
     u.add_argument("--workdir", type=Path, default=Path("devstack-run"))
     u.add_argument("--devices", type=int, default=3)
@@ -39,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             # SIGTERM unwinds like Ctrl-C, so DevStack stops every child it started by PID
             signal.signal(signal.SIGTERM, _raise_interrupt)
             run_demo(args.out, args.devices, args.stream_seconds, args.eval_seconds)
+        elif args.command == "write-dataset":
+            from devstack.dataset import write_dataset
+
+            ds = write_dataset(args.out, args.per_class, args.seed, clip_seconds=args.clip_seconds)
+            print(f"{ds.dir}: {ds.files} clips, {ds.windows} one-second windows")
         else:
             from devstack.stack import DevStack
 

@@ -1,7 +1,8 @@
 """``make demo``: the whole loop on the embedded default, end to end, through every real part.
 
 1. start the stack (CA, Mosquitto mTLS, SoftHSM token, one swtpm per device);
-2. ``cloud-sidecar pretrain``: the base CNN, ONNX fp32 + int8;
+2. ``devstack write-dataset`` (the synthetic city as WAV files, one folder per class),
+   then ``cloud-sidecar pretrain --dataset``: the base CNN, ONNX fp32 + int8;
 3. the simulated city renders each device's street (a scene with the device's own
    two-tone siren, speech mixed in) as a recording the device replays through its
    ``file`` source with real capture times; provisioning leaves a one-time enrollment
@@ -32,6 +33,7 @@ import numpy as np
 
 from cloud_sidecar.store import Store
 from devstack.city import Truth, city_labels, write_stream
+from devstack.dataset import write_dataset
 from devstack.errors import DevstackError
 from devstack.evaluate import (
     EvalResult,
@@ -108,9 +110,24 @@ def run_demo(
     py = sys.executable
     with DevStack(work, n_devices=n_devices) as stack:
         print(f"[demo] stack up: broker :{stack.broker.port}, SoftHSM token, {n_devices} swtpm")
-        base_dir = work / "base-model"
-        print("[demo] cloud-sidecar pretrain (base CNN) ...")
-        _run([py, "-m", "cloud_sidecar", "pretrain", "--out", str(base_dir)])
+        base_dir, dataset = work / "base-model", work / "pretrain-dataset"
+        ds = write_dataset(dataset)
+        print(
+            f"[demo] synthetic city written as a dataset ({ds.files} WAV clips);"
+            " cloud-sidecar pretrain --dataset ..."
+        )
+        _run(
+            [
+                py,
+                "-m",
+                "cloud_sidecar",
+                "pretrain",
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(base_dir),
+            ]
+        )
         card = json.loads((base_dir / "model_card.json").read_text())
         cloud_keys = export_cloud_keys(stack, work / "cloud-keys")
         cloud_cfg = cloud_config(stack, work / "cloud" / "data", base_dir)
@@ -277,6 +294,7 @@ def summarize(
         "ota_repo_dir": str(Path(run["ota_repo_dir"]).resolve()),
         "audit_log": str((work / "cloud" / "data" / "audit.jsonl").resolve()),
         "base_model_sha256": card["sha256"][FP32_FILE],
+        "pretrain_dataset_manifest_sha256": card["dataset"]["manifest_sha256"],
     }
 
 

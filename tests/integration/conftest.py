@@ -19,10 +19,15 @@ from devstack.stack import DevStack
 
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """A small base model, pretrained once per session (same code path as the demo)."""
-    from cloud_sidecar.pretrain import pretrain
+    """A small base model, pretrained once per session (same code path as the demo).
 
-    return pretrain(tmp_path_factory.mktemp("base-model"), seed=1, n_per_class=24, epochs=2)
+    The synthetic city written as a dataset (6 clips of 4 s per class) and read back by
+    ``cloud_sidecar.pretrain``, as ``cloud-sidecar pretrain --dataset`` does.
+    """
+    from devstack.dataset import pretrain_synthetic
+
+    base_dir = tmp_path_factory.mktemp("base-model")
+    return pretrain_synthetic(base_dir, seed=1, per_class=6, epochs=2)
 
 
 @dataclass

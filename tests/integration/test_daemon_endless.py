@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 
 from cloud_sidecar.lora import convert_for_edge, train_adapter
-from cloud_sidecar.model import build_training_set
 from cloud_sidecar.ota_repo import OtaRepository, Publication
 from devstack.city import SceneSource
 from devstack.mosquitto import restart_broker, stop_broker
 from devstack.provision import device_config
 from devstack.scene.stream import SceneSpec
+from devstack.scene.windows import build_training_set
 from fleet_model import encode_edge_adapter, parse_edge_adapter
 
 from .alsa_mic import BLOCK, DEVICE, AlsaMic, PacedWriter

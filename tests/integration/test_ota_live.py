@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from cloud_sidecar.lora import convert_for_edge, train_adapter
-from cloud_sidecar.model import build_training_set
 from cloud_sidecar.ota_repo import OtaRepository, Publication
+from devstack.scene.windows import build_training_set
 from edge_daemon.inference.adapter import merged_fp32_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.ota import InstalledModel, OtaClient

@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, load_with_adapter, train_adapter
-from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
-from cloud_sidecar.pretrain import BaseModel, load_base_model, pretrain
+from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, n_parameters
+from cloud_sidecar.pretrain import BaseModel, load_base_model
+from devstack.dataset import pretrain_synthetic
+from devstack.scene.windows import build_training_set
 from edge_daemon.errors import InferenceError, OtaError
 from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
 from edge_daemon.inference.onnx_backend import OnnxClassifier
@@ -160,7 +162,8 @@ class Pipeline:
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     root = tmp_path_factory.mktemp("pipeline")
     t0 = time.monotonic()
-    base = pretrain(root / "base", seed=0, n_per_class=140, epochs=6)
+    # 35 clips of 4 s per class: 140 windows per class, written as WAV files and read back
+    base = pretrain_synthetic(root / "base", seed=0, per_class=35, epochs=6)
     pretrain_s = time.monotonic() - t0
     rng = np.random.default_rng(7)
     hilo = build_training_set(rng, 60, ("hilo",), classes=("siren",), hilo_pairs=HILO_PAIRS)
