@@ -192,7 +192,11 @@ class EdgeApp:
     def _on_window(self, c: Classified, source: AudioSource) -> None:
         if c.score >= self.cfg.model.event_threshold:
             event = Event(
-                self.device, int(time.time() * 1000), c.label, round(c.score, 4), c.model_sha256
+                device=self.device,  # from the config: the cloud checks it against the topic
+                time_ms=int(time.time() * 1000),
+                label=c.label,
+                score=min(1.0, max(0.0, round(c.score, 4))),
+                model_sha256=c.model_sha256,
             )
             self.link.publish(topics.events(self.device), event.to_bytes(), qos=0, timeout_s=0)
             self.report["events"] += 1
