@@ -30,9 +30,10 @@ Invariants:
   are disjoint, and none is a reserved device id (``topics.RESERVED_DEVICE_IDS``);
   otherwise ``MalformedError(reason="bad_identity")``;
 - Mosquitto applies ``pattern`` lines to every client, ``user`` blocks in addition: an
-  admin or a label source may also do what a device of its name could. Hence the
-  sidecar accepts device messages only from registered devices, and enrollment refuses
-  reserved ids and the admin identity as device ids.
+  admin or a label source may also do what a device of its name could, and read the
+  (public, signed) OTA tree. Hence the sidecar accepts device messages only from
+  registered devices, and enrollment refuses reserved ids and the admin identity as
+  device ids.
 """
 
 from __future__ import annotations

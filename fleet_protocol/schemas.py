@@ -12,7 +12,9 @@ Invariants:
 - the output is deterministic (the model's field order, 2-space indent, UTF-8, one
   trailing newline), so tests/unit/test_schemas.py can regenerate it into a temporary
   directory and fail on any stale file;
-- two messages with one schema name are an error, not an overwrite.
+- two messages with one schema name are an error, not an overwrite;
+- a development tool (docs), the one module here besides ``fleet_protocol.io`` that
+  touches files; the protocol modules never import it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import sys
 from pathlib import Path
 
 import fleet_protocol
-from fleet_protocol.io.files import write_atomic
 from fleet_protocol.wire import WireModel
 
 SUFFIX = ".schema.json"
@@ -83,7 +84,7 @@ def write(out: Path) -> list[Path]:
             stale.unlink()
     paths = []
     for name, data in want.items():
-        write_atomic(out / name, data, 0o644)
+        (out / name).write_bytes(data)  # generated docs: rerun to repair, no fsync needed
         paths.append(out / name)
     return paths
 

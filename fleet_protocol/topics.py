@@ -182,11 +182,6 @@ def shared_upload_subscription() -> str:
     return shared(upload(ANY))
 
 
-def shared_device_subscription(kind: str) -> str:
-    """``$share/ingest/fleet/v1/+/<kind>``: one sidecar worker per device message."""
-    return shared(device_topic(ANY, kind))
-
-
 # -- OTA tree -----------------------------------------------------------------------------------
 
 
