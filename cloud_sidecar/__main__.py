@@ -221,6 +221,15 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_broker_acl(args: argparse.Namespace) -> int:
+    from cloud_sidecar.broker_acl import write_broker_acl
+    from cloud_sidecar.config import load_config
+
+    write_broker_acl(load_config(args.config), args.label_source, args.out, args.enroll_out)
+    print(f"wrote {args.out}" + (f" and {args.enroll_out}" if args.enroll_out else ""))
+    return EXIT_OK
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
 
@@ -338,6 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--csv", type=Path, required=True)
     li.add_argument("--source", required=True, help="who made these labels (audited)")
     li.set_defaults(func=_cmd_labels_import)
+
+    ba = sub.add_parser(
+        "broker-acl",
+        help="write the broker's ACL (Mosquitto acl_file) for this sidecar and label sources",
+    )
+    ba.add_argument("--config", type=Path, required=True)
+    ba.add_argument(
+        "--label-source",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a downstream system's certificate CN allowed to send labels (repeatable)",
+    )
+    ba.add_argument("--out", type=Path, required=True, help="the device listener's acl_file")
+    ba.add_argument("--enroll-out", type=Path, help="also write the enrollment listener's acl_file")
+    ba.set_defaults(func=_cmd_broker_acl)
 
     vc = sub.add_parser("validate-config", help="check a configuration file and report errors")
     vc.add_argument("--config", type=Path, required=True)

@@ -1,9 +1,13 @@
 """Composition root of the sidecar's ``serve`` command: ingest workers on the broker.
 
-Start order: audit log → store → HSM session → MQTT link (shared ingest subscription,
-the label channel's shared subscription and the devices' OTA status; with a ``fleet`` section also the shared enrollment and
-renewal subscriptions, answered by ``cloud_sidecar.fleet``). Stop in reverse. MQTT callbacks run ingest directly: it
-is bounded work (one HSM decrypt, one SQLite transaction). When the HSM is unavailable
+Start order: audit log → store → HSM session → MQTT link (shared subscriptions: uploads
+for ingest; the devices' OTA status, events and telemetry for
+``cloud_sidecar.device_messages``; label batches from downstream systems for
+``cloud_sidecar.labels``; with a ``fleet`` section also enrollment and renewal,
+answered by ``cloud_sidecar.fleet``). Stop in reverse. Every topic and subscription
+comes from ``fleet_protocol.topics``, the names the broker's ACL is generated from
+(``fleet_protocol.acl``). MQTT callbacks run ingest directly: it is bounded work (one
+HSM decrypt, one SQLite transaction). When the HSM is unavailable
 the upload is neither stored nor acknowledged; a background thread reopens the session
 with backoff (never the MQTT thread), and the device resends. Any token failure during
 an unwrap other than "this ciphertext is not for this key" counts as unavailable: a
@@ -23,19 +27,17 @@ from pathlib import Path
 
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
+from cloud_sidecar.device_messages import DeviceMessages
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
-from fleet_protocol import enroll, topics
-from fleet_protocol.errors import ProtocolError
+from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
-from fleet_protocol.messages import OtaStatus
 
 log = logging.getLogger(__name__)
-OTA_STATUS_SUBSCRIPTION = f"{topics.PREFIX}/+/ota/status"
 
 
 class _HsmUnwrapper:
@@ -85,14 +87,17 @@ class SidecarApp:
             cfg.max_upload_bytes,
         )
         self.labels = LabelService(self.store, self.audit, self.metrics)
+        self.device_messages = DeviceMessages(self.store, self.audit, self.metrics)
         self.link.subscribe(topics.shared_upload_subscription(), 1)
         self.link.subscribe(topics.labels_subscription(), 1)
-        self.link.subscribe(OTA_STATUS_SUBSCRIPTION, 1)
+        self.link.subscribe(topics.shared(topics.ota_status(topics.ANY)), 1)
+        self.link.subscribe(topics.shared(topics.events(topics.ANY)), 1)
+        self.link.subscribe(topics.shared(topics.telemetry(topics.ANY)), 1)
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
-            self.link.subscribe(enroll.ENROLL_SUBSCRIPTION, 1)
-            self.link.subscribe(enroll.RENEW_SUBSCRIPTION, 1)
+            self.link.subscribe(topics.enroll_subscription(), 1)
+            self.link.subscribe(topics.renew_subscription(), 1)
         self.link.start(wait_s=15)
         self.audit.append("sidecar.started", "serve", pid=os.getpid())
         self.checkpoint_audit()
@@ -104,39 +109,26 @@ class SidecarApp:
             log.warning("could not publish to %s", topic)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic.endswith("/upload"):
+        kind = topics.kind_of(topic)
+        if kind == topics.UPLOAD:
             try:
                 self.ingest.handle(topic, payload)
             except HsmUnavailableError:
                 self._hsm_failed()
-        elif topic.endswith("/ota/status"):
-            self._on_ota_status(topic, payload)
-        elif topic.startswith(topics.LABELS_PREFIX + "/"):
+        elif kind in (topics.OTA_STATUS, topics.EVENTS, topics.TELEMETRY):
+            self.device_messages.handle(topic, payload)
+        elif topics.is_labels_topic(topic):
             reply = self.labels.handle(topic, payload)
             if reply is not None:
                 self._publish(*reply)
         elif self.fleet is not None and (
-            topic.endswith("/cert/request") or topic.startswith(enroll.ENROLL_PREFIX + "/")
+            kind == topics.CERT_REQUEST or topics.is_enroll_topic(topic)
         ):
             reply = self.fleet.handle(topic, payload)
             if reply is not None:
                 self._publish(*reply)
-
-    def _on_ota_status(self, topic: str, payload: bytes) -> None:
-        try:
-            status = OtaStatus.from_bytes(payload)
-        except ProtocolError as e:
-            self.metrics.inc("ota_status_rejected_total", reason=e.reason)
-            log.warning("malformed OTA status on %s: %s", topic, e)
-            return
-        self.metrics.inc("ota_status_total", state=status.state)
-        self.audit.append(
-            "ota.device_status",
-            status.device,
-            state=status.state,
-            adapter_version=status.adapter_version,
-            reason=status.reason,
-        )
+        else:
+            log.debug("ignored a message on %s", topic[:120])
 
     def _hsm_failed(self) -> None:
         """Start one background reopen loop, unless one is running."""

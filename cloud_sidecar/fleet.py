@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloud_sidecar.audit import AuditLog
+from cloud_sidecar.broker_acl import admin_identity
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import CloudError, ConfigError, HsmError
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 MAX_CA_FILE_BYTES = 256 * 1024
 CLOCK_SKEW = dt.timedelta(minutes=5)
 CRL_VALID = dt.timedelta(days=365)
-RESERVED_DEVICE_IDS = frozenset({"ota", "enroll", "claim"})  # topic levels, claim CN
+# topic levels beside the devices', and the shared claim certificate's CN
+RESERVED_DEVICE_IDS = topics.RESERVED_DEVICE_IDS | {"claim"}
 
 Reply = tuple[str, bytes]
 
@@ -231,7 +233,7 @@ class FleetService:
 
     def handle(self, topic: str, payload: bytes) -> Reply | None:
         """One request in, the reply (topic, bytes) out, or None when there is no one to tell."""
-        if topic.startswith(enroll.ENROLL_PREFIX + "/"):
+        if topics.is_enroll_topic(topic):
             return self._enroll(topic, payload)
         return self._renew(topic, payload)
 
@@ -239,7 +241,7 @@ class FleetService:
         req: enroll.EnrollRequest | None = None
         claim_id = None
         try:
-            claim_id = enroll.claim_of_topic(topic)
+            claim_id = topics.claim_of_enroll_request(topic)
             req = enroll.EnrollRequest.from_bytes(payload)
             if req.claim_id != claim_id:
                 raise MalformedError("request names another claim than its topic", "claim_mismatch")
@@ -262,7 +264,7 @@ class FleetService:
             self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
             if req is None or claim_id is None:
                 return None
-            return enroll.enroll_response_topic(claim_id), self._refusal(req, e.reason)
+            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
         device = self.store.register_device(req.device_id, req.identity_key.encode())
         self._record(cert, req.device_id, "enroll")
         self.audit.append(
@@ -275,13 +277,13 @@ class FleetService:
         )
         self.metrics.inc("fleet_enrolled_total")
         log.info("enrolled %s (identity key %s)", req.device_id, device.key_id)
-        return enroll.enroll_response_topic(claim_id), self._issued(req.device_id, req.nonce, cert)
+        return topics.enroll_response(claim_id), self._issued(req.device_id, req.nonce, cert)
 
     def _renew(self, topic: str, payload: bytes) -> Reply | None:
         device: str | None = None
         req: enroll.RenewRequest | None = None
         try:
-            device = enroll.device_of_cert_request(topic)  # CN authenticated by the broker
+            device = topics.device_of(topic, topics.CERT_REQUEST)  # CN authenticated by the broker
             req = enroll.RenewRequest.from_bytes(payload)
             if req.device_id != device:
                 raise MalformedError("request names another device", "device_mismatch")
@@ -299,7 +301,7 @@ class FleetService:
             self._rejected("renew", device or "?", e)
             if req is None or device is None or req.device_id != device:
                 return None
-            return enroll.cert_response_topic(device), self._refusal(req, e.reason)
+            return topics.cert_response(device), self._refusal(req, e.reason)
         cert = self._sign(csr, "renew", device)
         if cert is None:
             return None  # the renewer retries with backoff
@@ -312,7 +314,7 @@ class FleetService:
         )
         self.metrics.inc("fleet_renewed_total")
         log.info("renewed the certificate of %s", device)
-        return enroll.cert_response_topic(device), self._issued(device, req.nonce, cert)
+        return topics.cert_response(device), self._issued(device, req.nonce, cert)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -353,13 +355,27 @@ class FleetService:
 
     @staticmethod
     def _refusal(req: enroll.EnrollRequest | enroll.RenewRequest, reason: str) -> bytes:
-        return enroll.CertResponse(req.device_id, req.nonce, "rejected", reason, "", 0).to_bytes()
+        return enroll.CertResponse(
+            device_id=req.device_id,
+            nonce=req.nonce,
+            status="rejected",
+            reason=reason,
+            cert="",
+            not_after_ms=0,
+        ).to_bytes()
 
     @staticmethod
     def _issued(device: str, nonce: str, cert: x509.Certificate) -> bytes:
         pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         not_after = _ms(cert.not_valid_after_utc)
-        return enroll.CertResponse(device, nonce, "issued", "", pem, not_after).to_bytes()
+        return enroll.CertResponse(
+            device_id=device,
+            nonce=nonce,
+            status="issued",
+            reason="",
+            cert=pem,
+            not_after_ms=not_after,
+        ).to_bytes()
 
 
 def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metrics) -> FleetService:
@@ -376,7 +392,9 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
     else:
         signer = file_ca_signer(f.ca_dir)
     ca = FleetCA(signer, f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
-    policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s)
+    # the sidecar's own CN too: a device of that name would get the admin's ACL
+    reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)}
+    policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s, reserved)
     return FleetService(store, audit, metrics, ca, policy, lambda p: run_crl_hook(f.crl_hook, p))
 
 

@@ -25,7 +25,7 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError, TooLargeError
-from fleet_protocol.messages import Ack
+from fleet_protocol.messages import Ack, AckStatus
 
 log = logging.getLogger(__name__)
 
@@ -153,5 +153,8 @@ class Ingest:
             self._ack(device, env.header.batch_id, env.header.seq, "rejected", reason)
         return IngestResult(device, batch_id, "rejected", reason)
 
-    def _ack(self, device: str, batch_id: str, seq: int, status: str, reason: str) -> None:
-        self._publish(topics.ack(device), Ack(batch_id, seq, status, reason).to_bytes())
+    def _ack(self, device: str, batch_id: str, seq: int, status: AckStatus, reason: str) -> None:
+        self._publish(
+            topics.ack(device),
+            Ack(batch_id=batch_id, seq=seq, status=status, reason=reason).to_bytes(),
+        )

@@ -108,7 +108,7 @@ def run_demo(
         shutil.rmtree(out)
     work = out / "work"
     py = sys.executable
-    with DevStack(work, n_devices=n_devices) as stack:
+    with DevStack(work, n_devices=n_devices, label_sources=(CITY_SOURCE,)) as stack:
         print(f"[demo] stack up: broker :{stack.broker.port}, SoftHSM token, {n_devices} swtpm")
         base_dir, dataset = work / "base-model", work / "pretrain-dataset"
         ds = write_dataset(dataset)
@@ -170,7 +170,9 @@ def run_demo(
             for i, (slot, truth) in enumerate(zip(stack.devices, truths, strict=True))
             for r in city_labels(slot.device_id, truth, coverage=LABEL_COVERAGE, seed=77 + i)
         ]
-        results = send_labels(stack.endpoint(stack.cloud_cert), CITY_SOURCE, records)
+        results = send_labels(
+            stack.endpoint(stack.label_source_certs[CITY_SOURCE]), CITY_SOURCE, records
+        )
         refused = [r for r in results if r.status != "accepted"]
         if refused:
             raise DevstackError(f"the sidecar refused the city's labels: {refused[0].errors[:3]}")

@@ -14,7 +14,8 @@ Invariants:
   so a verifier holding several CRLs of this CA picks the newest;
 - a client certificate's CN is the identity the broker uses as MQTT username
   (``use_identity_as_username``), so it must be a valid fleet device id
-  (``fleet_protocol.topics.DEVICE_ID_RE``) and not a reserved topic level (``ota``);
+  (``fleet_protocol.topics.DEVICE_ID_RE``) and not a reserved topic level
+  (``fleet_protocol.topics.RESERVED_DEVICE_IDS``: ``ota``, ``enroll``, ``labels``);
 - files read back (CA, CRL, certificates to revoke) are capped at ``MAX_PEM_BYTES``.
 
 A ``DevCA`` made by ``create`` keeps its key on disk (a development CA: the claim CA
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devstack.errors import PKIError
+from fleet_protocol import topics
 from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, ca_builder, leaf_builder
 from fleet_protocol.io.files import write_atomic
 
@@ -52,7 +54,7 @@ CRL_VALID_DAYS = 365
 CLOCK_SKEW = dt.timedelta(minutes=5)
 # Same rule as fleet_protocol.topics.DEVICE_ID_RE (tests/unit/test_pki.py keeps them equal).
 IDENTITY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-RESERVED_IDENTITIES = frozenset({"ota"})
+RESERVED_IDENTITIES = topics.RESERVED_DEVICE_IDS
 _ORG = "sovereign-edge dev"
 
 

@@ -9,6 +9,12 @@ certificate, the sidecar's and the fixed device certificates are issued by it, s
 clients trust one anchor (``ca.cert_path``). The claim CA (``claim_ca``) only issues
 the shared claim certificate; its key file stands in for a factory/offline CA.
 
+``label_sources`` names downstream systems that send labels (the simulated city, a
+test): the broker's ACL admits each as a label source (``fleet_protocol.acl``) and the
+fleet CA issues each a client certificate (``label_source_certs[name]``), as it does for
+the sidecar. ``observers`` (tests only) may read every topic and write none
+(``observer_certs[name]``).
+
 ``DevStack`` is a context manager. On enter it starts everything (each child through
 one ``ProcessGroup``); on exit, also after an error or Ctrl-C, it stops every child by
 PID in reverse order. Provisioning helpers write what a flashed device and the cloud
@@ -24,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +62,8 @@ class DevStack:
     workdir: Path
     n_devices: int = 3
     device_prefix: str = "pi"
+    label_sources: Sequence[str] = ()
+    observers: Sequence[str] = ()
     procs: ProcessGroup = field(init=False)
     ca: DevCA = field(init=False)
     claim_ca: DevCA = field(init=False)
@@ -62,6 +71,8 @@ class DevStack:
     token: HsmToken = field(init=False)
     cloud_cert: CertPair = field(init=False)
     claim_cert: CertPair = field(init=False)
+    label_source_certs: dict[str, CertPair] = field(default_factory=dict, init=False)
+    observer_certs: dict[str, CertPair] = field(default_factory=dict, init=False)
     devices: list[DeviceSlot] = field(default_factory=list, init=False)
     _broker_dir: Path = field(init=False)
 
@@ -96,7 +107,13 @@ class DevStack:
         self._broker_dir = Path(tempfile.mkdtemp(prefix="sovereign-broker-"))
         os.chmod(self._broker_dir, 0o755)
         self.broker = start_broker(
-            self.procs, self._broker_dir, self.ca, (CLOUD_IDENTITY,), claim_ca=self.claim_ca
+            self.procs,
+            self._broker_dir,
+            self.ca,
+            (CLOUD_IDENTITY,),
+            claim_ca=self.claim_ca,
+            label_sources=self.label_sources,
+            observers=self.observers,
         )
         log.info(
             "broker on 127.0.0.1:%d (mTLS, per-device ACL), enrollment on %s",
@@ -105,6 +122,10 @@ class DevStack:
         )
         self.cloud_cert = self.ca.issue_client(CLOUD_IDENTITY)
         self.claim_cert = self.claim_ca.issue_client(CLAIM_IDENTITY, valid_days=365)
+        for name in self.label_sources:
+            self.label_source_certs[name] = self.ca.issue_client(name)
+        for name in self.observers:
+            self.observer_certs[name] = self.ca.issue_client(name)
         for i in range(self.n_devices):
             self.add_device(f"{self.device_prefix}-{i:02d}")
 

@@ -143,7 +143,15 @@ def _cmd_process(args: argparse.Namespace) -> int:
         starts.append(c.start_s)
         time_ms = args.start_time_ms + round(c.start_s * 1000)
         score = min(1.0, max(0.0, round(c.score, 4)))
-        events.append(Event(device, time_ms, c.label, score, c.model_sha256).to_bytes())
+        events.append(
+            Event(
+                device=device,
+                time_ms=time_ms,
+                label=c.label,
+                score=score,
+                model_sha256=c.model_sha256,
+            ).to_bytes()
+        )
 
     stats = run_stream(source.blocks(), gate, lambda: classifier, record)
     spans = merge_spans(starts, WINDOW_S)

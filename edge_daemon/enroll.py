@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_daemon.config import DeviceConfig
 from edge_daemon.errors import EnrollmentError
-from fleet_protocol import enroll
+from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink, TransportError
@@ -188,15 +188,13 @@ def enroll_device(
     link = MqttLink(
         claim_endpoint, client_id=claim.claim_id, on_message=lambda _t, p: _offer(responses, p)
     )
-    link.subscribe(enroll.enroll_response_topic(claim.claim_id), 1)
+    link.subscribe(topics.enroll_response(claim.claim_id), 1)
     deadline = time.monotonic() + timeout_s
     try:
         link.start(wait_s=timeout_s)
         resp = None
         while resp is None and time.monotonic() < deadline:
-            link.publish(
-                enroll.enroll_request_topic(claim.claim_id), req.to_bytes(), 1, timeout_s=5
-            )
+            link.publish(topics.enroll_request(claim.claim_id), req.to_bytes(), 1, timeout_s=5)
             resp = _await(responses, device, req.nonce, min(deadline, time.monotonic() + resend_s))
     except TransportError as e:
         raise EnrollmentError(f"cannot reach the broker with the claim certificate: {e}") from e
@@ -246,7 +244,7 @@ class Renewer:
 
     @property
     def response_topic(self) -> str:
-        return enroll.cert_response_topic(self.device)
+        return topics.cert_response(self.device)
 
     def on_message(self, payload: bytes) -> None:
         """Feed a message from ``response_topic`` (network thread: only enqueues)."""
@@ -262,7 +260,7 @@ class Renewer:
             created_at_ms=int(time.time() * 1000),
             nonce=enroll.new_nonce(),
         ).signed(self._sign)
-        topic = enroll.cert_request_topic(self.device)
+        topic = topics.cert_request(self.device)
         if not self._link.publish(topic, req.to_bytes(), qos=1, timeout_s=self._timeout):
             raise EnrollmentError("renewal request not accepted by the broker", "publish_failed")
         resp = _await(self._responses, self.device, req.nonce, time.monotonic() + self._timeout)

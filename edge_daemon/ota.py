@@ -27,7 +27,7 @@ from fleet_protocol import ota, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
-from fleet_protocol.messages import OtaStatus
+from fleet_protocol.messages import OtaState, OtaStatus
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class OtaClient:
         self._report(meta_version, target.adapter_version, "applied", "")
         log.info("applied adapter v%d", target.adapter_version)
 
-    def _report(self, meta_version: int, adapter_version: int, state: str, reason: str) -> None:
+    def _report(
+        self, meta_version: int, adapter_version: int, state: OtaState, reason: str
+    ) -> None:
         self._publish_status(
             OtaStatus(
                 device=self.device_id,

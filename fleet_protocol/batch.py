@@ -25,7 +25,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from fleet_protocol.errors import MalformedError, ProtocolError, TooLargeError
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
@@ -50,6 +50,8 @@ class BatchLimits:
 class SampleMeta(WireModel):
     """What the device knows about one kept window (never a label: it has none)."""
 
+    ABSTRACT: ClassVar[bool] = True  # part of BatchManifest
+
     sample_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="random, unique per device")
     captured_at_ms: int = Field(
         ge=0, le=2**53, description="wall-clock capture time of the window's first sample"
@@ -65,6 +67,32 @@ class SampleMeta(WireModel):
 
 
 class BatchManifest(WireModel):
+    """The JSON head of a decrypted batch (``encode``/``decode``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "v": 2,
+                    "device": "pi-07",
+                    "feature_version": "logmel-v1",
+                    "shape": [64, 98],
+                    "dtype": "float16",
+                    "samples": [
+                        {
+                            "sample_id": "5f0c" * 8,
+                            "captured_at_ms": 1764662400000,
+                            "stream_offset_s": 3600.0,
+                            "predicted": "siren",
+                            "score": 0.41,
+                            "model_sha256": "ab" * 32,
+                            "reason": "low_confidence",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     MAX_BYTES: ClassVar[int] = BatchLimits.max_manifest
 
     v: int = Field(ge=0, le=2**31)

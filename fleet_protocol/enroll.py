@@ -1,13 +1,13 @@
 """Device enrollment and certificate renewal messages (sans-IO).
 
-Owns: the enrollment and renewal wire messages, their topics, their byte caps and
-field rules, the TPM-signature digests they carry, and the checks both sides run on
+Owns: the enrollment and renewal wire messages (``WireModel``s, fleet_protocol/wire.py),
+their byte caps and field rules, the TPM-signature digests they carry, and the checks both sides run on
 CSRs and issued certificates. Bytes in, a frozen message or a ``ProtocolError`` out;
 no sockets, no files, no key custody (signing is a callable: the TPM).
 
 Flow (docs/adr/0007-device-identity-and-enrollment.md)::
 
-    device (claim cert, client id = claim id)          sidecar
+    device (claim cert, client id = claim id)          sidecar      (topics: fleet_protocol.topics)
       EnrollRequest  --> fleet/v1/enroll/<claim>/request
                      <-- fleet/v1/enroll/<claim>/response  CertResponse
     device (own short-lived cert)
@@ -23,7 +23,9 @@ Invariants:
   tags differ for enrollment and renewal, so one can never be replayed as the other;
 - every parser checks the total size first (``MAX_MESSAGE_BYTES``), then each field's
   type, length and pattern, and raises only ``ProtocolError`` subclasses, whatever
-  the input;
+  the input; canonicalising a document (to check its encoding or to compute the
+  signed digest) raises only ``MalformedError`` (``wire.canonical_json``: a lone
+  surrogate is refused, never a ``UnicodeEncodeError``);
 - a CSR is accepted only for an EC P-256 key, with a valid self-signature and a subject
   of exactly ``CN=<device id>``; an issued certificate is accepted by the device only
   when its CN, public key and issuer signature match what it asked for.
@@ -34,21 +36,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 import secrets
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Self
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
+from pydantic import ConfigDict, Field, model_validator
 
 from fleet_protocol import topics
 from fleet_protocol.errors import MalformedError, SignatureError, TooLargeError
+from fleet_protocol.wire import DeviceId, UInt63, WireModel, canonical_json
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -61,63 +64,19 @@ MAX_INT = 2**63 - 1
 
 ENROLL_TAG = b"sovereign-edge enroll v1\x00"
 RENEW_TAG = b"sovereign-edge renew v1\x00"
-ENROLL_PREFIX = f"{topics.PREFIX}/enroll"
 
-CLAIM_ID_RE = re.compile(r"[0-9a-f]{16}")
-TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 random bytes, urlsafe base64, no padding
-NONCE_RE = re.compile(r"[0-9a-f]{32}")
-KID_RE = re.compile(r"[0-9a-f]{16}")
-REASON_RE = re.compile(r"[a-z0-9_]{0,64}")
-_B64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, urlsafe base64, no padding
+NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
+KID_RE = re.compile(r"^[0-9a-f]{16}$")
+REASON_RE = re.compile(r"^[a-z0-9_]{0,64}$")
 _PEM_RE = re.compile(r"-----BEGIN [A-Z ]+-----\n[A-Za-z0-9+/=\n]+-----END [A-Z ]+-----\n?")
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+# schema examples: the right shapes, not a real CSR, key or signature
+_EXAMPLE_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nTUlJQg==\n-----END CERTIFICATE REQUEST-----\n"
+_EXAMPLE_KEY = "-----BEGIN PUBLIC KEY-----\nTUZrdw==\n-----END PUBLIC KEY-----\n"
+_EXAMPLE_SIG = "MAYCAQECAQE="  # DER SEQUENCE { INTEGER 1, INTEGER 1 }
 
 SignDigest = Callable[[bytes], bytes]
-
-# -- topics ----------------------------------------------------------------------------
-
-
-def _claim_id(claim_id: str) -> str:
-    if not isinstance(claim_id, str) or not CLAIM_ID_RE.fullmatch(claim_id):
-        raise MalformedError(f"invalid claim id {str(claim_id)[:40]!r}", "bad_claim_id")
-    return claim_id
-
-
-def enroll_request_topic(claim_id: str) -> str:
-    return f"{ENROLL_PREFIX}/{_claim_id(claim_id)}/request"
-
-
-def enroll_response_topic(claim_id: str) -> str:
-    return f"{ENROLL_PREFIX}/{_claim_id(claim_id)}/response"
-
-
-def cert_request_topic(device: str) -> str:
-    return f"{topics.PREFIX}/{topics.check_device_id(device)}/cert/request"
-
-
-def cert_response_topic(device: str) -> str:
-    return f"{topics.PREFIX}/{topics.check_device_id(device)}/cert/response"
-
-
-ENROLL_SUBSCRIPTION = f"$share/enroll/{ENROLL_PREFIX}/+/request"
-RENEW_SUBSCRIPTION = f"$share/enroll/{topics.PREFIX}/+/cert/request"
-
-
-def claim_of_topic(topic: str) -> str:
-    """The claim id in ``fleet/v1/enroll/<claim>/request``; ``MalformedError`` otherwise."""
-    parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != ENROLL_PREFIX or parts[4] != "request":
-        raise MalformedError(f"not an enrollment topic: {topic[:120]!r}", "bad_topic")
-    return _claim_id(parts[3])
-
-
-def device_of_cert_request(topic: str) -> str:
-    """The device id in ``fleet/v1/<device>/cert/request``; ``MalformedError`` otherwise."""
-    parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != topics.PREFIX or parts[3:] != ["cert", "request"]:
-        raise MalformedError(f"not a renewal topic: {topic[:120]!r}", "bad_topic")
-    return topics.check_device_id(parts[2])
-
 
 # -- claims ----------------------------------------------------------------------------
 
@@ -140,7 +99,7 @@ class Claim:
     def parse(cls, text: str) -> Claim:
         """Parse ``<claim id>.<token>`` as ``cloud-sidecar fleet claim`` prints it."""
         claim_id, _, token = text.strip().partition(".")
-        _claim_id(claim_id)
+        topics.check_claim_id(claim_id)
         if not TOKEN_RE.fullmatch(token):
             raise MalformedError("claim token has the wrong format", "bad_token")
         return cls(claim_id, token)
@@ -153,99 +112,70 @@ def token_hash(token: str) -> str:
 
 # -- messages --------------------------------------------------------------------------
 
-
-def _canonical(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _reject_constant(name: str) -> Any:
-    raise MalformedError(f"non-finite number {name}")
-
-
-def _load(data: bytes, cls: type[Any]) -> dict[str, Any]:
-    name = cls.__name__
-    if not isinstance(data, bytes | bytearray):
-        raise MalformedError(f"{name} must be bytes")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise TooLargeError(f"{name} of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise MalformedError(f"{name} is not JSON: {str(e)[:80]}") from e
-    expected = {f.name for f in fields(cls)}
-    if not isinstance(obj, dict) or set(obj) != expected:
-        raise MalformedError(f"{name} must have exactly the fields {sorted(expected)}")
-    if _canonical(obj) != bytes(data):
-        raise MalformedError(f"{name} is not canonical JSON")
-    if obj["v"] != VERSION or type(obj["v"]) is not int:
-        raise MalformedError(f"{name} version {str(obj['v'])[:20]!r} is not {VERSION}")
-    return obj
+Version = Annotated[int, Field(ge=VERSION, le=VERSION, description="protocol version")]
+Signature = Annotated[
+    str,
+    Field(
+        max_length=4 * MAX_SIGNATURE // 3 + 4,
+        pattern=r"^([A-Za-z0-9+/]+={0,2})?$",
+        description="base64 of a strict-DER ECDSA P-256 signature by the TPM identity key"
+        " over SHA-256(domain tag || canonical JSON without sig); empty only before signing",
+    ),
+]
+Nonce = Annotated[str, Field(pattern=NONCE_RE.pattern, description="32 hex, fresh per request")]
+CreatedAt = Annotated[UInt63, Field(description="when the device made the request, Unix ms")]
 
 
-def _str(o: dict[str, Any], name: str, pattern: re.Pattern[str], reason: str = "malformed") -> str:
-    v = o[name]
-    if not isinstance(v, str) or not pattern.fullmatch(v):
-        raise MalformedError(f"field {name} is invalid", reason)
-    return v
+def _pem(cap: int, what: str, allow_empty: bool = False) -> Any:
+    body = _PEM_RE.pattern
+    return Field(
+        max_length=cap,
+        pattern=f"^({body})?$" if allow_empty else f"^{body}$",
+        description=f"{what} (PEM, at most {cap} characters)",
+    )
 
 
-def _int(o: dict[str, Any], name: str) -> int:
-    v = o[name]
-    if type(v) is not int or not 0 <= v <= MAX_INT:
-        raise MalformedError(f"field {name} must be an integer in [0, 2**63)")
-    return v
+class _Canonical(WireModel):
+    """Enrollment messages: canonical JSON only, so a signed message has one encoding."""
+
+    ABSTRACT: ClassVar[bool] = True
+    MAX_BYTES: ClassVar[int] = MAX_MESSAGE_BYTES
+
+    v: Version = VERSION
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        msg = super().from_bytes(data)
+        if msg.to_bytes() != bytes(data):
+            raise MalformedError(f"{cls.__name__} is not canonical JSON")
+        return msg
 
 
-def _pem(o: dict[str, Any], name: str, cap: int, allow_empty: bool = False) -> str:
-    v = o[name]
-    if not isinstance(v, str):
-        raise MalformedError(f"field {name} must be a string")
-    if len(v) > cap:
-        raise TooLargeError(f"field {name} exceeds {cap} characters")
-    if allow_empty and v == "":
-        return v
-    if not _PEM_RE.fullmatch(v):
-        raise MalformedError(f"field {name} is not PEM")
-    return v
-
-
-def _sig(o: dict[str, Any]) -> bytes:
-    v = o["sig"]
-    if not isinstance(v, str) or len(v) > 4 * MAX_SIGNATURE // 3 + 4 or not _B64_RE.fullmatch(v):
-        raise MalformedError("field sig is not base64", "bad_signature")
-    try:
-        raw = base64.b64decode(v, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise MalformedError("field sig is not base64", "bad_signature") from e
-    try:
-        r, s = utils.decode_dss_signature(raw)
-    except ValueError as e:
-        raise MalformedError("sig is not a DER ECDSA signature", "bad_signature") from e
-    if utils.encode_dss_signature(r, s) != raw or base64.b64encode(raw).decode() != v:
-        raise MalformedError("sig is not strict DER in canonical base64", "bad_signature")
-    return raw
-
-
-class _Signed:
+class _Signed(_Canonical):
     """Shared behaviour of the two TPM-signed requests."""
 
-    TAG: bytes = b""
-    sig: str
+    ABSTRACT: ClassVar[bool] = True
+    TAG: ClassVar[bytes] = b""
+
+    sig: Signature = ""
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        msg = super().from_bytes(data)
+        _strict_der(msg.sig)
+        return msg
 
     def body(self) -> bytes:
-        doc = asdict(self)  # type: ignore[call-overload]
-        doc.pop("sig")
-        return _canonical(doc)
+        """The canonical JSON the signature covers (every field but ``sig``)."""
+        return canonical_json(self.model_dump(mode="json", exclude={"sig"}))
 
     def signed_digest(self) -> bytes:
         return hashlib.sha256(self.TAG + self.body()).digest()
 
-    def to_bytes(self) -> bytes:
-        return _canonical(asdict(self))  # type: ignore[call-overload]
-
     def signed(self, sign_digest: SignDigest) -> Self:
         der = sign_digest(self.signed_digest())
-        return replace(self, sig=base64.b64encode(der).decode("ascii"))  # type: ignore[type-var]
+        sig = base64.b64encode(der).decode("ascii")
+        return type(self).model_validate({**self.model_dump(), "sig": sig})
 
     def verify(self, public_key_pem: bytes) -> None:
         """Raise ``SignatureError`` unless ``sig`` was made by ``public_key_pem``'s key."""
@@ -256,98 +186,127 @@ class _Signed:
             raise SignatureError("request signature does not verify", "bad_signature") from e
 
 
-@dataclass(frozen=True)
+def _strict_der(sig: str) -> bytes:
+    try:
+        raw = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MalformedError("field sig is not base64", "bad_signature") from e
+    try:
+        r, s = utils.decode_dss_signature(raw)
+    except ValueError as e:
+        raise MalformedError("sig is not a DER ECDSA signature", "bad_signature") from e
+    if utils.encode_dss_signature(r, s) != raw or base64.b64encode(raw).decode() != sig:
+        raise MalformedError("sig is not strict DER in canonical base64", "bad_signature")
+    return raw
+
+
 class EnrollRequest(_Signed):
-    """Device → cloud over the claim identity: prove the claim, present keys, ask for a cert."""
+    """Device → cloud over the claim identity on ``fleet/v1/enroll/<claim id>/request``:
+    prove the claim, present keys, ask for a certificate."""
 
-    TAG = ENROLL_TAG
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "claim_id": "0123456789abcdef",
+                    "created_at_ms": 1764000000000,
+                    "csr": _EXAMPLE_CSR,
+                    "device_id": "pi-07",
+                    "identity_key": _EXAMPLE_KEY,
+                    "nonce": "ab" * 16,
+                    "sig": _EXAMPLE_SIG,
+                    "token": "A" * 43,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    TAG: ClassVar[bytes] = ENROLL_TAG
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "claim_id": "bad_claim_id",
+        "token": "bad_token",
+        "sig": "bad_signature",
+    }
 
-    device_id: str
-    claim_id: str
-    token: str
-    csr: str
-    identity_key: str
-    created_at_ms: int
-    nonce: str
-    sig: str = ""
-    v: int = VERSION
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> EnrollRequest:
-        o = _load(data, cls)
-        req = cls(
-            device_id=_str(o, "device_id", topics.DEVICE_ID_RE, "bad_device_id"),
-            claim_id=_str(o, "claim_id", CLAIM_ID_RE, "bad_claim_id"),
-            token=_str(o, "token", TOKEN_RE, "bad_token"),
-            csr=_pem(o, "csr", MAX_CSR_PEM),
-            identity_key=_pem(o, "identity_key", MAX_KEY_PEM),
-            created_at_ms=_int(o, "created_at_ms"),
-            nonce=_str(o, "nonce", NONCE_RE),
-            sig=o["sig"],
-        )
-        _sig(o)
-        return req
+    device_id: DeviceId
+    claim_id: Annotated[str, Field(pattern=topics.CLAIM_ID_RE.pattern, description="16 hex")]
+    token: Annotated[
+        str, Field(pattern=TOKEN_RE.pattern, description="the claim's secret (base64url)")
+    ]
+    csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
+    identity_key: Annotated[str, _pem(MAX_KEY_PEM, "TPM identity public key, SPKI")]
+    created_at_ms: CreatedAt
+    nonce: Nonce
 
 
-@dataclass(frozen=True)
 class RenewRequest(_Signed):
-    """Device → cloud over its own mTLS session: a fresh CSR signed by its TPM identity."""
+    """Device → cloud over its own mTLS session on ``fleet/v1/<device>/cert/request``:
+    a fresh CSR signed by its TPM identity."""
 
-    TAG = RENEW_TAG
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "created_at_ms": 1764000000000,
+                    "csr": _EXAMPLE_CSR,
+                    "device_id": "pi-07",
+                    "kid": "0123456789abcdef",
+                    "nonce": "ab" * 16,
+                    "sig": _EXAMPLE_SIG,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    TAG: ClassVar[bytes] = RENEW_TAG
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "sig": "bad_signature",
+    }
 
-    device_id: str
-    kid: str
-    csr: str
-    created_at_ms: int
-    nonce: str
-    sig: str = ""
-    v: int = VERSION
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> RenewRequest:
-        o = _load(data, cls)
-        req = cls(
-            device_id=_str(o, "device_id", topics.DEVICE_ID_RE, "bad_device_id"),
-            kid=_str(o, "kid", KID_RE),
-            csr=_pem(o, "csr", MAX_CSR_PEM),
-            created_at_ms=_int(o, "created_at_ms"),
-            nonce=_str(o, "nonce", NONCE_RE),
-            sig=o["sig"],
-        )
-        _sig(o)
-        return req
+    device_id: DeviceId
+    kid: Annotated[str, Field(pattern=KID_RE.pattern, description="the identity key's id")]
+    csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
+    created_at_ms: CreatedAt
+    nonce: Nonce
 
 
-@dataclass(frozen=True)
-class CertResponse:
-    """Cloud → device: the issued certificate, or why none was issued."""
+class CertResponse(_Canonical):
+    """Cloud → device on ``fleet/v1/enroll/<claim id>/response`` (enrollment) or
+    ``fleet/v1/<device>/cert/response`` (renewal): the issued certificate, or why none
+    was issued."""
 
-    device_id: str
-    nonce: str
-    status: str  # issued | rejected
-    reason: str
-    cert: str  # PEM; "" when rejected
-    not_after_ms: int
-    v: int = VERSION
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "cert": "",
+                    "device_id": "pi-07",
+                    "nonce": "ab" * 16,
+                    "not_after_ms": 0,
+                    "reason": "claim_used",
+                    "status": "rejected",
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
 
-    def to_bytes(self) -> bytes:
-        return _canonical(asdict(self))
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {"device_id": "bad_device_id"}
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> CertResponse:
-        o = _load(data, cls)
-        status = o["status"]
-        if status not in ("issued", "rejected"):
-            raise MalformedError("status must be issued or rejected")
-        resp = cls(
-            device_id=_str(o, "device_id", topics.DEVICE_ID_RE, "bad_device_id"),
-            nonce=_str(o, "nonce", NONCE_RE),
-            status=status,
-            reason=_str(o, "reason", REASON_RE),
-            cert=_pem(o, "cert", MAX_CERT_PEM, allow_empty=status == "rejected"),
-            not_after_ms=_int(o, "not_after_ms"),
-        )
-        return resp
+    device_id: DeviceId
+    nonce: Annotated[str, Field(pattern=NONCE_RE.pattern, description="the request's nonce")]
+    status: Literal["issued", "rejected"]
+    reason: Annotated[str, Field(pattern=REASON_RE.pattern, description="why it was rejected")]
+    cert: Annotated[str, _pem(MAX_CERT_PEM, "the issued certificate; empty when rejected", True)]
+    not_after_ms: Annotated[UInt63, Field(description="the certificate's notAfter, Unix ms")]
+
+    @model_validator(mode="after")
+    def _issued_has_a_certificate(self) -> Self:
+        if self.status == "issued" and not self.cert:
+            raise ValueError("an issued response carries a certificate")
+        return self
 
 
 def new_nonce() -> str:
@@ -436,20 +395,14 @@ def check_issued(
 
 
 __all__ = [
-    "ENROLL_SUBSCRIPTION",
-    "RENEW_SUBSCRIPTION",
+    "MAX_MESSAGE_BYTES",
+    "VERSION",
     "CertResponse",
     "Claim",
     "EnrollRequest",
     "RenewRequest",
-    "cert_request_topic",
-    "cert_response_topic",
     "check_csr",
     "check_issued",
-    "claim_of_topic",
-    "device_of_cert_request",
-    "enroll_request_topic",
-    "enroll_response_topic",
     "key_id",
     "load_identity_key",
     "make_csr",

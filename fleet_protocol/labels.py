@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from fleet_protocol.topics import DeviceId
 from fleet_protocol.wire import WireModel
@@ -66,6 +66,8 @@ class LabelRecord(WireModel):
     """One label: what was heard on ``device`` between ``start_ms`` and ``end_ms`` (Unix ms,
     end exclusive), or during the window of the event ``event_id`` names."""
 
+    ABSTRACT: ClassVar[bool] = True  # part of LabelBatch, never sent alone
+
     device: DeviceId
     label: ClassName
     start_ms: int | None = Field(None, ge=0, le=2**53)
@@ -99,6 +101,32 @@ class LabelBatch(WireModel):
     """A downstream system → sidecar, on ``fleet/v1/labels/<source>`` (the source is the
     sender's certificate identity, taken from the topic) or as a CSV import."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "v": 1,
+                    "batch_id": "incidents-20261202-0001",
+                    "labels": [
+                        {
+                            "device": "pi-07",
+                            "label": "siren",
+                            "start_ms": 1764662400000,
+                            "end_ms": 1764662412000,
+                            "event_id": None,
+                        },
+                        {
+                            "device": "pi-07",
+                            "label": "horn",
+                            "start_ms": None,
+                            "end_ms": None,
+                            "event_id": "pi-07@1764662430000",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
     MAX_BYTES: ClassVar[int] = 2 * 1024 * 1024
 
     v: Literal[1] = 1
@@ -107,6 +135,8 @@ class LabelBatch(WireModel):
 
 
 class LabelError(WireModel):
+    ABSTRACT: ClassVar[bool] = True  # part of LabelResult
+
     index: int = Field(ge=-1, le=MAX_LABELS_PER_BATCH, description="record index; -1: the batch")
     reason: str = Field(max_length=64)
     message: str = Field(max_length=500)
@@ -114,6 +144,31 @@ class LabelError(WireModel):
 
 class LabelResult(WireModel):
     """Sidecar → the source, on ``fleet/v1/labels/<source>/result``: all or nothing."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "batch_id": "incidents-20261202-0001",
+                    "status": "accepted",
+                    "accepted": 2,
+                    "errors": [],
+                },
+                {
+                    "batch_id": "incidents-20261202-0002",
+                    "status": "rejected",
+                    "accepted": 0,
+                    "errors": [
+                        {
+                            "index": 1,
+                            "reason": "unknown_device",
+                            "message": "no device 'pi-99' is registered",
+                        }
+                    ],
+                },
+            ]
+        }
+    )
 
     batch_id: str = Field(max_length=64)
     status: Literal["accepted", "rejected"]

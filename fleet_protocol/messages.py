@@ -1,86 +1,148 @@
-"""Small JSON control messages: acks, device status, OTA status, events.
+"""Small JSON control messages: acks, OTA status, events.
 
-Each has ``to_bytes`` and a capped, checked ``from_bytes`` that raises only
-``ProtocolError`` subclasses.
+Each is a ``WireModel`` (fleet_protocol/wire.py): frozen, strict, exactly its fields,
+``to_bytes`` canonical and ``from_bytes`` capped at ``MAX_CONTROL_BYTES``, raising only
+``ProtocolError`` subclasses. ``OtaStatus`` and ``Event`` are ``DeviceMessage``s: the
+cloud parses them with ``wire.parse_device_message``, which refuses a payload naming
+another device than its topic.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Self
+from typing import Annotated, ClassVar, Literal
 
-from fleet_protocol.errors import MalformedError, TooLargeError
+from pydantic import AfterValidator, ConfigDict, Field
 
-MAX_CONTROL_BYTES = 16 * 1024
+from fleet_protocol import topics
+from fleet_protocol.labels import CLASSES, LABELS_VERSION
+from fleet_protocol.wire import (
+    DEFAULT_MAX_BYTES,
+    DeviceMessage,
+    ReasonCode,
+    Sha256Hex,
+    UInt63,
+    WireModel,
+)
 
-
-def _load(data: bytes, cls: type[Any]) -> dict[str, Any]:
-    if len(data) > MAX_CONTROL_BYTES:
-        raise TooLargeError(f"{cls.__name__} of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..."
-        raise MalformedError(f"{cls.__name__} is not JSON: {e}") from e
-    names = {f.name for f in fields(cls)}
-    if not isinstance(obj, dict) or set(obj) != names:
-        raise MalformedError(f"{cls.__name__} must have exactly the fields {sorted(names)}")
-    return obj
+MAX_CONTROL_BYTES = DEFAULT_MAX_BYTES
 
 
-class _Json:
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()  # type: ignore[call-overload]
+def _known_label(label: str) -> str:
+    if label not in CLASSES:
+        raise ValueError(f"not a label of {LABELS_VERSION}")
+    return label
 
 
-@dataclass(frozen=True)
-class Ack(_Json):
-    """Cloud → device: the batch was stored (``stored``) or will never be (``rejected``)."""
-
-    batch_id: str
-    seq: int
-    status: str  # stored | rejected
-    reason: str
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        o = _load(data, cls)
-        if o["status"] not in ("stored", "rejected") or not isinstance(o["batch_id"], str):
-            raise MalformedError("ack has a bad status or batch id")
-        if not isinstance(o["seq"], int) or not isinstance(o["reason"], str):
-            raise MalformedError("ack has a bad seq or reason")
-        return cls(**o)
+EventLabel = Annotated[
+    str,
+    AfterValidator(_known_label),
+    Field(
+        max_length=32,
+        json_schema_extra={"enum": list(CLASSES)},
+        description=f"the predicted class, from {LABELS_VERSION} (fleet_protocol.labels.CLASSES)",
+    ),
+]
 
 
-@dataclass(frozen=True)
-class OtaStatus(_Json):
-    """Device → cloud: the outcome of an update attempt."""
-
-    device: str
-    metadata_version: int
-    adapter_version: int
-    state: str  # applied | rejected | failed
-    reason: str
-    model_sha256: str
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        o = _load(data, cls)
-        if o["state"] not in ("applied", "rejected", "failed"):
-            raise MalformedError("ota status has an unknown state")
-        return cls(**o)
+AckStatus = Literal["stored", "rejected"]
+OtaState = Literal["applied", "rejected", "failed"]
 
 
-@dataclass(frozen=True)
-class Event(_Json):
-    """Device → city: one classification above its threshold."""
+class Ack(WireModel):
+    """Cloud → device on ``fleet/v1/<device>/ack``: the batch was stored or will never be."""
 
-    device: str
-    time_ms: int
-    label: str
-    score: float
-    model_sha256: str
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"batch_id": "0f" * 16, "reason": "", "seq": 7, "status": "stored"},
+                {"batch_id": "a1" * 16, "reason": "bad_signature", "seq": 8, "status": "rejected"},
+            ]
+        }
+    )
+    MAX_BYTES: ClassVar[int] = MAX_CONTROL_BYTES
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        return cls(**_load(data, cls))
+    batch_id: Annotated[
+        str, Field(pattern=r"^[0-9a-f]{32}$", description="the envelope header's batch id")
+    ]
+    seq: Annotated[UInt63, Field(description="the envelope header's sequence number")]
+    status: AckStatus
+    reason: Annotated[
+        ReasonCode,
+        Field(description="why it was rejected (ProtocolError.reason), or duplicate, or empty"),
+    ]
+
+
+class OtaStatus(DeviceMessage):
+    """Device → cloud on ``fleet/v1/<device>/ota/status``: the outcome of an update attempt."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "adapter_version": 3,
+                    "device": "edge-01",
+                    "metadata_version": 5,
+                    "model_sha256": "",
+                    "reason": "bad_hash",
+                    "state": "rejected",
+                }
+            ]
+        }
+    )
+    MAX_BYTES: ClassVar[int] = MAX_CONTROL_BYTES
+    TOPIC_KIND: ClassVar[str] = topics.OTA_STATUS
+
+    metadata_version: Annotated[UInt63, Field(description="targets metadata version (0: none)")]
+    adapter_version: Annotated[UInt63, Field(description="adapter version tried (0: none)")]
+    state: OtaState
+    reason: Annotated[
+        str,
+        Field(
+            max_length=64,
+            pattern=r"^[A-Za-z0-9_]*$",
+            description="a ProtocolError reason (rejected), an error type name (failed), or empty",
+        ),
+    ]
+    model_sha256: Annotated[
+        str,
+        Field(pattern=r"^([0-9a-f]{64})?$", description="the model now running, or empty"),
+    ]
+
+
+class Event(DeviceMessage):
+    """One classification at or above the device's event threshold (``model.event_threshold``),
+    published with QoS 0 on ``fleet/v1/<device>/events``. Events never carry audio or
+    features."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device": "edge-01",
+                    "label": "siren",
+                    "model_sha256": "3f1c0e5a9b7d2c4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e",
+                    "score": 0.9312,
+                    "time_ms": 1763800000000,
+                }
+            ]
+        }
+    )
+    MAX_BYTES: ClassVar[int] = MAX_CONTROL_BYTES
+    TOPIC_KIND: ClassVar[str] = topics.EVENTS
+
+    time_ms: Annotated[
+        UInt63,
+        Field(description="when the device classified the window: Unix ms, device clock"),
+    ]
+    label: EventLabel
+    score: Annotated[
+        float,
+        Field(ge=0, le=1, description="the model's probability for label, rounded to 4 decimals"),
+    ]
+    model_sha256: Annotated[
+        Sha256Hex,
+        Field(description="sha256 of exactly the model bytes the inference runtime executed"),
+    ]
+
+
+__all__ = ["MAX_CONTROL_BYTES", "Ack", "AckStatus", "Event", "EventLabel", "OtaState", "OtaStatus"]

@@ -36,6 +36,10 @@ BATCH_ROWS = 1024
 PERIOD_S = 5.0
 
 
+def _message(device: str, key: tuple[int, int], readings: list[Reading]) -> Telemetry:
+    return Telemetry(device=device, time_ms=key[0], period_ms=key[1], readings=tuple(readings))
+
+
 def regroup(device: str, rows: list[Row]) -> list[tuple[list[int], Telemetry]]:
     """``rows`` (oldest first) as the messages they were stored from: ``(ids, telemetry)``."""
     out: list[tuple[list[int], Telemetry]] = []
@@ -45,13 +49,13 @@ def regroup(device: str, rows: list[Row]) -> list[tuple[list[int], Telemetry]]:
     for row_id, time_ms, period_ms, reading in rows:
         same = row_id == ids[-1] + 1 and (time_ms, period_ms) == key if ids else False
         if ids and (not same or len(ids) == MAX_READINGS):
-            out.append((ids, Telemetry(device, key[0], key[1], tuple(readings))))
+            out.append((ids, _message(device, key, readings)))
             ids, readings = [], []
         key = (time_ms, period_ms)
         ids.append(row_id)
         readings.append(reading)
     if ids:
-        out.append((ids, Telemetry(device, key[0], key[1], tuple(readings))))
+        out.append((ids, _message(device, key, readings)))
     return out
 
 

@@ -70,7 +70,9 @@ class DeviceSensors:
 
     def _on_level(self, level: float) -> None:
         self.last_laeq = level
-        self.sink.emit([Reading(MIC_SENSOR, "laeq", "dB(A)", level)], 1000)
+        self.sink.emit(
+            [Reading(sensor=MIC_SENSOR, quantity="laeq", unit="dB(A)", value=level)], 1000
+        )
 
     def report(self) -> dict[str, Any]:
         return {

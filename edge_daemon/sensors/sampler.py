@@ -34,7 +34,12 @@ class TelemetrySink:
     def emit(self, readings: Sequence[Reading], period_ms: int) -> Telemetry | None:
         if not readings:
             return None
-        t = Telemetry(self.device, int(time.time() * 1000), period_ms, tuple(readings))
+        t = Telemetry(
+            device=self.device,
+            time_ms=int(time.time() * 1000),
+            period_ms=period_ms,
+            readings=tuple(readings),
+        )
         try:
             ok = self._publish(t)
         except Exception as e:

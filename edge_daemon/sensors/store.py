@@ -86,7 +86,10 @@ class TelemetryStore:
                 ).fetchall()
             except sqlite3.Error as e:
                 raise BufferError_(f"cannot read unpublished telemetry: {e}") from e
-        return [(r[0], r[1], r[2], Reading(r[3], r[4], r[5], r[6])) for r in rows]
+        return [
+            (r[0], r[1], r[2], Reading(sensor=r[3], quantity=r[4], unit=r[5], value=r[6]))
+            for r in rows
+        ]
 
     def mark_published(self, ids: list[int]) -> None:
         """Mark rows published; ids no longer there (evicted) are ignored."""
@@ -111,7 +114,7 @@ class TelemetryStore:
                 "ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [(r[0], Reading(r[1], r[2], r[3], r[4])) for r in rows]
+        return [(r[0], Reading(sensor=r[1], quantity=r[2], unit=r[3], value=r[4])) for r in rows]
 
     def close(self) -> None:
         with self._lock:

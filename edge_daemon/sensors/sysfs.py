@@ -181,7 +181,9 @@ class IioSensor(_SysfsSensor):
                 v = read_number(d / f"in_{chan}_input")
             else:
                 v = (read_number(d / f"in_{chan}_raw") + attr("offset", 0.0)) * attr("scale", 1.0)
-            return Reading(self.name, quantity, unit, round(v * factor, 6))
+            return Reading(
+                sensor=self.name, quantity=quantity, unit=unit, value=round(v * factor, 6)
+            )
 
         return read
 
@@ -210,7 +212,8 @@ class HwmonSensor(_SysfsSensor):
             def read(
                 chan: str = chan, q: str = quantity + idx, u: str = unit, k: float = factor
             ) -> Reading:
-                return Reading(self.name, q, u, round(read_number(d / f"{chan}_input") * k, 6))
+                value = round(read_number(d / f"{chan}_input") * k, 6)
+                return Reading(sensor=self.name, quantity=q, unit=u, value=value)
 
             out.append((chan, read))
         return out

@@ -14,7 +14,8 @@ The dev broker keeps no sessions (``persistence false``): after the restart, a m
 published before the recorder has subscribed again is acknowledged by the broker and
 reaches no one. That drop is the broker's, not the device's, so the resender's
 ``link_up`` here is the device link's state *and* "the recorder listens again" (a probe
-it publishes to itself came back). Live messages are QoS 0, at most once: one written
+that a second device publishes on its own telemetry topic came back to the recorder: the
+admin identity reads devices' telemetry but may not publish it). Live messages are QoS 0, at most once: one written
 in the instant the broker goes away is lost although the device counted it as sent. The
 no-loss check therefore leaves out live readings sampled while the broker was being
 stopped (the test stops it just after a live message, far from the next sample) and
@@ -47,7 +48,8 @@ pytestmark = pytest.mark.integration
 
 DEVICE = "pi-outage"
 ADMIN = "cloud-sidecar"
-PROBE = "fleet/v1/probe/telemetry-recorder"
+PROBE_DEVICE = "pi-probe"
+PROBE = topics.telemetry(PROBE_DEVICE)
 SAMPLE_S = 0.2
 RESEND_S = 0.5
 Key = tuple[int, str, str]  # (time_ms, sensor, quantity): one reading
@@ -68,7 +70,7 @@ def _now_ms() -> int:
 class Recorder:
     """The cloud side: every payload on the device's telemetry topic, in arrival order."""
 
-    def __init__(self, endpoint: MqttEndpoint) -> None:
+    def __init__(self, endpoint: MqttEndpoint, probe_endpoint: MqttEndpoint) -> None:
         self._lock = threading.Lock()
         self._payloads: list[bytes] = []
         self._probes: set[bytes] = set()
@@ -78,6 +80,7 @@ class Recorder:
             on_message=self._on_message,
             subscriptions=[(topics.telemetry(DEVICE), 1), (PROBE, 1)],
         )
+        self.probe_link = MqttLink(probe_endpoint, PROBE_DEVICE, lambda _t, _p: None)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         with self._lock:
@@ -97,9 +100,9 @@ class Recorder:
         return {(t.time_ms, r.sensor, r.quantity) for t in self.messages() for r in t.readings}
 
     def listening(self) -> bool:
-        """Publish a probe to itself; True once one comes back (it is subscribed again)."""
+        """A probe device publishes; True once it comes back (the recorder is subscribed)."""
         probe = str(time.monotonic_ns()).encode()
-        if not self.link.publish(PROBE, probe, qos=1, timeout_s=1):
+        if not self.probe_link.publish(PROBE, probe, qos=1, timeout_s=1):
             return False
         deadline = time.monotonic() + 1
         while time.monotonic() < deadline:
@@ -175,8 +178,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
                 return MqttEndpoint(broker.host, broker.port, ca.cert_path, pair.cert, pair.key)
 
             device_ep = endpoint(DEVICE)
-            recorder = Recorder(endpoint(ADMIN))
+            recorder = Recorder(endpoint(ADMIN), endpoint(PROBE_DEVICE))
             recorder.link.start(wait_s=10)
+            recorder.probe_link.start(wait_s=10)
             link = MqttLink(device_ep, client_id=DEVICE, on_message=lambda _t, _p: None)
             link.start(wait_s=10)
             cfg = _config(tmp_path / "state", _fake_sysfs(tmp_path / "sys"), device_ep)
@@ -209,6 +213,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
                 sensors.close()
                 link.stop()
                 recorder.link.stop()
+                recorder.probe_link.stop()
     finally:
         shutil.rmtree(broker_root, ignore_errors=True)
 

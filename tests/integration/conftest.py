@@ -16,6 +16,8 @@ from cloud_sidecar.store import Store
 from devstack.provision import cloud_config, export_cloud_keys
 from devstack.stack import DevStack
 
+LABEL_SOURCE = "incidents-test"  # a downstream label source with its own certificate
+
 
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> object:
@@ -44,7 +46,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     """Stack (broker, SoftHSM, 2 swtpm) + a sidecar serving in this process."""
     work = tmp_path_factory.mktemp("stack")
     saved = os.environ.get("SOFTHSM2_CONF")
-    with DevStack(work, n_devices=2) as stack:
+    with DevStack(work, n_devices=2, label_sources=(LABEL_SOURCE,)) as stack:
         unwrap, ota_pem = export_cloud_keys(stack, work / "cloud-keys")
         cfg_path = cloud_config(stack, work / "cloud" / "data", work / "no-base-model")
         cfg = load_config(cfg_path)

@@ -2,6 +2,9 @@
 
 Clients: Debian's ``mosquitto_pub``/``mosquitto_sub``, paho-mqtt 2.x, and a raw
 ``ssl`` socket that reads the TLS alert the broker sends when it refuses a certificate.
+The ACL is ``fleet_protocol.acl``'s: devices, the admin (the sidecar's identity), two
+label sources, and an observer (tests only) that reads every topic, so "not delivered"
+means not delivered to anyone, not only to the admin.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from devstack.procs import ProcessGroup, require_tool
 pytestmark = pytest.mark.integration
 
 ADMIN = "cloud-sidecar"
+SOURCE, OTHER_SOURCE = "city-labels", "reviewer-1"
+OBSERVER = "test-observer"
 TIMEOUT = 5.0
 QUIET = 1.0  # how long "not delivered" waits after a control message that was delivered
 
@@ -44,6 +49,9 @@ class Stack:
     broker: Broker
     admin: CertPair
     rogue_ca: DevCA
+    source: CertPair
+    other_source: CertPair
+    observer: CertPair
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     procs = ProcessGroup(tmp_path_factory.mktemp("logs"))
     try:
         broker_root.chmod(0o755)
-        broker = start_broker(procs, broker_root / "broker", ca, admin_identities=(ADMIN,))
-        yield Stack(ca, broker, ca.issue_client(ADMIN), rogue)
+        broker = start_broker(
+            procs,
+            broker_root / "broker",
+            ca,
+            admin_identities=(ADMIN,),
+            label_sources=(SOURCE, OTHER_SOURCE),
+            observers=(OBSERVER,),
+        )
+        yield Stack(
+            ca,
+            broker,
+            ca.issue_client(ADMIN),
+            rogue,
+            ca.issue_client(SOURCE),
+            ca.issue_client(OTHER_SOURCE),
+            ca.issue_client(OBSERVER),
+        )
     finally:
         procs.close()
         shutil.rmtree(broker_root, ignore_errors=True)
@@ -182,6 +205,13 @@ def _admin(stack: Stack, clients: list[Client], topic: str = "fleet/#") -> Clien
     return admin
 
 
+def _observer(stack: Stack, clients: list[Client]) -> Client:
+    """Reads every topic: what it does not get, the broker did not accept."""
+    observer = _connected(stack, clients, stack.observer)
+    assert not observer.subscribe("#").is_failure
+    return observer
+
+
 def _mosquitto_pub(stack: Stack, pair: CertPair | None, topic: str, message: str) -> int:
     argv = ["mosquitto_pub", "-h", "localhost", "-p", str(stack.broker.port), "-V", "mqttv5"]
     argv += ["--cafile", str(stack.ca.cert_path), "-q", "1", "-t", topic, "-m", message]
@@ -291,11 +321,11 @@ def test_device_publish_into_another_devices_upload_is_not_delivered(
 
 
 def test_device_cannot_publish_into_the_ota_tree(stack: Stack, clients: list[Client]) -> None:
-    admin = _admin(stack, clients)
+    observer = _observer(stack, clients)
     device = stack.ca.issue_client("dev-ota-writer")
     assert _mosquitto_pub(stack, device, "fleet/v1/ota/stable/targets.json", "evil") == 0
     assert _mosquitto_pub(stack, device, "fleet/v1/dev-ota-writer/ota/status", "ok") == 0
-    assert admin.expect("fleet/v1/dev-ota-writer/ota/status", b"ok") == []
+    assert observer.expect("fleet/v1/dev-ota-writer/ota/status", b"ok") == []
 
 
 def test_revoked_certificate_is_refused_after_reload(stack: Stack) -> None:
@@ -337,7 +367,7 @@ def test_mosquitto_sub_as_device_a_never_receives_device_b_traffic(
 ) -> None:
     """Real clients: A subscribes to B's ack and upload and to its own ack; only its own arrives."""
     a = stack.ca.issue_client("dev-sub-a")
-    stack.ca.issue_client("dev-sub-b")
+    b = _connected(stack, clients, stack.ca.issue_client("dev-sub-b"))
     sub = _mosquitto_sub(
         stack,
         a,
@@ -347,11 +377,8 @@ def test_mosquitto_sub_as_device_a_never_receives_device_b_traffic(
     admin = _connected(stack, clients, stack.admin)
     deadline = time.monotonic() + 10
     while sub.poll() is None and time.monotonic() < deadline:  # until the subscription is live
-        for topic, msg in (
-            ("fleet/v1/dev-sub-b/ack", b"for-b"),
-            ("fleet/v1/dev-sub-b/upload", b"b-data"),
-        ):
-            assert not admin.publish(topic, msg).is_failure
+        assert not admin.publish("fleet/v1/dev-sub-b/ack", b"for-b").is_failure
+        assert not b.publish("fleet/v1/dev-sub-b/upload", b"b-data").is_failure
         assert not admin.publish("fleet/v1/dev-sub-a/ack", b"for-a").is_failure
         time.sleep(0.3)
     out, _ = sub.communicate(timeout=10)
@@ -369,3 +396,103 @@ def test_mosquitto_pub_as_device_a_cannot_publish_as_device_b(
     )  # QoS1: broker drops it
     assert _mosquitto_pub(stack, a, "fleet/v1/dev-pub-a/upload", "own") == 0
     assert admin.expect("fleet/v1/dev-pub-a/upload", b"own") == []
+
+
+# -- the admin's enumerated rights ------------------------------------------------------------
+
+
+def test_admin_cannot_publish_as_a_device_or_a_label_source(
+    stack: Stack, clients: list[Client]
+) -> None:
+    """The sidecar's identity has only the rights the sidecar uses (no fleet/# readwrite).
+
+    (Like every client it matches the device patterns, e.g. it may read the OTA tree.)
+    """
+    observer = _observer(stack, clients)
+    admin = _connected(stack, clients, stack.admin)
+    for topic in (
+        "fleet/v1/dev-x/upload",
+        "fleet/v1/dev-x/events",
+        "fleet/v1/dev-x/cert/request",
+        "fleet/v1/labels/city-labels",
+        "fleet/v1/enroll/0123456789abcdef/request",
+    ):
+        assert admin.publish(topic, b"forged").getName() == "Not authorized", topic
+    assert not admin.publish("fleet/v1/dev-x/ack", b"ack").is_failure
+    assert observer.expect("fleet/v1/dev-x/ack", b"ack") == []
+
+
+# -- label sources ------------------------------------------------------------------------------
+
+
+def _labels_reader(stack: Stack, clients: list[Client]) -> Client:
+    """The sidecar's identity on its shared label subscription."""
+    admin = _connected(stack, clients, stack.admin)
+    assert not admin.subscribe("$share/ingest/fleet/v1/labels/+").is_failure
+    return admin
+
+
+def test_label_source_publishes_its_own_labels_and_the_sidecar_receives_them(
+    stack: Stack, clients: list[Client]
+) -> None:
+    admin = _labels_reader(stack, clients)
+    assert _mosquitto_pub(stack, stack.source, "fleet/v1/labels/city-labels", "labels-1") == 0
+    assert admin.expect("fleet/v1/labels/city-labels", b"labels-1") == []
+
+
+def test_label_source_cannot_publish_as_another_source_or_a_device(
+    stack: Stack, clients: list[Client]
+) -> None:
+    observer = _observer(stack, clients)
+    stack.ca.issue_client("dev-labelled")
+    source = _connected(stack, clients, stack.source)
+    for topic in (
+        "fleet/v1/labels/reviewer-1",
+        "fleet/v1/labels/reviewer-1/result",
+        "fleet/v1/labels/city-labels/result",
+        "fleet/v1/dev-labelled/upload",
+        "fleet/v1/dev-labelled/events",
+        "fleet/v1/dev-labelled/ota/status",
+        "fleet/v1/ota/stable/targets.json",
+    ):
+        assert source.publish(topic, b"forged").getName() == "Not authorized", topic
+    assert _mosquitto_pub(stack, stack.source, "fleet/v1/labels/reviewer-1", "forged") == 0
+    assert not source.publish("fleet/v1/labels/city-labels", b"own").is_failure
+    assert observer.expect("fleet/v1/labels/city-labels", b"own") == []
+
+
+def test_device_cannot_publish_labels(stack: Stack, clients: list[Client]) -> None:
+    observer = _observer(stack, clients)
+    pair = stack.ca.issue_client("dev-labeller")
+    device = _connected(stack, clients, pair)
+    for topic in ("fleet/v1/labels/dev-labeller", "fleet/v1/labels/city-labels"):
+        assert device.publish(topic, b"forged").getName() == "Not authorized", topic
+        assert _mosquitto_pub(stack, pair, topic, "forged") == 0  # accepted, then dropped
+    assert not device.publish("fleet/v1/dev-labeller/events", b"own").is_failure
+    assert observer.expect("fleet/v1/dev-labeller/events", b"own") == []
+
+
+def test_label_source_reads_only_its_own_result(stack: Stack, clients: list[Client]) -> None:
+    sub = _mosquitto_sub(
+        stack,
+        stack.source,
+        [
+            "fleet/v1/labels/reviewer-1/result",
+            "fleet/v1/labels/reviewer-1",
+            "fleet/v1/dev-any/ack",
+            "fleet/v1/labels/city-labels/result",
+        ],
+        1,
+    )
+    admin = _connected(stack, clients, stack.admin)
+    other = _connected(stack, clients, stack.other_source)
+    deadline = time.monotonic() + 10
+    while sub.poll() is None and time.monotonic() < deadline:  # until the subscription is live
+        assert not admin.publish("fleet/v1/labels/reviewer-1/result", b"for-other").is_failure
+        assert not other.publish("fleet/v1/labels/reviewer-1", b"other-labels").is_failure
+        assert not admin.publish("fleet/v1/dev-any/ack", b"an-ack").is_failure
+        assert not admin.publish("fleet/v1/labels/city-labels/result", b"for-me").is_failure
+        time.sleep(0.3)
+    out, _ = sub.communicate(timeout=10)
+    assert sub.returncode == 0
+    assert out.strip() == b"fleet/v1/labels/city-labels/result for-me"

@@ -2,10 +2,11 @@
 
 A real DevStack broker (device listener trusting the HSM fleet CA, enrollment listener
 trusting only the claim CA) and the real ``mosquitto_pub`` / ``mosquitto_sub`` clients
-with the stack's real certificates. The admin (``cloud-sidecar`` certificate) watches
-``fleet/#`` on the device listener; every "not delivered" assertion is ordered behind
-a message that *is* delivered (QoS 1: the broker has handled a publish before
-``mosquitto_pub`` exits), so none of them depends on a timeout.
+with the stack's real certificates. An observer (a test-only identity that may read
+every topic) watches ``fleet/#`` on the device listener and the admin (``cloud-sidecar``
+certificate) publishes; every "not delivered" assertion is ordered behind a message
+that *is* delivered (QoS 1: the broker has handled a publish before ``mosquitto_pub``
+exits), so none of them depends on a timeout.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import pytest
 from devstack.pki import CertPair
 from devstack.procs import require_tool
 from devstack.stack import DevStack
+from fleet_protocol import topics
 from fleet_protocol.io.mqtt import MqttLink
 
 pytestmark = pytest.mark.integration
 
 WAIT_S = 20.0
+OBSERVER = "test-observer"
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +37,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     require_tool("mosquitto_sub")
     with pytest.MonkeyPatch.context() as mp:  # DevStack sets SOFTHSM2_CONF
         mp.delenv("SOFTHSM2_CONF", raising=False)
-        with DevStack(tmp_path_factory.mktemp("confine"), n_devices=0) as s:
+        with DevStack(tmp_path_factory.mktemp("confine"), n_devices=0, observers=(OBSERVER,)) as s:
             yield s
 
 
 class Admin:
-    """The cloud's identity on the device listener, subscribed to ``fleet/#``."""
+    """The cloud's identity on the device listener (publishes), and an observer of ``fleet/#``."""
 
     def __init__(self, stack: DevStack) -> None:
         self.got: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        pair = stack.cloud_cert
-        endpoint = stack.endpoint(pair)
-        self.link = MqttLink(
-            endpoint, f"admin-{uuid.uuid4().hex[:8]}", lambda t, p: self.got.put((t, p))
+        tag = uuid.uuid4().hex[:8]
+        self.watch = MqttLink(
+            stack.endpoint(stack.observer_certs[OBSERVER]),
+            f"observer-{tag}",
+            lambda t, p: self.got.put((t, p)),
         )
-        self.link.subscribe("fleet/#", 1)
+        self.watch.subscribe("fleet/#", 1)
+        self.watch.start(wait_s=WAIT_S)
+        self.link = MqttLink(stack.endpoint(stack.cloud_cert), f"admin-{tag}", lambda t, p: None)
         self.link.start(wait_s=WAIT_S)
-        self.until("fleet/v1/admin/marker", self.publish("fleet/v1/admin/marker"))
+        marker = topics.ack("confine-marker")
+        self.until(marker, self.publish(marker))
 
     def publish(self, topic: str, retain: bool = False) -> bytes:
         payload = uuid.uuid4().hex.encode()
@@ -74,6 +81,7 @@ def admin(stack: DevStack) -> Iterator[Admin]:
         yield a
     finally:
         a.link.stop()
+        a.watch.stop()
 
 
 def _tls_args(stack: DevStack, pair: CertPair, port: int | None) -> list[str]:
@@ -105,7 +113,7 @@ def test_device_certificate_is_refused_by_the_enrollment_listener(stack: DevStac
     topic = "fleet/v1/enroll/confine-dev/request"
     assert _pub(stack, device, stack.broker.enroll_port, "confine-dev", topic) != 0
     # the same certificate works on the device listener (so the refusal is the listener's)
-    assert _pub(stack, device, stack.broker.port, "confine-dev", "fleet/v1/confine-dev/status") == 0
+    assert _pub(stack, device, stack.broker.port, "confine-dev", "fleet/v1/confine-dev/events") == 0
 
 
 def test_claim_reaches_its_own_enroll_request_topic(stack: DevStack, admin: Admin) -> None:
@@ -122,7 +130,7 @@ def test_claim_cannot_publish_an_upload_status_or_another_claims_request(
     denied = [
         "fleet/v1/pi-00/upload",
         "fleet/v1/claim/upload",  # its own CN's subtree
-        "fleet/v1/claim/status",
+        "fleet/v1/claim/events",
         f"fleet/v1/enroll/{_claim_id()}/request",  # another claim id than its client id
         "fleet/v1/ota/stable/manifest",
         f"fleet/v1/enroll/{cid}/response",  # answering itself

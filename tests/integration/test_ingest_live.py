@@ -1,11 +1,14 @@
 """Uploads through the real broker, signed by real TPMs (swtpm), unwrapped by SoftHSM.
 
 A tampered upload is rejected (acked as rejected, nothing stored, audited) and the
-sidecar keeps serving: the next good upload, from another device, is stored.
+sidecar keeps serving: the next good upload, from another device, is stored. The same
+holds for the devices' JSON messages: an OTA status naming another device than its
+topic is refused (counted, audited as ``message.rejected``) and the sidecar goes on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import time
@@ -23,7 +26,7 @@ from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.mqtt import MqttLink
-from fleet_protocol.messages import Ack
+from fleet_protocol.messages import Ack, OtaStatus
 
 from .conftest import Cloud
 
@@ -205,3 +208,56 @@ def test_unregistered_device_is_rejected(cloud: Cloud) -> None:
         ack = stranger.send(stranger.seal(cloud))
     assert (ack.status, ack.reason) == ("rejected", "unknown_device")
     assert cloud.app.metrics.get("ingest_rejected_total", reason="unknown_device") == 1
+
+
+def _ota_status(device: str) -> bytes:
+    return OtaStatus(
+        device=device,
+        metadata_version=2,
+        adapter_version=1,
+        state="applied",
+        reason="",
+        model_sha256="ab" * 32,
+    ).to_bytes()
+
+
+def _wait_for(what: str, check: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_ota_status_naming_another_device_is_refused_and_the_sidecar_keeps_serving(
+    cloud: Cloud,
+) -> None:
+    """pi-00 publishes, on its own topic, an OTA status that names pi-01."""
+    metrics, audit_path = cloud.app.metrics, cloud.app.audit.path
+    a_id, b_id = (s.device_id for s in cloud.stack.devices[:2])
+    refused = metrics.get("message_rejected_total", kind="ota/status", reason="device_mismatch")
+    applied = metrics.get("ota_status_total", state="applied")
+    entries = verify(audit_path)
+    with device(cloud, 0) as a:
+        assert a.link.publish(topics.ota_status(a_id), _ota_status(b_id))
+        _wait_for(
+            "the refusal",
+            lambda: (
+                metrics.get("message_rejected_total", kind="ota/status", reason="device_mismatch")
+                == refused + 1
+            ),
+        )
+        assert metrics.get("ota_status_total", state="applied") == applied  # nothing accepted
+        last = json.loads(audit_path.read_text().splitlines()[-1])
+        assert (last["kind"], last["subject"]) == ("message.rejected", a_id)
+        assert last["details"]["reason"] == "device_mismatch"
+        assert verify(audit_path) == entries + 1
+        # still serving: its own status is accepted, and another device's upload stored
+        assert a.link.publish(topics.ota_status(a_id), _ota_status(a_id))
+        _wait_for(
+            "the valid status",
+            lambda: metrics.get("ota_status_total", state="applied") == applied + 1,
+        )
+    with device(cloud, 1) as b:
+        assert b.send(b.seal(cloud)).status == "stored"
+    statuses = [json.loads(x) for x in audit_path.read_text().splitlines()]
+    assert [e["subject"] for e in statuses if e["kind"] == "ota.device_status"][-1] == a_id

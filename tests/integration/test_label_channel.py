@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import pytest
 
+from devstack.errors import DevstackError
 from devstack.labeler import send_labels
 from fleet_protocol.labels import LabelRecord
 
+from .conftest import LABEL_SOURCE as SOURCE
 from .conftest import Cloud
 
 pytestmark = pytest.mark.integration
 T0 = 1_764_000_000_000
-SOURCE = "incidents-test"
+
+
+def test_a_device_cannot_send_labels(cloud: Cloud) -> None:
+    """The broker's ACL lets only the label source write its topic: a device's publish is
+    dropped, so no result ever comes back."""
+    slot = cloud.stack.devices[0]
+    with pytest.raises(DevstackError, match="no result"):
+        send_labels(
+            cloud.stack.endpoint(slot.cert),
+            SOURCE,
+            [LabelRecord(device=slot.device_id, label="rain", start_ms=T0, end_ms=T0 + 1000)],
+            timeout_s=3,
+        )
 
 
 def _labels(cloud: Cloud) -> int:
@@ -34,7 +48,7 @@ def test_a_label_source_sends_labels_and_gets_them_accepted(cloud: Cloud) -> Non
     ]
     before = _labels(cloud)
     results = send_labels(
-        cloud.stack.endpoint(cloud.stack.cloud_cert), SOURCE, records, per_batch=10
+        cloud.stack.endpoint(cloud.stack.label_source_certs[SOURCE]), SOURCE, records, per_batch=10
     )
     assert [(r.status, r.accepted) for r in results] == [
         ("accepted", 10),
@@ -48,7 +62,7 @@ def test_a_label_source_sends_labels_and_gets_them_accepted(cloud: Cloud) -> Non
 def test_bad_labels_are_refused_whole_and_the_sidecar_keeps_serving(cloud: Cloud) -> None:
     device = cloud.stack.devices[1].device_id
     before = _labels(cloud)
-    endpoint = cloud.stack.endpoint(cloud.stack.cloud_cert)
+    endpoint = cloud.stack.endpoint(cloud.stack.label_source_certs[SOURCE])
     [unknown] = send_labels(
         endpoint,
         SOURCE,

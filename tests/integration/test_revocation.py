@@ -65,7 +65,7 @@ def session(
     endpoint = identity.endpoint("127.0.0.1", s.broker.port, s.ca.cert_path, 30)
     link = MqttLink(endpoint, dev.slot.device_id, lambda t, p: inbox.put((t, p)))
     link.subscribe(topics.ack(dev.slot.device_id), 1)
-    link.subscribe(f"{topics.PREFIX}/{dev.slot.device_id}/cert/response", 1)
+    link.subscribe(topics.cert_response(dev.slot.device_id), 1)
     link.start(wait_s=TIMEOUT)
     time.sleep(0.5)  # SUBACKs
     try:

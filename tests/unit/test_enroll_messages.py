@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet_protocol import enroll
+from fleet_protocol import enroll, topics
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError, TooLargeError
 
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
@@ -59,7 +59,12 @@ def _renew_request(device: str = "pi-07") -> enroll.RenewRequest:
 VALID_ENROLL = _enroll_request().to_bytes()
 VALID_RENEW = _renew_request().to_bytes()
 VALID_RESPONSE = enroll.CertResponse(
-    "pi-07", enroll.new_nonce(), "rejected", "token_used", "", 0
+    device_id="pi-07",
+    nonce=enroll.new_nonce(),
+    status="rejected",
+    reason="token_used",
+    cert="",
+    not_after_ms=0,
 ).to_bytes()
 
 
@@ -158,13 +163,13 @@ def test_claim_string_round_trips_and_bad_ones_are_rejected() -> None:
 
 def test_topics_parse_back_to_their_ids() -> None:
     claim = enroll.Claim.new()
-    assert enroll.claim_of_topic(enroll.enroll_request_topic(claim.claim_id)) == claim.claim_id
-    assert enroll.device_of_cert_request(enroll.cert_request_topic("pi-01")) == "pi-01"
+    assert topics.claim_of_enroll_request(topics.enroll_request(claim.claim_id)) == claim.claim_id
+    assert topics.device_of(topics.cert_request("pi-01"), topics.CERT_REQUEST) == "pi-01"
     for bad in ("fleet/v1/enroll/x/request", "fleet/v1/pi-01/cert/response", "a/b"):
         with pytest.raises(MalformedError):
-            enroll.claim_of_topic(bad)
+            topics.claim_of_enroll_request(bad)
         with pytest.raises(MalformedError):
-            enroll.device_of_cert_request(bad)
+            topics.device_of(bad, topics.CERT_REQUEST)
 
 
 def test_cert_response_round_trips() -> None:

@@ -8,14 +8,14 @@ exception allowed out of a parser is its documented error root (``ProtocolError`
 
 Examples here: ``TOTAL_EXAMPLES`` (6,100); tests/unit/test_envelope.py (4,600) and
 tests/unit/test_batch.py (3,000) add 7,600 more for ``envelope.parse`` and
-``batch.decode``: 13,700 per CI run. Hypothesis runs each test up to ``max_examples``
+``batch.decode``, and tests/unit/test_wire_messages.py fuzzes every ``WireModel``
+message (lone surrogates, huge numbers, deep nesting, wrong types, extra fields). Hypothesis runs each test up to ``max_examples``
 (fewer only if the strategy's space is exhausted).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import struct
@@ -157,7 +157,7 @@ def _cases(classes: list[Any], pool: list[Any]) -> st.SearchStrategy[tuple[Any, 
                 st.one_of(
                     st.binary(max_size=300),
                     _bombs,
-                    _json_bytes(_doc_for([f.name for f in dataclasses.fields(cls)], pool)),
+                    _json_bytes(_doc_for(list(cls.model_fields), pool)),
                 ),
             )
             for cls in classes

@@ -32,7 +32,7 @@ from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASSES
 from fleet_protocol.messages import Event
-from tests.unit.test_event_schema import violations
+from tests.unit.test_schemas import violations
 
 RATE = 16_000
 SPEECH_AT_S = 5.0
@@ -156,7 +156,7 @@ def test_wav_and_flac_give_identical_outputs_with_merged_spans_and_schema_valid_
     assert merge(starts, 1.0) == spans  # one event per kept window, spans built from them
     sha = file_sha256(inputs.model)
     for e in events:
-        assert violations(e) == []
+        assert violations(e, Event.json_schema()) == []
         assert e["device"] == "offline" and e["model_sha256"] == sha
         line = json.dumps(e, sort_keys=True, separators=(",", ":")).encode()
         assert Event.from_bytes(line).to_bytes() == line  # the live topic's exact format

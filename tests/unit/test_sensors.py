@@ -23,6 +23,14 @@ from fleet_protocol.errors import MalformedError, TooLargeError
 from fleet_protocol.telemetry import MAX_TELEMETRY_BYTES, Reading, Telemetry
 
 
+def _r(sensor: str, quantity: str, unit: str, value: float) -> Reading:
+    return Reading(sensor=sensor, quantity=quantity, unit=unit, value=value)
+
+
+def _t(device: str, time_ms: int, period_ms: int, readings: tuple[Reading, ...]) -> Telemetry:
+    return Telemetry(device=device, time_ms=time_ms, period_ms=period_ms, readings=readings)
+
+
 def _attrs(d: Path, **files: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for name, value in files.items():
@@ -112,7 +120,12 @@ def test_missing_channel_is_counted(sysfs: Path) -> None:
 
 
 def test_telemetry_round_trips_and_is_documented_json() -> None:
-    t = Telemetry("pi-007", 1_764_000_000_000, 1000, (Reading("mic", "laeq", "dB(A)", 57.31),))
+    t = Telemetry(
+        device="pi-007",
+        time_ms=1_764_000_000_000,
+        period_ms=1000,
+        readings=(_r("mic", "laeq", "dB(A)", 57.31),),
+    )
     data = t.to_bytes()
     assert data == (
         b'{"device":"pi-007","period_ms":1000,"readings":[{"quantity":"laeq","sensor":"mic",'
@@ -190,7 +203,7 @@ def test_sampler_publishes_and_stores_every_sample_marking_what_went_out(
 def test_store_keeps_at_most_max_rows_dropping_the_oldest(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path / "b.sqlite3", max_rows=100)
     for i in range(130):
-        store.add(Telemetry("pi", i, 1000, (Reading("mic", "laeq", "dB(A)", float(i)),)), True)
+        store.add(_t("pi", i, 1000, (_r("mic", "laeq", "dB(A)", float(i)),)), True)
     assert store.count() == 100
     assert store.recent(1)[0][1].value == 129.0
     store.close()
@@ -205,7 +218,7 @@ def test_store_shares_the_buffer_file_without_touching_its_schema_version(tmp_pa
     db.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY)")
     db.commit()
     store = TelemetryStore(path, max_rows=100)
-    store.add(Telemetry("pi", 1, 1000, (Reading("mic", "laeq", "dB(A)", 50.0),)), False)
+    store.add(_t("pi", 1, 1000, (_r("mic", "laeq", "dB(A)", 50.0),)), False)
     store.close()
     assert db.execute("PRAGMA user_version").fetchone()[0] == 7
     assert db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0] == 1
@@ -234,7 +247,7 @@ def test_telemetry_parser_raises_only_protocol_errors_on_any_input(data: bytes) 
 
 def test_a_huge_integer_value_is_malformed_not_a_crash() -> None:
     r = '{"sensor":"a","quantity":"b","unit":"c","value":' + "9" * 400 + "}"
-    with pytest.raises(MalformedError, match="not finite"):
+    with pytest.raises(MalformedError, match="finite"):
         Telemetry.from_bytes(
             ('{"device":"pi","time_ms":1,"period_ms":1,"readings":[' + r + "]}").encode()
         )
@@ -258,8 +271,8 @@ class FakeLink:
 
 
 def _message(i: int, n: int = 3) -> Telemetry:
-    readings = tuple(Reading(f"s{k}", "temperature", "degC", float(i * 10 + k)) for k in range(n))
-    return Telemetry("pi-007", 1_000 * i, 60_000, readings)
+    readings = tuple(_r(f"s{k}", "temperature", "degC", float(i * 10 + k)) for k in range(n))
+    return _t("pi-007", 1_000 * i, 60_000, readings)
 
 
 def _outage(store: TelemetryStore, count: int, readings: int = 3) -> list[Telemetry]:
@@ -279,7 +292,7 @@ def test_regroup_rebuilds_the_stored_messages(tmp_path: Path) -> None:
     # two messages with the same time and period stored back to back read as one: harmless
     assert [t for _, t in groups] == [
         messages[0],
-        Telemetry("pi-007", 1000, 60_000, messages[1].readings + messages[2].readings),
+        _t("pi-007", 1000, 60_000, messages[1].readings + messages[2].readings),
         messages[3],
     ]
     assert [ids for ids, _ in groups] == [[1, 2], [3, 4, 5], [6, 7, 8]]
@@ -379,7 +392,7 @@ def test_device_sensors_resend_what_the_live_publish_could_not_send(tmp_path: Pa
     link = FakeLink(up=False)
     sensors = DeviceSensors(cfg, link.publish, link_up=lambda: link.up)
     for level in (50.0, 51.0, 52.0):  # LAeq each second while the broker is away
-        sensors.sink.emit([Reading("mic", "laeq", "dB(A)", level)], 1000)
+        sensors.sink.emit([_r("mic", "laeq", "dB(A)", level)], 1000)
     assert sensors.report()["telemetry_unpublished_rows"] == 3
     link.up = True
     assert sensors.resender is not None

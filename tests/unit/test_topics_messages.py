@@ -28,7 +28,7 @@ def test_invalid_device_ids_are_refused(device: str) -> None:
 
 
 def test_ack_round_trips() -> None:
-    ack = Ack("a" * 32, 3, "stored", "")
+    ack = Ack(batch_id="a" * 32, seq=3, status="stored", reason="")
     assert Ack.from_bytes(ack.to_bytes()) == ack
 
 
