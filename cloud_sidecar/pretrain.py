@@ -1,7 +1,8 @@
 """Pretraining the base model: scene generator → AudioCNN → ONNX fp32 → int8, with a card.
 
 Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.int8.onnx``,
-``base.calib.npy``, ``model_card.json``) and ``BaseModel``, its typed handle. Invariants:
+``base.calib.npy``, ``base.fp32.tflite``, ``model_card.json``) and ``BaseModel``, its typed
+handle. Invariants:
 
 - every file is written atomically and its sha256 is in the card; ``load_base_model``
   refuses a directory whose files do not match their card;
@@ -13,6 +14,8 @@ Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.in
   ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class, made
   here from the synthetic scenes, shipped with the base, and named by sha256 both in
   the card and in the fp32 model's metadata; so both sides quantize identically;
+- ``base.fp32.tflite`` (what LiteRT devices run and patch adapters into) is converted
+  from ``base.fp32.onnx`` by ``cloud_sidecar.export_tflite`` (TensorFlow, cloud only);
 - the same seed gives the same data and initial weights.
 """
 
@@ -36,6 +39,7 @@ import onnxruntime as ort
 import torch
 
 from cloud_sidecar.errors import TrainingError
+from cloud_sidecar.export_tflite import export_tflite
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, build_training_set, n_parameters
 from fleet_model import (
     QUANT_LAYERS,
@@ -46,6 +50,7 @@ from fleet_model import (
     quantize_model,
     set_calibration_sha,
 )
+from fleet_model.tflite_patch import tflite_path
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASSES, LABELS_VERSION
@@ -67,6 +72,7 @@ STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
     "model_card.json",
 )
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name  # base.calib.npy, where devices look
+TFLITE_FILE = tflite_path(Path(FP32_FILE)).name  # base.fp32.tflite, where LiteRT looks
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,7 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
     fp32 = out_dir / FP32_FILE
     sha_fp32 = export_onnx(model, fp32, calibration_sha256=file_sha256(calib))
     int8 = quantize_file(fp32, out_dir / INT8_FILE, calibration=calib)
+    _, sha_tflite = export_tflite(fp32, x_ho[:32])  # LiteRT devices' base (ADR 0011)
     p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
     acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
     card = {
@@ -282,6 +289,7 @@ def _pretrain(out_dir: Path, seed: int, n_per_class: int, epochs: int) -> BaseMo
             FP32_FILE: sha_fp32,
             INT8_FILE: file_sha256(int8),
             CALIB_FILE: file_sha256(calib),
+            TFLITE_FILE: sha_tflite,
         },
     }
     card_path = out_dir / CARD_FILE
@@ -305,7 +313,7 @@ def load_base_model(base_dir: Path) -> BaseModel:
         card = json.loads(card_path.read_bytes())
         hashes = {
             name: str(card["sha256"][name])
-            for name in (STATE_FILE, FP32_FILE, INT8_FILE, CALIB_FILE)
+            for name in (STATE_FILE, FP32_FILE, INT8_FILE, CALIB_FILE, TFLITE_FILE)
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"{base_dir} is not a base-model directory: {exc}") from exc

@@ -169,7 +169,7 @@ class EdgeApp:
         """An adapter-merged model (int8 beside its merged fp32) on the configured backend."""
         from edge_daemon.inference.adapter import merged_fp32_path
 
-        files = ModelFiles(merged_fp32_path(int8_path), int8_path)
+        files = ModelFiles(merged_fp32_path(int8_path), int8_path, self.cfg.model.base_fp32)
         return make_classifier(self.cfg.model.backend, files, self.cfg.model.threads, merged=True)
 
     # -- work (main thread) --------------------------------------------------
