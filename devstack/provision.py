@@ -23,11 +23,13 @@ from typing import Any
 from devstack.mosquitto import crl_hook_argv
 from devstack.stack import DeviceSlot, DevStack
 from fleet_model import calibration_path
+from fleet_model.tflite_patch import tflite_path
 
 # File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
 FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"
 # The int8 calibration set ships beside the fp32 base: the device re-quantizes with it.
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name
+TFLITE_FILE = tflite_path(Path(FP32_FILE)).name  # what a LiteRT device patches (ADR 0011)
 HILO_BY_DEVICE = ((435.0, 580.0), (450.0, 600.0), (392.0, 523.0), (466.0, 622.0), (415.0, 554.0))
 
 
@@ -98,7 +100,7 @@ def device_config(
     """A device's config; with ``claim_file`` it enrolls on first start (no client cert)."""
     models = slot.state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
-    for name in (FP32_FILE, INT8_FILE, CALIB_FILE):
+    for name in (FP32_FILE, INT8_FILE, CALIB_FILE, TFLITE_FILE):
         shutil.copy2(base_model_dir / name, models / name)
     hilo = HILO_BY_DEVICE[index % len(HILO_BY_DEVICE)]
     scene = {"siren_pattern": "hilo", "hilo_hz": hilo, "speech_rate": 0.1}
