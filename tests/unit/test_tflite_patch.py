@@ -1,14 +1,17 @@
 """The base's .tflite: converted once by TensorFlow (cloud), patched on the device.
 
 ``cloud_sidecar.export_tflite`` converts an untrained ``AudioCNN`` the way pretraining
-does; ``fleet_model.tflite_patch`` finds every weight in the result and overwrites the
-adapted ones. These tests need ``tensorflow-cpu`` (requirements/lock.txt): without it
-the conversion raises ``TrainingError`` and they fail; they never skip.
+does (TensorFlow in a child process); ``fleet_model.tflite_patch`` finds every weight in
+the result and overwrites the adapted ones. These tests need ``tensorflow-cpu``
+(requirements/lock.txt): without it the export raises ``TrainingError`` and they fail;
+they never skip. TensorFlow must never load into this process (see the last test).
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ import cloud_sidecar.export_tflite as export
 from cloud_sidecar.errors import TrainingError
 from fleet_model.adapter import merge_into
 from fleet_model.errors import TfliteError
+from fleet_model.int8 import calibration_path
 from fleet_model.tflite_patch import MAX_TFLITE_BYTES, patch_weights, tflite_path, weight_slots
 from tests.unit.model_files import random_windows, untrained_base
 
@@ -33,7 +37,7 @@ F32 = npt.NDArray[np.float32]
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, onnx.ModelProto, bytes]:
     d = tmp_path_factory.mktemp("tflite")
     fp32, _, _ = untrained_base(d, random_windows(8))
-    path, sha = export.export_tflite(fp32, random_windows(8, seed=1))
+    path, sha = export.export_tflite(fp32)
     data = path.read_bytes()
     assert path == tflite_path(fp32) == d / "base.fp32.tflite"
     assert len(sha) == 64
@@ -49,9 +53,21 @@ def _scaled(model: onnx.ModelProto, names: set[str], factor: float) -> onnx.Mode
     return out
 
 
-def test_conversion_is_deterministic(converted: tuple[Path, onnx.ModelProto, bytes]) -> None:
-    _, model, data = converted
-    assert export.convert(model) == data
+def _export(model: onnx.ModelProto, d: Path) -> bytes:
+    fp32 = d / "m.fp32.onnx"
+    onnx.save(model, str(fp32))
+    path, _ = export.export_tflite(fp32)
+    return path.read_bytes()
+
+
+def test_conversion_is_deterministic(
+    converted: tuple[Path, onnx.ModelProto, bytes], tmp_path: Path
+) -> None:
+    fp32, _, data = converted
+    shutil.copy(fp32, tmp_path / fp32.name)
+    shutil.copy(calibration_path(fp32), calibration_path(tmp_path / fp32.name))
+    path, _ = export.export_tflite(tmp_path / fp32.name)
+    assert path.read_bytes() == data
 
 
 def test_every_initializer_has_one_slot_in_the_converter_layouts(
@@ -68,7 +84,7 @@ def test_every_initializer_has_one_slot_in_the_converter_layouts(
 
 
 def test_patch_of_a_merge_writes_only_the_changed_buffers_and_keeps_the_layout(
-    converted: tuple[Path, onnx.ModelProto, bytes],
+    converted: tuple[Path, onnx.ModelProto, bytes], tmp_path: Path
 ) -> None:
     _, model, data = converted
     assert patch_weights(data, model, model) == data
@@ -81,7 +97,7 @@ def test_patch_of_a_merge_writes_only_the_changed_buffers_and_keeps_the_layout(
     # the merged .tflite is the same as converting the merged model from scratch
     assert weight_slots(out, merged).keys() == weight_slots(data, model).keys()
     x = random_windows(4, seed=5)
-    scratch = export.convert(merged)
+    scratch = _export(merged, tmp_path)
     assert np.array_equal(export.litert_probs(out, x), export.litert_probs(scratch, x))
 
 
@@ -162,9 +178,19 @@ def test_export_refuses_a_graph_that_is_not_audiocnn_and_writes_nothing(
     del broken.graph.initializer[:]
     broken.graph.initializer.extend(keep)
     with pytest.raises(TrainingError, match="conv4"):
-        export.convert(broken)
-    fp32 = tmp_path / "m.fp32.onnx"
+        _export(broken, tmp_path)
+    assert not tflite_path(tmp_path / "m.fp32.onnx").exists()
+    fp32 = tmp_path / "n.fp32.onnx"
     onnx.save(model, str(fp32))
     with pytest.raises(TrainingError, match="differs from onnxruntime"):
         export.export_tflite(fp32, tolerance=-1.0)  # no agreement is good enough
     assert not tflite_path(fp32).exists()
+
+
+def test_tensorflow_never_loads_into_the_exporting_process(
+    converted: tuple[Path, onnx.ModelProto, bytes],
+) -> None:
+    # TensorFlow exports BoringSSL's EVP_* globally: SoftHSM's C_Login, later in the same
+    # process (the sidecar, the integration tests), would call them and crash
+    assert converted[2]
+    assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")]
