@@ -1,7 +1,7 @@
 """Pretraining the base model: a dataset on disk → AudioCNN → ONNX fp32 → int8, with a card.
 
 Owns the base-model directory layout (``base.pt``, ``base.fp32.onnx``, ``base.int8.onnx``,
-``base.calib.npy``, ``golden.npz``, ``replay.npz``, ``dataset-manifest.csv``,
+``base.calib.npy``, ``base.fp32.tflite``, ``golden.npz``, ``replay.npz``, ``dataset-manifest.csv``,
 ``model_card.json``) and ``BaseModel``, its typed handle. The data comes only from the
 dataset directory given to ``pretrain`` (``cloud-sidecar pretrain --dataset DIR``), read
 by ``cloud_sidecar.audio_dataset`` (folder per class, ESC-50, UrbanSound8K or a generic
@@ -25,6 +25,9 @@ CSV; ``docs/datasets.md``); there is no built-in data. Invariants:
 - the card records the dataset: layout, path, the sha256 of its manifest (audio bytes,
   label and split of every file used; the manifest itself is ``dataset-manifest.csv``),
   windows per class and what was skipped;
+- ``base.fp32.tflite`` (what LiteRT devices run and patch adapters into) is converted
+  from ``base.fp32.onnx`` by ``cloud_sidecar.export_tflite`` (TensorFlow, in a child
+  process, cloud only);
 - the same dataset and seed give the same model.
 """
 
@@ -49,6 +52,7 @@ import torch
 
 from cloud_sidecar.audio_dataset import DatasetConfig, Layout, LoadedDataset, load_dataset
 from cloud_sidecar.errors import TrainingError
+from cloud_sidecar.export_tflite import export_tflite
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, n_parameters
 from fleet_model import (
     QUANT_LAYERS,
@@ -59,6 +63,7 @@ from fleet_model import (
     quantize_model,
     set_calibration_sha,
 )
+from fleet_model.tflite_patch import tflite_path
 from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASSES, LABELS_VERSION
@@ -83,12 +88,14 @@ STATE_FILE, FP32_FILE, INT8_FILE, CARD_FILE = (
     "model_card.json",
 )
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name  # base.calib.npy, where devices look
+TFLITE_FILE = tflite_path(Path(FP32_FILE)).name  # base.fp32.tflite, where LiteRT looks
 GOLDEN_FILE, REPLAY_FILE, MANIFEST_FILE = "golden.npz", "replay.npz", "dataset-manifest.csv"
 CHECKED_FILES = (
     STATE_FILE,
     FP32_FILE,
     INT8_FILE,
     CALIB_FILE,
+    TFLITE_FILE,
     GOLDEN_FILE,
     REPLAY_FILE,
     MANIFEST_FILE,
@@ -293,6 +300,7 @@ def _pretrain(out_dir: Path, data: LoadedDataset, seed: int, epochs: int, t0: fl
     fp32 = out_dir / FP32_FILE
     sha_fp32 = export_onnx(model, fp32, calibration_sha256=file_sha256(calib))
     int8 = quantize_file(fp32, out_dir / INT8_FILE, calibration=calib)
+    _, sha_tflite = export_tflite(fp32)  # LiteRT devices' base, in a child process (ADR 0011)
     p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
     acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
     gold = _first_per_class(y_ho, GOLDEN_MAX_PER_CLASS)

@@ -23,11 +23,13 @@ from typing import Any
 from devstack.mosquitto import crl_hook_argv
 from devstack.stack import DeviceSlot, DevStack
 from fleet_model import calibration_path
+from fleet_model.tflite_patch import tflite_path
 
 # File names of `cloud-sidecar pretrain`'s output (cloud_sidecar.pretrain; not imported: torch).
 FP32_FILE, INT8_FILE = "base.fp32.onnx", "base.int8.onnx"
 # The int8 calibration set ships beside the fp32 base: the device re-quantizes with it.
 CALIB_FILE = calibration_path(Path(FP32_FILE)).name
+TFLITE_FILE = tflite_path(Path(FP32_FILE)).name  # what a LiteRT device patches (ADR 0011)
 
 
 def _json(path: Path, obj: dict[str, Any]) -> Path:
@@ -100,7 +102,7 @@ def device_config(
     """
     models = slot.state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
-    for name in (FP32_FILE, INT8_FILE, CALIB_FILE):
+    for name in (FP32_FILE, INT8_FILE, CALIB_FILE, TFLITE_FILE):
         shutil.copy2(base_model_dir / name, models / name)
     broker: dict[str, Any] = {
         "host": "127.0.0.1",

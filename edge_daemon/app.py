@@ -212,7 +212,7 @@ class EdgeApp:
 
     def _classifier_for(self, int8_path: Path) -> Classifier:
         """An adapter-merged model (int8 beside its merged fp32) on the configured backend."""
-        files = ModelFiles(merged_fp32_path(int8_path), int8_path)
+        files = ModelFiles(merged_fp32_path(int8_path), int8_path, self.cfg.model.base_fp32)
         return make_classifier(self.cfg.model.backend, files, self.cfg.model.threads, merged=True)
 
     # -- status --------------------------------------------------------------

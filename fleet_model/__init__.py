@@ -1,10 +1,13 @@
 """fleet_model: what the device and the cloud must compute identically.
 
 The edge adapter format (``ADAPTER_FORMAT``, ``encode_edge_adapter``,
-``parse_edge_adapter``), the low-rank merge (``merge_into``, ``merge_and_quantize``)
-and the int8 recipe with its calibration set (``quantize_model``). Bytes in, bytes out:
-no torch, no file I/O, no sockets; it imports only ``fleet_protocol`` (and numpy, onnx,
-onnxruntime, safetensors). Errors: ``fleet_model.errors`` (root ``ModelError``).
+``parse_edge_adapter``), the low-rank merge (``merge_into``, ``merge_and_quantize``),
+the int8 recipe with its calibration set (``quantize_model``), and the merged weights
+patched into the base's converted .tflite (``fleet_model.tflite_patch``, imported on
+its own: only LiteRT needs it). Bytes in, bytes out: no torch, no TensorFlow, no file
+I/O, no sockets; it imports only ``fleet_protocol`` (and numpy, onnx, onnxruntime,
+safetensors, the tflite schema).
+Errors: ``fleet_model.errors`` (root ``ModelError``).
 """
 
 from fleet_model.adapter import (
@@ -17,7 +20,13 @@ from fleet_model.adapter import (
     merge_into,
     parse_edge_adapter,
 )
-from fleet_model.errors import AdapterError, CalibrationError, ModelError, QuantizationError
+from fleet_model.errors import (
+    AdapterError,
+    CalibrationError,
+    ModelError,
+    QuantizationError,
+    TfliteError,
+)
 from fleet_model.int8 import (
     QUANT_LAYERS,
     RECIPE,
@@ -39,6 +48,7 @@ __all__ = [
     "MergedModel",
     "ModelError",
     "QuantizationError",
+    "TfliteError",
     "calibration_path",
     "encode_calibration",
     "encode_edge_adapter",

@@ -20,3 +20,7 @@ class CalibrationError(ModelError):
 
 class QuantizationError(ModelError):
     """The int8 recipe cannot quantize this graph (not the classifier it knows)."""
+
+
+class TfliteError(ModelError):
+    """A .tflite is not the base's conversion, or a merged weight has no buffer in it."""

@@ -28,6 +28,7 @@ from cloud_sidecar.lora import convert_for_edge, train_adapter
 from cloud_sidecar.ota_repo import OtaRepository, Publication
 from devstack.scene.windows import build_training_set
 from edge_daemon.inference.adapter import merged_fp32_path
+from edge_daemon.inference.backends import LiteRtBackendConfig, ModelFiles, make_classifier
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from edge_daemon.ota import InstalledModel, OtaClient
 from fleet_model import ADAPTER_FORMAT
@@ -129,6 +130,11 @@ def test_signed_adapter_is_verified_and_applied_by_the_device(
     adapted = OnnxClassifier(model.path)
     x, _ = build_training_set(np.random.default_rng(9), 2)
     assert adapted.predict(x).shape == base.predict(x).shape
+    # a LiteRT device runs the same install: the base's .tflite, merged weights patched in
+    files = ModelFiles(merged_fp32, model.path, base_fp32=base_model.onnx_fp32)
+    lite = make_classifier(LiteRtBackendConfig(), files, merged=True)
+    diff = np.abs(lite.predict(x) - OnnxClassifier(merged_fp32).predict(x)).max()
+    assert float(diff) <= 1e-4
     trusted = json.loads((tmp_path / "device" / "ota" / "trusted.json").read_text())
     assert trusted["metadata_version"] == 1 and trusted["adapter_version"] == 1
 

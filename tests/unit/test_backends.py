@@ -1,12 +1,15 @@
 """Inference backends as plugins: config union, onnxruntime, LiteRT and Hailo's errors.
 
 The model is an untrained ``AudioCNN`` exported the way pretraining exports it (the
-numbers do not matter, the graph does). LiteRT runs here (ai-edge-litert); Hailo has
-no library or HAT here, so its tests cover the errors an operator would see.
+numbers do not matter, the graph does), and for LiteRT converted to .tflite as
+pretraining converts it (TensorFlow; ``cloud_sidecar.export_tflite``). LiteRT runs here
+(ai-edge-litert); Hailo has no library or HAT here, so its tests cover the errors an
+operator would see.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -15,8 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import pytest
+from onnx import numpy_helper
 from pydantic import ValidationError
 
+from cloud_sidecar.export_tflite import export_tflite
 from edge_daemon.config import ModelConfig
 from edge_daemon.errors import BackendUnavailableError, InferenceError
 from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
@@ -27,13 +32,13 @@ from edge_daemon.inference.backends import (
     OnnxBackendConfig,
     make_classifier,
 )
-from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_model.adapter import (
     EdgeAdapter,
     LowRankLayer,
     encode_edge_adapter,
 )
+from fleet_model.tflite_patch import tflite_path
 from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.io.files import file_sha256
 from tests.unit.model_files import untrained_base
@@ -94,10 +99,40 @@ def test_onnx_backend_runs_the_int8_file_by_default_and_fp32_when_asked(base: Mo
 # ------------------------------------------------------------------------ LiteRT
 
 
-def test_litert_matches_onnxruntime_fp32_to_1e_4_at_several_batch_sizes(base: ModelFiles) -> None:
-    ref = OnnxClassifier(base.fp32)
-    lite = make_classifier(LiteRtBackendConfig(), base)
+@pytest.fixture(scope="module")
+def lite_base(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """The same untrained base with its .tflite beside it, as pretraining leaves it."""
+    d = tmp_path_factory.mktemp("lite-base")
+    fp32, _, int8 = untrained_base(d, _features(8, seed=99))
+    export_tflite(fp32)
+    return ModelFiles(fp32, int8)
+
+
+def _adapter_on_every_layer(base_fp32: Path, seed: int = 1, rank: int = 4) -> EdgeAdapter:
+    """Random low-rank factors for all six weights (conv filters and both linear layers)."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for t in onnx.load(str(base_fp32)).graph.initializer:
+        if not t.name.endswith(".weight"):
+            continue
+        shape = tuple(t.dims)
+        if len(shape) == 4:  # conv: A (r, in, kh, kw), B (out, r, 1, 1)
+            a = rng.standard_normal((rank, *shape[1:]))
+            b = rng.standard_normal((shape[0], rank, 1, 1))
+        else:  # linear (out, in): A (r, in), B (out, r)
+            a, b = rng.standard_normal((rank, shape[1])), rng.standard_normal((shape[0], rank))
+        scale = 0.3 / float(np.sqrt(np.prod(shape[1:])))
+        layers.append(LowRankLayer(t.name, a.astype(np.float32), b.astype(np.float32), scale))
+    return EdgeAdapter(file_sha256(base_fp32), tuple(layers), {"rank": str(rank)})
+
+
+def test_litert_matches_onnxruntime_fp32_to_1e_4_at_several_batch_sizes(
+    lite_base: ModelFiles,
+) -> None:
+    ref = OnnxClassifier(lite_base.fp32)
+    lite = make_classifier(LiteRtBackendConfig(), lite_base)
     assert lite.n_classes == ref.n_classes == 10
+    assert lite.model_sha256 == file_sha256(tflite_path(lite_base.fp32))  # nothing to patch
     for n in (1, 7, 1, 32):  # resizes up, down and up again
         x = _features(n, seed=n)
         got, want = lite.predict(x), ref.predict(x)
@@ -106,51 +141,51 @@ def test_litert_matches_onnxruntime_fp32_to_1e_4_at_several_batch_sizes(base: Mo
     assert lite.predict(np.zeros((0, N_MELS, N_FRAMES), np.float32)).shape == (0, 10)
 
 
-def test_litert_applies_an_adapter_from_the_merged_fp32_without_the_base_download(
-    base: ModelFiles, tmp_path: Path
+def test_litert_runs_an_adapter_on_every_layer_to_1e_4_of_onnxruntime_on_the_merged_fp32(
+    lite_base: ModelFiles, tmp_path: Path
 ) -> None:
-    rng = np.random.default_rng(1)
-    adapter = EdgeAdapter(
-        file_sha256(base.fp32),
-        (
-            LowRankLayer(
-                "fc2.weight",
-                rng.standard_normal((4, 64)).astype(np.float32),
-                rng.standard_normal((10, 4)).astype(np.float32),
-                1.0,
-            ),
-        ),
-        {"rank": "4"},
-    )
     path = tmp_path / "a.adapter"
-    path.write_bytes(encode_edge_adapter(adapter))
-    int8 = apply_adapter(base.fp32, path, tmp_path / "models" / "adapter-v1.int8.onnx")
-    merged = ModelFiles(merged_fp32_path(int8), int8)
+    path.write_bytes(encode_edge_adapter(_adapter_on_every_layer(lite_base.fp32)))
+    int8 = apply_adapter(lite_base.fp32, path, tmp_path / "models" / "adapter-v1.int8.onnx")
+    merged = ModelFiles(merged_fp32_path(int8), int8, base_fp32=lite_base.fp32)
+    assert not tflite_path(merged.fp32).exists()  # no converter ran: the base's file is patched
     lite = make_classifier(LiteRtBackendConfig(), merged, merged=True)
-    x = _features(16, seed=3)
+    x = _features(16, seed=3) * 2.0
     want = OnnxClassifier(merged.fp32).predict(x)
     assert float(np.max(np.abs(lite.predict(x) - want))) <= TOL
-    base_out = make_classifier(LiteRtBackendConfig(), base).predict(x)
-    assert float(np.max(np.abs(base_out - want))) > 1e-3  # the adapter changed the model
-    assert lite.model_sha256 != make_classifier(LiteRtBackendConfig(), base).model_sha256
+    base_lite = make_classifier(LiteRtBackendConfig(), lite_base)
+    assert float(np.max(np.abs(base_lite.predict(x) - want))) > 1e-3  # the adapter mattered
+    assert lite.model_sha256 != base_lite.model_sha256
+    again = make_classifier(LiteRtBackendConfig(), merged, merged=True)
+    assert again.model_sha256 == lite.model_sha256  # deterministic, so the cloud can predict it
 
 
-def test_litert_rejects_wrong_feature_shapes_with_inference_error(base: ModelFiles) -> None:
-    lite = make_classifier(LiteRtBackendConfig(), base)
-    with pytest.raises(InferenceError, match="expected"):
-        lite.predict(np.zeros((1, N_MELS, N_FRAMES - 1), np.float32))
-
-
-def test_tflite_writer_is_deterministic_and_refuses_ops_outside_the_classifier_set(
+def test_litert_without_the_base_tflite_names_the_file_and_the_alternative(
     base: ModelFiles,
 ) -> None:
-    model = onnx.load(str(base.fp32))
-    assert onnx_to_tflite(model) == onnx_to_tflite(model)
-    sig = onnx.helper.make_node("Sigmoid", ["probs"], ["out"])
-    model.graph.node.append(sig)
-    model.graph.output[0].name = "out"
-    with pytest.raises(InferenceError, match="Sigmoid is not supported"):
-        onnx_to_tflite(model)
+    with pytest.raises(InferenceError, match=r"base\.fp32\.tflite") as exc:
+        make_classifier(LiteRtBackendConfig(), base)
+    assert "onnxruntime" in str(exc.value)
+
+
+def test_litert_refuses_a_tflite_converted_from_another_base(
+    base: ModelFiles, lite_base: ModelFiles, tmp_path: Path
+) -> None:
+    fp32 = tmp_path / "base.fp32.onnx"
+    shutil.copy(base.fp32, fp32)  # same architecture, other weights (not seed 0's copy)
+    model = onnx.load(str(fp32))
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.5), t.name))
+    onnx.save(model, str(fp32))
+    shutil.copy(tflite_path(lite_base.fp32), tflite_path(fp32))
+    with pytest.raises(InferenceError, match="does not hold the base model's weights"):
+        make_classifier(LiteRtBackendConfig(), ModelFiles(fp32, base.int8))
+
+
+def test_litert_rejects_wrong_feature_shapes_with_inference_error(lite_base: ModelFiles) -> None:
+    lite = make_classifier(LiteRtBackendConfig(), lite_base)
+    with pytest.raises(InferenceError, match="expected"):
+        lite.predict(np.zeros((1, N_MELS, N_FRAMES - 1), np.float32))
 
 
 def test_litert_reports_an_unreadable_model_as_inference_error(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from devstack.dataset import pretrain_synthetic
 from devstack.scene.windows import build_training_set
 from edge_daemon.errors import InferenceError, OtaError
 from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
+from edge_daemon.inference.backends import LiteRtBackendConfig, ModelFiles, make_classifier
 from edge_daemon.inference.onnx_backend import OnnxClassifier
 from fleet_model import RECIPE, calibration_path
 from fleet_model.adapter import (
@@ -44,6 +45,7 @@ from fleet_model.adapter import (
     parse_edge_adapter,
 )
 from fleet_model.errors import AdapterError
+from fleet_model.tflite_patch import tflite_path
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -204,7 +206,8 @@ def test_pretrain_meets_budget_and_held_out_accuracy(pipe: Pipeline) -> None:
     assert card["held_out"]["int8_fp32_agreement"] >= 0.99
     assert card["quantization"]["recipe"] == RECIPE
     base = pipe.base
-    for path in (base.state_dict, base.onnx_fp32, base.onnx_int8, base.calibration):
+    tflite = tflite_path(base.onnx_fp32)
+    for path in (base.state_dict, base.onnx_fp32, base.onnx_int8, base.calibration, tflite):
         assert card["sha256"][path.name] == file_sha256(path)
     assert base.calibration == calibration_path(base.onnx_fp32)
     assert pipe.base.sha256_fp32 == file_sha256(pipe.base.onnx_fp32)
@@ -228,7 +231,7 @@ def test_exported_graph_has_the_contract_io_and_named_weight_initializers(pipe: 
 @pytest.mark.slow
 def test_tampered_base_directory_is_refused(pipe: Pipeline, tmp_path: Path) -> None:
     assert load_base_model(pipe.base.dir) == pipe.base
-    for name in (pipe.base.onnx_int8.name, pipe.base.calibration.name):
+    for name in (pipe.base.onnx_int8.name, pipe.base.calibration.name, "base.fp32.tflite"):
         copy = tmp_path / name
         shutil.copytree(pipe.base.dir, copy)
         (copy / name).write_bytes(b"\0" * 16)
@@ -301,6 +304,22 @@ def test_int8_agrees_with_fp32_on_top1_for_base_and_adapted_models(pipe: Pipelin
         rates[name] = float((top32 == top8).mean())
     print(f"\nint8/fp32 top-1 agreement on {len(x)} windows: {rates}")
     assert min(rates.values()) >= 0.99
+
+
+@pytest.mark.slow
+def test_litert_runs_the_trained_base_and_adapter_to_1e_4_of_onnxruntime_fp32(
+    pipe: Pipeline,
+) -> None:
+    x = np.concatenate([pipe.others[0][:48], pipe.hilo[0][:16]])
+    merged = ModelFiles(merged_fp32_path(pipe.adapted_int8), pipe.adapted_int8, pipe.base.onnx_fp32)
+    base = ModelFiles(pipe.base.onnx_fp32, pipe.base.onnx_int8)
+    diffs = {}
+    for name, files in (("base", base), ("adapted", merged)):
+        lite = make_classifier(LiteRtBackendConfig(), files, merged=files is merged)
+        want = OnnxClassifier(files.fp32).predict(x)
+        diffs[name] = float(np.abs(lite.predict(x) - want).max())
+    print(f"\nLiteRT vs onnxruntime fp32 max |diff|: {diffs}")
+    assert max(diffs.values()) <= 1e-4
 
 
 @pytest.mark.slow

@@ -34,7 +34,9 @@ def test_device_path_imports_no_torch() -> None:
         "import sys\n"
         "import edge_daemon.app, edge_daemon.pipeline, edge_daemon.ota, edge_daemon.inference.adapter\n"
         "import edge_daemon.privacy.gate, edge_daemon.keys.tpm, edge_daemon.__main__\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'peft', 'transformers'))\n"
+        "import edge_daemon.inference.backends.litert, fleet_model.tflite_patch\n"
+        "heavy = ('torch', 'peft', 'transformers', 'tensorflow', 'keras')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not bad, bad\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

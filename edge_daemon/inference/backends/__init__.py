@@ -2,8 +2,9 @@
 
 Owns: the factory ``make_classifier`` that maps a backend config (``config.py``: one
 pydantic model per plugin, a discriminated union on ``type``) to its implementation:
-``onnx`` (onnxruntime, int8 by default), ``litert`` (ai-edge-litert over a .tflite
-written from the fp32 ONNX) and ``hailo`` (HailoRT, import guarded). Design: ADR 0011.
+``onnx`` (onnxruntime, int8 by default), ``litert`` (ai-edge-litert over the base's
+.tflite, converted in the cloud, with merged weights patched in) and ``hailo`` (HailoRT,
+import guarded). Design: ADR 0011.
 
 Invariants: importing this package imports no runtime library; each plugin module is
 imported only when its backend is made; every backend returns a ``Classifier`` with the

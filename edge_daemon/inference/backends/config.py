@@ -29,8 +29,9 @@ class OnnxBackendConfig(_Strict):
 
 
 class LiteRtBackendConfig(_Strict):
-    """LiteRT (``ai-edge-litert``) on the CPU, XNNPACK: a .tflite built on the device
-    from the fp32 ONNX model (base or adapter-merged), so adapters apply unchanged."""
+    """LiteRT (``ai-edge-litert``) on the CPU, XNNPACK: the base's ``.tflite`` (converted
+    by pretraining, beside ``model.base_fp32``), with an adapter's merged weights patched
+    in on the device, so adapters apply without a converter."""
 
     type: Literal["litert"] = "litert"
 

@@ -1,8 +1,9 @@
 """Which files make up one deployable model, and what every backend must offer.
 
-Owns: ``ModelFiles`` (the fp32 ONNX model, from which LiteRT builds its .tflite and
-adapters are merged, and its int8 quantization that onnxruntime runs by default) and
-the ``Classifier`` protocol the daemon codes against. Pure types, no runtime imports.
+Owns: ``ModelFiles`` (the fp32 ONNX model, into which adapters are merged, its int8
+quantization that onnxruntime runs by default, and for a merged model the base it was
+merged from, whose converted .tflite LiteRT patches) and the ``Classifier`` protocol the
+daemon codes against. Pure types, no runtime imports.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import numpy.typing as npt
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """One model in its two ONNX forms (same weights): ``fp32`` and ``int8``."""
+    """One model in its two ONNX forms (same weights): ``fp32`` and ``int8``.
+
+    ``base_fp32``: for an adapter-merged model, the base fp32 ONNX it was merged from
+    (its ``.tflite`` sits beside it); ``None`` when ``fp32`` is the base itself.
+    """
 
     fp32: Path
     int8: Path
+    base_fp32: Path | None = None
 
 
 class Classifier(Protocol):

@@ -1,15 +1,19 @@
-"""The LiteRT backend plugin: ``ai-edge-litert``'s interpreter over a .tflite we write.
+"""The LiteRT backend plugin: ``ai-edge-litert``'s interpreter over the base's .tflite.
 
-Owns: turning the fp32 ONNX model (the base, or the adapter-merged copy that
-``apply_adapter`` leaves beside the int8 model) into TFLite bytes with
-``tflite_writer`` and running them on the CPU (XNNPACK).
+Owns: the TFLite bytes of one model and running them on the CPU (XNNPACK). The base's
+``.tflite`` is converted once in the cloud by TensorFlow (``cloud_sidecar.export_tflite``)
+and provisioned beside the base fp32 ONNX (``fleet_model.tflite_patch.tflite_path``); an
+adapter-merged model is that file with its merged weights patched in
+(``fleet_model.tflite_patch.patch_weights``): no converter and no TensorFlow here.
 
 Invariants:
-- the .tflite is rebuilt in memory from the fp32 ONNX on every load (a few ms), so it
-  can never be stale against an adapter; ``model_sha256`` hashes those TFLite bytes;
-- the ONNX file is read once, capped at ``MAX_MODEL_BYTES``;
+- the TFLite bytes are derived on every load from the base .tflite, the base fp32 ONNX
+  and the model's fp32 ONNX (base or adapter-merged), so they can never be stale against
+  an adapter, and a .tflite converted from another base is refused; ``model_sha256``
+  hashes those bytes;
+- every file is read once, capped (``MAX_MODEL_BYTES``, ``MAX_TFLITE_BYTES``);
 - a missing ``ai_edge_litert`` raises ``BackendUnavailableError`` naming the package;
-  every other failure is ``InferenceError``;
+  every other failure (a missing .tflite included) is ``InferenceError``;
 - batches are any size up to ``MAX_BATCH`` (larger ones are split); the interpreter is
   resized only when the batch size changes. Not thread-safe (one daemon thread).
 """
@@ -28,34 +32,55 @@ from edge_daemon.errors import BackendUnavailableError, InferenceError
 from edge_daemon.inference.backends.config import LiteRtBackendConfig
 from edge_daemon.inference.backends.files import ModelFiles
 from edge_daemon.inference.onnx_backend import MAX_MODEL_BYTES, predict_in_batches
+from fleet_model import ModelError
 from fleet_protocol.features import N_FRAMES, N_MELS
 
 log = logging.getLogger(__name__)
 
 
-def tflite_from_onnx(fp32_path: Path) -> bytes:
-    """The TFLite bytes for an fp32 ONNX classifier file (capped read)."""
+def _read(path: Path, cap: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > cap:
+            raise InferenceError(f"{path}: {size} bytes exceeds {cap}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise InferenceError(f"cannot read model {path}: {exc}") from exc
+
+
+def _onnx(path: Path) -> Any:
     import onnx
 
-    from edge_daemon.inference.backends.tflite_writer import onnx_to_tflite
-
+    data = _read(path, MAX_MODEL_BYTES)
     try:
-        size = fp32_path.stat().st_size
-        if size > MAX_MODEL_BYTES:
-            raise InferenceError(f"{fp32_path}: {size} bytes exceeds {MAX_MODEL_BYTES}")
-        data = fp32_path.read_bytes()
-        model = onnx.load_from_string(data)
-    except OSError as exc:
-        raise InferenceError(f"cannot read model {fp32_path}: {exc}") from exc
+        return onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError and friends
-        raise InferenceError(f"cannot parse ONNX model {fp32_path}: {exc}") from exc
-    return onnx_to_tflite(model)
+        raise InferenceError(f"cannot parse ONNX model {path}: {exc}") from exc
+
+
+def tflite_for(files: ModelFiles) -> bytes:
+    """The TFLite bytes that run ``files.fp32``: the base's .tflite, merged weights patched in."""
+    from fleet_model.tflite_patch import MAX_TFLITE_BYTES, patch_weights, tflite_path
+
+    base_fp32 = files.base_fp32 or files.fp32
+    model = _onnx(files.fp32)
+    base = model if files.base_fp32 is None else _onnx(base_fp32)
+    if not tflite_path(base_fp32).is_file():
+        raise InferenceError(
+            f"LiteRT needs {tflite_path(base_fp32)}, the base converted by pretraining and"
+            " provisioned beside the base fp32 model; or set model.backend.type to onnxruntime"
+        )
+    base_tflite = _read(tflite_path(base_fp32), MAX_TFLITE_BYTES)
+    try:
+        return patch_weights(base_tflite, base, model)
+    except ModelError as exc:
+        raise InferenceError(f"LiteRT: {tflite_path(base_fp32)}: {exc}") from exc
 
 
 class LiteRtClassifier:
     """A LiteRT interpreter over the TFLite form of one fp32 ONNX model."""
 
-    def __init__(self, fp32_path: Path, threads: int = 1) -> None:
+    def __init__(self, files: ModelFiles, threads: int = 1) -> None:
         try:
             from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-untyped]
         except ImportError as exc:
@@ -64,8 +89,8 @@ class LiteRtClassifier:
                 " (pip install 'sovereign-edge[edge]'; tflite-runtime does not work with"
                 " numpy 2); or set model.backend.type to onnxruntime"
             ) from exc
-        self.path = Path(fp32_path)
-        self._tflite = tflite_from_onnx(self.path)
+        self.path = Path(files.fp32)
+        self._tflite = tflite_for(files)
         self.model_sha256: str = hashlib.sha256(self._tflite).hexdigest()
         try:
             self._it: Any = Interpreter(model_content=self._tflite, num_threads=max(1, threads))
@@ -102,4 +127,4 @@ class LiteRtClassifier:
 
 
 def load(cfg: LiteRtBackendConfig, files: ModelFiles, threads: int) -> LiteRtClassifier:
-    return LiteRtClassifier(files.fp32, threads)
+    return LiteRtClassifier(files, threads)
