@@ -300,7 +300,7 @@ def _pretrain(out_dir: Path, data: LoadedDataset, seed: int, epochs: int, t0: fl
     fp32 = out_dir / FP32_FILE
     sha_fp32 = export_onnx(model, fp32, calibration_sha256=file_sha256(calib))
     int8 = quantize_file(fp32, out_dir / INT8_FILE, calibration=calib)
-    _, sha_tflite = export_tflite(fp32)  # LiteRT devices' base, in a child process (ADR 0011)
+    export_tflite(fp32)  # LiteRT devices' base, in a child process (ADR 0011)
     p_fp32, p_int8 = _onnx_predict(fp32, x_ho), _onnx_predict(int8, x_ho)
     acc_fp32, acc_int8 = float((p_fp32 == y_ho).mean()), float((p_int8 == y_ho).mean())
     gold = _first_per_class(y_ho, GOLDEN_MAX_PER_CLASS)
