@@ -160,15 +160,17 @@ def _layout(src: rs.Source, seg: int, rng: np.random.Generator) -> list[tuple[in
     return out
 
 
-def build(src: rs.Source, snr_db: float, variant: str) -> list[Segment]:
-    """The two segments of a stream (see the module docstring)."""
-    rng = np.random.default_rng(_seed(src.name))
+def build(src: rs.Source, snr_db: float, variant: str, salt: int = 0) -> list[Segment]:
+    """The two segments of a stream (see the module docstring); ``salt`` != 0 gives
+    other draws (other city sounds, words and times) for training sets."""
+    base = _seed(src.name) + 7919 * salt
+    rng = np.random.default_rng(base)
     segments: list[Segment] = []
     for seg in range(2):
-        bed = _bed(_seed(src.name) % 100_000 + seg).copy()
+        bed = _bed(base % 100_000 + seg).copy()
         if seg == 1:
             a = int(LOUD_AT_S * SR)
-            bed[a : a + int(LOUD_S * SR)] += _loud(_seed(src.name) % 1000)
+            bed[a : a + int(LOUD_S * SR)] += _loud(base % 1000)
         layout = _layout(src, seg, rng)
         rir = room(rng)
         track = np.zeros(bed.size)

@@ -39,6 +39,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ import numpy.typing as npt
 
 from edge_daemon.errors import ConfigError
 from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN
+from edge_daemon.privacy.speech_check import SpeechCheck
 from edge_daemon.privacy.vad import (
     CHUNK_SAMPLES,
     CONTEXT_SAMPLES,
@@ -54,11 +56,13 @@ from edge_daemon.privacy.vad import (
     SileroVad,
     context_inputs,
 )
+from fleet_protocol.features import log_mel_batch
 
 log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = SAMPLE_RATE
-DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal")
+DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal", "raw")
+STATE_SCHEMES: tuple[str, ...] = ("twin", "all")
 STFT_SIZE = 512
 STFT_HOP = 256
 TONAL_HALF_BINS = 8  # +-250 Hz at 31.25 Hz per bin
@@ -106,6 +110,17 @@ class GateConfig:
         older of the two decides: never more than ``vad_reset_s`` of history, never
         less than half of it (a fresh state false-alarms for ~2 s). 0 = one state, never
         reset (half the VAD cost).
+    vad_states: how the VAD states of a detector decide. ``"twin"``: the older of the
+        two restarted states decides. ``"all"``: a third state that is never reset (only
+        at stream start) joins them, and a chunk is speech for the detector if any of
+        the three says so, each restarted state only once it is ``min_state_age_s``
+        old (a fresh state false-alarms; one state alone can go deaf for seconds, or
+        wake up late on a short word after seconds without speech: ADR 0005).
+    min_state_age_s: see ``vad_states``.
+    speech_check: a window the VAD passes must also pass the second detector
+        (``speech_check.SpeechCheck``: a small model on the window's upload features);
+        the features it computed travel with the ``KeptWindow``.
+    speech_check_threshold: its threshold (None: the model card's).
     max_block_samples: the largest block one ``push`` accepts.
     """
 
@@ -118,6 +133,10 @@ class GateConfig:
     tonal_factor: float = 3.0
     denoise_over: float = 2.0
     vad_reset_s: float = 10.0
+    vad_states: str = "twin"
+    min_state_age_s: float = 1.0
+    speech_check: bool = False
+    speech_check_threshold: float | None = None
     agc_target_dbfs: float = -20.0
     agc_max_gain_db: float = 40.0
     agc_hold_s: float = 0.5
@@ -140,6 +159,12 @@ class GateConfig:
                 raise ConfigError(f"privacy.{name} must be in [0, 10] s, got {v}")
         if not self.detectors or set(self.detectors) - set(DETECTORS):
             raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
+        if self.vad_states not in STATE_SCHEMES:
+            raise ConfigError(f"privacy.vad_states must be one of {STATE_SCHEMES}")
+        if not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
+            raise ConfigError("privacy.min_state_age_s must be in [0, vad_reset_s / 2]")
+        if self.speech_check_threshold is not None and not 0 < self.speech_check_threshold < 1:
+            raise ConfigError("privacy.speech_check_threshold must be in (0, 1)")
         if len(set(self.detectors)) != len(self.detectors):
             raise ConfigError("privacy.detectors lists a detector twice")
         for name in ("declip_factor", "tonal_factor"):
@@ -159,11 +184,13 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class KeptWindow:
-    """A speech-free 1 s window: its index in the stream and its samples (a copy)."""
+    """A speech-free 1 s window: its index in the stream and its samples (a copy);
+    ``features``: its upload features when the speech check computed them."""
 
     index: int
     start_sample: int
     audio: FloatArray
+    features: FloatArray | None = None
 
 
 @dataclass
@@ -174,6 +201,9 @@ class GateStats:
     windows_kept: int = 0
     windows_dropped_speech: int = 0
     windows_dropped_unvetted: int = 0  # at flush: the stream ended inside the after-margin
+    windows_dropped_check: int = 0  # passed the VAD, flagged by the speech check
+    vad_cpu_s: float = 0.0  # process CPU seconds inside the VAD (encoder + LSTM steps)
+    check_cpu_s: float = 0.0  # process CPU seconds inside the speech check (features + model)
 
 
 class _Declip:
@@ -311,6 +341,8 @@ class _Detector:
 
     def prepare(self, chunk: FloatArray) -> FloatArray:
         """The VAD input for this chunk (CHUNK_SAMPLES, in stream order)."""
+        if self.kind == "raw":  # plain Silero: the signal as captured
+            return np.asarray(chunk, dtype=np.float32)
         x = chunk.astype(np.float64)
         for stage in self._stages:
             x = stage(x)
@@ -326,6 +358,12 @@ class _Detector:
         return s
 
 
+def twin_ages(chunk: int, period: int) -> tuple[int, int]:
+    """Chunks since twin A and twin B were last zeroed (or since the stream start)."""
+    half = period // 2
+    return chunk % period, (chunk - half) % period if chunk >= half else chunk
+
+
 def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
     """Before scoring stream chunk ``chunk``: (zero twin A, zero twin B, A decides).
 
@@ -333,8 +371,7 @@ def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
     later; the twin that restarted longer ago decides (A on a tie, at stream start).
     """
     half = period // 2
-    age_a = chunk % period
-    age_b = (chunk - half) % period if chunk >= half else chunk
+    age_a, age_b = twin_ages(chunk, period)
     return chunk > 0 and age_a == 0, chunk >= half and age_b == 0, age_a >= age_b
 
 
@@ -349,7 +386,13 @@ class PrivacyGate:
         self._model = vad.model
         # twin VAD states per detector, restarted in turn every vad_reset_s (see GateConfig)
         self._period = round(config.vad_reset_s * SAMPLE_RATE / CHUNK_SAMPLES)
-        self._states = 2 * k if self._period else k
+        self._all = config.vad_states == "all" and self._period > 0
+        self._min_age = round(config.min_state_age_s * SAMPLE_RATE / CHUNK_SAMPLES)
+        self._states = (3 if self._all else 2) * k if self._period else k
+        self._check: SpeechCheck | None = None
+        self._check_threshold = config.speech_check_threshold
+        if config.speech_check:
+            self._check = SpeechCheck()
         # a detector whose conditioning lags by d samples also flags the chunks before
         self._lag = max(-(-d.delay // CHUNK_SAMPLES) for d in self._detectors)
         self._before = round(config.margin_before_s * SAMPLE_RATE)
@@ -419,9 +462,11 @@ class PrivacyGate:
         n, k = chunks.shape[0], chunks.shape[1]
         inputs = context_inputs(self._context, chunks)
         self._context = np.array(chunks[-1, :, -CONTEXT_SAMPLES:], dtype=np.float32)
+        t0 = time.process_time()
         gates = self._model.encode(inputs.reshape(n * k, -1)).reshape(n, k, -1)
         for g in gates:
             self._score(g)
+        self.stats.vad_cpu_s += time.process_time() - t0
 
     def _score(self, gates: FloatArray) -> None:
         k, i = len(self._detectors), self._chunks
@@ -433,9 +478,18 @@ class PrivacyGate:
             if restart_a:
                 self._state[:, :k] = 0.0
             if restart_b:
-                self._state[:, k:] = 0.0
-            both, self._state = self._model.step(np.concatenate((gates, gates)), self._state)
-            probs = both[:k] if a_decides else both[k:]
+                self._state[:, k : 2 * k] = 0.0
+            rows = np.concatenate((gates,) * (3 if self._all else 2))
+            every, self._state = self._model.step(rows, self._state)
+            if self._all:  # the never-reset state, and each twin once it is old enough
+                age_a, age_b = twin_ages(i, self._period)
+                probs = every[2 * k :]
+                if age_a >= self._min_age:
+                    probs = np.maximum(probs, every[:k])
+                if age_b >= self._min_age:
+                    probs = np.maximum(probs, every[k : 2 * k])
+            else:
+                probs = every[:k] if a_decides else every[k:]
         self._speech.append(False)
         for d, p in zip(self._detectors, probs.tolist(), strict=True):
             if d.decide(p):
@@ -468,12 +522,31 @@ class PrivacyGate:
                 self._audio[:WINDOW_SAMPLES] = 0.0  # our copy; do not leave it for the GC
                 log.debug("window %d dropped: %s", w, "unvetted" if unvetted else "speech")
             else:
-                self.stats.windows_kept += 1
                 kept.append(KeptWindow(w, start, self._audio[:WINDOW_SAMPLES].copy()))
             self._audio = self._audio[WINDOW_SAMPLES:].copy()
             self._next_window = w + 1
             self._trim_chunks()
-        return kept
+        return self._checked(kept)
+
+    def _checked(self, kept: list[KeptWindow]) -> list[KeptWindow]:
+        """The second line of defence: the speech check on the windows' upload features."""
+        if self._check is None or not kept:
+            self.stats.windows_kept += len(kept)
+            return kept
+        t0 = time.process_time()
+        feats = log_mel_batch(np.stack([k.audio for k in kept]))
+        passes = self._check.passes(feats, self._check_threshold)
+        self.stats.check_cpu_s += time.process_time() - t0
+        out: list[KeptWindow] = []
+        for k, f, ok in zip(kept, feats, passes.tolist(), strict=True):
+            if ok:
+                out.append(KeptWindow(k.index, k.start_sample, k.audio, f))
+            else:
+                k.audio[:] = 0.0
+                self.stats.windows_dropped_check += 1
+                log.debug("window %d dropped: speech check", k.index)
+        self.stats.windows_kept += len(out)
+        return out
 
     def _trim_chunks(self) -> None:
         """Forget chunk flags that no undecided window's guard interval reaches."""
