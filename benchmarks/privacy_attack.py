@@ -40,12 +40,13 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks import real_speech as rs
-from benchmarks.representations import CANDIDATES, Representation, power_frames
+from benchmarks.representations import CANDIDATES, Representation
 from fleet_protocol import features as F
 
 log = logging.getLogger(__name__)
 SR = 16_000
 GL_ITERS = 60
+RECOMMENDED = "third-120ms"  # see docs/adr/0006 and BENCHMARKS.md
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
@@ -209,7 +210,7 @@ def attacker_speech(cache: Path = rs.CACHE, espeak_dir: Path | None = None) -> l
 
 def _context(rep: Representation, feats: F32) -> F32:
     """Per 10 ms output frame: pooled frames t-1, t, t+1 and the position inside t."""
-    b, nb, t = feats.shape
+    b, _nb, t = feats.shape
     pad = np.concatenate([feats[:, :, :1], feats, feats[:, :, -1:]], axis=2)
     ctx = np.concatenate([pad[:, :, :-2], pad[:, :, 1:-1], pad[:, :, 2:]], axis=1)  # (b, 3nb, t)
     per = np.repeat(ctx.transpose(0, 2, 1), rep.pool, axis=1)  # (b, t*pool, 3nb)
@@ -238,7 +239,7 @@ def train_inverter(rep: Representation, speech: list[F32], seed: int = 0) -> obj
             j = perm[i : i + 256]
             loss = torch.nn.functional.mse_loss(net(x[j]), y[j])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     log.info("inverter %s: train mse %.3f", rep.name, float(loss))
     return net
@@ -267,11 +268,14 @@ class AttackScore:
 
 
 def attack_all(
-    reps: tuple[Representation, ...] = CANDIDATES, learned: bool = True
+    reps: tuple[Representation, ...] = CANDIDATES, learned: bool = True, quick: bool = False
 ) -> tuple[list[AttackScore], dict[str, float]]:
-    """Every representation x attack on the held-out speech; plus reference scores."""
+    """Every representation x attack on the held-out speech; plus reference scores
+    (``quick``: the LibriVox clips only)."""
     rs.fetch()
     utts = held_out_speech()
+    if quick:
+        utts = [u for u in utts if u.truth]
     rng = np.random.default_rng(0)
     refs = {u.name: recognise(u.audio) for u in utts}
     floor = [stoi_pair(u.audio, rng.standard_normal(u.audio.size) * 0.1) for u in utts]
@@ -360,7 +364,7 @@ def macro_f1_by_representation(
                     j = perm[i : i + 64]
                     loss = torch.nn.functional.cross_entropy(net(ftr[j]), ytr[j])
                     opt.zero_grad()
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     opt.step()
             with torch.no_grad():
                 pred = net(fte).argmax(1).numpy()
@@ -412,7 +416,8 @@ def best_attack(scores: list[AttackScore], representation: str) -> AttackScore:
 
 
 def render_table(result: dict[str, object]) -> str:
-    scores = [AttackScore(**d) for d in result["scores"]]  # type: ignore[arg-type, union-attr]
+    raw_scores: list[dict[str, object]] = result["scores"]  # type: ignore[assignment]
+    scores = [AttackScore(**d) for d in raw_scores]  # type: ignore[arg-type]
     f1: dict[str, float] = result["macro_f1"]  # type: ignore[assignment]
     base: dict[str, float] = result["base"]  # type: ignore[assignment]
     ref = f1.get("logmel64-10ms", float("nan"))

@@ -259,6 +259,12 @@ class RealRun:
         return sum(c.lookalike_kept for c in self.cells) / n if n else 0.0
 
 
+def quick_sources() -> tuple[rs.Source, ...]:
+    """A smoke-run subset: one word list and one read-speech voice of each split."""
+    names = ("klettres-de", "codec2-hts", "klettres-it", "sphinx-librivox")
+    return tuple(s for s in rs.SOURCES if s.name in names)
+
+
 def run_real(
     make_gate: GateFactory,
     sources: Iterable[rs.Source] = rs.SOURCES,

@@ -233,7 +233,8 @@ def speech_mask(clip: npt.NDArray[np.floating]) -> npt.NDArray[np.bool_]:
 def cut_words(clip: F32, min_s: float = 0.12, max_s: float = 1.2) -> list[F32]:
     """Single words (or the shortest runs of speech) cut out of a longer recording by
     energy: runs of frames above a threshold re peak, joined over gaps < 40 ms, padded
-    by 40 ms, with 10 ms fades; the threshold is raised from -30 to -12 dB in 6 dB
+    by 40 ms, with 10 ms fades, each peaking within 20 dB of the recording's loudest
+    frame (quieter runs are breaths and clicks); the threshold is raised from -30 to -12 dB in 6 dB
     steps until a run is short enough, so words run together in fluent speech are
     split at their quietest joins."""
     rms = frame_rms(clip)
@@ -255,6 +256,8 @@ def cut_words(clip: F32, min_s: float = 0.12, max_s: float = 1.2) -> list[F32]:
                 continue
             if not min_s * 100 <= n <= max_s * 100:
                 continue
+            if rms[lo + a : lo + b + 1].max() < rms.max() * 10 ** (-20 / 20):
+                continue  # a breath or a click, not a word
             s0, s1 = max(0, (lo + a - 4) * FRAME), min(clip.size, (lo + b + 5) * FRAME)
             w = clip[s0:s1].copy()
             w[:FRAME] *= fade

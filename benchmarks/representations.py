@@ -106,5 +106,5 @@ def _filterbank(kind: str, n_bands: int) -> F32:
             lo, hi = fc * 2 ** (-1 / 6), fc * 2 ** (1 / 6)
             rows.append(((freqs >= lo) & (freqs < hi)).astype(np.float32))
         fb = np.stack(rows)
-        return fb[fb.sum(axis=1) > 0]
+        return np.asarray(fb[fb.sum(axis=1) > 0], dtype=np.float32)
     raise ValueError(f"unknown band kind {kind}")

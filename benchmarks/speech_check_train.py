@@ -116,7 +116,7 @@ def train(x: F32, y: npt.NDArray[np.bool_], epochs: int, seed: int = 0) -> objec
             p = net(xt[j]).clamp(1e-6, 1 - 1e-6)  # type: ignore[operator]
             loss = torch.nn.functional.binary_cross_entropy(p, yt[j], weight=weight[j])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss) * j.numel()
         sched.step()
@@ -141,7 +141,8 @@ def export(net: object, out: Path, card: dict[str, object]) -> None:
     dummy = torch.zeros(1, 1, 64, 98)
     tmp = out / "speech_check.onnx.tmp"
     torch.onnx.export(
-        net, (dummy,), str(tmp), input_names=["features"], output_names=["speech"],
+        net,  # type: ignore[arg-type]
+        (dummy,), str(tmp), input_names=["features"], output_names=["speech"],
         dynamic_axes={"features": {0: "batch"}, "speech": {0: "batch"}}, opset_version=17,
         dynamo=False,
     )  # fmt: skip
