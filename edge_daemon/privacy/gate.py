@@ -218,9 +218,11 @@ class _Declip:
         pass
 
     def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks."""
         a = np.abs(x)
-        mid = a.size // 2  # the median, as np.median computes it, without its overhead
-        lim = self._factor * float(np.partition(a, (mid - 1, mid))[mid - 1 : mid + 1].mean())
+        mid = a.shape[1] // 2  # the median, as np.median computes it, without its overhead
+        part = np.partition(a, (mid - 1, mid), axis=1)[:, mid - 1 : mid + 1]
+        lim = self._factor * (part[:, :1] + part[:, 1:]) / 2.0
         return np.clip(x, -lim, lim)
 
 
@@ -242,17 +244,24 @@ class _Stft:
         raise NotImplementedError
 
     def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        buf = np.concatenate((self._hist, x))  # frames 2c and 2c+1 of the stream
-        frames = np.stack((buf[:STFT_SIZE], buf[STFT_HOP:])) * self._win
-        spec = np.fft.rfft(frames, axis=1)
+        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks -> the same, conditioned.
+
+        Frames ``2c`` and ``2c + 1`` of the stream belong to chunk ``c``; all frames of the
+        call are transformed together (each row on its own, so the result is the same
+        for any grouping of chunks into calls)."""
+        m = x.shape[0]
+        buf = np.concatenate((self._hist, x.reshape(-1)))
+        idx = np.arange(STFT_SIZE)[None, :] + STFT_HOP * np.arange(2 * m)[:, None]
+        spec = np.fft.rfft(buf[idx] * self._win, axis=1)
         y = np.fft.irfft(spec * self._gain(np.abs(spec)), n=STFT_SIZE, axis=1) * self._win
-        out = np.empty(STFT_SIZE + STFT_HOP, dtype=np.float64)
-        out[:STFT_HOP] = self._tail + y[0, :STFT_HOP]
-        out[STFT_HOP:STFT_SIZE] = y[0, STFT_HOP:] + y[1, :STFT_HOP]
-        out[STFT_SIZE:] = y[1, STFT_HOP:]
-        self._tail = out[CHUNK_SAMPLES:].copy()
-        self._hist = buf[CHUNK_SAMPLES:].copy()
-        return out[:CHUNK_SAMPLES]
+        out = np.zeros((2 * m + 1) * STFT_HOP, dtype=np.float64)
+        out[:STFT_HOP] = self._tail
+        halves = y.reshape(2 * m, 2, STFT_HOP)
+        out[: 2 * m * STFT_HOP] += halves[:, 0].reshape(-1)
+        out[STFT_HOP:] += halves[:, 1].reshape(-1)
+        self._tail = out[m * CHUNK_SAMPLES :].copy()
+        self._hist = buf[m * CHUNK_SAMPLES :].copy()
+        return out[: m * CHUNK_SAMPLES].reshape(m, CHUNK_SAMPLES)
 
 
 class _Detonal(_Stft):
@@ -270,7 +279,7 @@ class _Detonal(_Stft):
         super().__init__()
 
     def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        neighbours = mag[:, self._around]  # (2, bins, 2k+1), edge bins repeated
+        neighbours = mag[:, self._around]  # (frames, bins, 2k+1), edge bins repeated
         neighbours.partition(TONAL_HALF_BINS, axis=2)
         local = neighbours[:, :, TONAL_HALF_BINS]  # median of the 2k+1 bins
         return np.minimum(1.0, (self._factor * local + 1e-12) / np.maximum(mag, 1e-12))
@@ -294,26 +303,40 @@ class _Denoise(_Stft):
     def reset(self) -> None:
         super().reset()
         self._smooth: npt.NDArray[np.float64] | None = None
-        self._ring = np.full((self._frames, STFT_SIZE // 2 + 1), np.inf)
-        self._pos = 0
+        # the smoothed power of the last ``_frames - 1`` frames (inf before the stream)
+        self._hist_power = np.full((self._frames - 1, STFT_SIZE // 2 + 1), np.inf)
 
     def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        gains = np.empty_like(mag)
-        for i, power in enumerate(mag * mag):
-            a = DENOISE_SMOOTHING
-            self._smooth = power if self._smooth is None else a * self._smooth + (1 - a) * power
-            self._ring[self._pos] = self._smooth
-            self._pos = (self._pos + 1) % self._frames
-            floor = self._ring.min(axis=0)
-            g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
-            gains[i] = np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0))
-        return gains
+        power = mag * mag
+        smooth = np.empty_like(power)
+        a = DENOISE_SMOOTHING
+        for i, p in enumerate(power):
+            self._smooth = p if self._smooth is None else a * self._smooth + (1 - a) * p
+            smooth[i] = self._smooth
+        # floor of frame i: min over the last _frames smoothed frames (this one included),
+        # from the history's suffix minima and this call's prefix minima
+        h, n = self._hist_power.shape[0], smooth.shape[0]
+        floor = np.minimum.accumulate(smooth, axis=0)
+        if h:
+            suffix = np.minimum.accumulate(self._hist_power[::-1], axis=0)[::-1]
+            reach = min(n, h)
+            floor[:reach] = np.minimum(floor[:reach], suffix[:reach])
+            if n > h:  # windows wholly inside this call
+                both = np.concatenate((self._hist_power, smooth))
+                for i in range(h, n):
+                    floor[i] = both[i : i + h + 1].min(axis=0)
+            self._hist_power = np.concatenate((self._hist_power, smooth))[-h:]
+        else:
+            floor = smooth
+        g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
+        return np.asarray(np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0)), dtype=np.float64)
 
 
 class _Detector:
     """One conditioned copy of the signal -> AGC -> (VAD, batched by the gate) -> hysteresis.
 
-    Works one chunk at a time so that its output cannot depend on block sizes.
+    Works on consecutive chunks; every stage gives the same result for any grouping of
+    chunks into calls, so the output cannot depend on block sizes.
     """
 
     def __init__(self, config: GateConfig, kind: str) -> None:
@@ -339,17 +362,20 @@ class _Detector:
         self._levels: deque[float] = deque(maxlen=self._hold)
         self._prev = False
 
-    def prepare(self, chunk: FloatArray) -> FloatArray:
-        """The VAD input for this chunk (CHUNK_SAMPLES, in stream order)."""
+    def prepare(self, chunks: FloatArray) -> FloatArray:
+        """The VAD inputs ``(m, CHUNK_SAMPLES)`` for ``m`` consecutive chunks (stream order)."""
         if self.kind == "raw":  # plain Silero: the signal as captured
-            return np.asarray(chunk, dtype=np.float32)
-        x = chunk.astype(np.float64)
+            return np.asarray(chunks, dtype=np.float32)
+        x = chunks.astype(np.float64)
         for stage in self._stages:
             x = stage(x)
         # AGC: lift the loudest chunk of the last agc_hold_s to the target; never cut.
-        self._levels.append(float(np.sqrt(np.dot(x, x) / x.size)) + 1e-9)
-        gain = min(max(self._target / max(self._levels), 1.0), self._max_gain)
-        return np.asarray(x * gain, dtype=np.float32)
+        levels = np.sqrt(np.einsum("ij,ij->i", x, x) / x.shape[1]) + 1e-9
+        gains = np.empty(x.shape[0])
+        for i, level in enumerate(levels.tolist()):
+            self._levels.append(level)
+            gains[i] = min(max(self._target / max(self._levels), 1.0), self._max_gain)
+        return np.asarray(x * gains[:, None], dtype=np.float32)
 
     def decide(self, prob: float) -> bool:
         """Speech or not, given the VAD's probability for the prepared chunk."""
@@ -427,8 +453,8 @@ class PrivacyGate:
         self._audio = np.concatenate((self._audio, x))
         buf = np.concatenate((self._unscored, x))
         n = buf.size // CHUNK_SAMPLES
-        for i in range(n):
-            self._prepare(buf[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
+        for i in range(0, n, ENCODE_BATCH):
+            self._prepare(buf[i * CHUNK_SAMPLES : min(n, i + ENCODE_BATCH) * CHUNK_SAMPLES])
         self._unscored = buf[n * CHUNK_SAMPLES :].copy()
         if len(self._queue) * len(self._detectors) >= ENCODE_BATCH:
             self._score_queue()
@@ -450,8 +476,11 @@ class PrivacyGate:
         self._start_stream()
         return kept
 
-    def _prepare(self, chunk: FloatArray) -> None:
-        self._queue.append(np.stack([d.prepare(chunk) for d in self._detectors]))
+    def _prepare(self, samples: FloatArray) -> None:
+        """Condition whole chunks (a multiple of CHUNK_SAMPLES) and queue them for scoring."""
+        chunks = samples.reshape(-1, CHUNK_SAMPLES)
+        prepared = np.stack([d.prepare(chunks) for d in self._detectors], axis=1)
+        self._queue.extend(prepared)  # (k, 512) per chunk
 
     def _score_queue(self) -> None:
         """Score the queued chunks: one encoder batch, then the decoder chunk by chunk."""

@@ -223,7 +223,8 @@ def test_denoise_stage_lowers_a_steady_masker_and_keeps_a_burst() -> None:
     audio[burst] += np.random.default_rng(4).standard_normal(4000) * 0.3  # comes and goes
     stage = _Denoise(GateConfig().denoise_over)
     hop = CHUNK_SAMPLES
-    out = np.concatenate([stage(audio[i : i + hop]) for i in range(0, audio.size, hop)])
+    chunks = audio.reshape(-1, hop)  # (chunks, 512): the stage conditions rows of chunks
+    out = np.concatenate([stage(chunks[i : i + 3]).reshape(-1) for i in range(0, len(chunks), 3)])
     out = out[stage.delay :]
 
     def rms(x: npt.NDArray[np.float64]) -> float:
