@@ -66,7 +66,8 @@ STATE_SCHEMES: tuple[str, ...] = ("twin", "all")
 STFT_SIZE = 512
 STFT_HOP = 256
 TONAL_HALF_BINS = 8  # +-250 Hz at 31.25 Hz per bin
-DENOISE_MEMORY_S = 1.5  # noise floor: the quietest smoothed power over this long
+DENOISE_MEMORY_S = 1.5  # noise floor: the quietest smoothed power over at least this long
+DENOISE_BLOCK = 16  # frames (256 ms): the floor's memory is kept as per-block minima
 DENOISE_SMOOTHING = 0.7  # per 16 ms frame
 DENOISE_GAIN_FLOOR = 0.1  # -20 dB at most
 
@@ -289,7 +290,9 @@ class _Denoise(_Stft):
     """Spectral subtraction of a minimum-statistics noise floor.
 
     Per bin, the power is smoothed over frames; the noise floor is the minimum of the
-    smoothed power over the last ``DENOISE_MEMORY_S``; the gain is
+    smoothed power over the current block of ``DENOISE_BLOCK`` frames (on the stream's
+    frame grid) and the whole blocks before it that cover ``DENOISE_MEMORY_S`` (so
+    1.5-1.8 s; a block minimum costs one comparison per frame); the gain is
     ``1 - over * floor / power``, held at or above ``DENOISE_GAIN_FLOOR``. Steady
     maskers (traffic, wind, engines, ventilation) drop by up to 20 dB while speech,
     which comes and goes within that memory, keeps its peaks.
@@ -297,37 +300,31 @@ class _Denoise(_Stft):
 
     def __init__(self, over: float) -> None:
         self._over = over
-        self._frames = max(1, round(DENOISE_MEMORY_S * SAMPLE_RATE / STFT_HOP))
+        self._blocks = -(-(round(DENOISE_MEMORY_S * SAMPLE_RATE / STFT_HOP) - 1) // DENOISE_BLOCK)
         super().__init__()
 
     def reset(self) -> None:
         super().reset()
         self._smooth: npt.NDArray[np.float64] | None = None
-        # the smoothed power of the last ``_frames - 1`` frames (inf before the stream)
-        self._hist_power = np.full((self._frames - 1, STFT_SIZE // 2 + 1), np.inf)
+        self._done: deque[npt.NDArray[np.float64]] = deque(maxlen=self._blocks)
+        self._done_min = np.full(STFT_SIZE // 2 + 1, np.inf)
+        self._block_min = np.full(STFT_SIZE // 2 + 1, np.inf)
+        self._in_block = 0  # frames of the current block seen so far
 
     def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         power = mag * mag
-        smooth = np.empty_like(power)
+        floor = np.empty_like(power)
         a = DENOISE_SMOOTHING
         for i, p in enumerate(power):
             self._smooth = p if self._smooth is None else a * self._smooth + (1 - a) * p
-            smooth[i] = self._smooth
-        # floor of frame i: min over the last _frames smoothed frames (this one included),
-        # from the history's suffix minima and this call's prefix minima
-        h, n = self._hist_power.shape[0], smooth.shape[0]
-        floor = np.minimum.accumulate(smooth, axis=0)
-        if h:
-            suffix = np.minimum.accumulate(self._hist_power[::-1], axis=0)[::-1]
-            reach = min(n, h)
-            floor[:reach] = np.minimum(floor[:reach], suffix[:reach])
-            if n > h:  # windows wholly inside this call
-                both = np.concatenate((self._hist_power, smooth))
-                for i in range(h, n):
-                    floor[i] = both[i : i + h + 1].min(axis=0)
-            self._hist_power = np.concatenate((self._hist_power, smooth))[-h:]
-        else:
-            floor = smooth
+            self._block_min = np.minimum(self._block_min, self._smooth)
+            floor[i] = np.minimum(self._block_min, self._done_min)
+            self._in_block += 1
+            if self._in_block == DENOISE_BLOCK:  # blocks lie on the stream's frame grid
+                self._done.append(self._block_min)
+                self._done_min = np.min(np.stack(self._done), axis=0)
+                self._block_min = np.full_like(self._block_min, np.inf)
+                self._in_block = 0
         g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
         return np.asarray(np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0)), dtype=np.float64)
 
