@@ -162,7 +162,7 @@ class GateConfig:
             raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
         if self.vad_states not in STATE_SCHEMES:
             raise ConfigError(f"privacy.vad_states must be one of {STATE_SCHEMES}")
-        if not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
+        if self.vad_reset_s and not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
             raise ConfigError("privacy.min_state_age_s must be in [0, vad_reset_s / 2]")
         if self.speech_check_threshold is not None and not 0 < self.speech_check_threshold < 1:
             raise ConfigError("privacy.speech_check_threshold must be in (0, 1)")
