@@ -52,7 +52,8 @@ class PipelineRun:
     torch_imported: bool
     windows: Path
     vad_cpu_s: float = 0.0  # the VAD's own CPU seconds inside cpu_s (gate.stats.vad_cpu_s)
-    check_cpu_s: float = 0.0  # the speech check's (features + model) inside cpu_s  # npz: index, label, score, features
+    check_cpu_s: float = 0.0  # the speech check's (features + model) inside cpu_s
+    condition_cpu_s: float = 0.0  # conditioning the VAD's views (denoise STFT, AGC)  # npz: index, label, score, features
 
 
 def pick_core() -> int:
@@ -90,6 +91,7 @@ def run_pipeline(wav: Path, model_int8: Path, work: Path) -> PipelineRun:
         windows=windows,
         vad_cpu_s=float(r.get("vad_cpu_s", 0.0)),
         check_cpu_s=float(r.get("check_cpu_s", 0.0)),
+        condition_cpu_s=float(r.get("condition_cpu_s", 0.0)),
     )
 
 

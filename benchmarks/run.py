@@ -52,6 +52,9 @@ GOALS: dict[str, Goal] = {
     ),
     "edge.vad_rtf": Goal("", "the VAD's CPU s / audio s in that run"),
     "edge.speech_check_rtf": Goal("", "the second speech check's CPU s / audio s in that run"),
+    "edge.vad_condition_rtf": Goal(
+        "", "conditioning the VAD's views (denoise STFT, AGC) CPU s / audio s in that run"
+    ),
     "edge.rtf_wall_one_core": Goal("", "the same, wall-clock s (includes other processes)"),
     "edge.rtf_audio_s": Goal("", "seconds of scene audio the RTF was measured over"),
     "edge.setup_s": Goal("", "child start-up: imports, VAD and model load (not in the RTF)"),
@@ -182,6 +185,7 @@ def edge_section(opt: Options) -> dict[str, float]:
         "edge.rtf_over_vad": run.cpu_s / run.vad_cpu_s if run.vad_cpu_s else math.inf,
         "edge.vad_rtf": run.vad_cpu_s / run.audio_s,
         "edge.speech_check_rtf": run.check_cpu_s / run.audio_s,
+        "edge.vad_condition_rtf": run.condition_cpu_s / run.audio_s,
     }
     log.info("int8 vs fp32 on %d released windows", run.windows_kept)
     out |= compare_models(

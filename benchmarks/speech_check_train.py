@@ -58,7 +58,7 @@ def scene_windows(n_scenes: int, seconds: int = 120) -> tuple[F32, npt.NDArray[n
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def real_windows(salts: tuple[int, ...] = (1,)) -> tuple[F32, npt.NDArray[np.bool_]]:
+def real_windows(salts: tuple[int, ...] = (1, 2)) -> tuple[F32, npt.NDArray[np.bool_]]:
     rs.fetch()
     xs, ys = [], []
     for src in rs.TUNING:
@@ -153,20 +153,35 @@ def export(net: object, out: Path, card: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.speech_check_train")
     p.add_argument("--scenes", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rng = np.random.default_rng(0)
-    xs, ys = scene_windows(args.scenes)
-    xr, yr = real_windows()
-    x = np.concatenate([xs, xr])
-    y = np.concatenate([ys, yr])
-    log.info("windows: %d (%d speech); scenes %d, real %d", y.size, int(y.sum()), ys.size, yr.size)
-    f = np.concatenate([features(x, rng), log_mel_batch(x)])  # random level and as heard
-    yy = np.concatenate([y, y])
+    cache = rs.CACHE.parent / f"speech-check-data-{args.scenes}.npz"
+    if cache.exists():  # the training windows' features, as built last time
+        with np.load(cache) as z:
+            f, yy, x_plain, y = z["f"], z["yy"], z["x_plain"], z["y"]
+    else:
+        xs, ys = scene_windows(args.scenes)
+        xr, yr = real_windows()
+        x = np.concatenate([xs, xr])
+        y = np.concatenate([ys, yr])
+        log.info(
+            "windows: %d (%d speech); scenes %d, real %d", y.size, int(y.sum()), ys.size, yr.size
+        )
+        x_plain = np.concatenate(
+            [log_mel_batch(x[i : i + 1000]) for i in range(0, x.shape[0], 1000)]
+        )
+        x_level = np.concatenate(
+            [features(x[i : i + 1000], rng) for i in range(0, x.shape[0], 1000)]
+        )
+        f = np.concatenate([x_level, x_plain])  # random level and as heard
+        yy = np.concatenate([y, y])
+        del x
+        np.savez(cache, f=f, yy=yy, x_plain=x_plain, y=y)
     net = train(f, yy, args.epochs)
-    s = scores(net, log_mel_batch(x))
+    s = scores(net, x_plain)
     thr = float(np.quantile(s[y], 1 - RECALL_TARGET))
     card = {
         "feature_version": FEATURE_VERSION,

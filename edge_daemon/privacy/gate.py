@@ -205,6 +205,7 @@ class GateStats:
     windows_dropped_check: int = 0  # passed the VAD, flagged by the speech check
     vad_cpu_s: float = 0.0  # process CPU seconds inside the VAD (encoder + LSTM steps)
     check_cpu_s: float = 0.0  # process CPU seconds inside the speech check (features + model)
+    condition_cpu_s: float = 0.0  # process CPU seconds conditioning chunks for the VAD views
 
 
 class _Declip:
@@ -475,9 +476,11 @@ class PrivacyGate:
 
     def _prepare(self, samples: FloatArray) -> None:
         """Condition whole chunks (a multiple of CHUNK_SAMPLES) and queue them for scoring."""
+        t0 = time.process_time()
         chunks = samples.reshape(-1, CHUNK_SAMPLES)
         prepared = np.stack([d.prepare(chunks) for d in self._detectors], axis=1)
         self._queue.extend(prepared)  # (k, 512) per chunk
+        self.stats.condition_cpu_s += time.process_time() - t0
 
     def _score_queue(self) -> None:
         """Score the queued chunks: one encoder batch, then the decoder chunk by chunk."""
