@@ -50,7 +50,10 @@ class PipelineRun:
     samples_stored: int
     peak_rss_mb: float
     torch_imported: bool
-    windows: Path  # npz: index, label, score, features
+    windows: Path
+    vad_cpu_s: float = 0.0  # the VAD's own CPU seconds inside cpu_s (gate.stats.vad_cpu_s)
+    check_cpu_s: float = 0.0  # the speech check's (features + model) inside cpu_s
+    condition_cpu_s: float = 0.0  # conditioning the VAD's views (denoise STFT, AGC)  # npz: index, label, score, features
 
 
 def pick_core() -> int:
@@ -86,6 +89,9 @@ def run_pipeline(wav: Path, model_int8: Path, work: Path) -> PipelineRun:
         peak_rss_mb=int(r["vm_hwm_kib"]) / 1024.0,
         torch_imported=bool(r["torch_imported"]),
         windows=windows,
+        vad_cpu_s=float(r.get("vad_cpu_s", 0.0)),
+        check_cpu_s=float(r.get("check_cpu_s", 0.0)),
+        condition_cpu_s=float(r.get("condition_cpu_s", 0.0)),
     )
 
 

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         "windows_kept": stats.windows_kept,
         "samples_stored": stored,
         "torch_imported": "torch" in sys.modules,
+        "vad_cpu_s": gate.stats.vad_cpu_s,  # inside the loop: the VAD's own share of cpu_s
+        "check_cpu_s": gate.stats.check_cpu_s,
+        "condition_cpu_s": gate.stats.condition_cpu_s,
         "vm_hwm_kib": _vm_hwm_kib(),
     }
     args.out.write_text(json.dumps(result))

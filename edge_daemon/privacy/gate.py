@@ -39,6 +39,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ import numpy.typing as npt
 
 from edge_daemon.errors import ConfigError
 from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN
+from edge_daemon.privacy.speech_check import SpeechCheck
 from edge_daemon.privacy.vad import (
     CHUNK_SAMPLES,
     CONTEXT_SAMPLES,
@@ -54,15 +56,18 @@ from edge_daemon.privacy.vad import (
     SileroVad,
     context_inputs,
 )
+from fleet_protocol.features import log_mel_batch
 
 log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = SAMPLE_RATE
-DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal")
+DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal", "raw")
+STATE_SCHEMES: tuple[str, ...] = ("twin", "all")
 STFT_SIZE = 512
 STFT_HOP = 256
 TONAL_HALF_BINS = 8  # +-250 Hz at 31.25 Hz per bin
-DENOISE_MEMORY_S = 1.5  # noise floor: the quietest smoothed power over this long
+DENOISE_MEMORY_S = 1.5  # noise floor: the quietest smoothed power over at least this long
+DENOISE_BLOCK = 16  # frames (256 ms): the floor's memory is kept as per-block minima
 DENOISE_SMOOTHING = 0.7  # per 16 ms frame
 DENOISE_GAIN_FLOOR = 0.1  # -20 dB at most
 
@@ -106,18 +111,33 @@ class GateConfig:
         older of the two decides: never more than ``vad_reset_s`` of history, never
         less than half of it (a fresh state false-alarms for ~2 s). 0 = one state, never
         reset (half the VAD cost).
+    vad_states: how the VAD states of a detector decide. ``"twin"``: the older of the
+        two restarted states decides. ``"all"``: a third state that is never reset (only
+        at stream start) joins them, and a chunk is speech for the detector if any of
+        the three says so, each restarted state only once it is ``min_state_age_s``
+        old (a fresh state false-alarms; one state alone can go deaf for seconds, or
+        wake up late on a short word after seconds without speech: ADR 0005).
+    min_state_age_s: see ``vad_states``.
+    speech_check: a window the VAD passes must also pass the second detector
+        (``speech_check.SpeechCheck``: a small model on the window's upload features);
+        the features it computed travel with the ``KeptWindow``.
+    speech_check_threshold: its threshold (None: the model card's).
     max_block_samples: the largest block one ``push`` accepts.
     """
 
     threshold: float = 0.5
     hysteresis: float = 0.1
     margin_before_s: float = 0.25
-    margin_after_s: float = 1.25
-    detectors: tuple[str, ...] = ("denoise",)
+    margin_after_s: float = 0.75
+    detectors: tuple[str, ...] = ("denoise", "raw")
     declip_factor: float = 3.0
     tonal_factor: float = 3.0
     denoise_over: float = 2.0
     vad_reset_s: float = 10.0
+    vad_states: str = "all"
+    min_state_age_s: float = 5.0
+    speech_check: bool = True
+    speech_check_threshold: float | None = None
     agc_target_dbfs: float = -20.0
     agc_max_gain_db: float = 40.0
     agc_hold_s: float = 0.5
@@ -140,6 +160,12 @@ class GateConfig:
                 raise ConfigError(f"privacy.{name} must be in [0, 10] s, got {v}")
         if not self.detectors or set(self.detectors) - set(DETECTORS):
             raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
+        if self.vad_states not in STATE_SCHEMES:
+            raise ConfigError(f"privacy.vad_states must be one of {STATE_SCHEMES}")
+        if self.vad_reset_s and not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
+            raise ConfigError("privacy.min_state_age_s must be in [0, vad_reset_s / 2]")
+        if self.speech_check_threshold is not None and not 0 < self.speech_check_threshold < 1:
+            raise ConfigError("privacy.speech_check_threshold must be in (0, 1)")
         if len(set(self.detectors)) != len(self.detectors):
             raise ConfigError("privacy.detectors lists a detector twice")
         for name in ("declip_factor", "tonal_factor"):
@@ -159,11 +185,13 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class KeptWindow:
-    """A speech-free 1 s window: its index in the stream and its samples (a copy)."""
+    """A speech-free 1 s window: its index in the stream and its samples (a copy);
+    ``features``: its upload features when the speech check computed them."""
 
     index: int
     start_sample: int
     audio: FloatArray
+    features: FloatArray | None = None
 
 
 @dataclass
@@ -174,6 +202,10 @@ class GateStats:
     windows_kept: int = 0
     windows_dropped_speech: int = 0
     windows_dropped_unvetted: int = 0  # at flush: the stream ended inside the after-margin
+    windows_dropped_check: int = 0  # passed the VAD, flagged by the speech check
+    vad_cpu_s: float = 0.0  # process CPU seconds inside the VAD (encoder + LSTM steps)
+    check_cpu_s: float = 0.0  # process CPU seconds inside the speech check (features + model)
+    condition_cpu_s: float = 0.0  # process CPU seconds conditioning chunks for the VAD views
 
 
 class _Declip:
@@ -188,9 +220,11 @@ class _Declip:
         pass
 
     def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks."""
         a = np.abs(x)
-        mid = a.size // 2  # the median, as np.median computes it, without its overhead
-        lim = self._factor * float(np.partition(a, (mid - 1, mid))[mid - 1 : mid + 1].mean())
+        mid = a.shape[1] // 2  # the median, as np.median computes it, without its overhead
+        part = np.partition(a, (mid - 1, mid), axis=1)[:, mid - 1 : mid + 1]
+        lim = self._factor * (part[:, :1] + part[:, 1:]) / 2.0
         return np.clip(x, -lim, lim)
 
 
@@ -212,17 +246,24 @@ class _Stft:
         raise NotImplementedError
 
     def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        buf = np.concatenate((self._hist, x))  # frames 2c and 2c+1 of the stream
-        frames = np.stack((buf[:STFT_SIZE], buf[STFT_HOP:])) * self._win
-        spec = np.fft.rfft(frames, axis=1)
+        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks -> the same, conditioned.
+
+        Frames ``2c`` and ``2c + 1`` of the stream belong to chunk ``c``; all frames of the
+        call are transformed together (each row on its own, so the result is the same
+        for any grouping of chunks into calls)."""
+        m = x.shape[0]
+        buf = np.concatenate((self._hist, x.reshape(-1)))
+        idx = np.arange(STFT_SIZE)[None, :] + STFT_HOP * np.arange(2 * m)[:, None]
+        spec = np.fft.rfft(buf[idx] * self._win, axis=1)
         y = np.fft.irfft(spec * self._gain(np.abs(spec)), n=STFT_SIZE, axis=1) * self._win
-        out = np.empty(STFT_SIZE + STFT_HOP, dtype=np.float64)
-        out[:STFT_HOP] = self._tail + y[0, :STFT_HOP]
-        out[STFT_HOP:STFT_SIZE] = y[0, STFT_HOP:] + y[1, :STFT_HOP]
-        out[STFT_SIZE:] = y[1, STFT_HOP:]
-        self._tail = out[CHUNK_SAMPLES:].copy()
-        self._hist = buf[CHUNK_SAMPLES:].copy()
-        return out[:CHUNK_SAMPLES]
+        out = np.zeros((2 * m + 1) * STFT_HOP, dtype=np.float64)
+        out[:STFT_HOP] = self._tail
+        halves = y.reshape(2 * m, 2, STFT_HOP)
+        out[: 2 * m * STFT_HOP] += halves[:, 0].reshape(-1)
+        out[STFT_HOP:] += halves[:, 1].reshape(-1)
+        self._tail = out[m * CHUNK_SAMPLES :].copy()
+        self._hist = buf[m * CHUNK_SAMPLES :].copy()
+        return out[: m * CHUNK_SAMPLES].reshape(m, CHUNK_SAMPLES)
 
 
 class _Detonal(_Stft):
@@ -240,7 +281,7 @@ class _Detonal(_Stft):
         super().__init__()
 
     def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        neighbours = mag[:, self._around]  # (2, bins, 2k+1), edge bins repeated
+        neighbours = mag[:, self._around]  # (frames, bins, 2k+1), edge bins repeated
         neighbours.partition(TONAL_HALF_BINS, axis=2)
         local = neighbours[:, :, TONAL_HALF_BINS]  # median of the 2k+1 bins
         return np.minimum(1.0, (self._factor * local + 1e-12) / np.maximum(mag, 1e-12))
@@ -250,7 +291,9 @@ class _Denoise(_Stft):
     """Spectral subtraction of a minimum-statistics noise floor.
 
     Per bin, the power is smoothed over frames; the noise floor is the minimum of the
-    smoothed power over the last ``DENOISE_MEMORY_S``; the gain is
+    smoothed power over the current block of ``DENOISE_BLOCK`` frames (on the stream's
+    frame grid) and the whole blocks before it that cover ``DENOISE_MEMORY_S`` (so
+    1.5-1.8 s; a block minimum costs one comparison per frame); the gain is
     ``1 - over * floor / power``, held at or above ``DENOISE_GAIN_FLOOR``. Steady
     maskers (traffic, wind, engines, ventilation) drop by up to 20 dB while speech,
     which comes and goes within that memory, keeps its peaks.
@@ -258,32 +301,40 @@ class _Denoise(_Stft):
 
     def __init__(self, over: float) -> None:
         self._over = over
-        self._frames = max(1, round(DENOISE_MEMORY_S * SAMPLE_RATE / STFT_HOP))
+        self._blocks = -(-(round(DENOISE_MEMORY_S * SAMPLE_RATE / STFT_HOP) - 1) // DENOISE_BLOCK)
         super().__init__()
 
     def reset(self) -> None:
         super().reset()
         self._smooth: npt.NDArray[np.float64] | None = None
-        self._ring = np.full((self._frames, STFT_SIZE // 2 + 1), np.inf)
-        self._pos = 0
+        self._done: deque[npt.NDArray[np.float64]] = deque(maxlen=self._blocks)
+        self._done_min = np.full(STFT_SIZE // 2 + 1, np.inf)
+        self._block_min = np.full(STFT_SIZE // 2 + 1, np.inf)
+        self._in_block = 0  # frames of the current block seen so far
 
     def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        gains = np.empty_like(mag)
-        for i, power in enumerate(mag * mag):
-            a = DENOISE_SMOOTHING
-            self._smooth = power if self._smooth is None else a * self._smooth + (1 - a) * power
-            self._ring[self._pos] = self._smooth
-            self._pos = (self._pos + 1) % self._frames
-            floor = self._ring.min(axis=0)
-            g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
-            gains[i] = np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0))
-        return gains
+        power = mag * mag
+        floor = np.empty_like(power)
+        a = DENOISE_SMOOTHING
+        for i, p in enumerate(power):
+            self._smooth = p if self._smooth is None else a * self._smooth + (1 - a) * p
+            self._block_min = np.minimum(self._block_min, self._smooth)
+            floor[i] = np.minimum(self._block_min, self._done_min)
+            self._in_block += 1
+            if self._in_block == DENOISE_BLOCK:  # blocks lie on the stream's frame grid
+                self._done.append(self._block_min)
+                self._done_min = np.min(np.stack(self._done), axis=0)
+                self._block_min = np.full_like(self._block_min, np.inf)
+                self._in_block = 0
+        g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
+        return np.asarray(np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0)), dtype=np.float64)
 
 
 class _Detector:
     """One conditioned copy of the signal -> AGC -> (VAD, batched by the gate) -> hysteresis.
 
-    Works one chunk at a time so that its output cannot depend on block sizes.
+    Works on consecutive chunks; every stage gives the same result for any grouping of
+    chunks into calls, so the output cannot depend on block sizes.
     """
 
     def __init__(self, config: GateConfig, kind: str) -> None:
@@ -309,21 +360,32 @@ class _Detector:
         self._levels: deque[float] = deque(maxlen=self._hold)
         self._prev = False
 
-    def prepare(self, chunk: FloatArray) -> FloatArray:
-        """The VAD input for this chunk (CHUNK_SAMPLES, in stream order)."""
-        x = chunk.astype(np.float64)
+    def prepare(self, chunks: FloatArray) -> FloatArray:
+        """The VAD inputs ``(m, CHUNK_SAMPLES)`` for ``m`` consecutive chunks (stream order)."""
+        if self.kind == "raw":  # plain Silero: the signal as captured
+            return np.asarray(chunks, dtype=np.float32)
+        x = chunks.astype(np.float64)
         for stage in self._stages:
             x = stage(x)
         # AGC: lift the loudest chunk of the last agc_hold_s to the target; never cut.
-        self._levels.append(float(np.sqrt(np.dot(x, x) / x.size)) + 1e-9)
-        gain = min(max(self._target / max(self._levels), 1.0), self._max_gain)
-        return np.asarray(x * gain, dtype=np.float32)
+        levels = np.sqrt(np.einsum("ij,ij->i", x, x) / x.shape[1]) + 1e-9
+        gains = np.empty(x.shape[0])
+        for i, level in enumerate(levels.tolist()):
+            self._levels.append(level)
+            gains[i] = min(max(self._target / max(self._levels), 1.0), self._max_gain)
+        return np.asarray(x * gains[:, None], dtype=np.float32)
 
     def decide(self, prob: float) -> bool:
         """Speech or not, given the VAD's probability for the prepared chunk."""
         s = prob >= self._on or (self._prev and prob >= self._off)
         self._prev = s
         return s
+
+
+def twin_ages(chunk: int, period: int) -> tuple[int, int]:
+    """Chunks since twin A and twin B were last zeroed (or since the stream start)."""
+    half = period // 2
+    return chunk % period, (chunk - half) % period if chunk >= half else chunk
 
 
 def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
@@ -333,8 +395,7 @@ def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
     later; the twin that restarted longer ago decides (A on a tie, at stream start).
     """
     half = period // 2
-    age_a = chunk % period
-    age_b = (chunk - half) % period if chunk >= half else chunk
+    age_a, age_b = twin_ages(chunk, period)
     return chunk > 0 and age_a == 0, chunk >= half and age_b == 0, age_a >= age_b
 
 
@@ -349,7 +410,13 @@ class PrivacyGate:
         self._model = vad.model
         # twin VAD states per detector, restarted in turn every vad_reset_s (see GateConfig)
         self._period = round(config.vad_reset_s * SAMPLE_RATE / CHUNK_SAMPLES)
-        self._states = 2 * k if self._period else k
+        self._all = config.vad_states == "all" and self._period > 0
+        self._min_age = round(config.min_state_age_s * SAMPLE_RATE / CHUNK_SAMPLES)
+        self._states = (3 if self._all else 2) * k if self._period else k
+        self._check: SpeechCheck | None = None
+        self._check_threshold = config.speech_check_threshold
+        if config.speech_check:
+            self._check = SpeechCheck()
         # a detector whose conditioning lags by d samples also flags the chunks before
         self._lag = max(-(-d.delay // CHUNK_SAMPLES) for d in self._detectors)
         self._before = round(config.margin_before_s * SAMPLE_RATE)
@@ -384,8 +451,8 @@ class PrivacyGate:
         self._audio = np.concatenate((self._audio, x))
         buf = np.concatenate((self._unscored, x))
         n = buf.size // CHUNK_SAMPLES
-        for i in range(n):
-            self._prepare(buf[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES])
+        for i in range(0, n, ENCODE_BATCH):
+            self._prepare(buf[i * CHUNK_SAMPLES : min(n, i + ENCODE_BATCH) * CHUNK_SAMPLES])
         self._unscored = buf[n * CHUNK_SAMPLES :].copy()
         if len(self._queue) * len(self._detectors) >= ENCODE_BATCH:
             self._score_queue()
@@ -407,8 +474,13 @@ class PrivacyGate:
         self._start_stream()
         return kept
 
-    def _prepare(self, chunk: FloatArray) -> None:
-        self._queue.append(np.stack([d.prepare(chunk) for d in self._detectors]))
+    def _prepare(self, samples: FloatArray) -> None:
+        """Condition whole chunks (a multiple of CHUNK_SAMPLES) and queue them for scoring."""
+        t0 = time.process_time()
+        chunks = samples.reshape(-1, CHUNK_SAMPLES)
+        prepared = np.stack([d.prepare(chunks) for d in self._detectors], axis=1)
+        self._queue.extend(prepared)  # (k, 512) per chunk
+        self.stats.condition_cpu_s += time.process_time() - t0
 
     def _score_queue(self) -> None:
         """Score the queued chunks: one encoder batch, then the decoder chunk by chunk."""
@@ -419,9 +491,11 @@ class PrivacyGate:
         n, k = chunks.shape[0], chunks.shape[1]
         inputs = context_inputs(self._context, chunks)
         self._context = np.array(chunks[-1, :, -CONTEXT_SAMPLES:], dtype=np.float32)
+        t0 = time.process_time()
         gates = self._model.encode(inputs.reshape(n * k, -1)).reshape(n, k, -1)
         for g in gates:
             self._score(g)
+        self.stats.vad_cpu_s += time.process_time() - t0
 
     def _score(self, gates: FloatArray) -> None:
         k, i = len(self._detectors), self._chunks
@@ -433,9 +507,18 @@ class PrivacyGate:
             if restart_a:
                 self._state[:, :k] = 0.0
             if restart_b:
-                self._state[:, k:] = 0.0
-            both, self._state = self._model.step(np.concatenate((gates, gates)), self._state)
-            probs = both[:k] if a_decides else both[k:]
+                self._state[:, k : 2 * k] = 0.0
+            rows = np.concatenate((gates,) * (3 if self._all else 2))
+            every, self._state = self._model.step(rows, self._state)
+            if self._all:  # the never-reset state, and each twin once it is old enough
+                age_a, age_b = twin_ages(i, self._period)
+                probs = every[2 * k :]
+                if age_a >= self._min_age:
+                    probs = np.maximum(probs, every[:k])
+                if age_b >= self._min_age:
+                    probs = np.maximum(probs, every[k : 2 * k])
+            else:
+                probs = every[:k] if a_decides else every[k:]
         self._speech.append(False)
         for d, p in zip(self._detectors, probs.tolist(), strict=True):
             if d.decide(p):
@@ -468,12 +551,31 @@ class PrivacyGate:
                 self._audio[:WINDOW_SAMPLES] = 0.0  # our copy; do not leave it for the GC
                 log.debug("window %d dropped: %s", w, "unvetted" if unvetted else "speech")
             else:
-                self.stats.windows_kept += 1
                 kept.append(KeptWindow(w, start, self._audio[:WINDOW_SAMPLES].copy()))
             self._audio = self._audio[WINDOW_SAMPLES:].copy()
             self._next_window = w + 1
             self._trim_chunks()
-        return kept
+        return self._checked(kept)
+
+    def _checked(self, kept: list[KeptWindow]) -> list[KeptWindow]:
+        """The second line of defence: the speech check on the windows' upload features."""
+        if self._check is None or not kept:
+            self.stats.windows_kept += len(kept)
+            return kept
+        t0 = time.process_time()
+        feats = log_mel_batch(np.stack([k.audio for k in kept]))
+        passes = self._check.passes(feats, self._check_threshold)
+        self.stats.check_cpu_s += time.process_time() - t0
+        out: list[KeptWindow] = []
+        for k, f, ok in zip(kept, feats, passes.tolist(), strict=True):
+            if ok:
+                out.append(KeptWindow(k.index, k.start_sample, k.audio, f))
+            else:
+                k.audio[:] = 0.0
+                self.stats.windows_dropped_check += 1
+                log.debug("window %d dropped: speech check", k.index)
+        self.stats.windows_kept += len(out)
+        return out
 
     def _trim_chunks(self) -> None:
         """Forget chunk flags that no undecided window's guard interval reaches."""

@@ -146,9 +146,10 @@ def test_gate_drops_a_speech_free_window_when_speech_starts_in_its_after_margin(
     assert not kept & set(range(3, (start + clip.size - 1) // SR + 1))  # the speech itself
     assert 11 in kept
     assert gate.stats.windows_in == 14
-    assert gate.stats.windows_dropped_unvetted == 2  # [12, 13) and [13, 14): margin cut
+    assert gate.stats.windows_dropped_unvetted == 1  # [13, 14): the 0.75 s margin cut
     s = gate.stats
-    assert s.windows_kept + s.windows_dropped_speech + s.windows_dropped_unvetted == 14
+    dropped = s.windows_dropped_speech + s.windows_dropped_unvetted + s.windows_dropped_check
+    assert s.windows_kept + dropped == 14
 
 
 def test_gate_drops_a_speech_free_window_when_speech_ends_in_its_before_margin(
@@ -223,7 +224,8 @@ def test_denoise_stage_lowers_a_steady_masker_and_keeps_a_burst() -> None:
     audio[burst] += np.random.default_rng(4).standard_normal(4000) * 0.3  # comes and goes
     stage = _Denoise(GateConfig().denoise_over)
     hop = CHUNK_SAMPLES
-    out = np.concatenate([stage(audio[i : i + hop]) for i in range(0, audio.size, hop)])
+    chunks = audio.reshape(-1, hop)  # (chunks, 512): the stage conditions rows of chunks
+    out = np.concatenate([stage(chunks[i : i + 3]).reshape(-1) for i in range(0, len(chunks), 3)])
     out = out[stage.delay :]
 
     def rms(x: npt.NDArray[np.float64]) -> float:
@@ -268,7 +270,11 @@ def test_restarted_vad_states_hear_speech_a_long_running_state_misses(cache: Pat
     leaked = {}
     for reset_s in (0.0, 10.0):
         blocks = list(iter_blocks(scene, SR))
-        kept = _run(PrivacyGate(GateConfig(vad_reset_s=reset_s), vad), blocks)
+        config = GateConfig(  # the single-view gate of ADR 0005's second decision
+            vad_reset_s=reset_s, detectors=("denoise",), vad_states="twin",
+            speech_check=False, margin_after_s=1.25,
+        )  # fmt: skip
+        kept = _run(PrivacyGate(config, vad), blocks)
         mask = np.zeros(scene.speech_frames.size, dtype=bool)
         for k in kept:
             mask[k.start_sample // 160 : k.start_sample // 160 + 100] = True
