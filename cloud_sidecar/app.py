@@ -13,6 +13,10 @@ with backoff (never the MQTT thread), and the device resends. Any token failure 
 an unwrap other than "this ciphertext is not for this key" counts as unavailable: a
 retry loses nothing, a rejection would make the device drop the batch.
 
+Under systemd (``Type=notify``) ``run`` sends READY once every part above is up, a
+STATUS line and a WATCHDOG ping every turn of its loop (``fleet_protocol.io.sdnotify``);
+with a ``metrics`` section it serves ``GET /metrics`` (``cloud_sidecar.metrics``).
+
 The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
 ``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
 """
@@ -36,6 +40,8 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.metrics import MetricsServer
+from fleet_protocol.io.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +185,30 @@ class SidecarApp:
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         self.start()
+        notifier = Notifier()
+        server = None
+        if self.cfg.metrics is not None:
+            server = MetricsServer(self.metrics, self.cfg.metrics.host, self.cfg.metrics.port)
+            self.metrics_port = server.start().port
+        self.metrics.set("up", 1)
+        notifier.ready(f"serving; store {self.store.counts()}")
         if ready is not None:
             ready.set()
         last_checkpoint = time.monotonic()
         try:
             while not stop.wait(2.0):
+                notifier.watchdog()
                 self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
                     self.checkpoint_audit()
                     last_checkpoint = time.monotonic()
         finally:
+            notifier.stopping()
+            self.metrics.set("up", 0)
             self.write_metrics(self.cfg.data_dir / "metrics.prom")
+            if server is not None:
+                server.close()
+            notifier.close()
             self.stop()
 
     def stop(self) -> None:

@@ -139,6 +139,11 @@ class ResidencyConfig(_Strict):
         return ResidencyPolicy.only(self.allowed_regions)
 
 
+class MetricsConfig(_Strict):
+    host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
+    port: int = Field(9464, ge=0, le=65535, description="0: any free port (logged)")
+
+
 class SidecarConfig(_Strict):
     data_dir: Path = Field(description="store, audit log, datasets, adapters, OTA repository")
     region: str = Field(
@@ -157,6 +162,9 @@ class SidecarConfig(_Strict):
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
         3600, ge=1, description="serve: seconds between HSM-signed audit checkpoints"
+    )
+    metrics: MetricsConfig | None = Field(
+        None, description="serve GET /metrics here (docs/metrics.md); None: only metrics.prom"
     )
     audit_checkpoint_file: Path | None = Field(
         None,

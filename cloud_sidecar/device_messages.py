@@ -85,6 +85,7 @@ class DeviceMessages:
         self.store = store
         self.audit = audit
         self.metrics = metrics
+        self._rollout: dict[str, tuple[str, str]] = {}  # device → last (version, state)
         self._budget = _AuditBudget(audit_burst, audit_window_s, clock)
 
     def handle(self, topic: str, payload: bytes) -> DeviceMessage | None:
@@ -111,6 +112,11 @@ class DeviceMessages:
     def _accept(self, msg: DeviceMessage) -> None:
         if isinstance(msg, OtaStatus):
             self.metrics.inc("ota_status_total", state=msg.state)
+            self._rollout[msg.device] = (str(msg.adapter_version), msg.state)
+            self.metrics.clear("rollout_devices")
+            for version, state in set(self._rollout.values()):
+                n = sum(1 for v in self._rollout.values() if v == (version, state))
+                self.metrics.set("rollout_devices", n, adapter_version=version, state=state)
             self.audit.append(
                 "ota.device_status",
                 msg.device,

@@ -126,6 +126,7 @@ class Ingest:
         try:
             key = self.hsm.decrypt_oaep(wrapped)
         except Exception as e:
+            self.metrics.inc("hsm_unwraps_total", result="error")
             self.audit.append(
                 "hsm.unwrap",
                 device,
@@ -135,6 +136,7 @@ class Ingest:
                 error=type(e).__name__,
             )
             raise
+        self.metrics.inc("hsm_unwraps_total", result="ok")
         self.audit.append(
             "hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=True, mechanism=h.wrap
         )

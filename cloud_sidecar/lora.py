@@ -21,6 +21,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def train_adapter(
     seed: int = 0,
     lr: float = 5e-3,
     threads: int = TRAIN_THREADS,
+    on_loss: Callable[[float], None] | None = None,
 ) -> Path:
     """Train a rank-``rank`` LoRA adapter on ``features``/``labels`` (+ ``replay``).
 
@@ -108,6 +110,8 @@ def train_adapter(
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"cannot save the adapter to {out_dir}: {exc}") from exc
+    if on_loss is not None:
+        on_loss(float(loss))
     log.info(
         "trained rank-%d adapter on %d samples in %.1f s (loss %.4f)",
         rank,

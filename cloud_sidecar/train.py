@@ -29,6 +29,7 @@ from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
+from cloud_sidecar.metrics import TrainProgress
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 from cloud_sidecar.pretrain import load_base_model, load_reference_sets
 from cloud_sidecar.store import Store
@@ -64,6 +65,16 @@ def gate(
 
 
 def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
+    """One run; its progress and loss go to ``data_dir/metrics/train.prom`` as it goes."""
+    progress = TrainProgress(cfg.data_dir)
+    try:
+        return _run_training(cfg, publish, progress)
+    except Exception:
+        progress.failed()
+        raise
+
+
+def _run_training(cfg: SidecarConfig, publish: bool, progress: TrainProgress) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
@@ -80,6 +91,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
             n_val=len(ds.val),
             manifest=str(ds.manifest_path),
         )
+        progress.step("dataset")
         if len(ds.train) < cfg.train.min_samples or not ds.val:
             raise TrainingError(
                 f"dataset {ds.dataset_id[:12]} has {len(ds.train)} train / {len(ds.val)} val samples;"
@@ -106,6 +118,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         rank=cfg.train.rank,
         epochs=cfg.train.epochs,
         seed=cfg.train.seed,
+        on_loss=lambda loss: progress.step("train", train_loss=loss),
     )
     train_s = time.monotonic() - t_train
     audit.append(
@@ -130,6 +143,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
     write_atomic(candidate, merged.int8, 0o644)
     decision = gate(base.onnx_int8, candidate, (x_val, y_val), golden, cfg)
     audit.append("gate.decision", run_id, **decision)
+    progress.step("gate", train_gate_passed=float(decision["passed"]))
     if not decision["passed"]:
         raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
 
@@ -167,12 +181,14 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
     audit.append(
         "ota.signed", run_id, version=pub.version, target=pub.target.name, sha256=pub.target.sha256
     )
+    progress.step("signed")
     published = False
     if publish:
         published = publish_via_broker(cfg, repo, pub, f"cloud-sidecar-publisher-{run_id}")
         if not published:
             raise TrainingError("the broker did not acknowledge the OTA publication")
         audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)
+        progress.step("published")
     result = {
         "run_id": run_id,
         "dataset_id": ds.dataset_id,

@@ -50,6 +50,8 @@ class StreamStats:
     blocks: int = 0
     windows_in: int = 0
     windows_kept: int = 0
+    windows_released: int = 0  # released by the gate, classified or about to be
+    windows_classified: int = 0
     raw_audio_bytes: int = 0
 
 
@@ -95,8 +97,11 @@ def run_stream(
     stats = stats if stats is not None else StreamStats()
 
     def release(kept: list[KeptWindow]) -> None:
+        stats.windows_in = gate.stats.windows_in
+        stats.windows_released += len(kept)
         for c in classify(kept, classifier()):
             on_window(c)
+            stats.windows_classified += 1
         stats.windows_in = gate.stats.windows_in
         stats.windows_kept = gate.stats.windows_kept
 

@@ -66,7 +66,7 @@ def _wait(what: str, cond: Callable[[], bool], timeout: float) -> None:
 def _metric(data_dir: Path, name: str) -> int:
     path = data_dir / "metrics.prom"
     text = path.read_text() if path.exists() else ""
-    m = re.search(rf"^{name} (\d+)$", text, re.MULTILINE)
+    m = re.search(rf"^sidecar_{name} (\d+)(?:\.0)?$", text, re.MULTILINE)
     return int(m.group(1)) if m else 0
 
 
