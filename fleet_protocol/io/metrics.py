@@ -19,6 +19,7 @@ service's prefix (``edge_``, ``sidecar_``), ``get`` takes the short name.
 from __future__ import annotations
 
 import bisect
+import importlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,12 +27,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-try:  # pinned as prometheus-client in requirements/lock.txt (see docs/metrics.md)
-    import prometheus_client as _pc
-    from prometheus_client import core as _pc_core
+# prometheus-client (pinned in requirements/lock.txt); imported by name so that the
+# services still run, with the built-in writer, where it is not installed yet.
+_pc: Any = None
+_pc_core: Any = None
+try:
+    _pc = importlib.import_module("prometheus_client")
+    _pc_core = importlib.import_module("prometheus_client.core")
 except ImportError:  # pragma: no cover - depends on the environment
-    _pc = None
-    _pc_core = None
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class Metrics:
 
     def set_total(self, name: str, value: float, **labels: str) -> None:
         """A counter kept elsewhere (a component's own stats): copy its running total."""
-        spec, key = self._key(name, labels)
+        _, key = self._key(name, labels)
         with self._lock:
             if value < self._values[name].get(key, 0):
                 raise ValueError(f"{name}{key}: a counter cannot go down")
@@ -207,8 +211,8 @@ def _labels(names: tuple[str, ...], key: Key, **extra: str) -> str:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
-        log.debug("metrics: " + format, *args)
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: %s", format % args)
 
 
 class MetricsServer:
