@@ -23,6 +23,7 @@ from cloud_sidecar.errors import (
     HsmError,
     TrainingError,
 )
+from fleet_protocol.io.journal import setup_logging
 
 EXIT_OK, EXIT_CONFIG, EXIT_HSM, EXIT_AUDIT, EXIT_TRAIN, EXIT_OTHER, EXIT_INPUT = 0, 2, 3, 4, 5, 6, 7
 LAYOUTS = ("folders", "esc50", "urbansound8k", "csv")  # cloud_sidecar.audio_dataset (numpy)
@@ -372,10 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("cloud-sidecar", logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except ConfigError as e:

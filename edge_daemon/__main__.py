@@ -2,6 +2,10 @@
 
 Exit codes (for systemd's RestartPreventExitStatus=): 0 ok, 2 configuration error,
 3 key store (TPM) error, 4 capture error, 5 inference error, 6 other edge error.
+``systemd/edge-daemon.service`` prevents restarts on 2 only (a bad configuration does
+not heal by restarting); the others restart with backoff.
+
+``status`` asks the running daemon over its control socket (``edge_daemon.control``).
 
 ``process IN --out DIR`` runs the device pipeline on a WAV/FLAC file for an auditor.
 Its invariants: the input is checked by the daemon's own file source
@@ -29,6 +33,7 @@ from pathlib import Path
 from edge_daemon.errors import CaptureError, ConfigError, EdgeError, InferenceError, KeyStoreError
 from fleet_protocol.features import SAMPLE_RATE, WINDOW_SAMPLES
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.journal import add_fields, setup_logging
 
 EXIT_OK, EXIT_CONFIG, EXIT_KEYS, EXIT_CAPTURE, EXIT_INFERENCE, EXIT_OTHER = 0, 2, 3, 4, 5, 6
 log = logging.getLogger("edge_daemon")
@@ -40,11 +45,52 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_daemon.app import EdgeApp
     from edge_daemon.config import load_config
 
-    app = EdgeApp(load_config(args.config))
+    cfg = load_config(args.config)
+    add_fields(device=cfg.device_id)
+    app = EdgeApp(cfg)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     app.run(stop)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edge_daemon.config import load_config
+    from edge_daemon.control import query
+    from edge_daemon.supervise import control_socket_path
+
+    if args.socket is not None:
+        path = args.socket
+    elif args.config is not None:
+        path = control_socket_path(load_config(args.config))
+    else:
+        path = Path("/run/edge-daemon/control.sock")
+    st = query(path)
+    if "error" in st:
+        raise EdgeError(f"{path}: {st['error']}")
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+        return EXIT_OK
+    model, stream, uplink, buf = st["model"], st["stream"], st["uplink"], st["buffer"]
+    stalled = st.get("health", {}).get("stalled") or []
+    ota = st.get("ota") or {}
+    for key, value in (
+        ("device", st["device_id"]),
+        ("version", st.get("version", "?")),
+        ("state", st["state"] + (f" (STALLED: {', '.join(stalled)})" if stalled else "")),
+        ("model", f"{str(model['sha256'])[:12]} adapter v{model['adapter_version']}"),
+        ("ota", f"channel {ota.get('channel', '?')}, last {ota.get('state') or 'none'}"),
+        ("windows", f"{stream['windows_in']} in, {stream['windows_kept']} kept"),
+        (
+            "buffer",
+            f"{buf.get('samples', 0)} samples, {buf.get('batches', 0)} batches "
+            f"({buf.get('batches_acked', 0)} acked), "
+            f"{st.get('buffer_pending_bytes', 0)} bytes pending",
+        ),
+        ("uplink", f"{uplink['sends']} sent, {uplink['resends']} resent, {uplink['acks']} acked"),
+    ):
+        print(f"{key:8} {value}")
     return EXIT_OK
 
 
@@ -207,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon until SIGTERM")
     r.add_argument("--config", type=Path, required=True, help="device configuration (JSON)")
     r.set_defaults(func=_cmd_run)
+    st = sub.add_parser("status", help="ask the running daemon for its state (control socket)")
+    st.add_argument("--config", type=Path, help="device configuration: finds its socket")
+    st.add_argument(
+        "--socket",
+        type=Path,
+        help="the control socket (default: from --config, else /run/edge-daemon/control.sock)",
+    )
+    st.add_argument("--json", action="store_true", help="print the whole state as JSON")
+    st.set_defaults(func=_cmd_status)
     v = sub.add_parser("validate-config", help="check a configuration file and report errors")
     v.add_argument("--config", type=Path, required=True)
     v.set_defaults(func=_cmd_validate)
@@ -283,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "process" and args.model is None and args.config is None:
         parser.error("process: give --model (an ONNX classifier) or --config (a device config)")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("edge-daemon", logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except EdgeError as e:

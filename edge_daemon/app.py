@@ -4,8 +4,10 @@ Start order: TPM key store → replay buffer (needs the sealed storage key) → 
 (the installed adapter model if there is one, else the base, on the configured backend)
 → MQTT link (enrolling first when the device has no certificate) → certificate renewer
 → OTA client → outbox → sensors (and the resend of telemetry an outage held back) →
-listener (capture and inference, in its own thread). Then ``service.serve`` runs the
-main loop until the stop event; ``stop`` undoes everything in reverse.
+listener (capture and inference, in its own thread). Then ``run`` starts the service
+side (``supervise.Supervision``: control socket, metrics, READY, watchdog) and
+``service.serve`` runs the main loop until the stop event; ``stop`` undoes everything
+in reverse.
 
 The audio source is the configured one (a microphone, a file) unless one is handed in:
 devstack's simulated city and the tests' endless sources reach the daemon that way,
@@ -29,16 +31,19 @@ from edge_daemon.buffer import ReplayBuffer
 from edge_daemon.capture import AudioSource, CaptureProcess, open_capture
 from edge_daemon.config import DeviceConfig
 from edge_daemon.enroll import device_endpoint, make_renewer
+from edge_daemon.health import daemon_stages
 from edge_daemon.inference.adapter import apply_adapter, merged_fp32_path
 from edge_daemon.inference.backends import Classifier, ModelFiles, make_classifier
 from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.listen import Keeper, Listener, ModelSlot
+from edge_daemon.metrics import EdgeMetrics
 from edge_daemon.ota import InstalledModel, OtaClient
 from edge_daemon.pipeline import make_gate
 from edge_daemon.privacy.vad import SileroVad
 from edge_daemon.selection import Selector
 from edge_daemon.sensors.runtime import DeviceSensors
-from edge_daemon.service import Mailbox, serve
+from edge_daemon.service import LoopStats, Mailbox, serve
+from edge_daemon.supervise import Supervision, version
 from edge_daemon.uplink import Outbox
 from fleet_protocol import ota, topics
 from fleet_protocol.io.files import file_sha256, write_atomic
@@ -56,6 +61,9 @@ class EdgeApp:
         self._given_source = source
         self.mailbox = Mailbox()
         self._stop = threading.Event()
+        self.metrics = EdgeMetrics(self.device, version())
+        self.loop = LoopStats()
+        self.ota_state = ""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -98,7 +106,8 @@ class EdgeApp:
                 cfg.model.backend,
                 ModelFiles(cfg.model.base_fp32, cfg.model.base_int8),
                 cfg.model.threads,
-            )
+            ),
+            observe=self.metrics.observe_inference,
         )
         self.model_path = installed.path if installed is not None else cfg.model.base_int8
         self.adapter_version = installed.adapter_version if installed is not None else 0
@@ -155,7 +164,15 @@ class EdgeApp:
 
     def run(self, stop: threading.Event) -> None:
         self.start(stop)
+        service = None
         try:
+            service = Supervision(
+                self.cfg,
+                stages=daemon_stages(self.listener, lambda: self.loop.ticks),
+                status=self.status,
+                metrics=self.metrics,
+            )
+            service.start()
             serve(
                 stop=stop,
                 listener=self.listener,
@@ -163,8 +180,12 @@ class EdgeApp:
                 mailbox=self.mailbox,
                 handle=self.ota.handle,
                 report=self.write_report,
+                on_tick=service.tick,
+                stats=self.loop,
             )
         finally:
+            if service is not None:
+                service.close()
             self.stop()
 
     def stop(self) -> None:
@@ -200,6 +221,7 @@ class EdgeApp:
         return self.link.publish(topics.telemetry(self.device), t.to_bytes(), qos=1, timeout_s=5)
 
     def _publish_ota_status(self, status: OtaStatus) -> None:
+        self.ota_state = status.state
         self.link.publish(topics.ota_status(self.device), status.to_bytes(), qos=1, timeout_s=2)
 
     # -- models (main loop) --------------------------------------------------
@@ -230,11 +252,15 @@ class EdgeApp:
             },
             "stream": asdict(listener.stats),
             "events": self.keeper.events,
+            "inferences": dict(self.keeper.by_label),
             "selection": dict(self.selector.stats),
             "buffer": self.buffer.counts(),
+            "buffer_pending_bytes": self.buffer.pending_bytes(),
             "uplink": asdict(self.outbox.stats),
             "sensors": self.sensors.report(),
             "mailbox_dropped": self.mailbox.dropped,
+            "loop_errors": self.loop.errors,
+            "ota": {"state": self.ota_state, "channel": self.cfg.ota.channel},
         }
         if isinstance(self.source, CaptureProcess):
             out["capture"] = asdict(self.source.stats())

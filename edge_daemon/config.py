@@ -225,6 +225,23 @@ class OtaConfig(_Strict):
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
 
+class ServiceConfig(_Strict):
+    """How the daemon runs as a service: metrics endpoint, control socket, watchdog."""
+
+    metrics_host: str = Field("127.0.0.1", description="address of GET /metrics")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus metrics here; None: off, 0: any"
+    )
+    control_socket: Path | None = Field(
+        None,
+        description="Unix socket `edge-daemon status` reads. Default: $RUNTIME_DIRECTORY"
+        "/control.sock under systemd, else state_dir/control.sock",
+    )
+    stall_s: float = Field(
+        60, gt=0, description="a stage without progress this long stops the watchdog pings"
+    )
+
+
 class DeviceConfig(_Strict):
     device_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     state_dir: Path = Field(description="replay buffer, key blobs, installed models, OTA state")
@@ -240,6 +257,7 @@ class DeviceConfig(_Strict):
     capture: CaptureConfig = CaptureConfig()
     sensors: SensorsConfig = SensorsConfig()
     enrollment: EnrollmentConfig | None = None
+    service: ServiceConfig = ServiceConfig()
 
     @model_validator(mode="after")
     def _identity_source(self) -> Self:

@@ -36,6 +36,7 @@ from edge_daemon.privacy.gate import PrivacyGate
 from edge_daemon.selection import Selector
 from fleet_protocol import batch, topics
 from fleet_protocol.features import SAMPLE_RATE
+from fleet_protocol.labels import CLASSES
 from fleet_protocol.messages import Event
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,37 @@ log = logging.getLogger(__name__)
 Blocks = Iterator[npt.NDArray[np.float32]]
 
 
-class ModelSlot:
-    """The classifier in use; ``swap`` replaces it between two blocks."""
+class _Timed:
+    """A classifier whose ``predict`` reports its duration (the latency metric)."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, inner: Classifier, observe: Callable[[float], None]) -> None:
+        self._inner = inner
+        self._observe = observe
+        self.model_sha256 = inner.model_sha256
+
+    def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        t0 = time.perf_counter()
+        try:
+            return self._inner.predict(features)
+        finally:
+            self._observe(time.perf_counter() - t0)
+
+
+class ModelSlot:
+    """The classifier in use; ``swap`` replaces it between two blocks.
+
+    With ``observe``, every ``predict`` call's duration in seconds is reported to it.
+    """
+
+    def __init__(
+        self, classifier: Classifier, observe: Callable[[float], None] | None = None
+    ) -> None:
         self._lock = threading.Lock()
-        self._classifier = classifier
+        self._observe = observe
+        self._classifier = self._wrap(classifier)
+
+    def _wrap(self, classifier: Classifier) -> Classifier:
+        return classifier if self._observe is None else _Timed(classifier, self._observe)
 
     def get(self) -> Classifier:
         with self._lock:
@@ -56,7 +82,7 @@ class ModelSlot:
 
     def swap(self, classifier: Classifier) -> None:
         with self._lock:
-            self._classifier = classifier
+            self._classifier = self._wrap(classifier)
 
 
 class Keeper:
@@ -80,8 +106,12 @@ class Keeper:
         self._publish = publish
         self.events = 0
         self.samples = 0
+        # windows classified, by predicted label; every class present from the start, so
+        # the dict never changes size while another thread copies it
+        self.by_label: dict[str, int] = dict.fromkeys(CLASSES, 0)
 
     def __call__(self, c: Classified) -> None:
+        self.by_label[c.label] = self.by_label.get(c.label, 0) + 1
         captured_ms = self._source.captured_at_ms(round(c.start_s * SAMPLE_RATE))
         if c.score >= self._threshold:
             event = Event(

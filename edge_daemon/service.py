@@ -7,7 +7,8 @@ its own; this loop never waits for audio, and audio never waits for it.
 Each tick (at most ``tick_s``, sooner when a message arrives): hand the next mailbox
 message to the OTA client; seal full batches; resend batches unacknowledged past their
 retry interval; when the source has ended, seal what is left once; write the status
-report when something changed or ``report_s`` passed. Stops when ``stop`` is set.
+report when something changed or ``report_s`` passed; then ``on_tick`` (the service's
+watchdog and STATUS lines, ``edge_daemon.supervise``). Stops when ``stop`` is set.
 
 Invariants:
 - the mailbox keeps the latest message per topic (retained OTA metadata supersedes
@@ -80,9 +81,11 @@ def serve(
     report: Callable[[], None],
     tick_s: float = 0.5,
     report_s: float = 5.0,
+    on_tick: Callable[[], None] = lambda: None,
+    stats: LoopStats | None = None,
 ) -> LoopStats:
     """Run the main loop until ``stop``; re-raise the listener's failure, if any."""
-    stats = LoopStats()
+    stats = stats if stats is not None else LoopStats()
     flushed = False
     last_report = 0.0
     while not stop.is_set():
@@ -118,4 +121,9 @@ def serve(
                 stats.errors += 1
                 log.exception("main loop: status report failed")
             last_report = now
+        try:
+            on_tick()
+        except Exception:
+            stats.errors += 1
+            log.exception("main loop: service tick failed")
     return stats
