@@ -345,6 +345,11 @@ class FleetService:
             _ms(cert.not_valid_after_utc),
             via,
         )
+        self.metrics.set(
+            "device_certificate_expiry_timestamp_seconds",
+            cert.not_valid_after_utc.timestamp(),
+            device=device,
+        )
 
     def _rejected(self, op: str, device: str, e: ProtocolError, **details: object) -> None:
         log.warning("%s request from %s rejected (%s): %s", op, device, e.reason, e)

@@ -59,6 +59,12 @@ SPECS = (
     m.Spec("fleet_enrolled_total", "counter", "Devices enrolled with a claim."),
     m.Spec("fleet_renewed_total", "counter", "Device certificates renewed."),
     m.Spec("fleet_revoked_total", "counter", "Devices revoked."),
+    m.Spec(
+        "device_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "Unix time the device's newest certificate (issued since start) expires.",
+        ("device",),
+    ),
     m.Spec("up", "gauge", "1 while the sidecar serves."),
 )
 

@@ -52,7 +52,7 @@ SPECS = (
     m.Spec(
         "inference_latency_seconds",
         "histogram",
-        "Time of one classifier call (log-mel + model).",
+        "Time of one classifier call (the model, on its backend).",
         D,
     ),
     m.Spec("events_total", "counter", "Events published (score at or above the threshold).", D),
