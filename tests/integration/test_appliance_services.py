@@ -1,0 +1,251 @@
+"""Both services as systemd runs them, as far as this machine allows.
+
+The edge daemon runs as `edge-daemon run` in its own process under a small stand-in for
+systemd (``Supervisor``): it reads the daemon's sd_notify messages on a NOTIFY_SOCKET,
+passes WATCHDOG_USEC as systemd does for ``WatchdogSec=``, aborts the daemon with
+SIGABRT when the pings stop for longer than that, and restarts it
+(``Restart=on-failure``). The microphone is ALSA's ``file`` plugin on a FIFO
+(tests/integration/alsa_mic.py); holding the FIFO wedges capture as a dead I2S driver
+would. Real Mosquitto (mTLS), swtpm and SoftHSM.
+
+Checked: READY=1 and STATUS lines; pings while audio flows; the metrics endpoint
+scraped and parsed by prometheus-client's parser; `edge-daemon status` over the control
+socket; a stalled capture stops the pings, systemd's watchdog kills the daemon and the
+restarted daemon is READY and pinging again. The sidecar's endpoint is scraped too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cloud_sidecar.app import SidecarApp
+from cloud_sidecar.config import MetricsConfig, load_config
+from devstack.procs import free_port
+from devstack.provision import device_config
+from tests.notify_listener import NotifyListener
+
+from .alsa_mic import BLOCK, DEVICE, AlsaMic, PacedWriter
+from .conftest import Cloud
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WATCHDOG_S = 8.0  # WatchdogSec= for the test (the unit file says 120)
+STALL_S = 5.0  # service.stall_s
+
+
+def _families(text: str) -> dict[str, Any]:
+    parser = pytest.importorskip("prometheus_client.parser")
+    return {f.name: f for f in parser.text_string_to_metric_families(text)}
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return str(r.read().decode())
+
+
+class Supervisor:
+    """systemd's part for one ``Type=notify`` service with ``WatchdogSec=`` and restarts."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], notify: NotifyListener, log: Path):
+        self.argv, self.env, self.notify, self.log = argv, env, notify, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.watchdog_kills = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        env = dict(self.env, WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)))
+        env.update(self.notify.env)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=env, stdout=log, stderr=log)
+        self.starts += 1
+
+    def ready_after(self, n_messages: int, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self._tail()
+            for m in self.notify.messages[n_messages:]:
+                if m.get("READY") == "1":
+                    return m
+            time.sleep(0.2)
+        raise AssertionError(f"no READY=1 within {timeout} s\n{self._tail()}")
+
+    def watch(self, ready_at: float, timeout: float) -> bool:
+        """Enforce WatchdogSec= for up to ``timeout`` s; True when it killed the daemon."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            last = max(ready_at, time.monotonic() - self.notify.last_ping_age())
+            if time.monotonic() - last > WATCHDOG_S:
+                self.proc.send_signal(signal.SIGABRT)  # systemd's WatchdogSignal=
+                self.proc.wait(30)
+                self.watchdog_kills += 1
+                return True
+            time.sleep(0.2)
+        return False
+
+    def _tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+def _wait(what: str, cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class _Endless:
+    """The same 100 ms block of noise for ever, in the shape ``PacedWriter`` indexes."""
+
+    def __init__(self, block: bytes) -> None:
+        self.block = block
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.block
+
+
+@pytest.fixture
+def mic(tmp_path: Path) -> Iterator[tuple[AlsaMic, PacedWriter]]:
+    mic = AlsaMic(tmp_path / "alsa", tmp_path / "alsa" / "mic.fifo")
+    noise = (np.random.default_rng(5).standard_normal(BLOCK) * 0.06).astype("<f4")
+    writer = PacedWriter(mic.infile, np.zeros(BLOCK, np.int16))
+    writer.blocks = _Endless(noise.tobytes())  # type: ignore[assignment]
+    writer.start()
+    yield mic, writer
+    writer.stop()
+
+
+def test_a_stalled_capture_stops_the_watchdog_and_the_restarted_daemon_is_ready_again(
+    cloud: Cloud, base_model: Any, mic: tuple[AlsaMic, PacedWriter], tmp_path: Path
+) -> None:
+    alsa, writer = mic
+    slot = cloud.stack.devices[0]
+    source = {"type": "live", "device": DEVICE, "block_ms": 100}
+    path = device_config(
+        cloud.stack, slot, base_model.dir, (cloud.unwrap_pem, cloud.ota_pem), source
+    )
+    cfg = json.loads(path.read_text())
+    port = free_port()
+    sock = tmp_path / "ctl.sock"
+    cfg["service"] = {"metrics_port": port, "stall_s": STALL_S, "control_socket": str(sock)}
+    cfg["capture"] = {"isolation": "process"}
+    path.write_text(json.dumps(cfg))
+    notify = NotifyListener(tmp_path / "notify.sock")
+    sup = Supervisor(
+        [sys.executable, "-m", "edge_daemon", "run", "--config", str(path)],
+        alsa.env(),
+        notify,
+        tmp_path / "daemon.log",
+    )
+    try:
+        sup.start()
+        ready = sup.ready_after(0, 180)
+        ready_at = time.monotonic()
+        assert "windows" in ready.get("STATUS", "")
+        _wait("watchdog pings", lambda: notify.pings() >= 2, 3 * WATCHDOG_S)
+        assert not sup.watch(ready_at, 2 * WATCHDOG_S)  # audio flows: never killed
+
+        # -- metrics: the endpoint, parsed by the client library's parser ---------------
+        _wait("inferences", lambda: "edge_inferences_total{" in _scrape(port), 60)
+        fams = _families(_scrape(port))
+        for name in ("edge_up", "edge_audio_blocks", "edge_gate_windows", "edge_buffer_bytes"):
+            assert name in fams, sorted(fams)
+        latency = fams["edge_inference_latency_seconds"]
+        count = [s for s in latency.samples if s.name.endswith("_count")]
+        assert count and count[0].value >= 1
+        assert count[0].labels["device"] == slot.device_id
+        up = [s.value for s in fams["edge_up"].samples]
+        assert up == [1.0]
+
+        # -- `edge-daemon status` over the control socket ------------------------------
+        out = subprocess.run(
+            [sys.executable, "-m", "edge_daemon", "status", "--socket", str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert f"device   {slot.device_id}" in out and "state    listening" in out
+        assert "buffer " in out and "adapter v0" in out
+
+        # -- capture wedges: pings stop, the watchdog kills, the restart is READY -------
+        pings_before = notify.pings()
+        writer.hold()
+        n_messages = len(notify.messages)
+        assert sup.watch(ready_at, STALL_S + 3 * WATCHDOG_S), "the watchdog never fired"
+        assert sup.proc is not None and sup.proc.returncode == -signal.SIGABRT
+        assert notify.pings() <= pings_before + 2  # at most the pings before stall_s ran out
+        assert any(s.startswith("STALLED: capture") for s in notify.statuses())
+        writer.release()
+        sup.start()  # Restart=on-failure
+        sup.ready_after(n_messages, 180)
+        ready_at = time.monotonic()
+        pings_after = notify.pings()
+        _wait("pings from the restarted daemon", lambda: notify.pings() >= pings_after + 2, 30)
+        assert not sup.watch(ready_at, WATCHDOG_S)
+        assert sup.stop() == 0
+        assert notify.messages[-1].get("STOPPING") == "1" or any(
+            m.get("STOPPING") == "1" for m in notify.messages[n_messages:]
+        )
+    finally:
+        sup.stop()
+        notify.close()
+
+
+def test_the_sidecar_endpoint_is_scraped_and_parsed(cloud: Cloud, tmp_path: Path) -> None:
+    cfg = load_config(cloud.config)
+    cfg = cfg.model_copy(update={"data_dir": tmp_path / "data", "metrics": MetricsConfig(port=0)})
+    notify = NotifyListener(tmp_path / "notify.sock")
+    saved = {k: os.environ.get(k) for k in ("NOTIFY_SOCKET",)}
+    os.environ["NOTIFY_SOCKET"] = str(notify.path)
+    app = SidecarApp(cfg)
+    stop, started = threading.Event(), threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop, started), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(60)
+        assert notify.wait_for("READY", "1")["STATUS"].startswith("serving")
+        fams = _families(_scrape(app.metrics_port))
+        assert [s.value for s in fams["sidecar_up"].samples] == [1.0]
+        for name in ("sidecar_ingest_rejected", "sidecar_hsm_unwraps", "sidecar_rollout_devices"):
+            assert name in fams
+        notify.wait_for("WATCHDOG", "1", timeout=10)
+    finally:
+        stop.set()
+        thread.join(30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        notify.close()
+    assert notify.wait_for("STOPPING", "1")
