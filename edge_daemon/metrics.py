@@ -48,6 +48,12 @@ SPECS = (
         "Windows removed by the gate for speech (with margins).",
         D,
     ),
+    m.Spec(
+        "gate_residual_speech_total",
+        "counter",
+        "Windows the VAD passed and the second speech check removed (residual speech).",
+        D,
+    ),
     m.Spec("inferences_total", "counter", "Windows classified, by predicted label.", (*D, "label")),
     m.Spec(
         "inference_latency_seconds",
@@ -105,6 +111,8 @@ class EdgeMetrics:
         removed = stream["windows_in"] - stream["windows_kept"]
         mm.set_total("gate_windows_removed_total", max(0, removed), device=d)
         mm.set_total("events_total", status["events"], device=d)
+        residual = stream.get("windows_residual_speech", 0)
+        mm.set_total("gate_residual_speech_total", residual, device=d)
         for label, n in status.get("inferences", {}).items():
             mm.set_total("inferences_total", n, device=d, label=label)
         capture = status.get("capture")

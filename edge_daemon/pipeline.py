@@ -52,6 +52,7 @@ class StreamStats:
     windows_kept: int = 0
     windows_released: int = 0  # released by the gate, classified or about to be
     windows_classified: int = 0
+    windows_residual_speech: int = 0  # passed the VAD, caught by the second speech check
     raw_audio_bytes: int = 0
 
 
@@ -98,6 +99,7 @@ def run_stream(
 
     def release(kept: list[KeptWindow]) -> None:
         stats.windows_in = gate.stats.windows_in
+        stats.windows_residual_speech = gate.stats.windows_dropped_check
         stats.windows_released += len(kept)
         for c in classify(kept, classifier()):
             on_window(c)
