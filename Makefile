@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 BOOT := scripts/bootstrap.sh
 
-.PHONY: setup demo test check lint types unit integration bench clean
+.PHONY: setup demo test check lint types unit integration bench clean image image-test
 
 setup:
 	@bash $(BOOT)
@@ -27,6 +27,16 @@ unit: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# A flashable SD-card image (not part of `test`: minutes and ~1 GB; needs root,
+# mmdebstrap, dosfstools, mtools, fdisk, e2fsprogs; qemu-user binfmt for arm64 on x86).
+ARCH ?= arm64
+image:
+	bash image_build/build.sh $(ARCH) build
+
+# Inspect a built image: partitions, files, enabled units, systemd-analyze verify --root.
+image-test: setup
+	SOVEREIGN_EDGE_IMAGE=build/sovereign-edge-$(ARCH).img $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_image.py
 
 clean:
 	rm -rf demo-out .mypy_cache .ruff_cache .pytest_cache
