@@ -25,7 +25,8 @@ SRC="$R/opt/sovereign-edge/src"
 mkdir -p "$SRC"
 cp -a "$REPO/pyproject.toml" "$SRC/"
 for pkg in fleet_protocol fleet_model edge_daemon; do
-  (cd "$REPO" && find "$pkg" -name '__pycache__' -prune -o -type f -print0 | cpio -0 -pdm --quiet "$SRC")
+  (cd "$REPO" && find "$pkg" -name '__pycache__' -prune -o -type f -print0 \
+    | xargs -0 cp --parents -p -t "$SRC")
 done
 cp "$REPO/requirements/lock.txt" "$R/tmp/lock.txt"
 python3 - "$REPO" > "$R/tmp/edge-req.txt" <<'PY'
