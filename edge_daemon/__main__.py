@@ -46,7 +46,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_daemon.config import load_config
 
     cfg = load_config(args.config)
-    add_fields(device=cfg.device_id)
+    from edge_daemon.supervise import version
+
+    add_fields(device=cfg.device_id, version=version())
     app = EdgeApp(cfg)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -134,7 +134,12 @@ class OtaClient:
             return
         target = max(candidates, key=lambda t: t.adapter_version)
         self._wanted = (verified.version, target)
-        log.info("update available: adapter v%d (%s)", target.adapter_version, target.name)
+        log.info(
+            "update available: adapter v%d (%s)",
+            target.adapter_version,
+            target.name,
+            extra={"adapter": target.adapter_version},
+        )
         self._subscribe(topics.ota_artifact(self.channel, target.name))
 
     def _on_artifact(self, payload: bytes) -> None:
@@ -161,7 +166,9 @@ class OtaClient:
         self.state = TrustedState(meta_version, target.adapter_version, target.name, str(model))
         write_atomic(self.dir / "trusted.json", json.dumps(asdict(self.state)).encode())
         self._report(meta_version, target.adapter_version, "applied", "")
-        log.info("applied adapter v%d", target.adapter_version)
+        log.info(
+            "applied adapter v%d", target.adapter_version, extra={"adapter": target.adapter_version}
+        )
 
     def _report(
         self, meta_version: int, adapter_version: int, state: OtaState, reason: str

@@ -122,7 +122,9 @@ class Outbox:
             with self._lock:
                 last = self._sent_at.get(p.batch_id, 0.0)
             if now - last >= self.cfg.retry_s:
-                log.info("resending unacknowledged batch seq=%d", p.seq)
+                log.info(
+                    "resending unacknowledged batch seq=%d", p.seq, extra={"batch": p.batch_id}
+                )
                 self._send(p.batch_id, p.envelope)
                 self.stats.resends += 1
                 n += 1
@@ -138,7 +140,12 @@ class Outbox:
             return
         if ack.status == "rejected":
             self.stats.rejected[ack.reason] = self.stats.rejected.get(ack.reason, 0) + 1
-            log.error("cloud rejected batch %s: %s", ack.batch_id, ack.reason)
+            log.error(
+                "cloud rejected batch %s: %s",
+                ack.batch_id,
+                ack.reason,
+                extra={"batch": ack.batch_id},
+            )
         if self.buffer.mark_acked(ack.batch_id):
             with self._lock:
                 self._sent_at.pop(ack.batch_id, None)
