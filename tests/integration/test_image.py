@@ -73,12 +73,16 @@ def test_the_partition_table_has_a_fat_boot_a_root_and_a_data_partition(
         assert f"Filesystem volume name:   {label}" in _run("dumpe2fs", "-h", str(parts[name]))
 
 
-def test_the_boot_partition_holds_the_linted_firmware_config(parts: dict[str, Path]) -> None:
+def test_the_boot_partition_holds_the_linted_firmware_config_and_no_secret(
+    parts: dict[str, Path],
+) -> None:
     listing = _run("mdir", "-b", "-i", str(parts["boot"]), "::/")
     for name in ("config.txt", "cmdline.txt", "sovereign-edge"):
         assert f"::/{name}" in listing
     config = _run("mtype", "-i", str(parts["boot"]), "::/config.txt")
     assert config.replace("\r\n", "\n") == (ROOT / "firmware_config" / "config.txt").read_text()
+    shipped = _run("mdir", "-b", "-i", str(parts["boot"]), "::/sovereign-edge")
+    assert shipped.split() == ["::/sovereign-edge/README.txt"]  # no claim, key or config
     cmdline = _run("mtype", "-i", str(parts["boot"]), "::/cmdline.txt")
     assert "root=PARTUUID=5e0e0001-02" in cmdline and "@ROOT_PARTUUID@" not in cmdline
 
