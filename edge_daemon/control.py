@@ -42,11 +42,8 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a socket file left by a daemon that was killed
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o117)
-        try:
-            self._sock.bind(str(path))
-        finally:
-            os.umask(old)
+        self._sock.bind(str(path))  # as strict as the process umask (0077 under systemd)
+        os.chmod(path, 0o660)  # then owner and group; never the umask: it is process-wide
         self._sock.listen(4)
         self._sock.settimeout(0.5)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
