@@ -39,7 +39,12 @@ for dep in project["dependencies"] + project["optional-dependencies"]["edge"]:
 PY
 silero=$(grep -i '^silero-vad==' "$REPO/requirements/lock.txt")
 in_root python3 -m venv /opt/sovereign-edge/venv
-PIP="/opt/sovereign-edge/venv/bin/pip --disable-pip-version-check --no-cache-dir -q"
+# the image's resolv.conf points at systemd-resolved, which does not run in the chroot:
+# borrow the host's for the downloads, put the link back afterwards
+resolv=$(readlink "$R/etc/resolv.conf" || true)
+cp --remove-destination /etc/resolv.conf "$R/etc/resolv.conf"
+PIP="env -u PIP_FIND_LINKS -u PIP_CONFIG_FILE PIP_CONFIG_FILE=/dev/null \
+  /opt/sovereign-edge/venv/bin/pip --disable-pip-version-check --no-cache-dir -q"
 in_root $PIP install -c /tmp/lock.txt -r /tmp/edge-req.txt
 in_root $PIP install --no-deps "$silero"
 in_root $PIP install --no-deps /opt/sovereign-edge/src
@@ -48,6 +53,7 @@ if in_root /opt/sovereign-edge/venv/bin/python -c "import torch" 2>/dev/null; th
 fi
 in_root /opt/sovereign-edge/venv/bin/edge-daemon --help >/dev/null
 rm -rf "$SRC" "$R/tmp/lock.txt" "$R/tmp/edge-req.txt"
+if [ -n "$resolv" ]; then ln -sf "$resolv" "$R/etc/resolv.conf"; fi
 
 echo "-- build-only packages out"
 in_root env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q --auto-remove $BUILD_PKGS
