@@ -43,7 +43,10 @@ in_root python3 -m venv /opt/sovereign-edge/venv
 # borrow the host's for the downloads, put the link back afterwards
 resolv=$(readlink "$R/etc/resolv.conf" || true)
 cp --remove-destination /etc/resolv.conf "$R/etc/resolv.conf"
-PIP="env -u PIP_FIND_LINKS -u PIP_CONFIG_FILE PIP_CONFIG_FILE=/dev/null \
+# and the host's CA bundle (a build network may inspect TLS): the image's own trust
+# store is left as Debian ships it
+cp /etc/ssl/certs/ca-certificates.crt "$R/tmp/build-host-ca.crt"
+PIP="env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PIP_CERT=/tmp/build-host-ca.crt \
   /opt/sovereign-edge/venv/bin/pip --disable-pip-version-check --no-cache-dir -q"
 in_root $PIP install -c /tmp/lock.txt -r /tmp/edge-req.txt
 in_root $PIP install --no-deps "$silero"
@@ -52,7 +55,7 @@ if in_root /opt/sovereign-edge/venv/bin/python -c "import torch" 2>/dev/null; th
   echo "torch ended up in the device venv" >&2; exit 1
 fi
 in_root /opt/sovereign-edge/venv/bin/edge-daemon --help >/dev/null
-rm -rf "$SRC" "$R/tmp/lock.txt" "$R/tmp/edge-req.txt"
+rm -rf "$SRC" "$R/tmp/lock.txt" "$R/tmp/edge-req.txt" "$R/tmp/build-host-ca.crt"
 if [ -n "$resolv" ]; then ln -sf "$resolv" "$R/etc/resolv.conf"; fi
 
 echo "-- build-only packages out"
