@@ -47,6 +47,7 @@ cp --remove-destination /etc/resolv.conf "$R/etc/resolv.conf"
 # store is left as Debian ships it
 cp /etc/ssl/certs/ca-certificates.crt "$R/tmp/build-host-ca.crt"
 PIP="env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PIP_CERT=/tmp/build-host-ca.crt \
+  REQUESTS_CA_BUNDLE=/tmp/build-host-ca.crt SSL_CERT_FILE=/tmp/build-host-ca.crt \
   /opt/sovereign-edge/venv/bin/pip --disable-pip-version-check --no-cache-dir -q"
 in_root $PIP install -c /tmp/lock.txt -r /tmp/edge-req.txt
 in_root $PIP install --no-deps "$silero"
