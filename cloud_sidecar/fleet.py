@@ -329,7 +329,9 @@ class FleetService:
         try:
             channel = topics.claim_of_enroll_request(topic)
             if req.channel != channel:
-                raise MalformedError("request names another channel than its topic", "claim_mismatch")
+                raise MalformedError(
+                    "request names another channel than its topic", "claim_mismatch"
+                )
             if device in self.policy.reserved_ids:
                 raise MalformedError(f"{device!r} is reserved", "reserved_device_id")
             record = self.store.device(device)
