@@ -224,11 +224,18 @@ class Hsm:
         return self._pair(UNWRAP_LABEL).key_id
 
     def unwrap_key_ids(self) -> tuple[str, ...]:
-        """Ids of every unwrap key in the token: the current one first, then rotated ones."""
-        current = self.unwrap_key_id()
+        """Ids of every unwrap key in the token: the current one first, then rotated ones.
+
+        Read from the token on every call, so a rotation by another process (the CLI) is
+        seen at once: a cached current key that now carries a rotated label is dropped.
+        """
         with self._lock:
             labels = self._call("list unwrap keys", self._unwrap_labels)
-        older = sorted(label.split(".", 1)[1] for label in labels if label != UNWRAP_LABEL)
+            older = sorted(label.split(".", 1)[1] for label in labels if label != UNWRAP_LABEL)
+            cached = self._pairs.get(UNWRAP_LABEL)
+            if cached is not None and cached.key_id in older:
+                del self._pairs[UNWRAP_LABEL]
+        current = self.unwrap_key_id()
         return (current, *(k for k in older if k != current))
 
     def rotate_unwrap_key(self) -> str:
