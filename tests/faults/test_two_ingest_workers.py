@@ -38,7 +38,7 @@ from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.uplink import Outbox
 from fleet_protocol import topics
 from fleet_protocol.batch import SampleMeta
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.mqtt import MqttLink
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -119,7 +119,7 @@ def test_two_workers_out_of_order_and_a_broker_outage_store_every_batch_once(
                     stream_offset_s=float(i), predicted="horn", score=0.4,
                     model_sha256="ab" * 32, reason="low_confidence",
                 )  # fmt: skip
-                buffer.add(meta, np.full((N_MELS, N_FRAMES), i % 7, np.float16))
+                buffer.add(meta, np.full((N_BANDS, N_FRAMES), i % 7, np.float16))
             assert outbox.seal() == N_BATCHES
             offline = False
             random.Random(9).shuffle(held)  # delivered out of order, to two workers

@@ -29,7 +29,7 @@ from edge_daemon.uplink import Outbox
 from fleet_protocol import topics
 from fleet_protocol.batch import SampleMeta
 from fleet_protocol.envelope import key_id_from_pem
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.messages import Ack
 from tests.unit.test_ingest import FakeHsm, _pem
 
@@ -72,7 +72,7 @@ class Pair:
                 stream_offset_s=float(i), predicted="horn", score=0.4,
                 model_sha256="ab" * 32, reason="low_confidence",
             )  # fmt: skip
-            self.buffer.add(meta, np.zeros((N_MELS, N_FRAMES), np.float16))
+            self.buffer.add(meta, np.zeros((N_BANDS, N_FRAMES), np.float16))
 
 
 def _outbox(buffer: MemoryReplayStore, signer: SoftSigner, hsm: FakeHsm, wire: list[bytes],
