@@ -13,6 +13,10 @@ with backoff (never the MQTT thread), and the device resends. Any token failure 
 an unwrap other than "this ciphertext is not for this key" counts as unavailable: a
 retry loses nothing, a rejection would make the device drop the batch.
 
+No thread dies of input: the MQTT handler, the HSM reopen loop and the metrics and
+checkpoint loop catch every ``Exception``, count it (``loop_errors_total{loop,kind}``,
+``fleet_protocol.io.guard``), log it and go on.
+
 The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
 ``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
 """
@@ -36,6 +40,7 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.guard import LoopFaults
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ class SidecarApp:
     def __init__(self, cfg: SidecarConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
+        self.faults = LoopFaults(  # every loop's caught exceptions: loop_errors_total
+            lambda loop, kind: self.metrics.inc("loop_errors_total", loop=loop, kind=kind)
+        )
         self._hsm_lock = threading.Lock()
         self._reopening = False
         self._stopping = threading.Event()
@@ -77,7 +85,9 @@ class SidecarApp:
         self.audit = cfg.open_audit()
         self.store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
         self.hsm = open_hsm(cfg)
-        self.link = open_link(cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message)
+        self.link = open_link(
+            cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message, self.faults
+        )
         self.ingest = Ingest(
             self.store,
             _HsmUnwrapper(self),
@@ -142,17 +152,18 @@ class SidecarApp:
         delay = 0.5
         try:
             while not self._stopping.is_set():
-                self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
+                with self.faults.guard("hsm_reopen"):
+                    self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
                     hsm = open_hsm(self.cfg)
-                except HsmError as e:
+                except Exception as e:  # HsmError, or whatever a PKCS#11 module raises
                     log.warning("HSM still unavailable (%s); retrying in %.1f s", e, delay)
                     self._stopping.wait(delay)
                     delay = min(delay * 2, 30.0)
                     continue
                 try:
                     hsm.unwrap_key_id()  # the token answers and holds the key
-                except HsmError as e:
+                except Exception as e:
                     hsm.close()
                     log.warning("HSM reopened but unusable (%s); retrying in %.1f s", e, delay)
                     self._stopping.wait(delay)
@@ -184,9 +195,11 @@ class SidecarApp:
         last_checkpoint = time.monotonic()
         try:
             while not stop.wait(2.0):
-                self.write_metrics(self.cfg.data_dir / "metrics.prom")
+                with self.faults.guard("metrics"):  # a full disk must not stop serving
+                    self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
-                    self.checkpoint_audit()
+                    with self.faults.guard("checkpoint"):
+                        self.checkpoint_audit()
                     last_checkpoint = time.monotonic()
         finally:
             self.write_metrics(self.cfg.data_dir / "metrics.prom")

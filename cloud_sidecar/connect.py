@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.keys.hsm import Hsm
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
 
 
@@ -26,11 +27,15 @@ def _ignore(_topic: str, _payload: bytes) -> None:
 
 
 def open_link(
-    cfg: SidecarConfig, client_id: str, on_message: Callable[[str, bytes], None] = _ignore
+    cfg: SidecarConfig,
+    client_id: str,
+    on_message: Callable[[str, bytes], None] = _ignore,
+    faults: LoopFaults | None = None,
 ) -> MqttLink:
     b = cfg.broker
     return MqttLink(
         MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
         client_id=client_id,
         on_message=on_message,
+        faults=faults,
     )

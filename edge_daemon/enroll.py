@@ -41,6 +41,7 @@ from edge_daemon.errors import EnrollmentError
 from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink, TransportError
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,10 @@ class Renewer:
         renew_at: float = 2 / 3,
         check_every_s: float = 60.0,
         timeout_s: float = 30.0,
+        faults: LoopFaults | None = None,
     ) -> None:
         self.device = device
+        self.faults = faults if faults is not None else LoopFaults()
         self._sign = sign_digest
         self._kid = identity_key_id
         self._store = store
@@ -273,18 +276,26 @@ class Renewer:
         return identity
 
     def run(self, stop: threading.Event) -> None:
+        """Check every ``check_every_s``; after a failure back off (doubling, at most 1 h).
+
+        No exception ends this thread (a TPM that is busy, a corrupt identity file, a
+        response nobody foresaw): the certificate would expire. Expected failures
+        (``EnrollmentError``, ``TransportError``) are logged; anything else is counted in
+        ``faults`` (loop ``renewer``) as well; both back off and try again.
+        """
         backoff = self._every
         while not stop.wait(backoff):
-            current = self._store.current()
-            if current is not None and not current.renew_due(self._renew_at):
-                backoff = self._every
-                continue
             try:
-                self.renew_once()
+                current = self._store.current()
+                if current is None or current.renew_due(self._renew_at):
+                    self.renew_once()
                 backoff = self._every
             except (EnrollmentError, TransportError) as e:
                 backoff = min(backoff * 2, 3600.0)
                 log.warning("certificate renewal failed (%s); retrying in %.0f s", e, backoff)
+            except Exception as e:
+                backoff = min(backoff * 2, 3600.0)
+                self.faults.record("renewer", e)
 
     def start(self, stop: threading.Event) -> None:
         self._thread = threading.Thread(
@@ -342,7 +353,9 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
     return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)
 
 
-def make_renewer(cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink) -> Renewer | None:
+def make_renewer(
+    cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink, faults: LoopFaults | None = None
+) -> Renewer | None:
     """A renewer for an enrolled identity; None for a fixed certificate."""
     e = cfg.enrollment
     if cfg.broker.client_cert is not None or e is None:
@@ -356,6 +369,7 @@ def make_renewer(cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink) -> Renew
         cfg.broker.ca_cert.read_bytes(),
         renew_at=e.renew_at,
         check_every_s=e.check_every_s,
+        faults=faults,
     )
 
 

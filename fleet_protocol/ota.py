@@ -9,6 +9,10 @@ raises ``MetadataError``; fetching and persisting are the caller's job.
 Invariants enforced by ``verify_targets``: byte cap; exactly the trusted key signs;
 ``_type`` is ``targets``; not expired (freeze attack); version never below the
 trusted one (rollback attack). ``verify_artifact`` checks length before hashing.
+Whatever the bytes hold (lone surrogates such as ``"\\ud800"``, huge numbers, deep
+nesting, wrong types) ``verify_targets`` raises only ``ProtocolError`` subclasses:
+canonicalising the unauthenticated ``signed`` part to hash it is the first thing that
+touches it, and ``canonical`` raises ``MetadataError`` for what UTF-8 cannot hold.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from fleet_protocol.errors import MetadataError, TooLargeError
+from fleet_protocol.errors import MalformedError, MetadataError, TooLargeError
+from fleet_protocol.wire import canonical_json
 
 SPEC_VERSION = "1.0.31"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,7 +63,15 @@ class VerifiedTargets:
 
 
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Canonical JSON of ``obj``; ``MetadataError`` for what has no UTF-8 encoding.
+
+    ``wire.canonical_json`` refuses lone surrogates, NaN and infinities and too deep
+    nesting with ``MalformedError``; a document carrying one is malformed metadata.
+    """
+    try:
+        return canonical_json(obj)
+    except MalformedError as e:
+        raise MetadataError(f"metadata cannot be canonicalised: {e}", reason="malformed") from e
 
 
 def build_targets(
