@@ -96,9 +96,9 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
     hsm = open_hsm(cfg)
     try:
+        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
         pub = repo.roll_back(
             args.to_adapter,
             expires_days=cfg.ota.expires_days,

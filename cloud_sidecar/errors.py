@@ -41,6 +41,11 @@ class GateRejectedError(CloudError):
     """A candidate adapter did not pass the evaluation gate."""
 
 
+class RepositoryError(CloudError):
+    """OTA repository state that is not backed by verified signed metadata, or an artifact
+    that does not match what was gated or signed: nothing is signed."""
+
+
 class AuditError(CloudError):
     """The audit log is inconsistent (edited, deleted or reordered entries)."""
 

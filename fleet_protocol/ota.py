@@ -143,6 +143,31 @@ def verify_targets(
     now: datetime,
     limits: OtaLimits = OtaLimits(),
 ) -> VerifiedTargets:
+    verified = verify_signed_targets(
+        data, trusted_key_pem=trusted_key_pem, trusted_keyid=trusted_keyid, limits=limits
+    )
+    if verified.version < current_version:
+        raise MetadataError(
+            f"version {verified.version} is older than trusted {current_version}",
+            reason="rollback",
+        )
+    if verified.expires <= now:
+        raise MetadataError(f"metadata expired at {verified.expires.isoformat()}", reason="expired")
+    return verified
+
+
+def verify_signed_targets(
+    data: bytes,
+    *,
+    trusted_key_pem: bytes,
+    trusted_keyid: str,
+    limits: OtaLimits = OtaLimits(),
+) -> VerifiedTargets:
+    """Signature, type and field checks only, without freshness (expiry, rollback).
+
+    For the repository's own history (``cloud_sidecar.ota_repo``), whose earlier
+    versions have expired; a device always calls ``verify_targets``.
+    """
     if len(data) > limits.max_metadata:
         raise TooLargeError(f"metadata of {len(data)} bytes exceeds {limits.max_metadata}")
     try:
@@ -175,18 +200,12 @@ def verify_targets(
     version = signed.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise MetadataError("version must be a positive integer")
-    if version < current_version:
-        raise MetadataError(
-            f"version {version} is older than trusted {current_version}", reason="rollback"
-        )
     try:
         expires = datetime.strptime(str(signed.get("expires")), "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=UTC
         )
     except ValueError as e:
         raise MetadataError("expires is not an ISO-8601 UTC time") from e
-    if expires <= now:
-        raise MetadataError(f"metadata expired at {expires.isoformat()}", reason="expired")
     raw_targets = signed.get("targets")
     if not isinstance(raw_targets, dict):
         raise MetadataError("targets must be an object")
