@@ -4,7 +4,8 @@ Start order: audit log → store → HSM session → MQTT link (shared subscript
 for ingest; the devices' OTA status, events and telemetry for
 ``cloud_sidecar.device_messages``; label batches from downstream systems for
 ``cloud_sidecar.labels``; with a ``fleet`` section also enrollment and renewal,
-answered by ``cloud_sidecar.fleet``). Stop in reverse. Every topic and subscription
+answered by ``cloud_sidecar.fleet`` on its own thread (a bounded queue: enrollment signs
+in the HSM and never holds up ingest on the MQTT thread)). Stop in reverse. Every topic and subscription
 comes from ``fleet_protocol.topics``, the names the broker's ACL is generated from
 (``fleet_protocol.acl``). MQTT callbacks run ingest directly: it is bounded work (one
 HSM decrypt, one SQLite transaction). When the HSM is unavailable
@@ -40,7 +41,7 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
-from fleet_protocol.io.guard import LoopFaults
+from fleet_protocol.io.guard import BoundedWorker, LoopFaults
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class SidecarApp:
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
+            # enrollment signs in the HSM: its own thread, never the ingest (MQTT) thread
+            self._fleet_worker = BoundedWorker("fleet", self._handle_fleet, self.faults)
+            self._fleet_worker.start()
             self.link.subscribe(topics.enroll_subscription(), 1)
             self.link.subscribe(topics.renew_subscription(), 1)
         self.link.start(wait_s=15)
@@ -134,11 +138,16 @@ class SidecarApp:
         elif self.fleet is not None and (
             kind == topics.CERT_REQUEST or topics.is_enroll_topic(topic)
         ):
-            reply = self.fleet.handle(topic, payload)
-            if reply is not None:
-                self._publish(*reply)
+            if not self._fleet_worker.offer(topic, payload):
+                self.metrics.inc("fleet_rejected_total", op="queue", reason="queue_full")
         else:
             log.debug("ignored a message on %s", topic[:120])
+
+    def _handle_fleet(self, topic: str, payload: bytes) -> None:
+        assert self.fleet is not None
+        reply = self.fleet.handle(topic, payload)
+        if reply is not None:
+            self._publish(*reply)
 
     def _hsm_failed(self) -> None:
         """Start one background reopen loop, unless one is running."""
@@ -208,7 +217,9 @@ class SidecarApp:
     def stop(self) -> None:
         self._stopping.set()
         # the final checkpoint signs the head after the last ingest
-        for close in (self.link.stop, self.checkpoint_audit, self.hsm.close, self.store.close):
+        worker = getattr(self, "_fleet_worker", None)
+        stops = (self.link.stop, *([worker.stop] if worker else []), self.checkpoint_audit)
+        for close in (*stops, self.hsm.close, self.store.close):
             try:
                 close()
             except Exception:

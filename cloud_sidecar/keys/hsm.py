@@ -54,6 +54,7 @@ UNWRAP_LABEL = "upload-unwrap"
 SIGNING_LABEL = "ota-signing"
 CA_LABEL = "fleet-ca"
 EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL)  # EC P-256, sign only
+CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
 
@@ -261,6 +262,51 @@ class Hsm:
 
         with self._lock:
             return self._call("sign", run)
+
+    def claim_mac(self, data: bytes) -> bytes:
+        """``CKM_SHA256_HMAC`` with the token's ``claim-mac`` secret (generated inside the
+        token on first use: 256 bits, sensitive, non-extractable, sign/verify only)."""
+
+        def run() -> bytes:
+            key = self._secret(CLAIM_MAC_LABEL)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        with self._lock:
+            return self._call("claim mac", run)
+
+    def _secret(self, label: str) -> Any:
+        session = self._require_session()
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
+        if len(found) > 1:
+            raise HsmError(f"token holds {len(found)} secret keys {label!r}")
+        if not found:
+            log.info("generating HMAC-SHA256 secret %r in the token", label)
+            return session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                id=label.encode(),
+                store=True,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+        key = found[0]
+        attrs = key.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE])
+        if not attrs[Attribute.SENSITIVE] or attrs[Attribute.EXTRACTABLE]:
+            raise HsmError(f"secret {label!r} is extractable; refusing it")
+        return key
 
     def close(self) -> None:
         """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""

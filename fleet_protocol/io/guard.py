@@ -14,6 +14,8 @@ Invariants:
 - logging is bounded: the first ``LOG_FULL`` faults of a kind per loop carry a
   traceback, later ones one line every ``LOG_EVERY``; a flood of bad messages cannot
   fill the disk with tracebacks;
+- ``BoundedWorker`` moves work off a thread that must stay responsive (the MQTT network
+  thread): a bounded queue, one guarded thread, drops counted;
 - ``counts()`` is a snapshot ``{"<loop>/<ExceptionType>": n}`` for status reports.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -71,4 +74,51 @@ class LoopFaults:
             return sum(n for (name, _), n in self._counts.items() if loop in (None, name))
 
 
-__all__ = ["LoopFaults"]
+class BoundedWorker:
+    """One thread that handles ``(topic, payload)`` items from a bounded queue.
+
+    For work that must stay off the MQTT network thread (enrollment signs in the HSM):
+    ``offer`` never blocks; a full queue drops the item and counts it (``dropped``);
+    the handler runs under ``faults.guard(name)``, so no item ends the thread.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[str, bytes], None],
+        faults: LoopFaults,
+        max_items: int = 64,
+    ) -> None:
+        self.name = name
+        self.dropped = 0
+        self._handle = handle
+        self._faults = faults
+        self._items: queue.Queue[tuple[str, bytes] | None] = queue.Queue(max_items)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, topic: str, payload: bytes) -> bool:
+        try:
+            self._items.put_nowait((topic, payload))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.warning("%s: queue full; dropped a message on %s", self.name, topic[:120])
+            return False
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not None:
+            with self._faults.guard(self.name):
+                self._handle(*item)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(queue.Full):
+            self._items.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
+
+
+__all__ = ["BoundedWorker", "LoopFaults"]
