@@ -33,7 +33,7 @@ from pathlib import Path
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.device_messages import DeviceMessages
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.labels import LabelService
@@ -165,6 +165,12 @@ class SidecarApp:
                     self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
                     hsm = open_hsm(self.cfg)
+                except HsmPinError as e:  # retrying would lock the token: stop and say so
+                    self.metrics.inc("hsm_pin_refused_total")
+                    log.critical("HSM refused the PIN; not retrying (fix it, restart): %s", e)
+                    with self.faults.guard("hsm_reopen"):
+                        self.audit.append("hsm.pin_refused", "serve", detail=str(e)[:300])
+                    return
                 except Exception as e:  # HsmError, or whatever a PKCS#11 module raises
                     log.warning("HSM still unavailable (%s); retrying in %.1f s", e, delay)
                     self._stopping.wait(delay)

@@ -13,6 +13,11 @@ class HsmError(CloudError):
     """The PKCS#11 token failed or is unreachable (key missing, login, mechanism)."""
 
 
+class HsmPinError(HsmError):
+    """The token refused the PIN. Never retried: every further try brings the token closer
+    to locking the user PIN (issue 9); an operator must fix the credential."""
+
+
 class HsmUnavailableError(HsmError):
     """The token cannot be reached now; ingest stops acknowledging and retries."""
 

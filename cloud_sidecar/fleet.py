@@ -46,6 +46,7 @@ from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
+from cloud_sidecar.trust import check_hook
 from fleet_protocol import enroll, topics
 from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, leaf_builder
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
@@ -439,6 +440,7 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
     f = cfg.fleet
     if f is None:
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
+    check_hook(f.crl_hook)  # config is code: only a trusted program runs after a revocation
     signer: CaSigner
     if f.ca_signer == "hsm":
         from cloud_sidecar.ca import HsmCaSigner

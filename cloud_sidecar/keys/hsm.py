@@ -11,8 +11,10 @@ Invariants:
   token objects, each with exactly one use (unwrap: decrypt only; signing: sign
   only); existing keys without these attributes are refused, never used;
 - no private key material crosses this module's boundary, only results;
-- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token or
-  a failed login as ``HsmUnavailableError`` (callers retry); data that is not
+- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token as
+  ``HsmUnavailableError`` (callers retry); a refused PIN as ``HsmPinError``, once: the
+  PIN is remembered (as a hash) and never presented to the token again in this
+  process, so no retry loop can lock the token; data that is not
   encrypted for the unwrap key as ``HsmDecryptError`` (callers reject the upload);
 - all ``Hsm`` objects on a token share one logged-in session, and its lock
   serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
@@ -45,7 +47,7 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from fleet_protocol.envelope import key_id_from_pem
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,13 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     p11.UserPinNotInitialized,
     p11.FunctionFailed,
 )
+_PIN_REFUSED: tuple[type[Exception], ...] = (
+    p11.PinIncorrect,
+    p11.PinInvalid,
+    p11.PinLenRange,
+    p11.PinLocked,
+    p11.PinExpired,
+)
 _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
     p11.EncryptedDataInvalid,
     p11.EncryptedDataLenRange,
@@ -95,6 +104,8 @@ _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
 # ``Hsm`` must present the same PIN (compared as SHA-256; the PIN is not kept).
 _LIB_LOCK = threading.Lock()
 _lib_conf: dict[str, str | None] = {}
+# (module, token, SHA-256(PIN)) the token refused: never presented to it again
+_refused_pins: set[tuple[str, str, bytes]] = set()
 
 
 @dataclass
@@ -131,10 +142,15 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
     with _LIB_LOCK:
         key = (module, token_label)
         pin_hash = hashlib.sha256(user_pin.encode()).digest()
+        if (module, token_label, pin_hash) in _refused_pins:
+            raise HsmPinError(
+                f"token {token_label!r} refused this PIN before; not trying it again (the"
+                " token would lock): fix the hsm-pin credential and restart"
+            )
         shared = _shared.get(key)
         if shared is not None:
             if not hmac.compare_digest(pin_hash, shared.pin_hash):
-                raise HsmUnavailableError(f"login to token {token_label!r} failed: wrong PIN")
+                raise HsmPinError(f"login to token {token_label!r} failed: wrong PIN")
             shared.users += 1
             return shared
         conf = os.environ.get(_CONF_ENV)
@@ -155,7 +171,14 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
                 raise
             lib.reinitialize()  # tokens created or restored since initialisation become visible
             token = lib.get_token(token_label=token_label)
-        session = token.open(rw=True, user_pin=user_pin)
+        try:
+            session = token.open(rw=True, user_pin=user_pin)
+        except _PIN_REFUSED as e:
+            _refused_pins.add((module, token_label, pin_hash))
+            log.critical(
+                "token %r refused the PIN (%r); it will not be tried again", token_label, e
+            )
+            raise HsmPinError(f"token {token_label!r} refused the PIN: {e!r}") from e
         shared = _Shared(session=session, lock=threading.Lock(), pin_hash=pin_hash, users=1)
         _shared[key] = shared
         return shared
