@@ -98,7 +98,7 @@ def test_open_hsm_refuses_a_module_outside_the_allow_list_before_loading_it(
     cfg = SimpleNamespace(
         hsm=HsmConfig(module=evil, token_label="t", pin_file=tmp_path / "pin", region="eu-west-1")
     )
-    with pytest.raises(ConfigError, match="hsm.module"):
+    with pytest.raises(ConfigError, match=r"hsm\.module"):
         open_hsm(cfg)  # type: ignore[arg-type]
 
 
