@@ -18,7 +18,7 @@ Invariants:
 - every message is canonical JSON (sorted keys, separators ``,`` ``:``, UTF-8) with
   exactly its fields; a non-canonical encoding is malformed, so a signed message has
   one byte representation;
-- a request's ``sig`` is an ECDSA P-256 signature (strict DER) by the device's TPM
+- a request's ``sig`` is an ECDSA P-256 signature (strict DER, low S) by the device's TPM
   identity key over SHA-256(domain tag || canonical JSON without ``sig``); the domain
   tags differ for enrollment and renewal, so one can never be replayed as the other;
 - every parser checks the total size first (``MAX_MESSAGE_BYTES``), then each field's
@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
 from pydantic import ConfigDict, Field, model_validator
 
-from fleet_protocol import topics
+from fleet_protocol import low_s, topics
 from fleet_protocol.errors import MalformedError, SignatureError, TooLargeError
 from fleet_protocol.wire import DeviceId, UInt63, WireModel, canonical_json
 
@@ -173,7 +173,7 @@ class _Signed(_Canonical):
         return hashlib.sha256(self.TAG + self.body()).digest()
 
     def signed(self, sign_digest: SignDigest) -> Self:
-        der = sign_digest(self.signed_digest())
+        der = low_s.normalize(sign_digest(self.signed_digest()))
         sig = base64.b64encode(der).decode("ascii")
         return type(self).model_validate({**self.model_dump(), "sig": sig})
 
@@ -191,12 +191,9 @@ def _strict_der(sig: str) -> bytes:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError) as e:
         raise MalformedError("field sig is not base64", "bad_signature") from e
-    try:
-        r, s = utils.decode_dss_signature(raw)
-    except ValueError as e:
-        raise MalformedError("sig is not a DER ECDSA signature", "bad_signature") from e
-    if utils.encode_dss_signature(r, s) != raw or base64.b64encode(raw).decode() != sig:
-        raise MalformedError("sig is not strict DER in canonical base64", "bad_signature")
+    low_s.check(raw)  # strict DER, low S: the broker cannot re-encode a request
+    if base64.b64encode(raw).decode() != sig:
+        raise MalformedError("sig is not in canonical base64", "bad_signature")
     return raw
 
 
