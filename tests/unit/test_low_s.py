@@ -27,14 +27,14 @@ WRAP_PEM = WRAP.public_key().public_bytes(
 
 
 def _flip(der: bytes) -> bytes:
-    r, s = utils.decode_dss_signature(der)
+    _r, s = utils.decode_dss_signature(der)
     return utils.encode_dss_signature(r, low_s.P256_ORDER - s)
 
 
 def _high_s_signer(digest: bytes) -> bytes:
     """A signer (a TPM) that returns whichever of the two valid forms is high-S."""
     der = DEVICE.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-    r, s = utils.decode_dss_signature(der)
+    _r, s = utils.decode_dss_signature(der)
     return der if s > low_s.HALF_ORDER else _flip(der)
 
 
@@ -54,7 +54,7 @@ def _seal() -> bytes:
 
 def test_seal_normalises_a_high_s_signature_and_parse_accepts_it() -> None:
     env = envelope.parse(_seal())
-    r, s = utils.decode_dss_signature(env.signature)
+    _r, s = utils.decode_dss_signature(env.signature)
     assert s <= low_s.HALF_ORDER
 
 
