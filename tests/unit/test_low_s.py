@@ -27,7 +27,7 @@ WRAP_PEM = WRAP.public_key().public_bytes(
 
 
 def _flip(der: bytes) -> bytes:
-    _r, s = utils.decode_dss_signature(der)
+    r, s = utils.decode_dss_signature(der)
     return utils.encode_dss_signature(r, low_s.P256_ORDER - s)
 
 
