@@ -47,7 +47,7 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
             "base_model_dir": base_model_dir,
             "broker": {
                 "host": "127.0.0.1",
-                "port": stack.broker.port,
+                "port": stack.broker.service_port or stack.broker.port,
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
