@@ -284,3 +284,29 @@ def test_the_sidecar_counts_loop_errors_as_a_prometheus_counter() -> None:
         raise ValueError("bad input")
     assert app.metrics.get("loop_errors_total", loop="mqtt", kind="ValueError") == 1
     assert 'loop_errors_total{kind="ValueError",loop="mqtt"} 1' in app.metrics.render()
+
+
+def test_the_bounded_worker_drops_and_counts_when_full_and_survives_its_handler() -> None:
+    from fleet_protocol.io.guard import BoundedWorker
+
+    seen: list[bytes] = []
+    gate = threading.Event()
+
+    def handle(_topic: str, payload: bytes) -> None:
+        gate.wait(5)
+        seen.append(payload)
+        if payload == b"bad":
+            raise ValueError("bad request")
+
+    faults = LoopFaults()
+    worker = BoundedWorker("fleet", handle, faults, max_items=2)
+    assert worker.offer("t", b"bad") and worker.offer("t", b"ok")
+    assert not worker.offer("t", b"dropped")  # never blocks the caller (the MQTT thread)
+    worker.start()
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert seen == [b"bad", b"ok"] and worker.dropped == 1
+    assert faults.counts() == {"fleet/ValueError": 1}
