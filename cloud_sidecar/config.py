@@ -119,6 +119,12 @@ class FleetConfig(_Strict):
     )
     claim_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a claim expires after this")
     max_clock_skew_s: int = Field(600, ge=1, description="accepted request time offset")
+    ek_ca_certs: tuple[Path, ...] = Field(
+        (),
+        description="certificates of the TPM manufacturers' EK CAs; when set, enrollment"
+        " asks each device to prove its identity key lives in a TPM with such an EK"
+        " (credential activation, docs/adr/0018); empty: not asked",
+    )
     crl_hook: tuple[str, ...] = Field(
         (),
         description="argv run with the CRL path appended after each revocation; it must"

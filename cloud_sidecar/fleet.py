@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 import subprocess
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from cloud_sidecar import attest
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.broker_acl import admin_identity
 from cloud_sidecar.config import SidecarConfig
@@ -217,6 +219,7 @@ class FleetService:
         on_crl_changed: Callable[[Path], None] = lambda _p: None,
         *,
         claim_mac: ClaimMac,
+        ek_issuers: Sequence[x509.Certificate] = (),
     ) -> None:
         self.store = store
         self.audit = audit
@@ -225,6 +228,8 @@ class FleetService:
         self.policy = policy
         self._on_crl_changed = on_crl_changed
         self._claim_mac = claim_mac
+        self._ek_issuers = tuple(ek_issuers)  # empty: no proof of TPM residence asked
+        self._pending = attest.PendingChallenges()
         # revoke vs. issue: a certificate is issued and recorded, or the device is revoked
         # with every serial listed, never a certificate missing from the CRL
         self._issue_lock = threading.Lock()
@@ -269,7 +274,11 @@ class FleetService:
     def handle(self, topic: str, payload: bytes) -> Reply | None:
         """One request in, the reply (topic, bytes) out, or None when there is no one to tell."""
         if topics.is_enroll_topic(topic):
-            return self._enroll(topic, payload)
+            try:
+                proof = enroll.ActivationProof.from_bytes(payload)
+            except ProtocolError:
+                return self._enroll(topic, payload)
+            return self._activate(topic, proof)
         return self._renew(topic, payload)
 
     def _enroll(self, topic: str, payload: bytes) -> Reply | None:
@@ -293,12 +302,63 @@ class FleetService:
                 raise SignatureError(
                     f"device {req.device_id!r} is {known.status}", "revoked_device"
                 )
+            ek = name = None
+            if self._ek_issuers:  # the identity key must prove it lives in a TPM
+                ek = attest.check_ek_certificate(req.ek_cert, self._ek_issuers)
+                identity = enroll.load_identity_key(req.identity_key.encode())
+                name = attest.identity_name(req.identity_public, identity)
             try:  # the claim record is an HSM MAC (claim_record_hash)
                 record = claim_record_hash(self._claim_mac, claim_id, req.device_id, req.token)
             except HsmError as e:
                 log.error("enroll of %s: the HSM cannot check the claim: %s", req.device_id, e)
                 self.metrics.inc("fleet_rejected_total", op="enroll", reason="hsm_unavailable")
                 return None  # the claim is intact, the device resends
+            why = self.store.check_claim(claim_id, req.device_id, record, _now_ms())
+            if why:
+                raise SignatureError(f"claim {claim_id} refused: {why}", why)
+            if ek is not None and name is not None:
+                ch = attest.challenge(ek, name)
+                self._pending.put(claim_id, req.nonce, req, csr, record, ch.secret)
+                self.metrics.inc("fleet_challenged_total")
+                challenge = enroll.ActivationChallenge(
+                    device_id=req.device_id,
+                    nonce=req.nonce,
+                    credential_blob=ch.credential_blob,
+                    encrypted_secret=ch.encrypted_secret,
+                )
+                return topics.enroll_response(claim_id), challenge.to_bytes()
+        except ProtocolError as e:
+            self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
+            if req is None or claim_id is None:
+                return None
+            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
+        return self._issue_enrollment(claim_id, req, csr, record)
+
+    def _activate(self, topic: str, proof: enroll.ActivationProof) -> Reply | None:
+        """The answer to a credential-activation challenge: issue, or refuse."""
+        claim_id = topics.claim_of_enroll_request(topic)
+        try:
+            if proof.claim_id != claim_id:
+                raise MalformedError("proof names another claim than its topic", "claim_mismatch")
+            try:
+                secret = base64.b64decode(proof.secret, validate=True)
+            except ValueError as e:
+                raise MalformedError("secret is not base64", "activation_failed") from e
+            pending = self._pending.take(claim_id, proof.nonce, proof.device_id, secret)
+        except ProtocolError as e:
+            self._rejected("enroll", proof.device_id, e, claim_id=claim_id)
+            return None  # nothing to bind a refusal to: the device times out or resends
+        self.metrics.inc("fleet_activated_total")
+        return self._issue_enrollment(claim_id, pending.request, pending.csr, pending.record)
+
+    def _issue_enrollment(
+        self,
+        claim_id: str,
+        req: enroll.EnrollRequest,
+        csr: x509.CertificateSigningRequest,
+        record: str,
+    ) -> Reply | None:
+        try:
             with self._issue_lock:
                 # checked before anything is signed; consumed only after the CA signed,
                 # so an HSM outage never burns a claim (no answer, the device resends)
@@ -314,9 +374,7 @@ class FleetService:
                 device = self.store.register_device(req.device_id, req.identity_key.encode())
                 self._record(cert, req.device_id, "enroll")
         except ProtocolError as e:
-            self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
-            if req is None or claim_id is None:
-                return None
+            self._rejected("enroll", req.device_id, e, claim_id=claim_id)
             return topics.enroll_response(claim_id), self._refusal(req, e.reason)
         self.audit.append(
             "fleet.enrolled",
@@ -466,6 +524,7 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
         policy,
         lambda p: run_crl_hook(f.crl_hook, p),
         claim_mac=claim_mac,
+        ek_issuers=[x509.load_pem_x509_certificate(_read_capped(p)) for p in f.ek_ca_certs],
     )
 
 

@@ -44,7 +44,7 @@ from devstack.mosquitto import Broker, start_broker
 from devstack.pki import CertPair, DevCA
 from devstack.procs import ProcessGroup
 from devstack.softhsm import HsmToken, init_token
-from devstack.swtpm import Swtpm, start_swtpm
+from devstack.swtpm import EK_CA_CERT, Swtpm, start_swtpm
 from fleet_protocol.io.mqtt import MqttEndpoint
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,15 @@ class DevStack:
         for i in range(self.n_devices):
             self.add_device(f"{self.device_prefix}-{i:02d}")
 
+    @property
+    def ek_ca_dir(self) -> Path:
+        """The local "TPM manufacturer" CA that issues each swtpm's EK certificate."""
+        return self.workdir / "ek-ca"
+
+    @property
+    def ek_ca_cert(self) -> Path:
+        return self.ek_ca_dir / EK_CA_CERT
+
     def open_hsm(self) -> Hsm:
         """A session on the stack's token (the fleet CA key lives there)."""
         return Hsm(str(self.token.module), self.token.label, self.token.user_pin)
@@ -151,7 +160,7 @@ class DevStack:
 
     def add_device(self, device_id: str) -> DeviceSlot:
         state_dir = self.workdir / "devices" / device_id
-        tpm = start_swtpm(self.procs, self.workdir / "tpm" / device_id)
+        tpm = start_swtpm(self.procs, self.workdir / "tpm" / device_id, ek_ca_dir=self.ek_ca_dir)
         slot = DeviceSlot(device_id, tpm, self.ca.issue_client(device_id), state_dir)
         self.devices.append(slot)
         log.info("device %s: swtpm on port %d", device_id, tpm.port)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_daemon.config import DeviceConfig
-from edge_daemon.errors import EnrollmentError
+from edge_daemon.errors import EdgeError, EnrollmentError
 from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
@@ -128,17 +128,21 @@ class IdentityStore:
 
 def _await(
     responses: queue.Queue[bytes], device: str, nonce: str, deadline: float
-) -> enroll.CertResponse | None:
+) -> enroll.CertResponse | enroll.ActivationChallenge | None:
     while (left := deadline - time.monotonic()) > 0:
         try:
             payload = responses.get(timeout=left)
         except queue.Empty:
             return None
+        resp: enroll.CertResponse | enroll.ActivationChallenge
         try:
             resp = enroll.CertResponse.from_bytes(payload)
         except ProtocolError as e:
-            log.warning("ignored a malformed certificate response: %s", e)
-            continue
+            try:
+                resp = enroll.ActivationChallenge.from_bytes(payload)
+            except ProtocolError:
+                log.warning("ignored a malformed certificate response: %s", e)
+                continue
         if resp.nonce == nonce and resp.device_id == device:
             return resp
     return None
@@ -169,11 +173,14 @@ def enroll_device(
     claim_endpoint: MqttEndpoint,
     timeout_s: float = 60.0,
     resend_s: float = 5.0,
+    tpm: TpmAttestation | None = None,
 ) -> TlsIdentity:
     """Enroll over the claim identity; install and return the issued identity.
 
     Resends the same signed request every ``resend_s`` (the sidecar may not be
-    subscribed yet) until an answer to its nonce arrives or ``timeout_s`` passes.
+    subscribed yet) until an answer to its nonce arrives or ``timeout_s`` passes. With
+    ``tpm`` the request carries the EK certificate and the identity key's TPM public
+    area, and a credential-activation challenge is answered from the TPM (ADR 0018).
     """
     key = ec.generate_private_key(ec.SECP256R1())
     req = enroll.EnrollRequest(
@@ -182,6 +189,10 @@ def enroll_device(
         token=claim.token,
         csr=enroll.make_csr(key, device),
         identity_key=identity_public_pem.decode("ascii"),
+        identity_public=""
+        if tpm is None
+        else base64.b64encode(tpm.identity_public_area()).decode(),
+        ek_cert="" if tpm is None else tpm.ek_certificate_pem(),
         created_at_ms=int(time.time() * 1000),
         nonce=enroll.new_nonce(),
     ).signed(sign_digest)
@@ -193,19 +204,56 @@ def enroll_device(
     deadline = time.monotonic() + timeout_s
     try:
         link.start(wait_s=timeout_s)
-        resp = None
-        while resp is None and time.monotonic() < deadline:
-            link.publish(topics.enroll_request(claim.claim_id), req.to_bytes(), 1, timeout_s=5)
+        resp: enroll.CertResponse | enroll.ActivationChallenge | None = None
+        message = req.to_bytes()
+        while time.monotonic() < deadline:
+            link.publish(topics.enroll_request(claim.claim_id), message, 1, timeout_s=5)
             resp = _await(responses, device, req.nonce, min(deadline, time.monotonic() + resend_s))
+            if isinstance(resp, enroll.ActivationChallenge):
+                message = _answer(resp, claim, tpm)  # then resend the proof until answered
+                resp = None
+            elif resp is not None:
+                break
     except TransportError as e:
         raise EnrollmentError(f"cannot reach the broker with the claim certificate: {e}") from e
     finally:
         link.stop()
-    if resp is None:
+    if not isinstance(resp, enroll.CertResponse):
         raise EnrollmentError(f"no enrollment answer within {timeout_s:.0f} s", "timeout")
     identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
     log.info("enrolled as %s", device)
     return identity
+
+
+class TpmAttestation(Protocol):
+    """What credential activation needs from the TPM (``TpmKeyStore``)."""
+
+    def ek_certificate_pem(self) -> str: ...
+
+    def identity_public_area(self) -> bytes: ...
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes: ...
+
+
+def _answer(
+    ch: enroll.ActivationChallenge, claim: enroll.Claim, tpm: TpmAttestation | None
+) -> bytes:
+    """The ``ActivationProof`` for a challenge: the secret only this TPM can recover."""
+    if tpm is None:
+        raise EnrollmentError("the fleet asks for TPM credential activation", "no_tpm")
+    try:
+        secret = tpm.activate_credential(
+            base64.b64decode(ch.credential_blob), base64.b64decode(ch.encrypted_secret)
+        )
+    except EdgeError as e:
+        raise EnrollmentError(f"credential activation failed: {e}", "activation_failed") from e
+    log.info("answered the fleet's TPM credential-activation challenge")
+    return enroll.ActivationProof(
+        device_id=ch.device_id,
+        claim_id=claim.claim_id,
+        nonce=ch.nonce,
+        secret=base64.b64encode(secret).decode(),
+    ).to_bytes()
 
 
 def _offer(q: queue.Queue[bytes], payload: bytes) -> None:
@@ -267,7 +315,7 @@ class Renewer:
         if not self._link.publish(topic, req.to_bytes(), qos=1, timeout_s=self._timeout):
             raise EnrollmentError("renewal request not accepted by the broker", "publish_failed")
         resp = _await(self._responses, self.device, req.nonce, time.monotonic() + self._timeout)
-        if resp is None:
+        if not isinstance(resp, enroll.CertResponse):
             raise EnrollmentError(f"no renewal answer within {self._timeout:.0f} s", "timeout")
         identity = _accept(resp, self.device, key, self._ca_pem, self._store)
         self._link.reload_client_cert(identity.path, identity.path, identity.password)
@@ -311,7 +359,7 @@ class Renewer:
 # -- composition helpers for edge_daemon/app.py ------------------------------------------
 
 
-class _TpmIdentity(Protocol):
+class _TpmIdentity(TpmAttestation, Protocol):
     def sign_digest(self, digest: bytes) -> bytes: ...
 
     def signing_public_key_pem(self) -> bytes: ...
@@ -348,6 +396,7 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
             store,
             claim_endpoint,
             e.timeout_s,
+            tpm=keys,
         )
         e.claim_file.unlink(missing_ok=True)  # one-time: it is used up now
     return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)

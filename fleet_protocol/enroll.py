@@ -57,6 +57,7 @@ VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_CSR_PEM = 4096
 MAX_CERT_PEM = 8192
+MAX_TPM_BLOB = 1024  # TPM2B_PUBLIC of a P-256 key, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET
 MAX_KEY_PEM = 1024
 MAX_SIGNATURE = 80
 MAX_REASON = 64
@@ -71,9 +72,11 @@ KID_RE = re.compile(r"^[0-9a-f]{16}$")
 REASON_RE = re.compile(r"^[a-z0-9_]{0,64}$")
 _PEM_RE = re.compile(r"-----BEGIN [A-Z ]+-----\n[A-Za-z0-9+/=\n]+-----END [A-Z ]+-----\n?")
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+_B64 = r"^([A-Za-z0-9+/]+={0,2})?$"
 # schema examples: the right shapes, not a real CSR, key or signature
 _EXAMPLE_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nTUlJQg==\n-----END CERTIFICATE REQUEST-----\n"
 _EXAMPLE_KEY = "-----BEGIN PUBLIC KEY-----\nTUZrdw==\n-----END PUBLIC KEY-----\n"
+_EXAMPLE_CERT = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n"
 _EXAMPLE_SIG = "MAYCAQECAQE="  # DER SEQUENCE { INTEGER 1, INTEGER 1 }
 
 SignDigest = Callable[[bytes], bytes]
@@ -209,7 +212,9 @@ class EnrollRequest(_Signed):
                     "created_at_ms": 1764000000000,
                     "csr": _EXAMPLE_CSR,
                     "device_id": "pi-07",
+                    "ek_cert": _EXAMPLE_CERT,
                     "identity_key": _EXAMPLE_KEY,
+                    "identity_public": "AFoAIw==",
                     "nonce": "ab" * 16,
                     "sig": _EXAMPLE_SIG,
                     "token": "A" * 43,
@@ -233,8 +238,83 @@ class EnrollRequest(_Signed):
     ]
     csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
     identity_key: Annotated[str, _pem(MAX_KEY_PEM, "TPM identity public key, SPKI")]
+    identity_public: Annotated[
+        str,
+        Field(
+            max_length=4 * MAX_TPM_BLOB // 3 + 4,
+            pattern=_B64,
+            description="the identity key's TPM2B_PUBLIC (base64): the cloud derives its TPM"
+            " Name for credential activation",
+        ),
+    ] = ""
+    ek_cert: Annotated[
+        str, _pem(MAX_CERT_PEM, "the TPM's RSA-2048 EK certificate; empty when it has none", True)
+    ] = ""
     created_at_ms: CreatedAt
     nonce: Nonce
+
+
+class ActivationChallenge(_Canonical):
+    """Cloud → device on ``fleet/v1/enroll/<claim id>/response``: a secret sealed by
+    ``TPM2_MakeCredential`` to the EK of the certificate the request presented and to the
+    Name of its identity key. Only that TPM, holding that key, can recover it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "credential_blob": "AEQAIA==",
+                    "device_id": "pi-07",
+                    "encrypted_secret": "AQA=",
+                    "nonce": "ab" * 16,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {"device_id": "bad_device_id"}
+
+    device_id: DeviceId
+    nonce: Annotated[str, Field(pattern=NONCE_RE.pattern, description="the request's nonce")]
+    credential_blob: Annotated[
+        str,
+        Field(max_length=4 * MAX_TPM_BLOB // 3 + 4, pattern=_B64, description="TPM2B_ID_OBJECT"),
+    ]
+    encrypted_secret: Annotated[
+        str,
+        Field(
+            max_length=4 * MAX_TPM_BLOB // 3 + 4, pattern=_B64, description="TPM2B_ENCRYPTED_SECRET"
+        ),
+    ]
+
+
+class ActivationProof(_Canonical):
+    """Device → cloud on ``fleet/v1/enroll/<claim id>/request``: the activated secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "claim_id": "0123456789abcdef",
+                    "device_id": "pi-07",
+                    "nonce": "ab" * 16,
+                    "secret": "c2VjcmV0",
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "claim_id": "bad_claim_id",
+    }
+
+    device_id: DeviceId
+    claim_id: Annotated[str, Field(pattern=topics.CLAIM_ID_RE.pattern, description="16 hex")]
+    nonce: Annotated[str, Field(pattern=NONCE_RE.pattern, description="the request's nonce")]
+    secret: Annotated[
+        str, Field(max_length=4 * 64 // 3 + 4, pattern=_B64, description="the activated secret")
+    ]
 
 
 class RenewRequest(_Signed):
@@ -394,6 +474,8 @@ def check_issued(
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "VERSION",
+    "ActivationChallenge",
+    "ActivationProof",
     "CertResponse",
     "Claim",
     "EnrollRequest",
