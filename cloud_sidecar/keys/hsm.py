@@ -438,6 +438,7 @@ class Hsm:
         for label in (UNWRAP_LABEL, *EC_SIGN_LABELS):
             if self._load_pair(label) is None:
                 raise HsmError(f"key {label!r} missing right after generation")
+        self._secret(CLAIM_MAC_LABEL)  # at provisioning, not raced by two first claims
 
     def _load_pair(self, label: str) -> _KeyPair | None:
         """Find a keypair by label, check its private attributes, cache it. None if absent."""
