@@ -59,6 +59,28 @@ SPECS = (
     m.Spec("fleet_enrolled_total", "counter", "Devices enrolled with a claim."),
     m.Spec("fleet_renewed_total", "counter", "Device certificates renewed."),
     m.Spec("fleet_revoked_total", "counter", "Devices revoked."),
+    m.Spec("fleet_challenged_total", "counter", "TPM credential-activation challenges sent."),
+    m.Spec("fleet_activated_total", "counter", "Challenges answered by the device's TPM."),
+    m.Spec("fleet_reenrolled_total", "counter", "Devices re-enrolled by their registered key."),
+    m.Spec(
+        "fleet_rejected_total",
+        "counter",
+        "Enrollment, activation or renewal requests refused, by operation and reason.",
+        ("op", "reason"),
+    ),
+    m.Spec("hsm_pin_refused_total", "counter", "HSM logins refused for the PIN (no retry)."),
+    m.Spec(
+        "ingest_deferred_total",
+        "counter",
+        "Uploads answered 'retry later' (device resends), by reason.",
+        ("reason",),
+    ),
+    m.Spec(
+        "loop_errors_total",
+        "counter",
+        "Exceptions a service loop caught and survived, by exception type and loop.",
+        ("kind", "loop"),
+    ),
     m.Spec(
         "device_certificate_expiry_timestamp_seconds",
         "gauge",

@@ -71,7 +71,12 @@ SPECS = (
     m.Spec("ota_state", "gauge", "1 for the outcome of the last update attempt.", (*D, "state")),
     m.Spec("ota_adapter_version", "gauge", "Adapter version running (0: the base model).", D),
     m.Spec("mailbox_dropped_total", "counter", "Network messages dropped by a full mailbox.", D),
-    m.Spec("loop_errors_total", "counter", "Errors the main loop logged and survived.", D),
+    m.Spec(
+        "loop_errors_total",
+        "counter",
+        "Exceptions the daemon's loops caught and survived (all loops).",
+        D,
+    ),
 )
 
 
@@ -136,4 +141,6 @@ class EdgeMetrics:
             mm.set("ota_state", 1, device=d, state=str(ota["state"]))
         mm.set("ota_adapter_version", model["adapter_version"], device=d)
         mm.set_total("mailbox_dropped_total", status["mailbox_dropped"], device=d)
-        mm.set_total("loop_errors_total", status.get("loop_errors", 0), device=d)
+        errors = status.get("loop_errors", 0)  # {"loop/kind": n} (fleet_protocol.io.guard)
+        total = sum(errors.values()) if isinstance(errors, dict) else int(errors)
+        mm.set_total("loop_errors_total", total, device=d)

@@ -77,8 +77,8 @@ def test_a_message_naming_another_device_is_refused_counted_and_audited(
     # nothing of it was accepted: no OTA status audited, no event or telemetry counted
     kinds = [e["kind"] for e in sidecar.audit_entries()]
     assert "ota.device_status" not in kinds
-    assert "events_total" not in sidecar.metrics.render()
-    assert "telemetry_messages_total" not in sidecar.metrics.render()
+    assert "sidecar_events_total{" not in sidecar.metrics.render()  # no sample, only HELP
+    assert "sidecar_telemetry_messages_total{" not in sidecar.metrics.render()
     assert verify(sidecar.audit.path) == 1
 
 
