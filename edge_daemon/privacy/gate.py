@@ -26,9 +26,15 @@ Invariants:
   never returned, logged or stored; only its index is counted (detector state and
   the scoring queue keep at most the last ``ENCODE_BATCH`` chunks' conditioned
   samples, replaced as the stream moves on);
-- each detector's chunk is scored by two VAD states whose recurrent state is zeroed in
-  turn, every ``vad_reset_s`` and half a period apart, on the stream-aligned chunk
-  count; the older of the two decides (ties: the first);
+- each detector's chunk is scored by several VAD states on the stream-aligned chunk
+  count: with ``vad_states="twin"`` two states zeroed in turn every ``vad_reset_s``,
+  half a period apart, the older deciding (ties: the first); with ``"all"`` a state
+  never reset plus a pair of states per restart period (``vad_reset_s``,
+  ``vad_fast_reset_s`` zeroed, ``vad_warm_reset_s`` restarted from ``warm_state``),
+  each pair half a period apart; the chunk's probability is the never-reset state's
+  or the ``vad_votes``-th highest of the restarted states', whichever is higher;
+- windows that start within the first ``warmup_s`` of a stream (after ``flush``: a
+  capture restart) are dropped whatever the detectors say (``windows_dropped_warmup``);
 - decisions depend only on the samples, not on how they were split into ``push``
   calls: every stage works chunk by chunk on the stream-aligned grid, and the
   encoder's result for a chunk does not depend on its batch-mates (``silero.encode``);
@@ -47,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon.errors import ConfigError
-from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN
+from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN, SileroModel
 from edge_daemon.privacy.speech_check import SpeechCheck
 from edge_daemon.privacy.vad import (
     CHUNK_SAMPLES,
@@ -112,12 +118,25 @@ class GateConfig:
         less than half of it (a fresh state false-alarms for ~2 s). 0 = one state, never
         reset (half the VAD cost).
     vad_states: how the VAD states of a detector decide. ``"twin"``: the older of the
-        two restarted states decides. ``"all"``: a third state that is never reset (only
-        at stream start) joins them, and a chunk is speech for the detector if any of
-        the three says so, each restarted state only once it is ``min_state_age_s``
-        old (a fresh state false-alarms; one state alone can go deaf for seconds, or
-        wake up late on a short word after seconds without speech: ADR 0005).
+        two restarted states decides. ``"all"``: a state that is never reset (only at
+        stream start) and pairs of restarted states (``vad_reset_s``,
+        ``vad_fast_reset_s``, ``vad_warm_reset_s``); a chunk is speech for the
+        detector if the never-reset state says so or ``vad_votes`` restarted states
+        agree, each restarted state only once it is ``min_state_age_s`` old. One state
+        alone can go deaf for seconds, or wake up late on a short word after seconds
+        without speech; a fresh state hears it but false-alarms about once every 3 s
+        of noise (0.5-1.3 % of chunks), a never-reset one 20 times less; asking
+        several restarted states to agree keeps most of what they hear and few of
+        their false alarms (ADR 0005, revision 4).
+    vad_fast_reset_s: ``"all"``: period of a second pair of zeroed states (0: none).
+    vad_warm_reset_s: ``"all"``: period of a pair of states restarted from
+        ``warm_state`` (the state after 3 s of quiet noise) instead of zeros (0: none).
+    vad_votes: ``"all"``: restarted states that must agree (1: any of them).
     min_state_age_s: see ``vad_states``.
+    warmup_s: windows that start this early in a stream are dropped unscored: at
+        stream start and after a capture restart every state is fresh and has heard
+        nothing before the first word (words 0.1-0.4 s into a stream scored < 0.5 by
+        every state; ADR 0005). Costs ``warmup_s`` of audio per restart.
     speech_check: a window the VAD passes must also pass the second detector
         (``speech_check.SpeechCheck``: a small model on the window's upload features);
         the features it computed travel with the ``KeptWindow``.
@@ -135,7 +154,11 @@ class GateConfig:
     denoise_over: float = 2.0
     vad_reset_s: float = 10.0
     vad_states: str = "all"
-    min_state_age_s: float = 5.0
+    vad_fast_reset_s: float = 4.0
+    vad_warm_reset_s: float = 3.0
+    vad_votes: int = 3
+    min_state_age_s: float = 0.0
+    warmup_s: float = 2.0
     speech_check: bool = True
     speech_check_threshold: float | None = None
     agc_target_dbfs: float = -20.0
@@ -162,8 +185,17 @@ class GateConfig:
             raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
         if self.vad_states not in STATE_SCHEMES:
             raise ConfigError(f"privacy.vad_states must be one of {STATE_SCHEMES}")
-        if self.vad_reset_s and not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
-            raise ConfigError("privacy.min_state_age_s must be in [0, vad_reset_s / 2]")
+        for name in ("vad_fast_reset_s", "vad_warm_reset_s"):
+            v = getattr(self, name)
+            if v and not 1.0 <= v <= 600.0:
+                raise ConfigError(f"privacy.{name} must be 0 or in [1, 600], got {v}")
+        if not 1 <= self.vad_votes <= 6:
+            raise ConfigError(f"privacy.vad_votes must be in [1, 6], got {self.vad_votes}")
+        shortest = min((p for p in self.restart_periods_s() if p), default=0.0)
+        if shortest and not 0.0 <= self.min_state_age_s <= 0.5 * shortest:
+            raise ConfigError("privacy.min_state_age_s must be in [0, shortest restart / 2]")
+        if not 0.0 <= self.warmup_s <= 60.0:
+            raise ConfigError(f"privacy.warmup_s must be in [0, 60] s, got {self.warmup_s}")
         if self.speech_check_threshold is not None and not 0 < self.speech_check_threshold < 1:
             raise ConfigError("privacy.speech_check_threshold must be in (0, 1)")
         if len(set(self.detectors)) != len(self.detectors):
@@ -181,6 +213,14 @@ class GateConfig:
             )
         if self.max_block_samples < 1:
             raise ConfigError("privacy.max_block_samples must be positive")
+
+    def restart_periods_s(self) -> tuple[float, ...]:
+        """The restart period of each pair of restarted states (zeroed, zeroed, warm)."""
+        if not self.vad_reset_s:
+            return ()
+        if self.vad_states == "twin":
+            return (self.vad_reset_s,)
+        return (self.vad_reset_s, self.vad_fast_reset_s, self.vad_warm_reset_s)
 
 
 @dataclass(frozen=True)
@@ -203,6 +243,7 @@ class GateStats:
     windows_dropped_speech: int = 0
     windows_dropped_unvetted: int = 0  # at flush: the stream ended inside the after-margin
     windows_dropped_check: int = 0  # passed the VAD, flagged by the speech check
+    windows_dropped_warmup: int = 0  # in the first warmup_s of a stream
     vad_cpu_s: float = 0.0  # process CPU seconds inside the VAD (encoder + LSTM steps)
     check_cpu_s: float = 0.0  # process CPU seconds inside the speech check (features + model)
     condition_cpu_s: float = 0.0  # process CPU seconds conditioning chunks for the VAD views
@@ -399,6 +440,36 @@ def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
     return chunk > 0 and age_a == 0, chunk >= half and age_b == 0, age_a >= age_b
 
 
+def state_age(chunk: int, period: int, offset: int) -> int:
+    """Chunks since a state restarted every ``period`` chunks from chunk ``offset`` on
+    (and before that, since the stream start) was last restarted."""
+    if chunk < offset:
+        return chunk
+    return (chunk - offset) % period
+
+
+WARM_NOISE_S = 3.0
+WARM_NOISE_DBFS = -20.0  # the AGC's target: what the detectors' inputs are lifted to
+
+
+def warm_state(model: SileroModel) -> FloatArray:
+    """``(2, 128)``: the decoder state after ``WARM_NOISE_S`` of quiet, smooth noise
+    (fixed seed) from zeros: a state that has heard "nothing in particular", so it
+    false-alarms less than a zeroed one yet has no history that could make it deaf."""
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.standard_normal(int(WARM_NOISE_S * SAMPLE_RATE))) * 0.002
+    x = x - np.convolve(x, np.ones(64) / 64, mode="same")
+    x = x / np.sqrt(np.mean(x * x)) * 10 ** (WARM_NOISE_DBFS / 20)
+    n = x.size // CHUNK_SAMPLES
+    chunks = x[: n * CHUNK_SAMPLES].astype(np.float32).reshape(n, 1, CHUNK_SAMPLES)
+    inputs = context_inputs(np.zeros((1, CONTEXT_SAMPLES), np.float32), chunks)
+    gates = model.encode(inputs.reshape(n, -1))
+    state = np.zeros((2, 1, HIDDEN), dtype=np.float32)
+    for g in gates:
+        _, state = model.step(g[None], state)
+    return np.asarray(state[:, 0], dtype=np.float32)
+
+
 class PrivacyGate:
     """Streaming gate over one audio stream; ``flush`` ends it and starts the next."""
 
@@ -408,11 +479,22 @@ class PrivacyGate:
         self._detectors = [_Detector(config, kind) for kind in config.detectors]
         k = len(self._detectors)
         self._model = vad.model
-        # twin VAD states per detector, restarted in turn every vad_reset_s (see GateConfig)
-        self._period = round(config.vad_reset_s * SAMPLE_RATE / CHUNK_SAMPLES)
+        # restarted VAD states per detector: (period, offset, warm) in chunks (GateConfig)
+        per_s = SAMPLE_RATE / CHUNK_SAMPLES
+        self._restarts: list[tuple[int, int, bool]] = []
+        for j, period_s in enumerate(config.restart_periods_s()):
+            period = round(period_s * per_s)
+            if period:
+                for offset in (0, period // 2):
+                    self._restarts.append((period, offset, j == 2))
+        self._period = self._restarts[0][0] if self._restarts else 0
         self._all = config.vad_states == "all" and self._period > 0
-        self._min_age = round(config.min_state_age_s * SAMPLE_RATE / CHUNK_SAMPLES)
-        self._states = (3 if self._all else 2) * k if self._period else k
+        self._votes = min(config.vad_votes, len(self._restarts)) if self._all else 1
+        self._min_age = round(config.min_state_age_s * per_s)
+        self._warm = warm_state(self._model) if any(w for *_, w in self._restarts) else None
+        # rows of the state array: restarted states in order, then the never-reset one
+        self._states = (len(self._restarts) + (1 if self._all else 0)) * k if self._period else k
+        self._warmup = round(config.warmup_s * SAMPLE_RATE)
         self._check: SpeechCheck | None = None
         self._check_threshold = config.speech_check_threshold
         if config.speech_check:
@@ -503,22 +585,21 @@ class PrivacyGate:
         if not self._period:
             probs, self._state = self._model.step(gates, self._state)
         else:
-            restart_a, restart_b, a_decides = twin_schedule(i, self._period)
-            if restart_a:
-                self._state[:, :k] = 0.0
-            if restart_b:
-                self._state[:, k : 2 * k] = 0.0
-            rows = np.concatenate((gates,) * (3 if self._all else 2))
-            every, self._state = self._model.step(rows, self._state)
-            if self._all:  # the never-reset state, and each twin once it is old enough
-                age_a, age_b = twin_ages(i, self._period)
-                probs = every[2 * k :]
-                if age_a >= self._min_age:
-                    probs = np.maximum(probs, every[:k])
-                if age_b >= self._min_age:
-                    probs = np.maximum(probs, every[k : 2 * k])
+            ages = [state_age(i, period, offset) for period, offset, _ in self._restarts]
+            for j, ((_, _, warm), age) in enumerate(zip(self._restarts, ages, strict=True)):
+                if i > 0 and age == 0:
+                    rows_j = self._state[:, j * k : (j + 1) * k]
+                    rows_j[:] = self._warm[:, None] if warm and self._warm is not None else 0.0
+            n_states = self._states // k
+            every, self._state = self._model.step(np.concatenate((gates,) * n_states), self._state)
+            every = every.reshape(n_states, k)
+            if self._all:  # the never-reset state, or enough restarted ones old enough
+                fresh = every[: len(self._restarts)].copy()
+                fresh[np.asarray(ages) < self._min_age] = 0.0
+                fresh.sort(axis=0)
+                probs = np.maximum(every[-1], fresh[-self._votes])
             else:
-                probs = every[:k] if a_decides else every[k:]
+                probs = every[0] if ages[0] >= ages[1] else every[1]
         self._speech.append(False)
         for d, p in zip(self._detectors, probs.tolist(), strict=True):
             if d.decide(p):
@@ -541,15 +622,21 @@ class PrivacyGate:
             first_chunk = max(0, (start - self._before) // CHUNK_SAMPLES)
             lo, hi = first_chunk - self._chunk_base, last_chunk - self._chunk_base + 1
             unvetted = end + self._after > self._total  # only at flush: cut by the stream end
+            warming = start < self._warmup
             speech = any(self._speech[lo:hi])
             self.stats.windows_in += 1
-            if speech or unvetted:
-                if unvetted:
+            if speech or unvetted or warming:
+                if warming:
+                    why = "warm-up"
+                    self.stats.windows_dropped_warmup += 1
+                elif unvetted:
+                    why = "unvetted"
                     self.stats.windows_dropped_unvetted += 1
                 else:
+                    why = "speech"
                     self.stats.windows_dropped_speech += 1
                 self._audio[:WINDOW_SAMPLES] = 0.0  # our copy; do not leave it for the GC
-                log.debug("window %d dropped: %s", w, "unvetted" if unvetted else "speech")
+                log.debug("window %d dropped: %s", w, why)
             else:
                 kept.append(KeptWindow(w, start, self._audio[:WINDOW_SAMPLES].copy()))
             self._audio = self._audio[WINDOW_SAMPLES:].copy()
