@@ -129,28 +129,28 @@ def check_scores(audio: F32) -> F32:
 
 
 def add_check(streams: list[Stream]) -> None:
-    """Fill ``Stream.check`` (cached per source, apart from the VAD probabilities)."""
-    by: dict[str, list[Stream]] = {}
+    """Fill ``Stream.check`` (cached per source and variant, apart from the VAD's)."""
     for st in streams:
-        by.setdefault(st.source, []).append(st)
-    srcs = {s.name: s for s in rs.SOURCES}
-    for name, sts in by.items():
-        f = CACHE / f"{name}-check.pkl"
+        if st.source.startswith("espeak-"):
+            continue
+        f = CACHE / f"{st.source}-{st.variant}-check.pkl"
         if f.exists():
             table = pickle.loads(f.read_bytes())
         else:
+            src = rs.BY_NAME[st.source]
             table = {
-                (v, snr): [check_scores(seg.audio) for seg in pr.build(srcs[name], snr, v)]
-                for v in pr.VARIANTS for snr in pr.SNRS_DB
-            }  # fmt: skip
+                snr: [check_scores(seg.audio) for seg in pr.build(src, snr, st.variant)]
+                for snr in pr.SNRS_DB
+            }
             f.write_bytes(pickle.dumps(table))
-            log.info("speech check scores for %s", name)
-        for st in sts:
-            st.check = table[(st.variant, st.snr_db)]
+            log.info("speech check scores for %s %s", st.source, st.variant)
+        st.check = table[st.snr_db]
 
 
 def record(
-    sources: tuple[rs.Source, ...], detectors: tuple[str, ...] = ("denoise", "raw")
+    sources: tuple[rs.Source, ...],
+    detectors: tuple[str, ...] = ("denoise", "raw"),
+    variants: tuple[str, ...] = pr.VARIANTS,
 ) -> list[Stream]:
     from edge_daemon.privacy.vad import SileroVad
 
@@ -160,12 +160,12 @@ def record(
     warm = warm_state(model)
     out: list[Stream] = []
     for src in sources:
-        f = CACHE / f"{src.name}-{'-'.join(detectors)}-{len(SCHEDULES)}.pkl"
-        if f.exists():
-            out.extend(Stream(**d) for d in pickle.loads(f.read_bytes()))
-            continue
-        got: list[Stream] = []
-        for variant in pr.VARIANTS:
+        for variant in variants:
+            f = CACHE / f"{src.name}-{variant}-{'-'.join(detectors)}-{len(SCHEDULES)}.pkl"
+            if f.exists():
+                out.extend(Stream(**d) for d in pickle.loads(f.read_bytes()))
+                continue
+            got: list[Stream] = []
             for snr in pr.SNRS_DB:
                 segs = pr.build(src, snr, variant)
                 got.append(
@@ -176,9 +176,9 @@ def record(
                         [s.audio.size for s in segs],
                     )
                 )  # fmt: skip
-        f.write_bytes(pickle.dumps([vars(g) for g in got]))
-        log.info("recorded %s", src.name)
-        out.extend(got)
+            f.write_bytes(pickle.dumps([vars(g) for g in got]))
+            log.info("recorded %s %s", src.name, variant)
+            out.extend(got)
     return out
 
 

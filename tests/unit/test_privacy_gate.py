@@ -149,7 +149,8 @@ def test_gate_drops_a_speech_free_window_when_speech_starts_in_its_after_margin(
     assert gate.stats.windows_dropped_unvetted == 1  # [13, 14): the 0.75 s margin cut
     s = gate.stats
     dropped = s.windows_dropped_speech + s.windows_dropped_unvetted + s.windows_dropped_check
-    assert s.windows_kept + dropped == 14
+    assert s.windows_dropped_warmup == 2  # [0, 2): the warm-up after the stream start
+    assert s.windows_kept + dropped + s.windows_dropped_warmup == 14
 
 
 def test_gate_drops_a_speech_free_window_when_speech_ends_in_its_before_margin(
@@ -191,9 +192,10 @@ def test_flush_discards_the_partial_window_and_restarts_the_stream(vad: SileroVa
     bed = sounds.background(int(4.5 * SR), np.random.default_rng(5))
     gate = PrivacyGate(GateConfig(), vad)
     first = _run(gate, [bed])
-    assert [k.index for k in first] == [0, 1, 2]  # [3, 4): after-margin cut; [4, 4.5): partial
-    second = _run(gate, [bed])
-    assert [k.index for k in second] == [0, 1, 2]
+    # [0, 2): warm-up; [3, 4): after-margin cut; [4, 4.5): partial
+    assert [k.index for k in first] == [2]
+    second = _run(gate, [bed])  # a new stream: the warm-up again
+    assert [k.index for k in second] == [2]
     assert all(np.array_equal(a.audio, b.audio) for a, b in zip(first, second, strict=True))
 
 
