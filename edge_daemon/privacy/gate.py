@@ -146,7 +146,7 @@ class GateConfig:
 
     threshold: float = 0.5
     hysteresis: float = 0.1
-    margin_before_s: float = 0.25
+    margin_before_s: float = 0.5
     margin_after_s: float = 0.75
     detectors: tuple[str, ...] = ("denoise", "raw")
     declip_factor: float = 3.0
