@@ -9,11 +9,19 @@ probabilities are cached under ``benchmarks/.cache/gate-replay/``. ``simulate`` 
 applies a decision rule (which states, thresholds, margins, look-ahead) to the cached
 probabilities and scores leakage and yield per cell in milliseconds.
 
+``add_check`` adds the second detector's score per window (``speech_check``), cached
+apart, so a rule can count what both detectors let through.
+
+    python -m benchmarks.gate_replay --split all   # record (once), replay the defaults
+    python -m benchmarks.gate_replay --verify      # replay == PrivacyGate, two sources
+
 Invariants:
-- the replay of the gate's own rule reproduces ``PrivacyGate`` (speech check off) window
-  for window (checked by ``python -m benchmarks.gate_replay --check``);
+- ``rule_for(GateConfig())`` replayed reproduces ``PrivacyGate`` (speech check off)
+  window for window (``--verify``: two sources, far-field at 0 dB);
 - only the tuning split may be used to choose settings; held-out sources are replayed
-  only to report (the CLI prints them apart).
+  only to report (the CLI prints them apart);
+- caches are keyed by source, variant, detectors and schedule count; delete
+  ``benchmarks/.cache/gate-replay/`` after changing the conditioning or the layout.
 """
 
 from __future__ import annotations
@@ -204,6 +212,27 @@ class Rule:
     own: tuple[tuple[str, float], ...] = ()  # (state, its own threshold): scaled to ``threshold``
 
 
+def rule_for(config: object) -> Rule:
+    """The replay rule of a ``GateConfig`` whose states are among ``SCHEDULES``."""
+    from edge_daemon.privacy.gate import GateConfig
+
+    assert isinstance(config, GateConfig)
+    if config.vad_states == "twin" or not config.vad_reset_s:
+        raise ValueError("only the 'all' state scheme is replayed")
+    names = {10.0: ("twinA", "twinB"), 4.0: ("r4a", "r4b"), 3.0: ("w3a", "w3b")}
+    states: tuple[str, ...] = ("never",)
+    for j, period in enumerate(config.restart_periods_s()):
+        if period:
+            if period not in names or (j == 2) != (period == 3.0):
+                raise ValueError(f"restart period {period} s is not recorded")
+            states += names[period]
+    return Rule(
+        states=states, min_age=config.min_state_age_s, threshold=config.threshold,
+        hysteresis=config.hysteresis, before_s=config.margin_before_s,
+        after_s=config.margin_after_s, votes=config.vad_votes, warmup_s=config.warmup_s,
+    )  # fmt: skip
+
+
 def flags(p: F32, rule: Rule, lo: float, hi: float) -> npt.NDArray[np.bool_]:
     """Per chunk: any detector speech at thresholds (hi on, lo hold) on the combined
     probability: the never-reset state's, or the ``votes``-th highest restarted one's."""
@@ -348,13 +377,40 @@ def record_synthetic(
     return out
 
 
+def verify() -> int:
+    """Run the real gate (speech check off) and the replay on two streams; 0 if equal."""
+    from edge_daemon.privacy.gate import GateConfig, PrivacyGate
+    from edge_daemon.privacy.vad import SileroVad
+
+    rs.fetch()
+    vad = SileroVad(threads=1)
+    warm = warm_state(vad.model)
+    config = GateConfig(speech_check=False)
+    gate, rule = PrivacyGate(config, vad), rule_for(config)
+    bad = 0
+    for name in ("klettres-de", "codec2-mmt1"):
+        for seg in pr.build(rs.BY_NAME[name], 0.0, "far"):
+            kept: list[int] = []
+            for i in range(0, seg.audio.size, 1600):
+                kept += [w.start_sample for w in gate.push(seg.audio[i : i + 1600])]
+            kept += [w.start_sample for w in gate.flush()]
+            probs = probe_segment(seg.audio, config.detectors, vad.model, warm)
+            same = kept == kept_windows(probs, seg.audio.size, rule)
+            bad += not same
+            print(name, "replay == gate" if same else "DIFFERENT", len(kept), "kept")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("tune", "held", "all"), default="tune")
     ap.add_argument("--sources", nargs="*", default=None)
     ap.add_argument("--synthetic", action="store_true", help="record the espeak bench scenes")
+    ap.add_argument("--verify", action="store_true", help="replay == PrivacyGate on two sources")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.verify:
+        return verify()
     if args.synthetic:
         from benchmarks.privacy import LANGUAGES
 
@@ -362,12 +418,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     srcs = tuple(
         s for s in rs.SOURCES
-        if (args.split == "all" or s.split == args.split)
+        if args.split in ("all", s.split)
         and (not args.sources or s.name in args.sources)
     )  # fmt: skip
+    from edge_daemon.privacy.gate import GateConfig
+
     streams = record(srcs)
     add_check(streams)
-    cells = simulate(streams, Rule())
+    rule = rule_for(GateConfig())
+    cells = simulate(streams, rule)
+    for split in ("tune", "held"):
+        if any(c.split == split for c in cells):
+            print("VAD only:", summary(cells, split))
+    cells = simulate(streams, Rule(**{**rule.__dict__, "check": 0.2}))
     for split in ("tune", "held"):
         if any(c.split == split for c in cells):
             print(summary(cells, split))

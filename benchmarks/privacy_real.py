@@ -130,7 +130,7 @@ def shoebox(rng: np.random.Generator) -> F32:
     """A simulated hall (pyroomacoustics image method): 8-14 x 6-10 x 3.5-6 m, RT60
     0.3-0.9 s, the talker 1.5-6 m from a microphone mounted 3 m up, as a sensor on
     a station concourse or in a courtyard hears a voice; normalised to a direct path of 1."""
-    import pyroomacoustics as pra
+    import pyroomacoustics as pra  # type: ignore[import-untyped]
 
     dims = [rng.uniform(8, 14), rng.uniform(6, 10), rng.uniform(3.5, 6)]
     rt60 = rng.uniform(0.3, 0.9)
