@@ -237,6 +237,30 @@ def test_denoise_stage_lowers_a_steady_masker_and_keeps_a_burst() -> None:
     assert rms(out[3 * SR + 1000 : 3 * SR + 3000]) > 0.7 * 0.3  # the burst mostly kept
 
 
+def test_dereverb_stage_lowers_a_reverberant_tail_and_keeps_the_onset() -> None:
+    from edge_daemon.privacy.gate import _Dereverb
+
+    rng = np.random.default_rng(6)
+    dry = np.zeros(94 * CHUNK_SAMPLES)  # about 3 s, whole chunks
+    dry[SR : SR + 3200] = rng.standard_normal(3200) * 0.3  # a 0.2 s burst
+    t = np.arange(int(0.8 * SR)) / SR
+    rir = rng.standard_normal(t.size) * np.exp(-6.9 * t / 0.8) * 0.05  # RT60 0.8 s tail
+    rir[0] = 1.0
+    wet = np.convolve(dry, rir)[: dry.size]
+    stage = _Dereverb(GateConfig().denoise_over)
+    chunks = wet.reshape(-1, CHUNK_SAMPLES)
+    out = np.concatenate([stage(chunks[i : i + 4]).reshape(-1) for i in range(0, len(chunks), 4)])
+    out = out[stage.delay :]
+
+    def rms(x: npt.NDArray[np.float64]) -> float:
+        return float(np.sqrt(np.mean(x**2)))
+
+    tail = slice(SR + 3200 + 1600, SR + 3200 + 6400)  # 0.1-0.4 s after the burst ends
+    assert rms(out[tail]) < rms(wet[tail]) / 2  # the late reverberation, >= 6 dB down
+    onset = slice(SR + 200, SR + 1600)
+    assert rms(out[onset]) > 0.7 * rms(wet[onset])  # the direct sound mostly kept
+
+
 def test_twin_vad_states_restart_in_turn_and_the_older_one_decides() -> None:
     from edge_daemon.privacy.gate import twin_schedule
 
