@@ -39,6 +39,7 @@ import numpy.typing as npt
 from benchmarks import privacy_real as pr
 from benchmarks import real_speech as rs
 from benchmarks.privacy import FRAMES_PER_WINDOW, kept_frame_mask, score
+from fleet_protocol.features import FEATURE_VERSION
 
 log = logging.getLogger(__name__)
 CACHE = Path(__file__).resolve().parent / ".cache" / "gate-replay"
@@ -129,11 +130,11 @@ class Stream:
 def check_scores(audio: F32) -> F32:
     """The speech check's score for every whole window of a segment."""
     from edge_daemon.privacy.speech_check import SpeechCheck
-    from fleet_protocol.features import log_mel_batch
+    from fleet_protocol import features
 
+    batch = getattr(features, "features_batch", None) or features.log_mel_batch
     n = audio.size // SR
-    feats = log_mel_batch(audio[: n * SR].reshape(n, SR))
-    return SpeechCheck().scores(feats)
+    return SpeechCheck().scores(batch(audio[: n * SR].reshape(n, SR)))
 
 
 def add_check(streams: list[Stream]) -> None:
@@ -141,7 +142,7 @@ def add_check(streams: list[Stream]) -> None:
     for st in streams:
         if st.source.startswith("espeak-"):
             continue
-        f = CACHE / f"{st.source}-{st.variant}-check.pkl"
+        f = CACHE / f"{st.source}-{st.variant}-check-{FEATURE_VERSION}.pkl"
         if f.exists():
             table = pickle.loads(f.read_bytes())
         else:
@@ -430,10 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("tune", "held"):
         if any(c.split == split for c in cells):
             print("VAD only:", summary(cells, split))
-    cells = simulate(streams, Rule(**{**rule.__dict__, "check": 0.2}))
+    from edge_daemon.privacy.speech_check import SpeechCheck
+
+    cells = simulate(streams, Rule(**{**rule.__dict__, "check": SpeechCheck().threshold}))
     for split in ("tune", "held"):
         if any(c.split == split for c in cells):
-            print(summary(cells, split))
+            print("VAD + speech check:", summary(cells, split))
     return 0
 
 
