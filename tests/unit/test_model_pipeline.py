@@ -46,6 +46,7 @@ from fleet_model.adapter import (
 )
 from fleet_model.errors import AdapterError
 from fleet_model.tflite_patch import tflite_path
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -140,7 +141,7 @@ def test_model_is_small_and_has_no_batchnorm() -> None:
     model = AudioCNN(len(CLASSES))
     assert n_parameters(model) < 200_000
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    probs = model(torch.zeros(3, 64, 98))
+    probs = model(torch.zeros(3, N_BANDS, N_FRAMES))
     assert probs.shape == (3, len(CLASSES))
     assert torch.allclose(probs.sum(dim=1), torch.ones(3))
 
@@ -202,7 +203,7 @@ def test_pretrain_meets_budget_and_held_out_accuracy(pipe: Pipeline) -> None:
     print(f"\npretrain {pipe.pretrain_s:.1f} s, held-out {card['held_out']}")
     assert pipe.pretrain_s <= 90.0
     assert card["held_out"]["accuracy_int8"] >= 0.90
-    assert card["classes"] == list(CLASSES) and card["feature_version"] == "logmel-v1"
+    assert card["classes"] == list(CLASSES) and card["feature_version"] == FEATURE_VERSION
     assert card["held_out"]["int8_fp32_agreement"] >= 0.99
     assert card["quantization"]["recipe"] == RECIPE
     base = pipe.base
@@ -223,7 +224,7 @@ def test_exported_graph_has_the_contract_io_and_named_weight_initializers(pipe: 
     assert {f"{layer}.weight" for layer in ADAPTABLE_LAYERS} <= names
     clf = OnnxClassifier(pipe.base.onnx_int8)
     for batch in (1, 5):
-        probs = clf.predict(np.zeros((batch, 64, 98), np.float32))
+        probs = clf.predict(np.zeros((batch, N_BANDS, N_FRAMES), np.float32))
         assert probs.shape == (batch, len(CLASSES))
         assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
@@ -237,6 +238,17 @@ def test_tampered_base_directory_is_refused(pipe: Pipeline, tmp_path: Path) -> N
         (copy / name).write_bytes(b"\0" * 16)
         with pytest.raises(TrainingError):
             load_base_model(copy)
+
+
+@pytest.mark.slow
+def test_base_of_another_feature_version_is_refused(pipe: Pipeline, tmp_path: Path) -> None:
+    copy = tmp_path / "old"
+    shutil.copytree(pipe.base.dir, copy)
+    card = json.loads((copy / pipe.base.card.name).read_text())
+    card["feature_version"] = "logmel-v1"
+    (copy / pipe.base.card.name).write_text(json.dumps(card))
+    with pytest.raises(TrainingError, match="'logmel-v1' features"):
+        load_base_model(copy)
 
 
 @pytest.mark.slow
@@ -347,9 +359,9 @@ def test_adapter_for_another_base_is_refused_and_nothing_is_written(
 def test_onnx_classifier_reports_hash_and_rejects_bad_input(pipe: Pipeline, tmp_path: Path) -> None:
     clf = OnnxClassifier(pipe.adapted_int8, intra_op_threads=1)
     assert clf.model_sha256 == file_sha256(pipe.adapted_int8)
-    assert clf.predict(np.zeros((0, 64, 98), np.float32)).shape == (0, len(CLASSES))
+    assert clf.predict(np.zeros((0, N_BANDS, N_FRAMES), np.float32)).shape == (0, len(CLASSES))
     with pytest.raises(InferenceError):
-        clf.predict(np.zeros((2, 64, 97), np.float32))
+        clf.predict(np.zeros((2, N_BANDS, N_FRAMES - 1), np.float32))
     with pytest.raises(InferenceError):
         OnnxClassifier(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")

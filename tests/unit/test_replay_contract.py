@@ -13,7 +13,7 @@ from edge_daemon.buffer import MemoryReplayStore, ReplayStore, SqliteReplayStore
 from edge_daemon.buffer_schema import sample_charge
 from edge_daemon.errors import BufferError_
 from fleet_protocol.batch import SampleMeta
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 KEY = bytes(range(32))
 ONE = sample_charge()
@@ -36,7 +36,7 @@ def meta(i: int, reason: str = "low_confidence") -> SampleMeta:
 
 
 def feats(i: int) -> np.ndarray:
-    return np.full((N_MELS, N_FRAMES), i, dtype=np.float16)
+    return np.full((N_BANDS, N_FRAMES), i, dtype=np.float16)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -185,3 +185,9 @@ def test_stored_bytes_stay_within_budget_under_churn(make: Factory) -> None:
             store.mark_acked(f"{seq:032x}")
             seq += 1
     assert store.counts()["samples"] == 10
+
+
+def test_a_store_has_one_nonzero_epoch_and_a_new_store_a_new_one(make: Factory) -> None:
+    a, b = make(), make()
+    assert a.epoch() == a.epoch() != 0
+    assert b.epoch() not in (0, a.epoch())
