@@ -130,11 +130,10 @@ class Stream:
 def check_scores(audio: F32) -> F32:
     """The speech check's score for every whole window of a segment."""
     from edge_daemon.privacy.speech_check import SpeechCheck
-    from fleet_protocol import features
+    from fleet_protocol.features import features_batch
 
-    batch = getattr(features, "features_batch", None) or features.log_mel_batch
     n = audio.size // SR
-    return SpeechCheck().scores(batch(audio[: n * SR].reshape(n, SR)))
+    return SpeechCheck().scores(features_batch(audio[: n * SR].reshape(n, SR)))
 
 
 def add_check(streams: list[Stream]) -> None:
