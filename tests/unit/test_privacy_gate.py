@@ -332,14 +332,17 @@ def test_leakage_is_at_most_one_per_mille_at_every_snr(
     assert leakage <= 0.001
 
 
-def test_yield_at_10_db_is_at_least_0_8(vad: SileroVad, cache: Path) -> None:
-    """Issue 3's yield goal on one 4-minute scene (speech-free windows kept: 0.885;
-    non-speech frames kept: 0.810). `make bench` measures it over 12 languages as
-    `privacy.yield_10db`."""
+def test_yield_at_10_db_of_the_vad_and_of_both_detectors(vad: SileroVad, cache: Path) -> None:
+    """Speech-free windows kept on one 4-minute scene at 10 dB. The VAD alone keeps
+    0.859 (revision 3 kept 0.911: the voting states and the warm-up trade yield for
+    leakage on real voices, ADR 0005 revision 4); with the speech check 0.785. The
+    issue's goal (0.85 of non-speech frames over 12 languages, `privacy.yield_10db`)
+    is not met with both; these floors guard against further loss."""
     # 4 minutes: over 2 minutes the yield still swings by +-0.05 with the speech layout
     spec = SceneSpec(seed=1010, duration_s=240, speech_rate=0.1, speech_snr_db=(10.0, 10.0))
     scene = render_scene(spec, cache)
     blocks = list(iter_blocks(scene, 48_000))
-    leakage, kept_share = _measure(scene, _run(PrivacyGate(GateConfig(), vad), blocks))
-    assert leakage <= 0.001
-    assert kept_share >= 0.8
+    for config, floor in ((GateConfig(speech_check=False), 0.85), (GateConfig(), 0.78)):
+        leakage, kept_share = _measure(scene, _run(PrivacyGate(config, vad), blocks))
+        assert leakage <= 0.001
+        assert kept_share >= floor, (config.speech_check, kept_share)
