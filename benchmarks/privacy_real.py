@@ -364,7 +364,8 @@ def results(run: RealRun) -> dict[str, float]:
 
 
 def render_table(run: RealRun) -> str:
-    """Markdown: one row per source, leakage (dry / far) per SNR and yield at 10 dB."""
+    """Markdown: one row per source, leakage (one value per variant, in ``VARIANTS`` order:
+    dry / far / room) per SNR and yield at 10 dB."""
     snrs = sorted({c.snr_db for c in run.cells})
     by = {(c.source, c.snr_db, c.variant): c for c in run.cells}
     head = "| source | split | kind | " + " | ".join(f"{s:g} dB" for s in snrs) + " | yield 10 dB |"
