@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,6 +93,45 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class StoreConfig(_Strict):
+    """Which store implementation keeps devices, uploads and labels (store_api.py)."""
+
+    backend: Literal["sqlite", "postgresql"] = Field(
+        "sqlite",
+        description="sqlite: data_dir/store.sqlite3 (one machine); postgresql: a server"
+        " reached with `dsn` (several sidecar processes or hosts)",
+    )
+    dsn: str = Field(
+        "",
+        max_length=1024,
+        description="libpq connection string without the password, e.g."
+        " 'host=db.eu port=5432 dbname=sidecar user=sidecar sslmode=verify-full'",
+    )
+    password_credential: str = Field(
+        "store-password", description="name of the systemd credential holding the password"
+    )
+    password_file: Path | None = Field(None, description="development only: the password")
+    region: str | None = Field(
+        None,
+        max_length=MAX_REGION_LEN,
+        description="where the database server lives; required for postgresql",
+    )
+
+    def conninfo(self) -> str:
+        if self.backend != "postgresql" or not self.dsn:
+            raise ConfigError("store: backend postgresql needs store.dsn")
+        password = ""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / self.password_credential).is_file():
+            password = (Path(cred_dir) / self.password_credential).read_text().strip()
+        elif self.password_file is not None:
+            password = self.password_file.read_text().strip()
+        if not password:
+            return self.dsn
+        escaped = password.replace("\\", "\\\\").replace("'", "\\'")
+        return f"{self.dsn} password='{escaped}'"
+
+
 class OtaConfig(_Strict):
     channel: str = "stable"
     expires_days: int = Field(30, ge=1, le=365)
@@ -153,6 +192,7 @@ class SidecarConfig(_Strict):
     train: TrainConfig = TrainConfig()
     ota: OtaConfig = OtaConfig()
     fleet: FleetConfig | None = Field(None, description="enrollment; None: not served")
+    store: StoreConfig = StoreConfig()
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
@@ -173,6 +213,11 @@ class SidecarConfig(_Strict):
             f"broker ({self.broker.host}:{self.broker.port})": self.broker.region,
             f"hsm (token {self.hsm.token_label!r})": self.hsm.region,
             f"object store (data_dir {self.data_dir})": self.region,
+            **(
+                {"store (postgresql)": self.store.region or ""}
+                if self.store.backend == "postgresql"
+                else {}
+            ),
             **self.residency.other_endpoints,
         }
 

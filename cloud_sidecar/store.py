@@ -1,4 +1,4 @@
-"""The sidecar's SQLite store: device registry, replay state, batches, samples and labels.
+"""The sidecar's SQLite store (``store_api.SidecarStore``): device registry, replay state, batches, samples and labels.
 
 Invariants:
 - a batch, its samples and the device's ``last_seq`` are written in one transaction,
@@ -32,10 +32,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_sidecar.errors import LabelError, StoreError
+from cloud_sidecar.store_api import FEATURE_SHAPE, decode_features
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
-from fleet_protocol.features import N_FRAMES, N_MELS
 from fleet_protocol.labels import WINDOW_MS
 
 SCHEMA_VERSION = 3
@@ -135,6 +135,11 @@ class LabelledSample:
     sample_id: str
     label: str
     source: str
+    # provenance for the dataset manifest (cloud_sidecar/dataset.py)
+    captured_at_ms: int = 0
+    batch_id: str = ""
+    model_sha256: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,8 @@ class LabelSpan:
 
 
 class Store:
+    """The SQLite implementation of ``store_api.SidecarStore`` (the embedded default)."""
+
     def __init__(self, path: Path, region: str) -> None:
         self.region = region
         self._lock = threading.Lock()
@@ -410,7 +417,8 @@ class Store:
         """
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source)"
+                "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source),"
+                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason"
                 " FROM samples s JOIN labels l ON l.device_id = s.device_id"
                 " AND l.start_ms <= s.captured_at_ms + ? AND l.end_ms > s.captured_at_ms + ?"
                 " GROUP BY s.device_id, s.sample_id ORDER BY s.device_id, s.sample_id",
@@ -419,15 +427,22 @@ class Store:
         return [LabelledSample(*r) for r in rows]
 
     def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(keys), N_MELS, N_FRAMES), dtype=np.float32)
+        out = np.empty((len(keys), *FEATURE_SHAPE), dtype=np.float32)
         with self._lock:
             for i, (device_id, sample_id) in enumerate(keys):
-                (blob,) = self._db.execute(
+                row = self._db.execute(
                     "SELECT features FROM samples WHERE device_id=? AND sample_id=?",
                     (device_id, sample_id),
                 ).fetchone()
-                out[i] = np.frombuffer(zlib.decompress(blob), dtype="<f2").reshape(N_MELS, N_FRAMES)
+                if row is None:
+                    raise StoreError(f"no stored sample {device_id}/{sample_id}")
+                out[i] = decode_features(row[0])
         return out
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def counts(self) -> dict[str, int]:
         with self._lock:
