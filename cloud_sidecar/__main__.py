@@ -127,10 +127,10 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
 def _cmd_fleet(args: argparse.Namespace) -> int:
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
-    from cloud_sidecar.store import Store
+    from cloud_sidecar.store_api import open_store
 
     cfg = load_config(args.config)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
     try:
         if args.fleet_command == "register":
@@ -202,12 +202,12 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.labels import LabelService
     from cloud_sidecar.metrics import Metrics
-    from cloud_sidecar.store import Store
+    from cloud_sidecar.store_api import open_store
     from fleet_protocol.topics import check_device_id
 
     cfg = load_config(args.config)
     source = check_device_id(args.source)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
     try:
         result = LabelService(store, cfg.open_audit(), Metrics()).import_csv(args.csv, source)
     finally:

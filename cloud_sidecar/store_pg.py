@@ -126,18 +126,16 @@ class PgStore:
 
     def __init__(self, conninfo: str, region: str, *, connect_timeout_s: int = 10) -> None:
         try:
-            import psycopg
+            import psycopg  # type: ignore[import-not-found, unused-ignore]
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise StoreError(
                 "store backend postgresql needs the psycopg package (psycopg 3)"
             ) from e
-        self._psycopg = psycopg
+        self._psycopg: Any = psycopg
         self.region = region
         self._lock = threading.Lock()
         try:
-            self._db = psycopg.connect(
-                conninfo, autocommit=True, connect_timeout=connect_timeout_s
-            )
+            self._db = psycopg.connect(conninfo, autocommit=True, connect_timeout=connect_timeout_s)
             self._migrate()
         except psycopg.Error as e:
             raise StoreError(f"cannot open the postgresql store: {e}") from e
@@ -174,9 +172,7 @@ class PgStore:
                 if cur.fetchone() is not None:  # another process applied it meanwhile
                     continue
                 cur.execute(MIGRATIONS[step])
-                cur.execute(
-                    "INSERT INTO schema_migrations VALUES (%s, %s)", (step, _now_ms())
-                )
+                cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (step, _now_ms()))
 
     @property
     def schema_version(self) -> int:
@@ -395,7 +391,7 @@ class PgStore:
                 " FROM samples s JOIN labels l ON l.device_id = s.device_id"
                 " AND l.start_ms <= s.captured_at_ms + %s AND l.end_ms > s.captured_at_ms + %s"
                 " GROUP BY s.device_id, s.sample_id"
-                " ORDER BY s.device_id COLLATE \"C\", s.sample_id COLLATE \"C\"",
+                ' ORDER BY s.device_id COLLATE "C", s.sample_id COLLATE "C"',
                 (WINDOW_MS // 2, WINDOW_MS // 2),
             )
             rows = cur.fetchall()
@@ -428,7 +424,7 @@ class PgStore:
         with self._tx() as cur:
             cur.execute(
                 "SELECT device_id, captured_at_ms FROM samples"
-                " ORDER BY device_id COLLATE \"C\", captured_at_ms"
+                ' ORDER BY device_id COLLATE "C", captured_at_ms'
             )
             rows = cur.fetchall()
         out: dict[str, list[int]] = {}

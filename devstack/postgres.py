@@ -99,7 +99,12 @@ class Postgres:
         env = {**os.environ, "PGPASSWORD": self.password}
         argv = [str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
         proc = subprocess.run(
-            [*argv, "-U", self.user, name], env=env, capture_output=True, text=True, timeout=30
+            [*argv, "-U", self.user, name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         if proc.returncode != 0:
             raise ComponentStartError("postgresql", f"createdb {name}: {proc.stderr.strip()}")
@@ -139,6 +144,7 @@ def start_postgres(procs: ProcessGroup, timeout: float = 30.0) -> Postgres:
             "--no-sync",
         ],
         capture_output=True,
+        check=False,
         text=True,
         timeout=120,
         cwd=data_root,
