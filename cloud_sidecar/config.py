@@ -71,7 +71,6 @@ class TrainConfig(_Strict):
     min_samples: int = Field(
         32, ge=1, description="fewer labelled samples than this: no training run"
     )
-    val_fraction: float = Field(0.25, gt=0, lt=1)
     replay_per_class: int = Field(
         40,
         ge=0,
@@ -88,9 +87,53 @@ class TrainConfig(_Strict):
         0.02, ge=0, le=1, description="gate: allowed golden-set accuracy drop"
     )
     min_val_gain: float = Field(
-        0.0, ge=-1, le=1, description="gate: required gain on the held-out split"
+        0.0, ge=-1, le=1, description="gate: required accuracy gain on the validation split"
+    )
+    max_macro_f1_drop: float = Field(
+        0.0, ge=0, le=1, description="gate: allowed macro-F1 drop vs production (val, golden)"
+    )
+    max_class_recall_drop: float = Field(
+        0.02, ge=0, le=1, description="gate: allowed recall drop of any one class (val, golden)"
+    )
+    max_device_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="gate: allowed accuracy drop on any one device (val)"
+    )
+    min_gate_support: int = Field(
+        10,
+        ge=1,
+        description="gate: a class or device with fewer evaluation samples than this is"
+        " reported but not gated (one sample would swing it by more than the threshold)",
     )
     seed: int = 0
+
+
+class DataConfig(_Strict):
+    """Dataset building: governance record, preparation rules, split (cloud_sidecar/dataset.py)."""
+
+    controller: str = Field("", max_length=200, description="the data controller (a city body)")
+    legal_basis: str = Field(
+        "GDPR Art. 6(1)(e): public task",
+        max_length=200,
+        description="legal basis of the processing, recorded in every dataset manifest",
+    )
+    purpose: str = Field(
+        "adapting the city's sound-event classifier to its sensors' streets",
+        max_length=500,
+        description="purpose of the processing, recorded in every dataset manifest",
+    )
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares (by hash of the sample id)"
+    )
+    near_duplicate_rms: float = Field(
+        0.02,
+        ge=0,
+        description="windows closer than this RMS difference (feature units) are one sound;"
+        " 0 disables near-duplicate removal",
+    )
+    saturated_share: float = Field(
+        0.5, gt=0, le=1, description="quality: share of cells at the window maximum"
+    )
+    constant_std: float = Field(1e-3, ge=0, description="quality: a stuck (frozen) input")
 
 
 class StoreConfig(_Strict):
@@ -134,6 +177,11 @@ class StoreConfig(_Strict):
 
 class OtaConfig(_Strict):
     channel: str = "stable"
+    require_approval: bool = Field(
+        True,
+        description="`release publish` refuses a version no named approver has approved"
+        " (`release approve VERSION --approver NAME`)",
+    )
     expires_days: int = Field(30, ge=1, le=365)
     cohort: str = "all"
 
@@ -193,6 +241,7 @@ class SidecarConfig(_Strict):
     ota: OtaConfig = OtaConfig()
     fleet: FleetConfig | None = Field(None, description="enrollment; None: not served")
     store: StoreConfig = StoreConfig()
+    data: DataConfig = DataConfig()
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
