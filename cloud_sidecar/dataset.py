@@ -142,8 +142,7 @@ def build_dataset(store: TrainingData, out_dir: Path, cfg: DataConfig) -> Datase
         hashes[i] = window_hash(x[i])
     body = {
         name: [
-            [samples[i].device_id, samples[i].sample_id, samples[i].label, hashes[i]]
-            for i in idx
+            [samples[i].device_id, samples[i].sample_id, samples[i].label, hashes[i]] for i in idx
         ]
         for name, idx in by_split.items()
     }
@@ -175,7 +174,9 @@ def build_dataset(store: TrainingData, out_dir: Path, cfg: DataConfig) -> Datase
             "fractions": list(cfg.split),
             "by": "sha256(device/sample_id)",
             "counts": {n: len(idx) for n, idx in by_split.items()},
-            "labels": {n: dict(Counter(samples[i].label for i in idx)) for n, idx in by_split.items()},
+            "labels": {
+                n: dict(Counter(samples[i].label for i in idx)) for n, idx in by_split.items()
+            },
             "devices": {
                 n: dict(Counter(samples[i].device_id for i in idx)) for n, idx in by_split.items()
             },

@@ -1,22 +1,31 @@
-"""One training run: dataset → LoRA → gate → bundle → HSM signature → (publication).
+"""One training run: dataset → LoRA → gate against production → signed bundle → registry.
 
-Each step is written to the audit log. The gate judges the exact int8 artifact the
-devices will run (merged into the base by ``fleet_model.merge_and_quantize``, the very
-function a device runs, and scored with
-onnxruntime), on the held-out split of device data and on the golden set frozen at
-pretraining (held-out windows of the base dataset, ``golden.npz``): the candidate must
-not be worse than production on the split (by ``min_val_gain``) and must not lose more
-than ``max_golden_drop`` on the golden set.
+Training never publishes: a bundle that passed the gate is registered as ``candidate``;
+``cloud-sidecar release approve`` (a named approver) and ``release publish`` (OTA)
+are separate steps (``cloud_sidecar/release.py``, docs/adr/0020).
 
-The run directory holds: the PEFT adapter (``adapter/``: adapter_config.json +
-adapter_model.safetensors), the edge artifact, the merged int8 model used by the
-gate, and ``model_card.json`` with provenance. ``runs/latest.json`` points at it.
+Each step is written to the audit log: the dataset (its manifest's SHA-256), a refusal
+(empty or single-class dataset, too few samples, non-finite weights) with its reason,
+the gate's decision, the registered bundle. The gate (``cloud_sidecar.gate``) judges
+the exact int8 artifact the devices will run (merged into the base by
+``fleet_model.merge_and_quantize``, the very function a device runs) against the model
+the devices run now. The test split is scored only for the model card's report.
+
+The run directory (``data_dir/runs/<run_id>``) holds the working files; the bundle in
+``data_dir/registry/versions/<version>`` holds: ``adapter/`` (PEFT: adapter_config.json
++ adapter_model.safetensors), ``edge-adapter.safetensors``, ``candidate.int8.onnx``,
+``gate.json``, ``dataset.json``, ``model_card.json`` + ``model_card.md``,
+``bundle.json`` and ``bundle.sig`` (HSM). ``runs/latest.json`` points at it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,71 +35,142 @@ import numpy as np
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
-from cloud_sidecar.dataset import build_dataset
+from cloud_sidecar.dataset import Dataset, build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
-from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
-from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-from cloud_sidecar.pretrain import load_base_model, load_reference_sets
-from cloud_sidecar.store import Store
+from cloud_sidecar.gate import judge, median_latency_ms, score
+from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
+from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
+from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
+from cloud_sidecar.store_api import open_store
 from fleet_model import ModelError, merge_and_quantize
-from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
 
-
-def gate(
-    production: Path,
-    candidate: Path,
-    val: tuple[Any, Any],
-    golden: tuple[Any, Any],
-    cfg: SidecarConfig,
-) -> dict[str, Any]:
-    prod_val, cand_val = evaluate(production, *val), evaluate(candidate, *val)
-    prod_gold, cand_gold = evaluate(production, *golden), evaluate(candidate, *golden)
-    passed = (
-        cand_val["accuracy"] >= prod_val["accuracy"] + cfg.train.min_val_gain
-        and cand_gold["accuracy"] >= prod_gold["accuracy"] - cfg.train.max_golden_drop
-    )
-    return {
-        "passed": passed,
-        "val_production": prod_val,
-        "val_candidate": cand_val,
-        "golden_production": prod_gold,
-        "golden_candidate": cand_gold,
-        "min_val_gain": cfg.train.min_val_gain,
-        "max_golden_drop": cfg.train.max_golden_drop,
-    }
+LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
 
 
-def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
+def _refuse(audit: AuditLog, run_id: str, reason: str, message: str) -> TrainingError:
+    audit.append("train.refused", run_id, reason=reason, detail=message[:300])
+    return TrainingError(message)
+
+
+def _labels(ds: Dataset, split: str) -> np.ndarray:
+    return np.array([CLASS_INDEX[s.label] for s in ds.splits[split].samples], dtype=np.int64)
+
+
+def production_model(registry: Registry, base: BaseModel) -> tuple[str, Path]:
+    """(version, int8 model) the devices run now: the registry's production alias, else
+    the base model (version "base")."""
+    version = registry.alias("production")
+    if version is None:
+        return "base", base.onnx_int8
+    return version, registry.bundle_dir(version) / "candidate.int8.onnx"
+
+
+def _check_dataset(ds: Dataset, cfg: SidecarConfig, audit: AuditLog, run_id: str) -> None:
+    n = {name: len(split) for name, split in ds.splits.items()}
+    if sum(n.values()) == 0:
+        raise _refuse(audit, run_id, "empty", f"dataset {ds.dataset_id[:12]} holds no samples")
+    classes = {s.label for s in ds.train}
+    if len(classes) < 2:
+        raise _refuse(
+            audit,
+            run_id,
+            "single_class",
+            f"dataset {ds.dataset_id[:12]} trains on {len(classes)} class(es) {sorted(classes)};"
+            " an adapter needs at least two",
+        )
+    if n["train"] < cfg.train.min_samples or n["val"] == 0:
+        raise _refuse(
+            audit,
+            run_id,
+            "too_few_samples",
+            f"dataset {ds.dataset_id[:12]} has {n['train']} train / {n['val']} val samples;"
+            f" need at least {cfg.train.min_samples} and a non-empty validation split",
+        )
+
+
+def _check_finite(adapter_dir: Path, audit: AuditLog, run_id: str) -> None:
+    from safetensors.numpy import load_file
+
+    bad = [
+        k for k, v in load_file(str(adapter_dir / PEFT_WEIGHTS)).items() if not np.isfinite(v).all()
+    ]
+    if bad:
+        raise _refuse(
+            audit, run_id, "non_finite", f"training diverged (NaN/inf loss): {len(bad)} tensors"
+        )
+
+
+def _model_card_md(card: dict[str, Any]) -> str:
+    g = card["evaluation"]["gate"]
+    lines = [
+        f"# Adapter {card['version']}",
+        "",
+        f"- base model: `{card['lineage']['base_sha256'][:16]}`; parent: {card['lineage']['parent']}",
+        f"- dataset: `{card['lineage']['dataset_id'][:16]}` (manifest sha256"
+        f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
+        f"- legal basis: {card['data']['governance']['legal_basis']};"
+        f" purpose: {card['data']['governance']['purpose']}",
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
+        f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
+        f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
+        "",
+        "## Gate",
+        "",
+        f"passed: **{g['passed']}** against production `{card['lineage']['parent']}`",
+        "",
+        "| split | production acc | candidate acc | production macro-F1 | candidate macro-F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for split in ("val", "golden"):
+        p, c = g[f"{split}_production"], g[f"{split}_candidate"]
+        lines.append(
+            f"| {split} | {p['accuracy']} | {c['accuracy']} | {p['macro_f1']} | {c['macro_f1']} |"
+        )
+    t = card["evaluation"]["test_report"]
+    lines += [
+        "",
+        f"Test split (report only): production {t['production'].get('accuracy')},"
+        f" candidate {t['candidate'].get('accuracy')} accuracy on {t['candidate'].get('n')} windows.",
+        "",
+        f"Residual speech rate: {card['residual_speech_rate']}. Privacy review:"
+        f" {card['privacy_review']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
-    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    audit = cfg.open_audit()
     base = load_base_model(cfg.base_model_dir)
+    registry = Registry(cfg.data_dir / "registry")
     run_id = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     run_dir = cfg.data_dir / "runs" / run_id
+    store = open_store(cfg)
     try:
-        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.train.val_fraction)
-        audit.append(
-            "dataset.built",
-            ds.dataset_id,
-            n_train=len(ds.train),
-            n_val=len(ds.val),
-            manifest=str(ds.manifest_path),
-        )
-        if len(ds.train) < cfg.train.min_samples or not ds.val:
-            raise TrainingError(
-                f"dataset {ds.dataset_id[:12]} has {len(ds.train)} train / {len(ds.val)} val samples;"
-                f" need at least {cfg.train.min_samples} and a non-empty validation split"
-            )
-        x_tr = store.features([(s.device_id, s.sample_id) for s in ds.train])
-        y_tr = np.array([CLASS_INDEX[s.label] for s in ds.train], dtype=np.int64)
-        x_val = store.features([(s.device_id, s.sample_id) for s in ds.val])
-        y_val = np.array([CLASS_INDEX[s.label] for s in ds.val], dtype=np.int64)
+        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.data)
     finally:
         store.close()
+    prep = ds.manifest["preparation"]
+    audit.append(
+        "dataset.built",
+        ds.dataset_id,
+        manifest=str(ds.manifest_path),
+        manifest_sha256=ds.manifest_sha256,
+        counts=ds.manifest["split"]["counts"],
+        removed={k: prep[k] for k in ("quality_removed", "exact_duplicates", "near_duplicates")},
+        legal_basis=cfg.data.legal_basis,
+    )
+    _check_dataset(ds, cfg, audit, run_id)
+    x_tr, y_tr = ds.splits["train"].features, _labels(ds, "train")
+    x_val, y_val = ds.splits["val"].features, _labels(ds, "val")
+    val_devices = [s.device_id for s in ds.val]
     # The base distribution, frozen at pretraining: replay.npz and golden.npz of the base.
     replay, golden = load_reference_sets(
         base, cfg.train.replay_per_class, cfg.train.golden_per_class
@@ -106,84 +186,144 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         rank=cfg.train.rank,
         epochs=cfg.train.epochs,
         seed=cfg.train.seed,
+        lr=LEARNING_RATE,
     )
     train_s = time.monotonic() - t_train
+    _check_finite(adapter_dir, audit, run_id)
     audit.append(
-        "train.finished",
-        run_id,
-        dataset_id=ds.dataset_id,
-        seconds=round(train_s, 1),
+        "train.finished", run_id, dataset_id=ds.dataset_id, seconds=round(train_s, 1),
         rank=cfg.train.rank,
-    )
+    )  # fmt: skip
 
     # The artifact's bytes stay in memory from here: what is gated is what is signed.
     artifact = convert_for_edge(adapter_dir, base)
-    edge_adapter = run_dir / "edge-adapter.safetensors"
-    write_atomic(edge_adapter, artifact, 0o644)
+    write_atomic(run_dir / "edge-adapter.safetensors", artifact, 0o644)
     try:
         merged = merge_and_quantize(
             base.onnx_fp32.read_bytes(), artifact, base.calibration.read_bytes()
         )
     except ModelError as exc:
-        raise TrainingError(f"adapter does not merge into the base: {exc}") from exc
+        raise _refuse(
+            audit, run_id, "merge", f"adapter does not merge into the base: {exc}"
+        ) from exc
     candidate = run_dir / "candidate.int8.onnx"
     write_atomic(candidate, merged.int8, 0o644)
-    decision = gate(base.onnx_int8, candidate, (x_val, y_val), golden, cfg)
-    audit.append("gate.decision", run_id, **decision)
-    if not decision["passed"]:
-        raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
 
-    card = {
-        "run_id": run_id,
+    parent, production = production_model(registry, base)
+    latency = median_latency_ms([production, candidate], x_val)
+    decision = judge(
+        score(production, x_val, y_val, val_devices),
+        score(candidate, x_val, y_val, val_devices),
+        score(production, *golden),
+        score(candidate, *golden),
+        (latency[0], latency[1]),
+        cfg.train,
+    )
+    decision["production_version"] = parent
+    write_atomic(run_dir / "gate.json", json.dumps(decision, indent=1).encode(), 0o644)
+    audit.append(
+        "gate.decision", run_id, passed=decision["passed"], failures=decision["failures"],
+        production=parent, dataset_id=ds.dataset_id,
+    )  # fmt: skip
+    if not decision["passed"]:
+        raise GateRejectedError(
+            f"candidate {run_id} did not pass the gate against {parent}: "
+            + "; ".join(decision["failures"])
+        )
+
+    x_te, y_te = ds.splits["test"].features, _labels(ds, "test")
+    te_devices = [s.device_id for s in ds.test]
+    version = registry.next_version(base.sha256_fp32)
+    lineage = {
+        "base_sha256": base.sha256_fp32,
         "dataset_id": ds.dataset_id,
-        "dataset_manifest": str(ds.manifest_path),
-        "base_model_sha256": base.sha256_fp32,
+        "dataset_manifest_sha256": ds.manifest_sha256,
+        "parent": parent,
+    }
+    card = {
+        "version": version,
+        "run_id": run_id,
+        "lineage": lineage,
         "adapter_format": "peft-lora + lora-lowrank-v1 (edge)",
-        "rank": cfg.train.rank,
-        "epochs": cfg.train.epochs,
-        "train_samples": len(ds.train),
-        "replay_per_class": cfg.train.replay_per_class,
-        "train_seconds": round(train_s, 1),
-        "gate": decision,
+        "hyperparameters": {
+            "method": "lora",
+            "rank": cfg.train.rank,
+            "alpha": cfg.train.rank,
+            "epochs": cfg.train.epochs,
+            "learning_rate": LEARNING_RATE,
+            "seed": cfg.train.seed,
+            "replay_per_class": cfg.train.replay_per_class,
+        },
+        "data": {
+            "manifest_sha256": ds.manifest_sha256,
+            "governance": ds.manifest["governance"],
+            "n": ds.manifest["split"]["counts"],
+            "preparation": prep,
+        },
+        "compute": {
+            "train_seconds": round(train_s, 1),
+            "threads": TRAIN_THREADS,
+            "device": "cpu",
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
+        "evaluation": {
+            "gate": decision,
+            "test_report": {
+                "production": score(production, x_te, y_te, te_devices),
+                "candidate": score(candidate, x_te, y_te, te_devices),
+            },
+        },
+        "residual_speech_rate": None,  # the residual speech scan is not built yet (issue 12)
+        "privacy_review": "pending: recorded by `release approve`",
         "region": cfg.region,
         "classes": list(CLASSES),
     }
-    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
 
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
-    hsm = open_hsm(cfg)
+    # The bundle: written in a temp dir beside its final place, signed, then renamed.
+    final = registry.bundle_dir(version)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
     try:
-        pub = repo.add_adapter(
-            artifact,
-            base_model_sha256=base.sha256_fp32,
-            adapter_version=repo.next_adapter_version(),
-            cohort=cfg.ota.cohort,
-            expires_days=cfg.ota.expires_days,
-            keyid=hsm.signing_key_id(),
-            sign_digest=hsm.sign_digest,
+        shutil.copytree(adapter_dir, tmp / "adapter")
+        for name in ("edge-adapter.safetensors", "candidate.int8.onnx", "gate.json"):
+            shutil.copy2(run_dir / name, tmp / name)
+        shutil.copy2(ds.manifest_path, tmp / "dataset.json")
+        write_atomic(tmp / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
+        write_atomic(tmp / "model_card.md", _model_card_md(card).encode(), 0o644)
+        index = bundle_index(tmp)
+        write_atomic(tmp / BUNDLE_INDEX, index, 0o644)
+        hsm = open_hsm(cfg)
+        try:
+            sig = hsm.sign_digest(hashlib.sha256(index).digest())
+            key_id = hsm.signing_key_id()
+        finally:
+            hsm.close()
+        write_atomic(
+            tmp / BUNDLE_SIG,
+            json.dumps({"alg": "ecdsa-p256-sha256", "key_id": key_id, "sig": sig.hex()}).encode(),
+            0o644,
         )
-    finally:
-        hsm.close()
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    registry.add(version, lineage, run_id=run_id, gate_passed=True)
     audit.append(
-        "ota.signed", run_id, version=pub.version, target=pub.target.name, sha256=pub.target.sha256
-    )
-    published = False
-    if publish:
-        published = publish_via_broker(cfg, repo, pub, f"cloud-sidecar-publisher-{run_id}")
-        if not published:
-            raise TrainingError("the broker did not acknowledge the OTA publication")
-        audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)
+        "registry.added", version, run_id=run_id, bundle_sha256=registry.get(version)["bundle_sha256"],
+        signing_key=key_id, **lineage,
+    )  # fmt: skip
     result = {
         "run_id": run_id,
+        "version": version,
         "dataset_id": ds.dataset_id,
+        "dataset_manifest_sha256": ds.manifest_sha256,
         "gate": decision,
-        "adapter_dir": str(adapter_dir),
-        "edge_adapter": str(edge_adapter),
+        "bundle_dir": str(final),
+        "adapter_dir": str(final / "adapter"),
+        "edge_adapter": str(final / "edge-adapter.safetensors"),
         "edge_adapter_bytes": len(artifact),
-        "adapter_peft_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
+        "adapter_peft_bytes": sum(p.stat().st_size for p in (final / "adapter").iterdir()),
+        "edge_adapter_sha256": file_sha256(final / "edge-adapter.safetensors"),
         "ota_repo_dir": str(cfg.ota_repo_dir),
-        "ota_version": pub.version,
-        "published": published,
         "seconds": round(time.monotonic() - t0, 1),
     }
     write_atomic(

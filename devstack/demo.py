@@ -185,9 +185,13 @@ def run_demo(
             timeout_s,
             alive,
         )
-        print("[demo] cloud-sidecar train (dataset → LoRA → gate → HSM signature → OTA) ...")
-        _run([py, "-m", "cloud_sidecar", "train", "--config", str(cloud_cfg), "--publish"])
+        print("[demo] cloud-sidecar train (dataset → LoRA → gate → signed bundle) ...")
+        _run([py, "-m", "cloud_sidecar", "train", "--config", str(cloud_cfg)])
         run = json.loads((work / "cloud" / "data" / "runs" / "latest.json").read_text())
+        release = [py, "-m", "cloud_sidecar", "release", "--config", str(cloud_cfg)]
+        print(f"[demo] cloud-sidecar release approve {run['version']}, then publish (OTA) ...")
+        _run([*release, "approve", run["version"], "--approver", "devstack-demo"])
+        _run([*release, "publish", run["version"]])
         _wait(
             "every device to apply the adapter",
             lambda: all(r["model"]["adapter_version"] >= 1 for r in _reports(configs)),
