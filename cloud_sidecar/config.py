@@ -98,6 +98,13 @@ class TrainConfig(_Strict):
     max_device_accuracy_drop: float = Field(
         0.02, ge=0, le=1, description="gate: allowed accuracy drop on any one device (val)"
     )
+    max_membership_auc: float = Field(
+        0.6,
+        ge=0.5,
+        le=1,
+        description="gate: AUC of a loss-threshold membership-inference attack (train vs"
+        " validation windows) above this refuses the candidate; 1 disables",
+    )
     min_gate_support: int = Field(
         10,
         ge=1,

@@ -11,7 +11,9 @@ set frozen at pretraining:
 - macro-F1 drops by at most ``max_macro_f1_drop`` (default: must not drop);
 - no class loses more than ``max_class_recall_drop`` of recall;
 - no device loses more than ``max_device_accuracy_drop`` of accuracy (validation);
-- the int8 model's median latency stays within ``max_latency_ratio`` of production's.
+- the int8 model's median latency stays within ``max_latency_ratio`` of production's;
+- a loss-threshold membership-inference attack (device training windows vs the
+  validation split) scores an AUC of at most ``max_membership_auc``.
 A class or device with fewer than ``min_gate_support`` evaluation samples is reported
 with its figures but not gated (a single window would move it by more than the
 threshold). The decision lists every failed rule; it is written as ``gate.json`` into
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from scipy.stats import mannwhitneyu
 
 from cloud_sidecar.config import TrainConfig
 from cloud_sidecar.lora import evaluate
@@ -65,6 +68,23 @@ def score(model: Path, x: F32, y: I64, devices: Sequence[str] = ()) -> dict[str,
         }
         out["device_support"] = dict(sorted(Counter(devices).items()))
     return out
+
+
+def membership_auc(model: Path, members: tuple[F32, I64], held_out: tuple[F32, I64]) -> float:
+    """AUC of a loss-threshold membership-inference attack (Yeom et al. 2018).
+
+    The attacker guesses "was in training" when a window's loss is low; the AUC is the
+    probability that a random training window has a lower loss than a random held-out
+    one (Mann-Whitney U / (n1 n2)). 0.5: the model leaks nothing about membership.
+    """
+    losses = []
+    for x, y in (members, held_out):
+        if len(y) == 0:
+            return 0.5
+        p = predict(model, x)[np.arange(len(y)), y]
+        losses.append(-np.log(np.clip(p, 1e-12, 1.0)))
+    u = mannwhitneyu(-losses[0], -losses[1], alternative="two-sided").statistic
+    return round(float(u) / (len(losses[0]) * len(losses[1])), 4)
 
 
 def median_latency_ms(models: Sequence[Path], x: F32, rounds: int = 40) -> list[float]:
@@ -107,6 +127,7 @@ def judge(
     cand_gold: dict[str, Any],
     latency_ms: tuple[float, float],
     cfg: TrainConfig,
+    membership: float = 0.5,
 ) -> dict[str, Any]:
     """The gate's decision (JSON-able): ``passed`` and every rule that failed."""
     failures: list[str] = []
@@ -145,8 +166,11 @@ def judge(
     prod_ms, cand_ms = latency_ms
     if prod_ms > 0 and cand_ms > prod_ms * MAX_LATENCY_RATIO:
         failures.append(f"int8 latency {cand_ms:.3f} ms > {MAX_LATENCY_RATIO} x {prod_ms:.3f} ms")
+    if membership > cfg.max_membership_auc:
+        failures.append(f"membership-inference AUC {membership:.3f} > {cfg.max_membership_auc}")
     return {
         "passed": not failures,
+        "membership_auc": membership,
         "failures": failures,
         "not_gated_low_support": ungated,
         "val_production": prod_val,
@@ -162,5 +186,6 @@ def judge(
             "max_device_accuracy_drop": cfg.max_device_accuracy_drop,
             "min_gate_support": cfg.min_gate_support,
             "max_latency_ratio": MAX_LATENCY_RATIO,
+            "max_membership_auc": cfg.max_membership_auc,
         },
     }

@@ -37,7 +37,7 @@ from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import Dataset, build_dataset
 from cloud_sidecar.errors import GateRejectedError, TrainingError
-from cloud_sidecar.gate import judge, median_latency_ms, score
+from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
 from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
 from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
@@ -218,6 +218,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         score(candidate, *golden),
         (latency[0], latency[1]),
         cfg.train,
+        membership_auc(candidate, (x_tr, y_tr), (x_val, y_val)),
     )
     decision["production_version"] = parent
     write_atomic(run_dir / "gate.json", json.dumps(decision, indent=1).encode(), 0o644)

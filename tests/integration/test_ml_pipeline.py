@@ -66,6 +66,7 @@ def _config(tmp: Path, base: BaseModel, **train: Any) -> SidecarConfig:
                 # flow is: a small noisy model must not be refused by chance
                 "max_class_recall_drop": 1.0, "max_golden_drop": 1.0, "min_val_gain": -1.0,
                 "max_macro_f1_drop": 1.0, "max_device_accuracy_drop": 1.0,
+                "max_membership_auc": 1.0,
             },
         }
     )  # fmt: skip
@@ -197,6 +198,7 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     # the next run is judged against the adapter the devices now run
     _upload_labelled(cfg, rx, ry, 1)
     second = run_training(cfg)
+    print("membership AUC", run["gate"]["membership_auc"], second["gate"]["membership_auc"])
     assert second["version"] == "1.1.0"
     assert second["gate"]["production_version"] == "1.0.0"
     assert registry.get("1.1.0")["lineage"]["parent"] == "1.0.0"

@@ -64,3 +64,10 @@ def test_macro_f1_device_accuracy_golden_and_latency_regressions_each_fail() -> 
     for expected in ("val macro-F1", "device pi-00", "golden accuracy", "latency"):
         assert expected in text
     assert "pi-01" not in text
+
+
+def test_a_model_that_gives_away_membership_fails() -> None:
+    same = m(0.8, 0.7, {"siren": 0.8})
+    assert judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, membership=0.6)["passed"]
+    d = judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, membership=0.71)
+    assert d["failures"] == ["membership-inference AUC 0.710 > 0.6"]
