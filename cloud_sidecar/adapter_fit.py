@@ -186,7 +186,7 @@ def fit(
             idx = perm[i : i + plan.batch]
             logits = model.logits(xt[idx])
             loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 raise TrainingError(f"non-finite training loss at step {step}: diverged")
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
@@ -206,7 +206,7 @@ def fit(
                 spent_s += now - t_last
                 t_last, steps_since = now, 0
                 values = {
-                    "train_loss": round(float(loss), 5),
+                    "train_loss": round(float(loss.detach()), 5),
                     "grad_norm": round(gnorm, 4),
                     "lr": float(sched.get_last_lr()[0]),
                     "step_seconds": round(per_step, 5),

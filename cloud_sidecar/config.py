@@ -112,6 +112,17 @@ class TrainConfig(_Strict):
         " reported but not gated (one sample would swing it by more than the threshold)",
     )
     seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between metrics (loss, grad norm, lr)")
+    price_per_hour: float = Field(
+        0.0, ge=0, description="what the training machine costs per hour; 0: not tracked"
+    )
+    budget: float = Field(
+        0.0,
+        ge=0,
+        description="one run's budget (same currency): alert when the projected cost is"
+        " 20% over, stop at 3x; 0: none",
+    )
 
 
 class DataConfig(_Strict):

@@ -51,6 +51,25 @@ log = logging.getLogger(__name__)
 LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
 
 
+class RunMonitor:
+    """Training metrics to the log and ``metrics.jsonl``; alerts also to the audit log."""
+
+    def __init__(self, audit: AuditLog, run_id: str, path: Path) -> None:
+        self.audit, self.run_id, self.path = audit, run_id, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        log.info("train %s step %d: %s", self.run_id, step, values)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def alert(self, kind: str, details: dict[str, Any]) -> None:
+        log.warning("train %s alert %s: %s", self.run_id, kind, details)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"alert": kind, **details}) + "\n")
+        self.audit.append("train.alert", self.run_id, alert=kind, **details)
+
+
 def _refuse(audit: AuditLog, run_id: str, reason: str, message: str) -> TrainingError:
     audit.append("train.refused", run_id, reason=reason, detail=message[:300])
     return TrainingError(message)
@@ -177,17 +196,31 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     )
 
     t_train = time.monotonic()
-    adapter_dir = train_adapter(
-        base,
-        x_tr,
-        y_tr,
-        replay=replay,
-        out_dir=run_dir / "adapter",
-        rank=cfg.train.rank,
-        epochs=cfg.train.epochs,
-        seed=cfg.train.seed,
-        lr=LEARNING_RATE,
-    )
+    # keyed by the dataset: `train` started again after a kill resumes the same run
+    checkpoints = cfg.data_dir / "checkpoints" / ds.dataset_id[:16]
+    try:
+        adapter_dir = train_adapter(
+            base,
+            x_tr,
+            y_tr,
+            replay=replay,
+            out_dir=run_dir / "adapter",
+            rank=cfg.train.rank,
+            epochs=cfg.train.epochs,
+            seed=cfg.train.seed,
+            lr=LEARNING_RATE,
+            checkpoint_dir=checkpoints,
+            val=(x_val, y_val),
+            monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
+            checkpoint_every=cfg.train.checkpoint_every,
+            log_every=cfg.train.log_every,
+            price_per_hour=cfg.train.price_per_hour,
+            budget=cfg.train.budget,
+        )
+    except TrainingError as e:
+        audit.append("train.failed", run_id, dataset_id=ds.dataset_id, error=str(e)[:300])
+        raise
+    shutil.rmtree(checkpoints, ignore_errors=True)
     train_s = time.monotonic() - t_train
     _check_finite(adapter_dir, audit, run_id)
     audit.append(
@@ -221,6 +254,13 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         membership_auc(candidate, (x_tr, y_tr), (x_val, y_val)),
     )
     decision["production_version"] = parent
+    # what the fleet hears, not only hard cases: the devices' random `audit` samples
+    rep = np.array([s.reason == "audit" for s in ds.val], dtype=bool)
+    decision["val_representative"] = {
+        "n": int(rep.sum()),
+        "production": score(production, x_val[rep], y_val[rep]),
+        "candidate": score(candidate, x_val[rep], y_val[rep]),
+    }
     write_atomic(run_dir / "gate.json", json.dumps(decision, indent=1).encode(), 0o644)
     audit.append(
         "gate.decision", run_id, passed=decision["passed"], failures=decision["failures"],
