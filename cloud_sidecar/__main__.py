@@ -84,8 +84,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.train import run_training
 
-    result = run_training(load_config(args.config))
-    print(json.dumps(result, indent=1))
+    cfg = load_config(args.config)
+    if not args.if_triggered:
+        print(json.dumps(run_training(cfg), indent=1))
+        return EXIT_OK
+    from cloud_sidecar import triggers
+    from cloud_sidecar.store_api import open_store
+
+    state = cfg.data_dir / "triggers.json"
+    store = open_store(cfg)
+    try:
+        decision = triggers.evaluate(store, state, cfg.triggers, cfg.open_audit())
+    finally:
+        store.close()
+    if not decision.fired:
+        print(json.dumps({"trained": False, **decision.figures}, indent=1))
+        return EXIT_OK
+    log.info("training triggered by %s", ", ".join(decision.fired))
+    try:
+        print(json.dumps(run_training(cfg), indent=1))
+    finally:
+        store = open_store(cfg)
+        try:
+            triggers.record_attempt(store, state)
+        finally:
+            store.close()
     return EXIT_OK
 
 
@@ -327,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="dataset → LoRA → gate → signed bundle in the registry (never publishes)"
     )
     tr.add_argument("--config", type=Path, required=True)
+    tr.add_argument(
+        "--if-triggered",
+        action="store_true",
+        help="train only if the schedule or a drift signal fires (audited; the timer's mode)",
+    )
     tr.set_defaults(func=_cmd_train)
 
     rl = sub.add_parser("release", help="approve a registered version; publish it over OTA")

@@ -125,6 +125,21 @@ class TrainConfig(_Strict):
     )
 
 
+class TriggerConfig(_Strict):
+    """When `train --if-triggered` trains (cloud_sidecar/triggers.py)."""
+
+    max_interval_days: float = Field(7, gt=0, description="schedule: train at least this often")
+    min_new_labels: int = Field(200, ge=1, description="labelled samples since the last run")
+    misprediction_rate: float = Field(
+        0.3, gt=0, le=1, description="share of recent labelled samples the devices got wrong"
+    )
+    confidence_ks: float = Field(
+        0.2, gt=0, le=1, description="KS statistic of the devices' confidence (audit samples)"
+    )
+    reference_days: float = Field(7, gt=0, description="confidence reference window")
+    min_support: int = Field(50, ge=1, description="samples needed before a drift signal counts")
+
+
 class DataConfig(_Strict):
     """Dataset building: governance record, preparation rules, split (cloud_sidecar/dataset.py)."""
 
@@ -260,6 +275,7 @@ class SidecarConfig(_Strict):
     fleet: FleetConfig | None = Field(None, description="enrollment; None: not served")
     store: StoreConfig = StoreConfig()
     data: DataConfig = DataConfig()
+    triggers: TriggerConfig = TriggerConfig()
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(

@@ -140,6 +140,8 @@ class LabelledSample:
     batch_id: str = ""
     model_sha256: str = ""
     reason: str = ""
+    predicted: str = ""  # what the device's model said (drift triggers)
+    score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -418,7 +420,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source),"
-                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason"
+                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason, s.predicted, s.score"
                 " FROM samples s JOIN labels l ON l.device_id = s.device_id"
                 " AND l.start_ms <= s.captured_at_ms + ? AND l.end_ms > s.captured_at_ms + ?"
                 " GROUP BY s.device_id, s.sample_id ORDER BY s.device_id, s.sample_id",
@@ -438,6 +440,16 @@ class Store:
                     raise StoreError(f"no stored sample {device_id}/{sample_id}")
                 out[i] = decode_features(row[0])
         return out
+
+    def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:
+        """Device confidence of the samples kept for ``reason`` captured in [since, until)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT score FROM samples WHERE reason=? AND captured_at_ms >= ?"
+                " AND captured_at_ms < ? ORDER BY captured_at_ms",
+                (reason, since_ms, until_ms),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     @property
     def schema_version(self) -> int:

@@ -103,6 +103,8 @@ class TrainingData(Protocol):
 
     def samples_per_device(self) -> dict[str, int]: ...
 
+    def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]: ...
+
 
 @runtime_checkable
 class SidecarStore(EnrollmentRecords, BatchSink, LabelRecords, TrainingData, Protocol):

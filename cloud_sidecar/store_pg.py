@@ -387,7 +387,7 @@ class PgStore:
         with self._tx() as cur:
             cur.execute(
                 "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source),"
-                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason"
+                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason, s.predicted, s.score"
                 " FROM samples s JOIN labels l ON l.device_id = s.device_id"
                 " AND l.start_ms <= s.captured_at_ms + %s AND l.end_ms > s.captured_at_ms + %s"
                 " GROUP BY s.device_id, s.sample_id"
@@ -410,6 +410,15 @@ class PgStore:
                     raise StoreError(f"no stored sample {device_id}/{sample_id}")
                 out[i] = decode_features(row[0])
         return out
+
+    def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT score FROM samples WHERE reason=%s AND captured_at_ms >= %s"
+                " AND captured_at_ms < %s ORDER BY captured_at_ms",
+                (reason, since_ms, until_ms),
+            )
+            return [float(r[0]) for r in cur.fetchall()]
 
     def counts(self) -> dict[str, int]:
         with self._tx() as cur:

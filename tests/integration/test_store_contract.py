@@ -234,6 +234,13 @@ def test_labels_join_samples_by_window_midpoint_with_provenance(store: SidecarSt
     s0 = next(s for s in got if s.sample_id == b.samples[0].sample_id)
     assert (s0.source, s0.captured_at_ms, s0.batch_id) == ("incidents", T0, "b1")
     assert (s0.model_sha256, s0.reason) == ("ab" * 32, "audit")
+    assert (s0.predicted, s0.score) == ("horn", 0.5)
+
+
+def test_sample_scores_are_selected_by_reason_and_capture_time(store: SidecarStore) -> None:
+    store.put_batch("b1", 0, "d1", _batch("pi-00", [T0, T0 + 1000, T0 + 2000]))
+    assert store.sample_scores("audit", T0 + 1000, T0 + 5000) == [0.5, 0.5]
+    assert store.sample_scores("low_confidence", 0, T0 + 5000) == []
 
 
 def test_a_contradicting_label_import_is_refused_whole_and_agreeing_ones_are_kept(
