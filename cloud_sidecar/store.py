@@ -438,7 +438,10 @@ class Store:
                 ).fetchone()
                 if row is None:
                     raise StoreError(f"no stored sample {device_id}/{sample_id}")
-                out[i] = decode_features(row[0])
+                try:
+                    out[i] = decode_features(row[0])
+                except StoreError as e:
+                    raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
         return out
 
     def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:

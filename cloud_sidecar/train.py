@@ -36,7 +36,7 @@ from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import Dataset, build_dataset
-from cloud_sidecar.errors import GateRejectedError, TrainingError
+from cloud_sidecar.errors import GateRejectedError, StoreError, TrainingError
 from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
 from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
@@ -174,6 +174,8 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     store = open_store(cfg)
     try:
         ds = build_dataset(store, cfg.data_dir / "datasets", cfg.data)
+    except StoreError as e:  # e.g. a corrupt stored window: name it, build nothing
+        raise _refuse(audit, run_id, "corrupt_sample", f"cannot build the dataset: {e}") from e
     finally:
         store.close()
     prep = ds.manifest["preparation"]

@@ -208,3 +208,20 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     (Path(second["bundle_dir"]) / "gate.json").write_text('{"passed": true}')
     with pytest.raises(RegistryError, match="changed after"):
         publish(cfg, "1.1.0", broker=False)
+
+
+def test_a_corrupt_stored_window_is_named_refused_and_audited(
+    base_model: BaseModel, tmp_path: Path
+) -> None:
+    cfg = _config(tmp_path, base_model)
+    x, y = _load_npz(base_model.golden)
+    _upload_labelled(cfg, x, y, 0)
+    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    (sid,) = store._db.execute("SELECT sample_id FROM samples LIMIT 1").fetchone()
+    store._db.execute("UPDATE samples SET features=? WHERE sample_id=?", (b"garbage", sid))
+    store.close()
+    with pytest.raises(TrainingError, match=sid):
+        run_training(cfg)
+    assert _audit(cfg)[-1]["kind"] == "train.refused"
+    assert _audit(cfg)[-1]["details"]["reason"] == "corrupt_sample"
+    assert Registry(cfg.data_dir / "registry").entries() == []
