@@ -163,6 +163,14 @@ class DataConfig(_Strict):
         description="windows closer than this RMS difference (feature units) are one sound;"
         " 0 disables near-duplicate removal",
     )
+    speech_scanner: Path | None = Field(
+        None,
+        description="the residual speech scanner (.npz, cloud_sidecar/residual_scan.py);"
+        " None: no scan (the manifest says so)",
+    )
+    max_residual_speech_rate: float = Field(
+        0.001, ge=0, le=1, description="a dataset build halts above this flagged share"
+    )
     saturated_share: float = Field(
         0.5, gt=0, le=1, description="quality: share of cells at the window maximum"
     )

@@ -42,6 +42,7 @@ from cloud_sidecar.dataprep import (
     split_of,
     window_hash,
 )
+from cloud_sidecar.residual_scan import SpeechScanner
 from cloud_sidecar.store import LabelledSample
 from cloud_sidecar.store_api import FEATURE_SHAPE, TrainingData
 from fleet_protocol.features import WINDOW_SAMPLES, log_mel_batch
@@ -107,12 +108,31 @@ def _sources(samples: list[LabelledSample]) -> dict[str, Any]:
     }
 
 
-def build_dataset(store: TrainingData, out_dir: Path, cfg: DataConfig) -> Dataset:
-    """Build, write and return the dataset of everything labelled in ``store`` now."""
+def build_dataset(
+    store: TrainingData, out_dir: Path, cfg: DataConfig, scanner: SpeechScanner | None = None
+) -> Dataset:
+    """Build, write and return the dataset of everything labelled in ``store`` now.
+
+    With ``scanner``, windows it flags as speech are left out (``residual_speech``) and
+    listed in ``manifest["preparation"]["residual_speech"]``; deleting them from the store
+    and halting over the threshold is the caller's (``train``), which audits both.
+    """
     samples = store.labelled_samples()
     keys = [(s.device_id, s.sample_id) for s in samples]
     x = store.features(keys) if samples else np.empty((0, *FEATURE_SHAPE), np.float32)
     removed: dict[tuple[str, str], str] = {}
+    residual: dict[str, Any] = {"scanned": 0, "flagged": 0, "rate": 0.0, "scanner": None}
+    if scanner is not None and samples:
+        flags = scanner.flags(x)
+        for k, flagged in zip(keys, flags, strict=True):
+            if flagged:
+                removed[k] = "residual_speech"
+        residual = {
+            "scanned": len(keys),
+            "flagged": int(flags.sum()),
+            "rate": round(float(flags.mean()), 6),
+            "scanner": scanner.feature_version,
+        }
 
     quality = quality_reasons(
         x,
@@ -123,7 +143,7 @@ def build_dataset(store: TrainingData, out_dir: Path, cfg: DataConfig) -> Datase
         ),
     )
     for k, why in zip(keys, quality, strict=True):
-        if why:
+        if why and k not in removed:
             removed[k] = f"quality:{why}"
     ok = [i for i, k in enumerate(keys) if k not in removed]
     exact = exact_duplicates(x[ok], [keys[i] for i in ok])
@@ -168,6 +188,7 @@ def build_dataset(store: TrainingData, out_dir: Path, cfg: DataConfig) -> Datase
             "exact_duplicates": reasons.get("exact_duplicate", 0),
             "near_duplicates": reasons.get("near_duplicate", 0),
             "near_duplicate_rms": cfg.near_duplicate_rms,
+            "residual_speech": residual,
             "kept": len(kept),
         },
         "split": {

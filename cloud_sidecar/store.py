@@ -444,6 +444,24 @@ class Store:
                     raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
         return out
 
+    def delete_samples(self, keys: list[tuple[str, str]]) -> int:
+        """Delete these samples (residual speech) in one transaction; returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = 0
+                for device_id, sample_id in keys:
+                    cur = self._db.execute(
+                        "DELETE FROM samples WHERE device_id=? AND sample_id=?",
+                        (device_id, sample_id),
+                    )
+                    n += cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
     def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:
         """Device confidence of the samples kept for ``reason`` captured in [since, until)."""
         with self._lock:

@@ -105,6 +105,8 @@ class TrainingData(Protocol):
 
     def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]: ...
 
+    def delete_samples(self, keys: list[tuple[str, str]]) -> int: ...
+
 
 @runtime_checkable
 class SidecarStore(EnrollmentRecords, BatchSink, LabelRecords, TrainingData, Protocol):

@@ -414,6 +414,17 @@ class PgStore:
                     raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
         return out
 
+    def delete_samples(self, keys: list[tuple[str, str]]) -> int:
+        n = 0
+        with self._tx() as cur:
+            for device_id, sample_id in keys:
+                cur.execute(
+                    "DELETE FROM samples WHERE device_id=%s AND sample_id=%s",
+                    (device_id, sample_id),
+                )
+                n += cur.rowcount
+        return n
+
     def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:
         with self._tx() as cur:
             cur.execute(

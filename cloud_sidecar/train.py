@@ -41,7 +41,8 @@ from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
 from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
 from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
-from cloud_sidecar.store_api import open_store
+from cloud_sidecar.residual_scan import load_scanner
+from cloud_sidecar.store_api import TrainingData, open_store
 from fleet_model import ModelError, merge_and_quantize
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
@@ -86,6 +87,29 @@ def production_model(registry: Registry, base: BaseModel) -> tuple[str, Path]:
     if version is None:
         return "base", base.onnx_int8
     return version, registry.bundle_dir(version) / "candidate.int8.onnx"
+
+
+def _quarantine(
+    store: TrainingData, ds: Dataset, cfg: SidecarConfig, audit: AuditLog, run_id: str
+) -> None:
+    """Delete the windows the residual speech scan flagged; halt over the threshold."""
+    residual = ds.manifest["preparation"]["residual_speech"]
+    flagged = [(d, s) for d, s, why in ds.manifest["removed"] if why == "residual_speech"]
+    if flagged:
+        deleted = store.delete_samples(flagged)
+        audit.append(
+            "residual.deleted", ds.dataset_id, deleted=deleted, scanned=residual["scanned"],
+            rate=residual["rate"],
+        )  # fmt: skip
+    if residual["rate"] > cfg.data.max_residual_speech_rate:
+        raise _refuse(
+            audit,
+            run_id,
+            "residual_speech",
+            f"the residual speech scan flagged {residual['flagged']} of {residual['scanned']}"
+            f" windows ({residual['rate']:.4%} > {cfg.data.max_residual_speech_rate:.2%}):"
+            " they were deleted; find why the devices' gate let speech through before training",
+        )
 
 
 def _check_dataset(ds: Dataset, cfg: SidecarConfig, audit: AuditLog, run_id: str) -> None:
@@ -171,9 +195,11 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     registry = Registry(cfg.data_dir / "registry")
     run_id = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     run_dir = cfg.data_dir / "runs" / run_id
+    scanner = load_scanner(cfg.data.speech_scanner) if cfg.data.speech_scanner else None
     store = open_store(cfg)
     try:
-        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.data)
+        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.data, scanner)
+        _quarantine(store, ds, cfg, audit, run_id)
     except StoreError as e:  # e.g. a corrupt stored window: name it, build nothing
         raise _refuse(audit, run_id, "corrupt_sample", f"cannot build the dataset: {e}") from e
     finally:
@@ -316,7 +342,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
                 "candidate": score(candidate, x_te, y_te, te_devices),
             },
         },
-        "residual_speech_rate": None,  # the residual speech scan is not built yet (issue 12)
+        "residual_speech_rate": prep["residual_speech"]["rate"] if scanner else None,
         "privacy_review": "pending: recorded by `release approve`",
         "region": cfg.region,
         "classes": list(CLASSES),

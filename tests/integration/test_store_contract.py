@@ -278,3 +278,13 @@ def test_an_old_sqlite_store_upgrades_in_order(tmp_path: Path) -> None:
     s.register_device("pi-00", PEM)
     s.add_labels([LabelSpan("pi-00", T0, T0 + 1000, "siren")], "a", "i-1")  # table of step 3
     s.close()
+
+
+def test_deleted_samples_are_gone_and_others_stay(store: SidecarStore) -> None:
+    b = _batch("pi-00", [T0, T0 + 1000, T0 + 2000])
+    store.put_batch("b1", 0, "d1", b)
+    gone = [("pi-00", b.samples[1].sample_id), ("pi-00", "0" * 32)]
+    assert store.delete_samples(gone) == 1
+    assert store.capture_times() == {"pi-00": [T0, T0 + 2000]}
+    with pytest.raises(StoreError):
+        store.features(gone[:1])
