@@ -105,6 +105,12 @@ class TrainConfig(_Strict):
         description="gate: AUC of a loss-threshold membership-inference attack (train vs"
         " validation windows) above this refuses the candidate; 1 disables",
     )
+    gate_tolerance_windows: int = Field(
+        1,
+        ge=0,
+        description="gate: a per-class or per-device drop of at most this many windows"
+        " does not fail (the evaluation set's resolution); 0: strict",
+    )
     min_gate_support: int = Field(
         10,
         ge=1,
