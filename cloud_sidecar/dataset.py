@@ -45,7 +45,7 @@ from cloud_sidecar.dataprep import (
 from cloud_sidecar.residual_scan import SpeechScanner
 from cloud_sidecar.store import LabelledSample
 from cloud_sidecar.store_api import FEATURE_SHAPE, TrainingData
-from fleet_protocol.features import WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import WINDOW_SAMPLES, features_batch
 from fleet_protocol.io.files import write_atomic
 
 MANIFEST_VERSION = 2
@@ -54,7 +54,7 @@ MANIFEST_VERSION = 2
 @lru_cache(maxsize=1)
 def digital_silence_floor() -> float:
     """The feature extractor's value on all-zero audio (the quality filter's floor)."""
-    return float(np.median(log_mel_batch(np.zeros((1, WINDOW_SAMPLES), np.float32))))
+    return float(np.median(features_batch(np.zeros((1, WINDOW_SAMPLES), np.float32))))
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_sidecar.errors import StoreError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 if TYPE_CHECKING:
     from cloud_sidecar.config import SidecarConfig
     from cloud_sidecar.store import Device, LabelledSample, LabelSpan
     from fleet_protocol.batch import Batch
 
-FEATURE_SHAPE: tuple[int, ...] = (N_MELS, N_FRAMES)
+FEATURE_SHAPE: tuple[int, ...] = (N_BANDS, N_FRAMES)
 MAX_FEATURE_BLOB = 4 * 1024 * 1024  # decompressed bytes cap of one stored window
 
 

@@ -20,7 +20,7 @@ from cloud_sidecar.residual_scan import SpeechScanner, fit_scanner
 from devstack.scene.sounds import background
 from devstack.scene.speech import LANGUAGES, speech_clip
 from devstack.scene.windows import render_windows
-from fleet_protocol.features import WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import WINDOW_SAMPLES, features_batch
 from fleet_protocol.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,9 @@ def speech_windows(n: int, rng: np.random.Generator) -> F32:
 def feature_sets(n: int, seed: int) -> tuple[F32, F32]:
     """(speech features, city features), ``n`` windows each, in the uploaded representation."""
     rng = np.random.default_rng(seed)
-    speech = log_mel_batch(speech_windows(n, rng))
+    speech = features_batch(speech_windows(n, rng))
     labels = [CLASSES[int(c)] for c in rng.integers(len(CLASSES), size=n)]
-    city = log_mel_batch(render_windows(labels, rng))
+    city = features_batch(render_windows(labels, rng))
     as_uploaded = np.float16  # what the store keeps
     return speech.astype(as_uploaded).astype(np.float32), city.astype(as_uploaded).astype(
         np.float32

@@ -24,7 +24,7 @@ from cloud_sidecar.dataset import build_dataset, digital_silence_floor
 from cloud_sidecar.store import LabelSpan, Store
 from cloud_sidecar.store_api import FEATURE_SHAPE
 from fleet_protocol import batch
-from fleet_protocol.features import WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import WINDOW_SAMPLES, features_batch
 
 T0 = 1_764_000_000_000
 RNG = np.random.default_rng(7)
@@ -33,7 +33,7 @@ RNG = np.random.default_rng(7)
 def _real_windows(n: int, amp: float = 0.05) -> np.ndarray:
     """Features of real (noise) audio windows, in the uploaded representation."""
     audio = (RNG.normal(size=(n, WINDOW_SAMPLES)) * amp).astype(np.float32)
-    return log_mel_batch(audio).astype(np.float16).astype(np.float32)
+    return features_batch(audio).astype(np.float16).astype(np.float32)
 
 
 def test_exact_duplicates_keep_the_smallest_key_whatever_the_order() -> None:
@@ -59,7 +59,7 @@ def test_near_duplicates_are_found_transitively_and_distinct_windows_stay() -> N
 
 def test_quality_filter_drops_dead_stuck_and_saturated_inputs_but_keeps_a_quiet_street() -> None:
     floor = digital_silence_floor()
-    dead = log_mel_batch(np.zeros((1, WINDOW_SAMPLES), np.float32))[0]
+    dead = features_batch(np.zeros((1, WINDOW_SAMPLES), np.float32))[0]
     quiet = _real_windows(1, amp=2e-4)[0]  # the `silence` class: noise above the floor
     stuck = np.repeat(quiet[:, :1], quiet.shape[1], axis=1)
     saturated = np.full(FEATURE_SHAPE, 8.0, np.float32)
@@ -112,7 +112,7 @@ def test_a_dataset_manifest_records_sources_governance_removals_and_splits(
     store = Store(tmp_path / "s.sqlite3", "eu-central-1")
     store.register_device("pi-00", _pem())
     good = _real_windows(60).astype(np.float16)
-    dead = log_mel_batch(np.zeros((2, WINDOW_SAMPLES), np.float32)).astype(np.float16)
+    dead = features_batch(np.zeros((2, WINDOW_SAMPLES), np.float32)).astype(np.float16)
     feats = np.concatenate([good, good[:3], dead])  # 3 exact copies, 2 dead windows
     _put(store, "pi-00", 0, feats, T0)
     store.add_labels([LabelSpan("pi-00", T0, T0 + 200_000, "siren")], "incidents", "i-1")
