@@ -43,8 +43,11 @@ def summary(windows: F32) -> F64:
     energy = x.mean(axis=1)
     energy = energy - energy.mean(axis=1, keepdims=True)
     spec = np.abs(np.fft.rfft(energy, axis=1))[:, 1:]
-    bins = np.array_split(spec, N_MOD, axis=1)
-    mod = np.stack([b.mean(axis=1) for b in bins], axis=1)
+    if spec.shape[1] >= N_MOD:
+        bins = np.array_split(spec, N_MOD, axis=1)
+        mod = np.stack([b.mean(axis=1) for b in bins], axis=1)
+    else:  # few frames per window (e.g. 120 ms frames): every bin, zero-padded
+        mod = np.pad(spec, ((0, 0), (0, N_MOD - spec.shape[1])))
     mod = mod / (mod.sum(axis=1, keepdims=True) + 1e-9)
     frac_high = (x.mean(axis=1) > np.median(x.mean(axis=1), axis=1, keepdims=True) + 0.25).mean(
         axis=1, keepdims=True
