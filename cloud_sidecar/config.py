@@ -72,7 +72,7 @@ class TrainConfig(_Strict):
         32, ge=1, description="fewer labelled samples than this: no training run"
     )
     replay_per_class: int = Field(
-        40,
+        100,
         ge=0,
         description="base-distribution samples per class mixed in (from the base's"
         " replay.npz; at most what pretraining saved)",
@@ -104,6 +104,11 @@ class TrainConfig(_Strict):
         le=1,
         description="gate: AUC of a loss-threshold membership-inference attack (train vs"
         " validation windows) above this refuses the candidate; 1 disables",
+    )
+    min_membership_samples: int = Field(
+        50,
+        ge=1,
+        description="gate: the membership AUC is gated only with this many held-out windows",
     )
     gate_tolerance_windows: int = Field(
         1,

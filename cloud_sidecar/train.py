@@ -280,6 +280,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         (latency[0], latency[1]),
         cfg.train,
         membership_auc(candidate, (x_tr, y_tr), (x_val, y_val)),
+        len(y_val),
     )
     decision["production_version"] = parent
     # what the fleet hears, not only hard cases: the devices' random `audit` samples

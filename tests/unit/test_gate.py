@@ -68,14 +68,15 @@ def test_macro_f1_device_accuracy_golden_and_latency_regressions_each_fail() -> 
 
 def test_a_model_that_gives_away_membership_fails() -> None:
     same = m(0.8, 0.7, {"siren": 0.8})
-    assert judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, membership=0.6)["passed"]
-    d = judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, membership=0.71)
+    assert judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, 0.6, 100)["passed"]
+    d = judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, 0.71, 100)
     assert d["failures"] == ["membership-inference AUC 0.710 > 0.6"]
+    assert judge(same, same, GOLD, GOLD, (1.0, 1.0), CFG, 0.71, 10)["passed"]  # too few
 
 
 def test_one_window_is_below_the_sets_resolution_and_two_are_not() -> None:
     gold = m(0.9, 0.9, {"silence": 35 / 36}, support={"silence": 36})
-    one = m(0.9, 0.9, {"silence": 34 / 36}, support={"silence": 36})  # the demo run, 13:21
+    one = m(0.9, 0.9, {"silence": round(34 / 36, 4)}, support={"silence": 36})  # demo, 13:21
     two = m(0.9, 0.9, {"silence": 33 / 36}, support={"silence": 36})
     same = m(0.8, 0.7, {"siren": 0.8})
     assert judge(same, same, gold, one, (1.0, 1.0), CFG)["passed"]
