@@ -198,7 +198,6 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     # the next run is judged against the adapter the devices now run
     _upload_labelled(cfg, rx, ry, 1)
     second = run_training(cfg)
-    print("membership AUC", run["gate"]["membership_auc"], second["gate"]["membership_auc"])
     assert second["version"] == "1.1.0"
     assert second["gate"]["production_version"] == "1.0.0"
     assert registry.get("1.1.0")["lineage"]["parent"] == "1.0.0"
