@@ -252,6 +252,22 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_keys_rotate_unwrap(args: argparse.Namespace) -> int:
+    """New upload-unwrap key; the old one stays for batches in flight (ADR 0002, 0017)."""
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
+    from fleet_protocol.io.files import write_atomic
+
+    cfg = load_config(args.config)
+    with open_hsm(cfg) as hsm:
+        old = hsm.unwrap_key_id()
+        new = hsm.rotate_unwrap_key()
+        write_atomic(args.out, hsm.unwrap_public_key_pem(), 0o644)
+    cfg.open_audit().append("hsm.unwrap_rotated", "cloud-sidecar", old=old, new=new)
+    print(json.dumps({"old": old, "new": new, "public_key": str(args.out)}))
+    return EXIT_OK
+
+
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.labels import LabelService
@@ -418,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp = asub.add_parser("checkpoint", help="sign the chain head with the HSM and append it")
     cp.add_argument("--config", type=Path, required=True)
     au.set_defaults(func=_cmd_audit)
+
+    ks = sub.add_parser("keys", help="HSM key custody")
+    ksub = ks.add_subparsers(dest="keys_command", required=True)
+    ru = ksub.add_parser(
+        "rotate-unwrap",
+        help="generate a new upload-unwrap key (the old one keeps opening batches in flight)",
+    )
+    ru.add_argument("--config", type=Path, required=True)
+    ru.add_argument("--out", type=Path, required=True, help="where to write the new public key")
+    ru.set_defaults(func=_cmd_keys_rotate_unwrap)
 
     lb = sub.add_parser("labels", help="labels from downstream systems (docs/labels.md)")
     lb.add_argument("--config", type=Path, required=True)

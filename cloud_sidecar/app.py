@@ -31,6 +31,7 @@ from cloud_sidecar.device_messages import DeviceMessages
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
+from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store_api import open_store
@@ -41,26 +42,43 @@ log = logging.getLogger(__name__)
 
 
 class _HsmUnwrapper:
-    """Ingest's view of the app's current HSM session; token failures become "unavailable"."""
+    """Ingest's view of the app's current HSM session (unwrap keys, ack key); token
+    failures become "unavailable"."""
 
     def __init__(self, app: SidecarApp) -> None:
         self._app = app
 
-    def unwrap_key_id(self) -> str:
+    def unwrap_key_ids(self) -> tuple[str, ...]:
         try:
-            return self._app.hsm.unwrap_key_id()
+            return self._app.hsm.unwrap_key_ids()
         except HsmUnavailableError:
             raise
         except HsmError as e:
-            raise HsmUnavailableError(f"HSM cannot name its unwrap key: {e}") from e
+            raise HsmUnavailableError(f"HSM cannot name its unwrap keys: {e}") from e
 
-    def decrypt_oaep(self, wrapped: bytes) -> bytes:
+    def decrypt_oaep(self, wrapped: bytes, key_id: str) -> bytes:
         try:
-            return self._app.hsm.decrypt_oaep(wrapped)
+            return self._app.hsm.decrypt_oaep(wrapped, key_id)
         except (HsmDecryptError, HsmUnavailableError):
             raise
         except HsmError as e:  # e.g. the key's handle vanished with the token
             raise HsmUnavailableError(f"HSM failed during unwrap: {e}") from e
+
+    def ack_key_id(self) -> str:
+        try:
+            return self._app.hsm.ack_key_id()
+        except HsmUnavailableError:
+            raise
+        except HsmError as e:
+            raise HsmUnavailableError(f"HSM cannot name its ack key: {e}") from e
+
+    def sign_ack_digest(self, digest: bytes) -> bytes:
+        try:
+            return self._app.hsm.sign_digest_with(ACK_LABEL, digest)
+        except HsmUnavailableError:
+            raise
+        except HsmError as e:
+            raise HsmUnavailableError(f"HSM cannot sign an ack: {e}") from e
 
 
 class SidecarApp:
@@ -78,13 +96,15 @@ class SidecarApp:
         self.store = open_store(cfg)
         self.hsm = open_hsm(cfg)
         self.link = open_link(cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message)
+        keys = _HsmUnwrapper(self)
         self.ingest = Ingest(
             self.store,
-            _HsmUnwrapper(self),
+            keys,
             self.audit,
             self.metrics,
             self._publish,
             cfg.max_upload_bytes,
+            signer=keys,
         )
         self.labels = LabelService(self.store, self.audit, self.metrics)
         self.device_messages = DeviceMessages(self.store, self.audit, self.metrics)

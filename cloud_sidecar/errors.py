@@ -50,7 +50,23 @@ class HsmDecryptError(HsmError, ValueError):
 
     Also a ``ValueError``, so ``fleet_protocol.envelope.open_envelope`` reports it as a
     ``DecryptError`` (reject the upload) and not as an unreachable token (retry).
+    ``transient`` is True when the token's answer does not prove the data bad
+    (``CKR_GENERAL_ERROR``): ingest then keeps the batch on the device (docs/adr/0017).
     """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class TransientIngestError(CloudError):
+    """An upload cannot be stored now but may be later (unknown unwrap key, a token error
+    that does not prove the data bad, a full disk): the device keeps it and resends.
+    ``reason`` is the ack's and the metric's label."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ResidencyError(ConfigError):

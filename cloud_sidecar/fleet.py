@@ -1,14 +1,16 @@
 """Fleet identity on the cloud side: claims, enrollment, renewal, revocation, the fleet CA.
 
-Owns: issuing one-time claims, answering enrollment and renewal requests (verify the
-claim or the registered TPM identity, verify the CSR, sign a short-lived client
-certificate), revoking a device (store + CRL + broker reload hook), and the CA
+Owns: issuing one-time claims, answering enrollment, renewal and re-enrollment requests
+(verify the claim or the registered TPM identity, verify the CSR, sign a short-lived
+client certificate), revoking a device (store + CRL + broker reload hook), and the CA
 signer seam.
 
 Invariants:
 - a certificate is issued only after every check passed: request parsed within its
   caps, TPM signature valid (enrollment: by the key it registers; renewal: by the key
-  registered for the broker-authenticated device), CSR for EC P-256 with subject
+  registered for the broker-authenticated device; re-enrollment of a device whose
+  certificate expired while it was offline, over the claim listener: by the key
+  registered for the active device it names, docs/adr/0017), CSR for EC P-256 with subject
   exactly ``CN=<device id>``, and for enrollment a claim that is known, unused,
   unexpired and bound to that device id (consumed last, so a malformed request never
   burns a claim; the certificate is signed just before, and discarded when the claim is
@@ -234,7 +236,11 @@ class FleetService:
     def handle(self, topic: str, payload: bytes) -> Reply | None:
         """One request in, the reply (topic, bytes) out, or None when there is no one to tell."""
         if topics.is_enroll_topic(topic):
-            return self._enroll(topic, payload)
+            try:
+                again = enroll.ReenrollRequest.from_bytes(payload)
+            except ProtocolError:
+                return self._enroll(topic, payload)
+            return self._reenroll(topic, again)
         return self._renew(topic, payload)
 
     def _enroll(self, topic: str, payload: bytes) -> Reply | None:
@@ -316,6 +322,48 @@ class FleetService:
         log.info("renewed the certificate of %s", device)
         return topics.cert_response(device), self._issued(device, req.nonce, cert)
 
+    def _reenroll(self, topic: str, req: enroll.ReenrollRequest) -> Reply | None:
+        """A registered device whose certificate expired proves its TPM key (ADR 0017)."""
+        device = req.device_id
+        channel = None
+        try:
+            channel = topics.claim_of_enroll_request(topic)
+            if req.channel != channel:
+                raise MalformedError(
+                    "request names another channel than its topic", "claim_mismatch"
+                )
+            if device in self.policy.reserved_ids:
+                raise MalformedError(f"{device!r} is reserved", "reserved_device_id")
+            record = self.store.device(device)
+            if record is None:
+                raise SignatureError(f"unknown device {device!r}", "unknown_device")
+            if record.status != "active":
+                raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
+            if req.kid != record.key_id:
+                raise SignatureError("signed with a key that is not the device's", "unknown_key")
+            self._check_fresh(req.created_at_ms)
+            req.verify(record.public_key_pem)
+            csr = enroll.check_csr(req.csr, device)
+        except ProtocolError as e:
+            self._rejected("reenroll", device, e, channel=channel)
+            if channel is None:
+                return None
+            return topics.enroll_response(channel), self._refusal(req, e.reason)
+        cert = self._sign(csr, "reenroll", device)
+        if cert is None:
+            return None  # CA unavailable: the device tries again
+        self._record(cert, device, "reenroll")
+        self.audit.append(
+            "fleet.reenrolled",
+            device,
+            identity_key=record.key_id,
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+        self.metrics.inc("fleet_reenrolled_total")
+        log.info("re-enrolled %s by its registered TPM key", device)
+        return topics.enroll_response(channel), self._issued(device, req.nonce, cert)
+
     # -- helpers ------------------------------------------------------------------------
 
     def _sign(
@@ -354,7 +402,9 @@ class FleetService:
         )
 
     @staticmethod
-    def _refusal(req: enroll.EnrollRequest | enroll.RenewRequest, reason: str) -> bytes:
+    def _refusal(
+        req: enroll.EnrollRequest | enroll.RenewRequest | enroll.ReenrollRequest, reason: str
+    ) -> bytes:
         return enroll.CertResponse(
             device_id=req.device_id,
             nonce=req.nonce,

@@ -83,9 +83,13 @@ class EnrollmentRecords(DeviceRegistry, Protocol):
 
 
 class BatchSink(DeviceRegistry, Protocol):
-    def check_fresh(self, device_id: str, batch_id: str, seq: int, digest: str) -> bool: ...
+    def check_fresh(
+        self, device_id: str, batch_id: str, seq: int, digest: str, epoch: int = 0
+    ) -> bool: ...
 
-    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch) -> None: ...
+    def put_batch(
+        self, batch_id: str, seq: int, digest: str, batch: Batch, epoch: int = 0
+    ) -> None: ...
 
 
 class LabelRecords(DeviceRegistry, Protocol):

@@ -4,9 +4,10 @@ Same contract as the SQLite ``cloud_sidecar.store.Store`` (one suite tests both:
 ``tests/integration/test_store_contract.py``); what differs is how it holds it when
 several sidecar processes share one database:
 
-- a batch, its samples and the device's ``last_seq`` are written in one transaction
-  that first locks the device's row (``SELECT ... FOR UPDATE``), so two ingest workers
-  cannot both store the same sequence number;
+- a batch, its samples and the device's replay window (docs/adr/0017: per device and
+  sequence epoch, any unseen ``seq`` within ``replay_window`` of the highest stored)
+  are written in one transaction that first locks the device's row (``SELECT ... FOR
+  UPDATE``), so two ingest workers cannot both store the same ``(epoch, seq)``;
 - a claim is checked and marked used under the claim row's lock;
 - a label import holds a transaction-scoped advisory lock per device it touches
   (taken in sorted order), so two imports cannot both store contradicting spans;
@@ -31,7 +32,13 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_sidecar.errors import LabelError, StoreError
-from cloud_sidecar.store import SCHEMA_VERSION, Device, LabelledSample, LabelSpan
+from cloud_sidecar.store import (
+    REPLAY_WINDOW,
+    SCHEMA_VERSION,
+    Device,
+    LabelledSample,
+    LabelSpan,
+)
 from cloud_sidecar.store_api import FEATURE_SHAPE, decode_features, encode_features
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
@@ -113,6 +120,20 @@ CREATE TABLE labels (
 CREATE INDEX labels_device_time ON labels(device_id, start_ms);
 CREATE INDEX samples_device_time ON samples(device_id, captured_at_ms);
 """,
+    # 4: replay window per device and sequence epoch (docs/adr/0017), as in SQLite
+    4: """
+ALTER TABLE batches ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX batches_device_epoch_seq ON batches(device_id, epoch, seq);
+CREATE TABLE replay_windows (
+    device_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    max_seq BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (device_id, epoch)
+);
+INSERT INTO replay_windows SELECT device_id, 0, last_seq, registered_at_ms FROM devices
+    WHERE last_seq >= 0;
+""",
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1)), "one migration per version"
 
@@ -124,7 +145,17 @@ def _now_ms() -> int:
 class PgStore:
     """``SidecarStore`` on one PostgreSQL database (``conninfo``: a libpq string)."""
 
-    def __init__(self, conninfo: str, region: str, *, connect_timeout_s: int = 10) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        region: str,
+        replay_window: int = REPLAY_WINDOW,
+        *,
+        connect_timeout_s: int = 10,
+    ) -> None:
+        if replay_window < 1:
+            raise StoreError("replay_window must be at least 1")
+        self.replay_window = replay_window
         try:
             import psycopg  # type: ignore[import-not-found, unused-ignore]
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -282,22 +313,43 @@ class PgStore:
 
     # -- batches --------------------------------------------------------------------
 
-    def check_fresh(self, device_id: str, batch_id: str, seq: int, digest: str) -> bool:
+    def check_fresh(
+        self, device_id: str, batch_id: str, seq: int, digest: str, epoch: int = 0
+    ) -> bool:
         """True if new; False if this exact batch is already stored; ReplayError otherwise."""
         with self._tx() as cur:
             cur.execute("SELECT digest FROM batches WHERE batch_id=%s", (batch_id,))
             row = cur.fetchone()
-            cur.execute("SELECT last_seq FROM devices WHERE device_id=%s", (device_id,))
-            (last_seq,) = cur.fetchone()
+            if row is None:
+                self._check_window(cur, device_id, epoch, seq)
         if row is not None:
             if row[0] == digest:
                 return False
             raise ReplayError(f"batch id {batch_id} already used with other content")
-        if seq <= last_seq:
-            raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
         return True
 
-    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch) -> None:
+    def _check_window(self, cur: Any, device_id: str, epoch: int, seq: int) -> None:
+        """ReplayError unless ``(epoch, seq)`` is unseen and within the window."""
+        cur.execute(
+            "SELECT max_seq FROM replay_windows WHERE device_id=%s AND epoch=%s",
+            (device_id, epoch),
+        )
+        top = cur.fetchone()
+        if top is not None and seq <= top[0] - self.replay_window:
+            raise ReplayError(
+                f"sequence {seq} (epoch {epoch}) is below the replay window"
+                f" ({top[0]} - {self.replay_window})",
+                "stale_seq",
+            )
+        cur.execute(
+            "SELECT batch_id FROM batches WHERE device_id=%s AND epoch=%s AND seq=%s",
+            (device_id, epoch, seq),
+        )
+        taken = cur.fetchone()
+        if taken is not None:
+            raise ReplayError(f"sequence {seq} (epoch {epoch}) is stored as batch {taken[0]}")
+
+    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch, epoch: int = 0) -> None:
         rows = [
             (
                 s.sample_id,
@@ -313,17 +365,16 @@ class PgStore:
             )
             for i, s in enumerate(batch.samples)
         ]
+        now = _now_ms()
         try:
             with self._tx() as cur:
+                # one writer per device at a time: the window check and the insert agree
+                cur.execute("SELECT 1 FROM devices WHERE device_id=%s FOR UPDATE", (batch.device,))
+                self._check_window(cur, batch.device, epoch, seq)
                 cur.execute(
-                    "SELECT last_seq FROM devices WHERE device_id=%s FOR UPDATE", (batch.device,)
-                )
-                (last_seq,) = cur.fetchone()
-                if seq <= last_seq:
-                    raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
-                cur.execute(
-                    "INSERT INTO batches VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                    (batch_id, batch.device, seq, digest, _now_ms(), len(rows), self.region),
+                    "INSERT INTO batches(batch_id, device_id, seq, digest, received_at_ms,"
+                    " n_samples, region, epoch) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    (batch_id, batch.device, seq, digest, now, len(rows), self.region, epoch),
                 )
                 cur.executemany(
                     "INSERT INTO samples(sample_id, device_id, batch_id, captured_at_ms,"
@@ -332,7 +383,11 @@ class PgStore:
                     rows,
                 )
                 cur.execute(
-                    "UPDATE devices SET last_seq=%s WHERE device_id=%s", (seq, batch.device)
+                    "INSERT INTO replay_windows VALUES (%s,%s,%s,%s)"
+                    " ON CONFLICT(device_id, epoch) DO UPDATE SET"
+                    " max_seq=GREATEST(replay_windows.max_seq, excluded.max_seq),"
+                    " updated_at_ms=excluded.updated_at_ms",
+                    (batch.device, epoch, seq, now),
                 )
         except self._psycopg.errors.UniqueViolation as e:
             raise ReplayError(f"batch {batch_id} repeats a stored batch or sample: {e}") from e

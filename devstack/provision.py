@@ -71,6 +71,9 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
     )
 
 
+ACK_PUBLIC_KEY_FILE = "ack-signing.pub.pem"
+
+
 def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
     """Create the cloud's keys inside the token; export only their public halves."""
     os.environ.update(stack.token.env())
@@ -83,6 +86,7 @@ def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
         signing = out_dir / "ota-signing.pub.pem"
         unwrap.write_bytes(hsm.unwrap_public_key_pem())
         signing.write_bytes(hsm.signing_public_key_pem())
+        (out_dir / ACK_PUBLIC_KEY_FILE).write_bytes(hsm.ack_public_key_pem())
     return unwrap, signing
 
 
@@ -127,7 +131,12 @@ def device_config(
             "broker": broker,
             **identity,
             "tpm": {"tcti": slot.tpm.tcti},
-            "cloud": {"unwrap_public_key": cloud_keys[0], "ota_public_key": cloud_keys[1]},
+            "cloud": {
+                "unwrap_public_key": cloud_keys[0],
+                "ota_public_key": cloud_keys[1],
+                # pinned beside the others: acks are signed by the token (docs/adr/0017)
+                "ack_public_key": cloud_keys[0].parent / ACK_PUBLIC_KEY_FILE,
+            },
             "model": {
                 "base_fp32": models / FP32_FILE,
                 "base_int8": models / INT8_FILE,

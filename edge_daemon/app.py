@@ -109,6 +109,9 @@ class EdgeApp:
             unwrap_public_key_pem=cfg.cloud.unwrap_public_key.read_bytes(),
             publish=lambda t, p: self.link.publish(t, p, qos=1, timeout_s=10),
             cfg=cfg.uplink,
+            ack_public_key_pem=(
+                cfg.cloud.ack_public_key.read_bytes() if cfg.cloud.ack_public_key else None
+            ),
         )
         self.link.subscribe(topics.ack(self.device), 1)
         self.link.subscribe(self.ota.metadata_topic, 1)

@@ -15,7 +15,12 @@ Invariants:
   this process's memory and inside the ssl context;
 - enrollment waits for the answer to *its* nonce; renewal runs on its own thread, never
   on the MQTT network thread, and failures are logged and retried with backoff while the
-  current certificate is still valid.
+  current certificate is still valid;
+- a device whose certificate expired (offline past its lifetime) and whose claim is used
+  up re-enrolls by itself over the claim listener, proving the TPM identity key the
+  fleet registered (``ReenrollRequest``, docs/adr/0017): at start (``device_endpoint``)
+  or from the renewer thread, which then switches the link to the new certificate. The
+  replay buffer is not touched: nothing buffered is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import base64
 import datetime as dt
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -184,27 +190,71 @@ def enroll_device(
         created_at_ms=int(time.time() * 1000),
         nonce=enroll.new_nonce(),
     ).signed(sign_digest)
+    resp = _exchange(claim_endpoint, claim.claim_id, req.to_bytes(), device, req.nonce,
+                     timeout_s, resend_s)  # fmt: skip
+    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
+    log.info("enrolled as %s", device)
+    return identity
+
+
+def reenroll_device(
+    device: str,
+    sign_digest: SignDigest,
+    identity_key_id: str,
+    store: IdentityStore,
+    claim_endpoint: MqttEndpoint,
+    timeout_s: float = 60.0,
+    resend_s: float = 5.0,
+) -> TlsIdentity:
+    """Get a new certificate after the old one expired, proving the registered TPM key.
+
+    Over the claim listener (the expired certificate no longer passes the device
+    listener's handshake), on a fresh channel id; no claim needed.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    channel = secrets.token_hex(8)
+    req = enroll.ReenrollRequest(
+        device_id=device,
+        channel=channel,
+        kid=identity_key_id,
+        csr=enroll.make_csr(key, device),
+        created_at_ms=int(time.time() * 1000),
+        nonce=enroll.new_nonce(),
+    ).signed(sign_digest)
+    resp = _exchange(claim_endpoint, channel, req.to_bytes(), device, req.nonce,
+                     timeout_s, resend_s)  # fmt: skip
+    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
+    log.info("re-enrolled as %s with the registered TPM key", device)
+    return identity
+
+
+def _exchange(
+    endpoint: MqttEndpoint,
+    channel: str,
+    request: bytes,
+    device: str,
+    nonce: str,
+    timeout_s: float,
+    resend_s: float,
+) -> enroll.CertResponse:
+    """Publish ``request`` on the channel's enrollment topic until its answer arrives."""
     responses: queue.Queue[bytes] = queue.Queue(maxsize=16)
-    link = MqttLink(
-        claim_endpoint, client_id=claim.claim_id, on_message=lambda _t, p: _offer(responses, p)
-    )
-    link.subscribe(topics.enroll_response(claim.claim_id), 1)
+    link = MqttLink(endpoint, client_id=channel, on_message=lambda _t, p: _offer(responses, p))
+    link.subscribe(topics.enroll_response(channel), 1)
     deadline = time.monotonic() + timeout_s
     try:
         link.start(wait_s=timeout_s)
         resp = None
         while resp is None and time.monotonic() < deadline:
-            link.publish(topics.enroll_request(claim.claim_id), req.to_bytes(), 1, timeout_s=5)
-            resp = _await(responses, device, req.nonce, min(deadline, time.monotonic() + resend_s))
+            link.publish(topics.enroll_request(channel), request, 1, timeout_s=5)
+            resp = _await(responses, device, nonce, min(deadline, time.monotonic() + resend_s))
     except TransportError as e:
         raise EnrollmentError(f"cannot reach the broker with the claim certificate: {e}") from e
     finally:
         link.stop()
     if resp is None:
         raise EnrollmentError(f"no enrollment answer within {timeout_s:.0f} s", "timeout")
-    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
-    log.info("enrolled as %s", device)
-    return identity
+    return resp
 
 
 def _offer(q: queue.Queue[bytes], payload: bytes) -> None:
@@ -228,8 +278,10 @@ class Renewer:
         renew_at: float = 2 / 3,
         check_every_s: float = 60.0,
         timeout_s: float = 30.0,
+        reenroll: Callable[[], TlsIdentity] | None = None,
     ) -> None:
         self.device = device
+        self._reenroll = reenroll
         self._sign = sign_digest
         self._kid = identity_key_id
         self._store = store
@@ -241,6 +293,7 @@ class Renewer:
         self._responses: queue.Queue[bytes] = queue.Queue(maxsize=16)
         self._thread: threading.Thread | None = None
         self.renewed = 0
+        self.reenrolled = 0
 
     @property
     def response_topic(self) -> str:
@@ -272,6 +325,15 @@ class Renewer:
         log.info("renewed the TLS certificate; valid until %s", identity.not_after)
         return identity
 
+    def reenroll_once(self) -> TlsIdentity:
+        """The certificate expired: re-enroll with the TPM key, switch the link to it."""
+        if self._reenroll is None:
+            raise EnrollmentError("certificate expired and re-enrollment is not configured")
+        identity = self._reenroll()
+        self._link.reload_client_cert(identity.path, identity.path, identity.password)
+        self.reenrolled += 1
+        return identity
+
     def run(self, stop: threading.Event) -> None:
         backoff = self._every
         while not stop.wait(backoff):
@@ -280,7 +342,10 @@ class Renewer:
                 backoff = self._every
                 continue
             try:
-                self.renew_once()
+                if current is None or current.expired():
+                    self.reenroll_once()  # the device session cannot carry a renewal now
+                else:
+                    self.renew_once()
                 backoff = self._every
             except (EnrollmentError, TransportError) as e:
                 backoff = min(backoff * 2, 3600.0)
@@ -321,14 +386,24 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
     store = IdentityStore(cfg.state_dir / "tls", keys.storage_key())
     identity = store.current()
     if identity is None or identity.expired():
+        claim_endpoint = _claim_endpoint(cfg)
+        if not e.claim_file.exists():  # used up: prove the registered TPM key instead
+            log.warning("no valid certificate and no claim: re-enrolling with the TPM key")
+            identity = reenroll_device(
+                cfg.device_id,
+                keys.sign_digest,
+                keys.signing_key_id(),
+                store,
+                claim_endpoint,
+                e.timeout_s,
+            )
+            return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)
         try:
             claim = enroll.Claim.parse(e.claim_file.read_text()[:200])
         except OSError as err:
             raise EnrollmentError(f"no certificate and no claim ({err})", "no_claim") from err
         except ProtocolError as err:
             raise EnrollmentError(f"{e.claim_file}: {err}", err.reason) from err
-        port = b.port if e.port is None else e.port  # the enrollment listener
-        claim_endpoint = MqttEndpoint(b.host, port, b.ca_cert, e.claim_cert, e.claim_key)
         identity = enroll_device(
             cfg.device_id,
             claim,
@@ -342,20 +417,38 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
     return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)
 
 
+def _claim_endpoint(cfg: DeviceConfig) -> MqttEndpoint:
+    b, e = cfg.broker, cfg.enrollment
+    if e is None:
+        raise EnrollmentError("no enrollment configured", "config")
+    port = b.port if e.port is None else e.port  # the enrollment listener
+    return MqttEndpoint(b.host, port, b.ca_cert, e.claim_cert, e.claim_key)
+
+
 def make_renewer(cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink) -> Renewer | None:
-    """A renewer for an enrolled identity; None for a fixed certificate."""
+    """A renewer for an enrolled identity (re-enrolling once it expired); None for a fixed
+    certificate."""
     e = cfg.enrollment
     if cfg.broker.client_cert is not None or e is None:
         return None
+    store = IdentityStore(cfg.state_dir / "tls", keys.storage_key())
+
+    def reenroll() -> TlsIdentity:
+        return reenroll_device(
+            cfg.device_id, keys.sign_digest, keys.signing_key_id(), store,
+            _claim_endpoint(cfg), e.timeout_s,
+        )  # fmt: skip
+
     return Renewer(
         cfg.device_id,
         keys.sign_digest,
         keys.signing_key_id(),
-        IdentityStore(cfg.state_dir / "tls", keys.storage_key()),
+        store,
         link,
         cfg.broker.ca_cert.read_bytes(),
         renew_at=e.renew_at,
         check_every_s=e.check_every_s,
+        reenroll=reenroll,
     )
 
 
@@ -366,5 +459,6 @@ __all__ = [
     "device_endpoint",
     "enroll_device",
     "make_renewer",
+    "reenroll_device",
     "tls_key_password",
 ]

@@ -13,6 +13,9 @@ Flow (docs/adr/0007-device-identity-and-enrollment.md)::
     device (own short-lived cert)
       RenewRequest   --> fleet/v1/<device>/cert/request
                      <-- fleet/v1/<device>/cert/response   CertResponse
+    device (certificate expired, claim used up; claim cert, client id = a fresh channel)
+      ReenrollRequest --> fleet/v1/enroll/<channel>/request   signed by the registered
+                      <-- fleet/v1/enroll/<channel>/response  TPM key (docs/adr/0017)
 
 Invariants:
 - every message is canonical JSON (sorted keys, separators ``,`` ``:``, UTF-8) with
@@ -20,7 +23,8 @@ Invariants:
   one byte representation;
 - a request's ``sig`` is an ECDSA P-256 signature (strict DER) by the device's TPM
   identity key over SHA-256(domain tag || canonical JSON without ``sig``); the domain
-  tags differ for enrollment and renewal, so one can never be replayed as the other;
+  tags differ for enrollment, renewal and re-enrollment, so one can never be replayed
+  as another;
 - every parser checks the total size first (``MAX_MESSAGE_BYTES``), then each field's
   type, length and pattern, and raises only ``ProtocolError`` subclasses, whatever
   the input; canonicalising a document (to check its encoding or to compute the
@@ -64,6 +68,7 @@ MAX_INT = 2**63 - 1
 
 ENROLL_TAG = b"sovereign-edge enroll v1\x00"
 RENEW_TAG = b"sovereign-edge renew v1\x00"
+REENROLL_TAG = b"sovereign-edge reenroll v1\x00"
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, urlsafe base64, no padding
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -272,6 +277,49 @@ class RenewRequest(_Signed):
     nonce: Nonce
 
 
+class ReenrollRequest(_Signed):
+    """Device → cloud over the claim identity on ``fleet/v1/enroll/<channel>/request``
+    when its certificate expired (offline past its lifetime) and its claim is used up:
+    a fresh CSR signed by the TPM identity key the fleet registered at enrollment. No
+    human in the loop; a revoked or unknown device is refused."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "channel": "0123456789abcdef",
+                    "created_at_ms": 1764000000000,
+                    "csr": _EXAMPLE_CSR,
+                    "device_id": "pi-07",
+                    "kid": "0123456789abcdef",
+                    "nonce": "ab" * 16,
+                    "sig": _EXAMPLE_SIG,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    TAG: ClassVar[bytes] = REENROLL_TAG
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "channel": "bad_claim_id",
+        "sig": "bad_signature",
+    }
+
+    device_id: DeviceId
+    channel: Annotated[
+        str,
+        Field(
+            pattern=topics.CLAIM_ID_RE.pattern,
+            description="16 hex, fresh per attempt: the enrollment topic and the client id",
+        ),
+    ]
+    kid: Annotated[str, Field(pattern=KID_RE.pattern, description="the identity key's id")]
+    csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
+    created_at_ms: CreatedAt
+    nonce: Nonce
+
+
 class CertResponse(_Canonical):
     """Cloud → device on ``fleet/v1/enroll/<claim id>/response`` (enrollment) or
     ``fleet/v1/<device>/cert/response`` (renewal): the issued certificate, or why none
@@ -400,6 +448,7 @@ __all__ = [
     "CertResponse",
     "Claim",
     "EnrollRequest",
+    "ReenrollRequest",
     "RenewRequest",
     "check_csr",
     "check_issued",

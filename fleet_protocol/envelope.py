@@ -19,7 +19,11 @@ Invariants:
 - the per-batch AES key is random, used once, and travels only RSA-OAEP-wrapped
   for the cloud's unwrap key (docs/adr/0002-wrap-and-signature-mechanisms.md);
 - ``parse`` checks every cap before reading further and raises only
-  ``ProtocolError`` subclasses, whatever the input.
+  ``ProtocolError`` subclasses, whatever the input;
+- header version 2 adds ``epoch``: the device's sequence epoch, a random number its
+  replay buffer draws when it is created (a wiped and re-enrolled device starts a new
+  epoch and counts ``seq`` from 0 again; docs/adr/0017). Version 1 headers (no
+  ``epoch``) still parse, with epoch 0; ``seal`` writes version 2.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from fleet_protocol.errors import (
 )
 
 MAGIC = b"SEV1"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # header versions parse accepts; 1 has no epoch
 AEAD_ALG = "A256GCM"
 WRAP_ALG = "RSA-OAEP-SHA1"
 SIG_ALG = "ECDSA-P256-SHA256"
@@ -66,10 +71,11 @@ MAX_INT = 2**63 - 1
 DEVICE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX32_RE = re.compile(r"[0-9a-f]{32}")
 _KID_RE = re.compile(r"[0-9a-f]{16}")
-_FIELDS = frozenset(
+_FIELDS_V1 = frozenset(
     {"v", "device", "batch_id", "seq", "created_at_ms", "aead", "wrap", "sig"}
     | {"kid_wrap", "kid_sig", "wrapped_key", "nonce"}
 )
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"epoch"}}
 _OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
 
@@ -95,6 +101,7 @@ class EnvelopeHeader:
     kid_sig: str
     wrapped_key: bytes
     nonce: bytes
+    epoch: int = 0
     v: int = VERSION
     aead: str = AEAD_ALG
     wrap: str = WRAP_ALG
@@ -116,6 +123,8 @@ class EnvelopeHeader:
             "wrapped_key": base64.b64encode(self.wrapped_key).decode("ascii"),
             "nonce": base64.b64encode(self.nonce).decode("ascii"),
         }
+        if self.v >= 2:
+            doc["epoch"] = self.epoch
         return _canonical_json(doc)
 
 
@@ -153,6 +162,7 @@ def seal(
     kid_sig: str,
     sign_digest: Callable[[bytes], bytes],
     limits: EnvelopeLimits = EnvelopeLimits(),
+    epoch: int = 0,
 ) -> bytes:
     """Encrypt ``plaintext`` for the cloud's unwrap key and sign it with ``sign_digest``.
 
@@ -174,6 +184,7 @@ def seal(
         kid_sig=kid_sig,
         wrapped_key=wrap_key.encrypt(aes_key, _OAEP),
         nonce=os.urandom(NONCE_BYTES),
+        epoch=epoch,
     )
     header_bytes = header.canonical_bytes()
     _check_header(_decode_header(header_bytes))  # same rules as the receiver
@@ -350,17 +361,19 @@ def _b64_field(doc: dict[str, Any], name: str, lo: int, hi: int) -> bytes:
 
 
 def _check_header(doc: dict[str, Any]) -> EnvelopeHeader:
-    keys = set(doc)
-    if keys != _FIELDS:
-        missing = sorted(_FIELDS - keys)
-        extra = sorted(k[:40] for k in keys - _FIELDS)
-        raise MalformedError(f"header fields wrong: missing {missing}, unexpected {extra}")
-    v = doc["v"]
+    v = doc.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise MalformedError("v must be an integer")
-    if v != VERSION:
+    if v not in VERSIONS:
         raise UnsupportedAlgorithmError(f"header version {v} is not supported")
+    keys, fields = set(doc), _FIELDS[v]
+    if keys != fields:
+        missing = sorted(fields - keys)
+        extra = sorted(k[:40] for k in keys - fields)
+        raise MalformedError(f"header fields wrong: missing {missing}, unexpected {extra}")
     return EnvelopeHeader(
+        v=v,
+        epoch=_int_field(doc, "epoch") if v >= 2 else 0,
         device=_str_field(doc, "device", DEVICE_RE),
         batch_id=_str_field(doc, "batch_id", _HEX32_RE),
         seq=_int_field(doc, "seq"),
