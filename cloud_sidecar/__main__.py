@@ -150,9 +150,9 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
     hsm = open_hsm(cfg)
     try:
+        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
         pub = repo.roll_back(
             args.to_adapter,
             expires_days=cfg.ota.expires_days,
@@ -295,8 +295,11 @@ def _cmd_broker_acl(args: argparse.Namespace) -> int:
     from cloud_sidecar.broker_acl import write_broker_acl
     from cloud_sidecar.config import load_config
 
-    write_broker_acl(load_config(args.config), args.label_source, args.out, args.enroll_out)
-    print(f"wrote {args.out}" + (f" and {args.enroll_out}" if args.enroll_out else ""))
+    write_broker_acl(
+        load_config(args.config), args.label_source, args.out, args.enroll_out, args.service_out
+    )
+    extra = [p for p in (args.enroll_out, args.service_out) if p]
+    print(f"wrote {args.out}" + "".join(f" and {p}" for p in extra))
     return EXIT_OK
 
 
@@ -469,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ba.add_argument("--out", type=Path, required=True, help="the device listener's acl_file")
     ba.add_argument("--enroll-out", type=Path, help="also write the enrollment listener's acl_file")
+    ba.add_argument(
+        "--service-out",
+        type=Path,
+        help="also write the service listener's acl_file (the sidecar's own CA and listener;"
+        " set use_username_as_clientid on the device listener: docs/adr/0018)",
+    )
     ba.set_defaults(func=_cmd_broker_acl)
 
     vc = sub.add_parser("validate-config", help="check a configuration file and report errors")

@@ -13,6 +13,11 @@ class HsmError(CloudError):
     """The PKCS#11 token failed or is unreachable (key missing, login, mechanism)."""
 
 
+class HsmPinError(HsmError):
+    """The token refused the PIN. Never retried: every further try brings the token closer
+    to locking the user PIN (issue 9); an operator must fix the credential."""
+
+
 class HsmUnavailableError(HsmError):
     """The token cannot be reached now; ingest stops acknowledging and retries."""
 
@@ -39,6 +44,11 @@ class DatasetError(TrainingError):
 
 class GateRejectedError(CloudError):
     """A candidate adapter did not pass the evaluation gate."""
+
+
+class RepositoryError(CloudError):
+    """OTA repository state that is not backed by verified signed metadata, or an artifact
+    that does not match what was gated or signed: nothing is signed."""
 
 
 class AuditError(CloudError):

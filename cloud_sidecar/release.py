@@ -64,9 +64,9 @@ def publish(
     audit = cfg.open_audit()
     artifact = (registry.bundle_dir(version) / "edge-adapter.safetensors").read_bytes()
     cohort = cohort or cfg.ota.cohort
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
     hsm = open_hsm(cfg)
     try:
+        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
         pub = repo.add_adapter(
             artifact,
             base_model_sha256=entry["lineage"]["base_sha256"],

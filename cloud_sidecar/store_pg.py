@@ -254,6 +254,25 @@ class PgStore:
                 (claim_id, device_id, token_hash, _now_ms(), expires_ms, self.region),
             )
 
+    def check_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
+        """Why the claim cannot be used now, or "" (nothing is marked: ``use_claim`` does)."""
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT device_id, token_hash, expires_at_ms, used_at_ms FROM claims"
+                " WHERE claim_id=%s",
+                (claim_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return "unknown_claim"
+        if row[0] != device_id:
+            return "claim_device_mismatch"
+        if not hmac.compare_digest(row[1], token_hash):
+            return "bad_token"
+        if row[3] is not None:
+            return "claim_used"
+        return "claim_expired" if now_ms > row[2] else ""
+
     def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
         """Mark the claim used and return "", or return why it cannot be used."""
         with self._tx() as cur:

@@ -27,6 +27,7 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,12 @@ from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import Dataset, build_dataset
-from cloud_sidecar.errors import GateRejectedError, StoreError, TrainingError
+from cloud_sidecar.errors import (
+    GateRejectedError,
+    RepositoryError,
+    StoreError,
+    TrainingError,
+)
 from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
 from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
@@ -50,6 +56,44 @@ from fleet_protocol.labels import CLASS_INDEX, CLASSES
 log = logging.getLogger(__name__)
 
 LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
+
+
+@dataclass(frozen=True)
+class Gated:
+    """What the gate judged, by hash: the edge artifact, the int8 model merged from it, and
+    the base fp32 it was merged into (the hash the signed metadata names)."""
+
+    artifact_sha256: str
+    candidate_int8_sha256: str
+    base_fp32_sha256: str
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def merge_for_gate(base: BaseModel, artifact: bytes) -> tuple[bytes, Gated]:
+    """The int8 model the devices will run, merged in memory from ``artifact`` and the
+    base bytes read once; ``TrainingError`` when the base on disk is not the base the
+    card names (pretraining's hash, the one devices check)."""
+    base_fp32 = base.onnx_fp32.read_bytes()
+    if _sha(base_fp32) != base.sha256_fp32:
+        raise TrainingError(
+            f"{base.onnx_fp32} does not match the base card's sha256: refusing to gate or sign"
+        )
+    try:
+        merged = merge_and_quantize(base_fp32, artifact, base.calibration.read_bytes())
+    except ModelError as exc:
+        raise TrainingError(f"adapter does not merge into the base: {exc}") from exc
+    return merged.int8, Gated(_sha(artifact), _sha(merged.int8), base.sha256_fp32)
+
+
+def check_signable(gated: Gated, artifact: bytes, base_model_sha256: str) -> None:
+    """Refuse (``RepositoryError``) to sign anything but the exact bytes that were gated."""
+    if _sha(artifact) != gated.artifact_sha256:
+        raise RepositoryError("the artifact to sign is not the one the gate judged")
+    if base_model_sha256 != gated.base_fp32_sha256:
+        raise RepositoryError("the base the metadata names is not the one the gate merged into")
 
 
 class RunMonitor:
@@ -260,15 +304,11 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     artifact = convert_for_edge(adapter_dir, base)
     write_atomic(run_dir / "edge-adapter.safetensors", artifact, 0o644)
     try:
-        merged = merge_and_quantize(
-            base.onnx_fp32.read_bytes(), artifact, base.calibration.read_bytes()
-        )
-    except ModelError as exc:
-        raise _refuse(
-            audit, run_id, "merge", f"adapter does not merge into the base: {exc}"
-        ) from exc
+        merged_int8, gated = merge_for_gate(base, artifact)
+    except TrainingError as exc:
+        raise _refuse(audit, run_id, "merge", str(exc)) from exc
     candidate = run_dir / "candidate.int8.onnx"
-    write_atomic(candidate, merged.int8, 0o644)
+    write_atomic(candidate, merged_int8, 0o644)
 
     parent, production = production_model(registry, base)
     latency = median_latency_ms([production, candidate], x_val)
@@ -283,6 +323,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         len(y_val),
     )
     decision["production_version"] = parent
+    decision["gated"] = asdict(gated)
     # what the fleet hears, not only hard cases: the devices' random `audit` samples
     rep = np.array([s.reason == "audit" for s in ds.val], dtype=bool)
     decision["val_representative"] = {

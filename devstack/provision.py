@@ -47,7 +47,7 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
             "base_model_dir": base_model_dir,
             "broker": {
                 "host": "127.0.0.1",
-                "port": stack.broker.port,
+                "port": stack.broker.service_port or stack.broker.port,
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
@@ -66,6 +66,8 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_dir": stack.ca.directory,
                 "ca_signer": "hsm",
                 "crl_hook": crl_hook_argv(stack.broker),
+                # devices prove their identity key lives in a TPM (ADR 0018)
+                "ek_ca_certs": [stack.ek_ca_cert] if stack.ek_ca_cert.exists() else [],
             },
         },
     )

@@ -42,6 +42,7 @@ from edge_daemon.service import Mailbox, serve
 from edge_daemon.uplink import Outbox
 from fleet_protocol import ota, topics
 from fleet_protocol.io.files import file_sha256, write_atomic
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import OtaStatus
 from fleet_protocol.telemetry import Telemetry
@@ -55,6 +56,7 @@ class EdgeApp:
         self.device = cfg.device_id
         self._given_source = source
         self.mailbox = Mailbox()
+        self.faults = LoopFaults()  # every thread's caught exceptions, in the status report
         self._stop = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -74,8 +76,9 @@ class EdgeApp:
             device_endpoint(cfg, self.keys),  # enrolls first when there is no certificate
             client_id=self.device,
             on_message=self._on_message,
+            faults=self.faults,
         )
-        self.renewer = make_renewer(cfg, self.keys, self.link)
+        self.renewer = make_renewer(cfg, self.keys, self.link, self.faults)
         self._renew_stop = threading.Event()
         self.ota = OtaClient(
             device_id=self.device,
@@ -125,6 +128,7 @@ class EdgeApp:
             self._publish_telemetry,
             link_up=lambda: self.link.connected,
             republish=self._republish_telemetry,
+            faults=self.faults,
         )
         self.sensors.start()
         self.source = (
@@ -166,6 +170,7 @@ class EdgeApp:
                 mailbox=self.mailbox,
                 handle=self.ota.handle,
                 report=self.write_report,
+                faults=self.faults,
             )
         finally:
             self.stop()
@@ -238,6 +243,7 @@ class EdgeApp:
             "uplink": asdict(self.outbox.stats),
             "sensors": self.sensors.report(),
             "mailbox_dropped": self.mailbox.dropped,
+            "loop_errors": self.faults.counts(),
         }
         if isinstance(self.source, CaptureProcess):
             out["capture"] = asdict(self.source.stats())

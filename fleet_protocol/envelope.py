@@ -15,7 +15,9 @@ Invariants:
   one batch has exactly one byte representation;
 - the header bytes are the AES-256-GCM associated data, and the device's ECDSA
   P-256 signature covers SHA-256(b"SEV1" || u32 header_len || header || ciphertext):
-  no header or ciphertext byte can change undetected;
+  no header or ciphertext byte can change undetected; the signature is strict DER
+  with a low S (``fleet_protocol.low_s``: ``seal`` normalises, ``parse`` refuses the
+  other form), so no relay can re-encode an envelope into a second valid one;
 - the per-batch AES key is random, used once, and travels only RSA-OAEP-wrapped
   for the cloud's unwrap key (docs/adr/0002-wrap-and-signature-mechanisms.md);
 - ``parse`` checks every cap before reading further and raises only
@@ -45,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fleet_protocol import low_s
 from fleet_protocol.errors import (
     DecryptError,
     MalformedError,
@@ -191,7 +194,7 @@ def seal(
     if len(header_bytes) > limits.max_header:
         raise TooLargeError(f"header is {len(header_bytes)} bytes > {limits.max_header}")
     ciphertext = AESGCM(aes_key).encrypt(header.nonce, plaintext, header_bytes)
-    signature = sign_digest(_signed_digest(header_bytes, ciphertext))
+    signature = low_s.normalize(sign_digest(_signed_digest(header_bytes, ciphertext)))
     if not 0 < len(signature) <= limits.max_signature:
         raise MalformedError(f"signer returned a {len(signature)}-byte signature")
     _check_der_signature(signature)
@@ -389,9 +392,5 @@ def _check_header(doc: dict[str, Any]) -> EnvelopeHeader:
 
 
 def _check_der_signature(signature: bytes) -> None:
-    try:
-        r, s = utils.decode_dss_signature(signature)
-    except ValueError as e:
-        raise MalformedError("signature is not a DER ECDSA signature") from e
-    if utils.encode_dss_signature(r, s) != signature:
-        raise MalformedError("signature is not strict DER")
+    """Strict DER and low S (``fleet_protocol.low_s``): one encoding per envelope."""
+    low_s.check(signature)

@@ -18,11 +18,13 @@ Invariants:
   token objects, each with exactly one use (unwrap: decrypt only; signing: sign
   only); existing keys without these attributes are refused, never used;
 - no private key material crosses this module's boundary, only results;
-- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token or
-  a failed login as ``HsmUnavailableError`` (callers retry); data that is not
-  encrypted for the unwrap key as ``HsmDecryptError`` (callers reject the upload),
-  except ``CKR_GENERAL_ERROR`` from a token that still answers, which SoftHSM 2.6 gives
-  for an OAEP decoding failure and a failing token gives too: ``HsmDecryptError`` with
+- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token as
+  ``HsmUnavailableError`` (callers retry); a refused PIN as ``HsmPinError``, once: the
+  PIN is remembered (as a hash) and never presented to the token again in this
+  process, so no retry loop can lock the token; data that is not encrypted for the
+  unwrap key as ``HsmDecryptError`` (callers reject the upload), except
+  ``CKR_GENERAL_ERROR`` from a token that still answers, which SoftHSM 2.6 gives for an
+  OAEP decoding failure and a failing token gives too: ``HsmDecryptError`` with
   ``transient=True`` (callers keep the batch for later, never drop it);
 - all ``Hsm`` objects on a token share one logged-in session, and its lock
   serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
@@ -55,7 +57,7 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from fleet_protocol.envelope import key_id_from_pem
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ SIGNING_LABEL = "ota-signing"
 CA_LABEL = "fleet-ca"
 ACK_LABEL = "ack-signing"
 EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL, ACK_LABEL)  # EC P-256, sign only
+CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
 
@@ -94,6 +97,13 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     p11.UserPinNotInitialized,
     p11.FunctionFailed,
 )
+_PIN_REFUSED: tuple[type[Exception], ...] = (
+    p11.PinIncorrect,
+    p11.PinInvalid,
+    p11.PinLenRange,
+    p11.PinLocked,
+    p11.PinExpired,
+)
 _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
     p11.EncryptedDataInvalid,
     p11.EncryptedDataLenRange,
@@ -105,6 +115,8 @@ _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
 # ``Hsm`` must present the same PIN (compared as SHA-256; the PIN is not kept).
 _LIB_LOCK = threading.Lock()
 _lib_conf: dict[str, str | None] = {}
+# (module, token, SHA-256(PIN)) the token refused: never presented to it again
+_refused_pins: set[tuple[str, str, bytes]] = set()
 
 
 @dataclass
@@ -141,10 +153,15 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
     with _LIB_LOCK:
         key = (module, token_label)
         pin_hash = hashlib.sha256(user_pin.encode()).digest()
+        if (module, token_label, pin_hash) in _refused_pins:
+            raise HsmPinError(
+                f"token {token_label!r} refused this PIN before; not trying it again (the"
+                " token would lock): fix the hsm-pin credential and restart"
+            )
         shared = _shared.get(key)
         if shared is not None:
             if not hmac.compare_digest(pin_hash, shared.pin_hash):
-                raise HsmUnavailableError(f"login to token {token_label!r} failed: wrong PIN")
+                raise HsmPinError(f"login to token {token_label!r} failed: wrong PIN")
             shared.users += 1
             return shared
         conf = os.environ.get(_CONF_ENV)
@@ -165,7 +182,14 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
                 raise
             lib.reinitialize()  # tokens created or restored since initialisation become visible
             token = lib.get_token(token_label=token_label)
-        session = token.open(rw=True, user_pin=user_pin)
+        try:
+            session = token.open(rw=True, user_pin=user_pin)
+        except _PIN_REFUSED as e:
+            _refused_pins.add((module, token_label, pin_hash))
+            log.critical(
+                "token %r refused the PIN (%r); it will not be tried again", token_label, e
+            )
+            raise HsmPinError(f"token {token_label!r} refused the PIN: {e!r}") from e
         shared = _Shared(session=session, lock=threading.Lock(), pin_hash=pin_hash, users=1)
         _shared[key] = shared
         return shared
@@ -321,6 +345,51 @@ class Hsm:
         with self._lock:
             return self._call("sign", run)
 
+    def claim_mac(self, data: bytes) -> bytes:
+        """``CKM_SHA256_HMAC`` with the token's ``claim-mac`` secret (generated inside the
+        token on first use: 256 bits, sensitive, non-extractable, sign/verify only)."""
+
+        def run() -> bytes:
+            key = self._secret(CLAIM_MAC_LABEL)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        with self._lock:
+            return self._call("claim mac", run)
+
+    def _secret(self, label: str) -> Any:
+        session = self._require_session()
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
+        if len(found) > 1:
+            raise HsmError(f"token holds {len(found)} secret keys {label!r}")
+        if not found:
+            log.info("generating HMAC-SHA256 secret %r in the token", label)
+            return session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                id=label.encode(),
+                store=True,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+        key = found[0]
+        attrs = key.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE])
+        if not attrs[Attribute.SENSITIVE] or attrs[Attribute.EXTRACTABLE]:
+            raise HsmError(f"secret {label!r} is extractable; refusing it")
+        return key
+
     def close(self) -> None:
         """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""
         with self._lock:
@@ -428,6 +497,7 @@ class Hsm:
         for label in (UNWRAP_LABEL, *EC_SIGN_LABELS):
             if self._load_pair(label) is None:
                 raise HsmError(f"key {label!r} missing right after generation")
+        self._secret(CLAIM_MAC_LABEL)  # at provisioning, not raced by two first claims
 
     def _unwrap_labels(self) -> list[str]:
         session = self._require_session()

@@ -70,8 +70,10 @@ def new_device(cloud: Cloud, device_id: str) -> Iterator[Enrolling]:
 
 
 def do_enroll(
-    cloud: Cloud, dev: Enrolling, claim: enroll.Claim, sign: object = None
+    cloud: Cloud, dev: Enrolling, claim: enroll.Claim, sign: object = None, tpm: object = True
 ) -> TlsIdentity:
+    """Enroll ``dev``; its TPM answers the credential-activation challenge unless ``tpm``
+    is given (None: no TPM at all; another object: a stand-in)."""
     return enroll_device(
         dev.slot.device_id,
         claim,
@@ -80,6 +82,7 @@ def do_enroll(
         dev.store,
         claim_endpoint(cloud),
         timeout_s=TIMEOUT,
+        tpm=dev.keys if tpm is True else tpm,  # type: ignore[arg-type]
     )
 
 
