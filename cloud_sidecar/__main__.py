@@ -2,7 +2,7 @@
 
 Exit codes (for systemd's RestartPreventExitStatus=): 0 ok, 2 configuration error,
 3 HSM error, 4 audit chain broken, 5 training or gate refused, 6 other sidecar error,
-7 input refused (e.g. a label import; nothing was changed).
+7 input refused (e.g. a label import, or a release without approval; nothing was changed).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cloud_sidecar.errors import (
     ConfigError,
     GateRejectedError,
     HsmError,
+    RegistryError,
     TrainingError,
 )
 from fleet_protocol.io.journal import setup_logging
@@ -84,8 +85,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.train import run_training
 
-    result = run_training(load_config(args.config), publish=args.publish)
-    print(json.dumps(result, indent=1))
+    cfg = load_config(args.config)
+    if not args.if_triggered:
+        print(json.dumps(run_training(cfg), indent=1))
+        return EXIT_OK
+    from cloud_sidecar import triggers
+    from cloud_sidecar.store_api import open_store
+
+    state = cfg.data_dir / "triggers.json"
+    store = open_store(cfg)
+    try:
+        decision = triggers.evaluate(store, state, cfg.triggers, cfg.open_audit())
+    finally:
+        store.close()
+    if not decision.fired:
+        print(json.dumps({"trained": False, **decision.figures}, indent=1))
+        return EXIT_OK
+    log.info("training triggered by %s", ", ".join(decision.fired))
+    try:
+        print(json.dumps(run_training(cfg), indent=1))
+    finally:
+        store = open_store(cfg)
+        try:
+            triggers.record_attempt(store, state)
+        finally:
+            store.close()
+    return EXIT_OK
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from cloud_sidecar import release
+    from cloud_sidecar.config import load_config
+
+    cfg = load_config(args.config)
+    if args.release_command == "approve":
+        out = release.approve(cfg, args.version, args.approver, args.note)
+    else:
+        out = release.publish(cfg, args.version, cohort=args.cohort, broker=not args.no_broker)
+    print(json.dumps(out, indent=1))
+    return EXIT_OK
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.registry import Registry
+
+    registry = Registry(load_config(args.config).data_dir / "registry")
+    if args.registry_command == "list":
+        for e in registry.entries():
+            print(
+                f"{e['version']:<10} {','.join(e['aliases']) or '-':<30}"
+                f" approvals={len(e['approvals'])} parent={e['lineage']['parent']}"
+                f" dataset={e['lineage']['dataset_id'][:12]} created={e['created_at']}"
+            )
+    else:
+        print(json.dumps(registry.get(args.version), indent=1))
     return EXIT_OK
 
 
@@ -128,10 +182,10 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
 def _cmd_fleet(args: argparse.Namespace) -> int:
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
-    from cloud_sidecar.store import Store
+    from cloud_sidecar.store_api import open_store
 
     cfg = load_config(args.config)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
     try:
         if args.fleet_command == "register":
@@ -219,12 +273,12 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.labels import LabelService
     from cloud_sidecar.metrics import Metrics
-    from cloud_sidecar.store import Store
+    from cloud_sidecar.store_api import open_store
     from fleet_protocol.topics import check_device_id
 
     cfg = load_config(args.config)
     source = check_device_id(args.source)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
     try:
         result = LabelService(store, cfg.open_audit(), Metrics()).import_csv(args.csv, source)
     finally:
@@ -312,10 +366,37 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", type=Path, required=True)
     sv.set_defaults(func=_cmd_serve)
 
-    tr = sub.add_parser("train", help="dataset → LoRA → gate → sign → (publish) one adapter")
+    tr = sub.add_parser(
+        "train", help="dataset → LoRA → gate → signed bundle in the registry (never publishes)"
+    )
     tr.add_argument("--config", type=Path, required=True)
-    tr.add_argument("--publish", action="store_true", help="publish over MQTT when the gate passes")
+    tr.add_argument(
+        "--if-triggered",
+        action="store_true",
+        help="train only if the schedule or a drift signal fires (audited; the timer's mode)",
+    )
     tr.set_defaults(func=_cmd_train)
+
+    rl = sub.add_parser("release", help="approve a registered version; publish it over OTA")
+    rl.add_argument("--config", type=Path, required=True)
+    rsub = rl.add_subparsers(dest="release_command", required=True)
+    ap = rsub.add_parser("approve", help="record a named approver's approval (audited)")
+    ap.add_argument("version")
+    ap.add_argument("--approver", required=True, help="who approves (recorded and audited)")
+    ap.add_argument("--note", default="", help="e.g. the privacy review's reference")
+    pb = rsub.add_parser("publish", help="sign an approved version into the OTA channel")
+    pb.add_argument("version")
+    pb.add_argument("--cohort", help="rollout cohort (default: ota.cohort; not 'all': canary)")
+    pb.add_argument("--no-broker", action="store_true", help="sign only; publish later")
+    rl.set_defaults(func=_cmd_release)
+
+    rg = sub.add_parser("registry", help="the model registry")
+    rg.add_argument("--config", type=Path, required=True)
+    gsub = rg.add_subparsers(dest="registry_command", required=True)
+    gsub.add_parser("list", help="versions, aliases, approvals, lineage")
+    sh = gsub.add_parser("show", help="one version's full entry")
+    sh.add_argument("version")
+    rg.set_defaults(func=_cmd_registry)
 
     ot = sub.add_parser("ota", help="OTA repository")
     ot.add_argument("--config", type=Path, required=True)
@@ -425,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAIN
     except CloudError as e:
         log.error("%s", e)
-        return EXIT_OTHER
+        return EXIT_INPUT if isinstance(e, RegistryError) else EXIT_OTHER
 
 
 if __name__ == "__main__":

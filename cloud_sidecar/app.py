@@ -43,7 +43,7 @@ from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.store import Store
+from cloud_sidecar.store_api import open_store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.guard import BoundedWorker, LoopFaults
@@ -108,7 +108,7 @@ class SidecarApp:
         cfg = self.cfg
         cfg.check_residency()  # also for configs built in code, not only load_config
         self.audit = cfg.open_audit()
-        self.store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+        self.store = open_store(cfg)
         self.hsm = open_hsm(cfg)
         self.link = open_link(
             cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message, self.faults

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -77,9 +77,8 @@ class TrainConfig(_Strict):
     min_samples: int = Field(
         32, ge=1, description="fewer labelled samples than this: no training run"
     )
-    val_fraction: float = Field(0.25, gt=0, lt=1)
     replay_per_class: int = Field(
-        40,
+        100,
         ge=0,
         description="base-distribution samples per class mixed in (from the base's"
         " replay.npz; at most what pretraining saved)",
@@ -94,13 +93,153 @@ class TrainConfig(_Strict):
         0.02, ge=0, le=1, description="gate: allowed golden-set accuracy drop"
     )
     min_val_gain: float = Field(
-        0.0, ge=-1, le=1, description="gate: required gain on the held-out split"
+        0.0, ge=-1, le=1, description="gate: required accuracy gain on the validation split"
+    )
+    max_macro_f1_drop: float = Field(
+        0.0, ge=0, le=1, description="gate: allowed macro-F1 drop vs production (val, golden)"
+    )
+    max_class_recall_drop: float = Field(
+        0.02, ge=0, le=1, description="gate: allowed recall drop of any one class (val, golden)"
+    )
+    max_device_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="gate: allowed accuracy drop on any one device (val)"
+    )
+    max_membership_auc: float = Field(
+        0.6,
+        ge=0.5,
+        le=1,
+        description="gate: AUC of a loss-threshold membership-inference attack (train vs"
+        " validation windows) above this refuses the candidate; 1 disables",
+    )
+    min_membership_samples: int = Field(
+        50,
+        ge=1,
+        description="gate: the membership AUC is gated only with this many held-out windows",
+    )
+    gate_tolerance_windows: int = Field(
+        1,
+        ge=0,
+        description="gate: a per-class or per-device drop of at most this many windows"
+        " does not fail (the evaluation set's resolution); 0: strict",
+    )
+    min_gate_support: int = Field(
+        10,
+        ge=1,
+        description="gate: a class or device with fewer evaluation samples than this is"
+        " reported but not gated (one sample would swing it by more than the threshold)",
     )
     seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between metrics (loss, grad norm, lr)")
+    price_per_hour: float = Field(
+        0.0, ge=0, description="what the training machine costs per hour; 0: not tracked"
+    )
+    budget: float = Field(
+        0.0,
+        ge=0,
+        description="one run's budget (same currency): alert when the projected cost is"
+        " 20% over, stop at 3x; 0: none",
+    )
+
+
+class TriggerConfig(_Strict):
+    """When `train --if-triggered` trains (cloud_sidecar/triggers.py)."""
+
+    max_interval_days: float = Field(7, gt=0, description="schedule: train at least this often")
+    min_new_labels: int = Field(200, ge=1, description="labelled samples since the last run")
+    misprediction_rate: float = Field(
+        0.3, gt=0, le=1, description="share of recent labelled samples the devices got wrong"
+    )
+    confidence_ks: float = Field(
+        0.2, gt=0, le=1, description="KS statistic of the devices' confidence (audit samples)"
+    )
+    reference_days: float = Field(7, gt=0, description="confidence reference window")
+    min_support: int = Field(50, ge=1, description="samples needed before a drift signal counts")
+
+
+class DataConfig(_Strict):
+    """Dataset building: governance record, preparation rules, split (cloud_sidecar/dataset.py)."""
+
+    controller: str = Field("", max_length=200, description="the data controller (a city body)")
+    legal_basis: str = Field(
+        "GDPR Art. 6(1)(e): public task",
+        max_length=200,
+        description="legal basis of the processing, recorded in every dataset manifest",
+    )
+    purpose: str = Field(
+        "adapting the city's sound-event classifier to its sensors' streets",
+        max_length=500,
+        description="purpose of the processing, recorded in every dataset manifest",
+    )
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares (by hash of the sample id)"
+    )
+    near_duplicate_rms: float = Field(
+        0.02,
+        ge=0,
+        description="windows closer than this RMS difference (feature units) are one sound;"
+        " 0 disables near-duplicate removal",
+    )
+    speech_scanner: Path | None = Field(
+        None,
+        description="the residual speech scanner (.npz, cloud_sidecar/residual_scan.py);"
+        " None: no scan (the manifest says so)",
+    )
+    max_residual_speech_rate: float = Field(
+        0.001, ge=0, le=1, description="a dataset build halts above this flagged share"
+    )
+    saturated_share: float = Field(
+        0.5, gt=0, le=1, description="quality: share of cells at the window maximum"
+    )
+    constant_std: float = Field(1e-3, ge=0, description="quality: a stuck (frozen) input")
+
+
+class StoreConfig(_Strict):
+    """Which store implementation keeps devices, uploads and labels (store_api.py)."""
+
+    backend: Literal["sqlite", "postgresql"] = Field(
+        "sqlite",
+        description="sqlite: data_dir/store.sqlite3 (one machine); postgresql: a server"
+        " reached with `dsn` (several sidecar processes or hosts)",
+    )
+    dsn: str = Field(
+        "",
+        max_length=1024,
+        description="libpq connection string without the password, e.g."
+        " 'host=db.eu port=5432 dbname=sidecar user=sidecar sslmode=verify-full'",
+    )
+    password_credential: str = Field(
+        "store-password", description="name of the systemd credential holding the password"
+    )
+    password_file: Path | None = Field(None, description="development only: the password")
+    region: str | None = Field(
+        None,
+        max_length=MAX_REGION_LEN,
+        description="where the database server lives; required for postgresql",
+    )
+
+    def conninfo(self) -> str:
+        if self.backend != "postgresql" or not self.dsn:
+            raise ConfigError("store: backend postgresql needs store.dsn")
+        password = ""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / self.password_credential).is_file():
+            password = (Path(cred_dir) / self.password_credential).read_text().strip()
+        elif self.password_file is not None:
+            password = self.password_file.read_text().strip()
+        if not password:
+            return self.dsn
+        escaped = password.replace("\\", "\\\\").replace("'", "\\'")
+        return f"{self.dsn} password='{escaped}'"
 
 
 class OtaConfig(_Strict):
     channel: str = "stable"
+    require_approval: bool = Field(
+        True,
+        description="`release publish` refuses a version no named approver has approved"
+        " (`release approve VERSION --approver NAME`)",
+    )
     expires_days: int = Field(30, ge=1, le=365)
     cohort: str = "all"
 
@@ -181,6 +320,9 @@ class SidecarConfig(_Strict):
     train: TrainConfig = TrainConfig()
     ota: OtaConfig = OtaConfig()
     fleet: FleetConfig | None = Field(None, description="enrollment; None: not served")
+    store: StoreConfig = StoreConfig()
+    data: DataConfig = DataConfig()
+    triggers: TriggerConfig = TriggerConfig()
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
@@ -204,6 +346,11 @@ class SidecarConfig(_Strict):
             f"broker ({self.broker.host}:{self.broker.port})": self.broker.region,
             f"hsm (token {self.hsm.token_label!r})": self.hsm.region,
             f"object store (data_dir {self.data_dir})": self.region,
+            **(
+                {"store (postgresql)": self.store.region or ""}
+                if self.store.backend == "postgresql"
+                else {}
+            ),
             **self.residency.other_endpoints,
         }
 

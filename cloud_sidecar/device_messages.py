@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.store import Store
+from cloud_sidecar.store_api import DeviceRegistry
 from fleet_protocol import topics
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
 from fleet_protocol.messages import Event, OtaStatus
@@ -74,7 +74,7 @@ class DeviceMessages:
 
     def __init__(
         self,
-        store: Store,
+        store: DeviceRegistry,
         audit: AuditLog,
         metrics: Metrics,
         *,

@@ -95,3 +95,7 @@ class LabelError(CloudError):
     def __init__(self, message: str, problems: list[tuple[int, str, str]]) -> None:
         super().__init__(message)
         self.problems = problems
+
+
+class RegistryError(CloudError):
+    """The model registry refused a request (unknown version, altered bundle, no approval)."""

@@ -49,7 +49,7 @@ from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.store import Store
+from cloud_sidecar.store_api import EnrollmentRecords
 from cloud_sidecar.trust import check_hook
 from fleet_protocol import enroll, topics
 from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, leaf_builder
@@ -213,7 +213,7 @@ class FleetService:
 
     def __init__(
         self,
-        store: Store,
+        store: EnrollmentRecords,
         audit: AuditLog,
         metrics: Metrics,
         ca: FleetCA,
@@ -550,7 +550,9 @@ class FleetService:
         ).to_bytes()
 
 
-def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metrics) -> FleetService:
+def open_fleet(
+    cfg: SidecarConfig, store: EnrollmentRecords, audit: AuditLog, metrics: Metrics
+) -> FleetService:
     """The service as configured in ``cfg.fleet`` (HSM or file CA signer, CRL hook)."""
     f = cfg.fleet
     if f is None:

@@ -36,7 +36,7 @@ from cloud_sidecar.errors import (
     TransientIngestError,
 )
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.store import Store
+from cloud_sidecar.store_api import BatchSink
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError, TooLargeError
 from fleet_protocol.messages import Ack, AckStatus
@@ -71,7 +71,7 @@ class IngestResult:
 class Ingest:
     def __init__(
         self,
-        store: Store,
+        store: BatchSink,
         hsm: Unwrapper,
         audit: AuditLog,
         metrics: Metrics,

@@ -39,7 +39,8 @@ from pydantic import ValidationError
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import LabelError
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.store import LabelSpan, Store
+from cloud_sidecar.store import LabelSpan
+from cloud_sidecar.store_api import LabelRecords
 from fleet_protocol import topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.labels import LabelBatch, LabelRecord, LabelResult
@@ -54,7 +55,7 @@ CSV_COLUMNS = {"device", "label", "start", "end", "event_id"}
 
 
 class LabelService:
-    def __init__(self, store: Store, audit: AuditLog, metrics: Metrics) -> None:
+    def __init__(self, store: LabelRecords, audit: AuditLog, metrics: Metrics) -> None:
         self.store = store
         self.audit = audit
         self.metrics = metrics

@@ -21,7 +21,6 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,10 @@ import peft
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from cloud_sidecar.adapter_fit import FitPlan, Monitor, fit
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN
-from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, fit, torch_threads
+from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, torch_threads
 from fleet_model import EdgeAdapter, LowRankLayer, encode_edge_adapter
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASSES
@@ -68,13 +68,21 @@ def train_adapter(
     seed: int = 0,
     lr: float = 5e-3,
     threads: int = TRAIN_THREADS,
-    on_loss: Callable[[float], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    val: tuple[F32, I64] | None = None,
+    monitor: Monitor | None = None,
+    checkpoint_every: int = 50,
+    log_every: int = 10,
+    price_per_hour: float = 0.0,
+    budget: float = 0.0,
 ) -> Path:
     """Train a rank-``rank`` LoRA adapter on ``features``/``labels`` (+ ``replay``).
 
     ``replay`` holds samples of the base training distribution, mixed in so the adapter
     does not forget the classes the new data lacks. Writes PEFT's files into ``out_dir``
-    (which must not hold an adapter already) and returns it.
+    (which must not hold an adapter already) and returns it. With ``checkpoint_dir``, a
+    run started again after a kill resumes from its last checkpoint and ends with the
+    same adapter (``cloud_sidecar.adapter_fit``); ``monitor`` receives metrics and alerts.
     """
     if features.ndim != 3 or len(features) != len(labels) or len(labels) == 0:
         raise TrainingError(f"features {features.shape} and labels {labels.shape} do not pair")
@@ -96,10 +104,17 @@ def train_adapter(
         init_lora_weights=True,
     )
     peft_model = get_peft_model(model, config)
+    plan = FitPlan(
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        price_per_hour=price_per_hour,
+        budget=budget,
+    )
     with torch_threads(threads):
-        loss = fit(
-            model, x, y, epochs=epochs, lr=lr, seed=seed, weight_decay=0.0, class_balanced=True
-        )
+        loss = fit(model, x, y, plan, checkpoint_dir=checkpoint_dir, val=val, monitor=monitor)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
@@ -110,8 +125,6 @@ def train_adapter(
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"cannot save the adapter to {out_dir}: {exc}") from exc
-    if on_loss is not None:
-        on_loss(float(loss))
     log.info(
         "trained rank-%d adapter on %d samples in %.1f s (loss %.4f)",
         rank,

@@ -1,4 +1,4 @@
-"""The sidecar's SQLite store: device registry, replay state, batches, samples and labels.
+"""The sidecar's SQLite store (``store_api.SidecarStore``): device registry, replay state, batches, samples and labels.
 
 Invariants:
 - a batch, its samples and the device's replay window are written in one transaction,
@@ -42,10 +42,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_sidecar.errors import LabelError, StoreError
+from cloud_sidecar.store_api import FEATURE_SHAPE, decode_features
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
-from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import WINDOW_MS
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,13 @@ class LabelledSample:
     sample_id: str
     label: str
     source: str
+    # provenance for the dataset manifest (cloud_sidecar/dataset.py)
+    captured_at_ms: int = 0
+    batch_id: str = ""
+    model_sha256: str = ""
+    reason: str = ""
+    predicted: str = ""  # what the device's model said (drift triggers)
+    score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,8 @@ class LabelSpan:
 
 
 class Store:
+    """The SQLite implementation of ``store_api.SidecarStore`` (the embedded default)."""
+
     def __init__(self, path: Path, region: str, replay_window: int = REPLAY_WINDOW) -> None:
         if replay_window < 1:
             raise StoreError("replay_window must be at least 1")
@@ -499,7 +508,8 @@ class Store:
         """
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source)"
+                "SELECT s.device_id, s.sample_id, MIN(l.label), MIN(l.source),"
+                " s.captured_at_ms, s.batch_id, s.model_sha256, s.reason, s.predicted, s.score"
                 " FROM samples s JOIN labels l ON l.device_id = s.device_id"
                 " AND l.start_ms <= s.captured_at_ms + ? AND l.end_ms > s.captured_at_ms + ?"
                 " GROUP BY s.device_id, s.sample_id ORDER BY s.device_id, s.sample_id",
@@ -508,17 +518,53 @@ class Store:
         return [LabelledSample(*r) for r in rows]
 
     def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(keys), N_BANDS, N_FRAMES), dtype=np.float32)
+        out = np.empty((len(keys), *FEATURE_SHAPE), dtype=np.float32)
         with self._lock:
             for i, (device_id, sample_id) in enumerate(keys):
-                (blob,) = self._db.execute(
+                row = self._db.execute(
                     "SELECT features FROM samples WHERE device_id=? AND sample_id=?",
                     (device_id, sample_id),
                 ).fetchone()
-                out[i] = np.frombuffer(zlib.decompress(blob), dtype="<f2").reshape(
-                    N_BANDS, N_FRAMES
-                )
+                if row is None:
+                    raise StoreError(f"no stored sample {device_id}/{sample_id}")
+                try:
+                    out[i] = decode_features(row[0])
+                except StoreError as e:
+                    raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
         return out
+
+    def delete_samples(self, keys: list[tuple[str, str]]) -> int:
+        """Delete these samples (residual speech) in one transaction; returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = 0
+                for device_id, sample_id in keys:
+                    cur = self._db.execute(
+                        "DELETE FROM samples WHERE device_id=? AND sample_id=?",
+                        (device_id, sample_id),
+                    )
+                    n += cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]:
+        """Device confidence of the samples kept for ``reason`` captured in [since, until)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT score FROM samples WHERE reason=? AND captured_at_ms >= ?"
+                " AND captured_at_ms < ? ORDER BY captured_at_ms",
+                (reason, since_ms, until_ms),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def counts(self) -> dict[str, int]:
         with self._lock:

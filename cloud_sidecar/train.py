@@ -1,22 +1,21 @@
-"""One training run: dataset → LoRA → gate → bundle → HSM signature → (publication).
+"""One training run: dataset → LoRA → gate against production → signed bundle → registry.
 
-Each step is written to the audit log. The gate judges the exact int8 artifact the
-devices will run (merged into the base by ``fleet_model.merge_and_quantize``, the very
-function a device runs, and scored with
-onnxruntime), on the held-out split of device data and on the golden set frozen at
-pretraining (held-out windows of the base dataset, ``golden.npz``): the candidate must
-not be worse than production on the split (by ``min_val_gain``) and must not lose more
-than ``max_golden_drop`` on the golden set.
+Training never publishes: a bundle that passed the gate is registered as ``candidate``;
+``cloud-sidecar release approve`` (a named approver) and ``release publish`` (OTA)
+are separate steps (``cloud_sidecar/release.py``, docs/adr/0020).
 
-The run directory holds: the PEFT adapter (``adapter/``: adapter_config.json +
-adapter_model.safetensors), the edge artifact, the merged int8 model used by the
-gate, and ``model_card.json`` with provenance. ``runs/latest.json`` points at it.
+Each step is written to the audit log: the dataset (its manifest's SHA-256), a refusal
+(empty or single-class dataset, too few samples, non-finite weights) with its reason,
+the gate's decision, the registered bundle. The gate (``cloud_sidecar.gate``) judges
+the exact int8 artifact the devices will run (merged into the base by
+``fleet_model.merge_and_quantize``, the very function a device runs) against the model
+the devices run now. The test split is scored only for the model card's report.
 
-Sign what was gated (issue 9): the base fp32 is read once and must have the card's
-hash; the candidate is merged and scored in memory (``merge_for_gate``); the gate's
-audit entry records the hashes it judged (``Gated``); ``check_signable`` refuses to
-sign an artifact or a base hash other than those; the OTA repository takes its state
-from signed metadata only (``cloud_sidecar.ota_repo``).
+The run directory (``data_dir/runs/<run_id>``) holds the working files; the bundle in
+``data_dir/registry/versions/<version>`` holds: ``adapter/`` (PEFT: adapter_config.json
++ adapter_model.safetensors), ``edge-adapter.safetensors``, ``candidate.int8.onnx``,
+``gate.json``, ``dataset.json``, ``model_card.json`` + ``model_card.md``,
+``bundle.json`` and ``bundle.sig`` (HSM). ``runs/latest.json`` points at it.
 """
 
 from __future__ import annotations
@@ -24,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,18 +36,26 @@ import numpy as np
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
-from cloud_sidecar.dataset import build_dataset
-from cloud_sidecar.errors import GateRejectedError, RepositoryError, TrainingError
-from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
-from cloud_sidecar.metrics import TrainProgress
-from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-from cloud_sidecar.pretrain import BaseModel, load_base_model, load_reference_sets
-from cloud_sidecar.store import Store
+from cloud_sidecar.dataset import Dataset, build_dataset
+from cloud_sidecar.errors import (
+    GateRejectedError,
+    RepositoryError,
+    StoreError,
+    TrainingError,
+)
+from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
+from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
+from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
+from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
+from cloud_sidecar.residual_scan import load_scanner
+from cloud_sidecar.store_api import TrainingData, open_store
 from fleet_model import ModelError, merge_and_quantize
-from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
+
+LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
 
 
 @dataclass(frozen=True)
@@ -86,164 +96,345 @@ def check_signable(gated: Gated, artifact: bytes, base_model_sha256: str) -> Non
         raise RepositoryError("the base the metadata names is not the one the gate merged into")
 
 
-def gate(
-    production: Path | bytes,
-    candidate: Path | bytes,
-    val: tuple[Any, Any],
-    golden: tuple[Any, Any],
-    cfg: SidecarConfig,
-) -> dict[str, Any]:
-    prod_val, cand_val = evaluate(production, *val), evaluate(candidate, *val)
-    prod_gold, cand_gold = evaluate(production, *golden), evaluate(candidate, *golden)
-    passed = (
-        cand_val["accuracy"] >= prod_val["accuracy"] + cfg.train.min_val_gain
-        and cand_gold["accuracy"] >= prod_gold["accuracy"] - cfg.train.max_golden_drop
-    )
-    return {
-        "passed": passed,
-        "val_production": prod_val,
-        "val_candidate": cand_val,
-        "golden_production": prod_gold,
-        "golden_candidate": cand_gold,
-        "min_val_gain": cfg.train.min_val_gain,
-        "max_golden_drop": cfg.train.max_golden_drop,
-    }
+class RunMonitor:
+    """Training metrics to the log and ``metrics.jsonl``; alerts also to the audit log."""
+
+    def __init__(self, audit: AuditLog, run_id: str, path: Path) -> None:
+        self.audit, self.run_id, self.path = audit, run_id, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        log.info("train %s step %d: %s", self.run_id, step, values)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def alert(self, kind: str, details: dict[str, Any]) -> None:
+        log.warning("train %s alert %s: %s", self.run_id, kind, details)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"alert": kind, **details}) + "\n")
+        self.audit.append("train.alert", self.run_id, alert=kind, **details)
 
 
-def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
-    """One run; its progress and loss go to ``data_dir/metrics/train.prom`` as it goes."""
-    progress = TrainProgress(cfg.data_dir)
-    try:
-        return _run_training(cfg, publish, progress)
-    except Exception:
-        progress.failed()
-        raise
+def _refuse(audit: AuditLog, run_id: str, reason: str, message: str) -> TrainingError:
+    audit.append("train.refused", run_id, reason=reason, detail=message[:300])
+    return TrainingError(message)
 
 
-def _run_training(cfg: SidecarConfig, publish: bool, progress: TrainProgress) -> dict[str, Any]:
+def _labels(ds: Dataset, split: str) -> np.ndarray:
+    return np.array([CLASS_INDEX[s.label] for s in ds.splits[split].samples], dtype=np.int64)
+
+
+def production_model(registry: Registry, base: BaseModel) -> tuple[str, Path]:
+    """(version, int8 model) the devices run now: the registry's production alias, else
+    the base model (version "base")."""
+    version = registry.alias("production")
+    if version is None:
+        return "base", base.onnx_int8
+    return version, registry.bundle_dir(version) / "candidate.int8.onnx"
+
+
+def _quarantine(
+    store: TrainingData, ds: Dataset, cfg: SidecarConfig, audit: AuditLog, run_id: str
+) -> None:
+    """Delete the windows the residual speech scan flagged; halt over the threshold."""
+    residual = ds.manifest["preparation"]["residual_speech"]
+    flagged = [(d, s) for d, s, why in ds.manifest["removed"] if why == "residual_speech"]
+    if flagged:
+        deleted = store.delete_samples(flagged)
+        audit.append(
+            "residual.deleted", ds.dataset_id, deleted=deleted, scanned=residual["scanned"],
+            rate=residual["rate"],
+        )  # fmt: skip
+    if residual["rate"] > cfg.data.max_residual_speech_rate:
+        raise _refuse(
+            audit,
+            run_id,
+            "residual_speech",
+            f"the residual speech scan flagged {residual['flagged']} of {residual['scanned']}"
+            f" windows ({residual['rate']:.4%} > {cfg.data.max_residual_speech_rate:.2%}):"
+            " they were deleted; find why the devices' gate let speech through before training",
+        )
+
+
+def _check_dataset(ds: Dataset, cfg: SidecarConfig, audit: AuditLog, run_id: str) -> None:
+    n = {name: len(split) for name, split in ds.splits.items()}
+    if sum(n.values()) == 0:
+        raise _refuse(audit, run_id, "empty", f"dataset {ds.dataset_id[:12]} holds no samples")
+    classes = {s.label for s in ds.train}
+    if len(classes) < 2:
+        raise _refuse(
+            audit,
+            run_id,
+            "single_class",
+            f"dataset {ds.dataset_id[:12]} trains on {len(classes)} class(es) {sorted(classes)};"
+            " an adapter needs at least two",
+        )
+    if n["train"] < cfg.train.min_samples or n["val"] == 0:
+        raise _refuse(
+            audit,
+            run_id,
+            "too_few_samples",
+            f"dataset {ds.dataset_id[:12]} has {n['train']} train / {n['val']} val samples;"
+            f" need at least {cfg.train.min_samples} and a non-empty validation split",
+        )
+
+
+def _check_finite(adapter_dir: Path, audit: AuditLog, run_id: str) -> None:
+    from safetensors.numpy import load_file
+
+    bad = [
+        k for k, v in load_file(str(adapter_dir / PEFT_WEIGHTS)).items() if not np.isfinite(v).all()
+    ]
+    if bad:
+        raise _refuse(
+            audit, run_id, "non_finite", f"training diverged (NaN/inf loss): {len(bad)} tensors"
+        )
+
+
+def _model_card_md(card: dict[str, Any]) -> str:
+    g = card["evaluation"]["gate"]
+    lines = [
+        f"# Adapter {card['version']}",
+        "",
+        f"- base model: `{card['lineage']['base_sha256'][:16]}`; parent: {card['lineage']['parent']}",
+        f"- dataset: `{card['lineage']['dataset_id'][:16]}` (manifest sha256"
+        f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
+        f"- legal basis: {card['data']['governance']['legal_basis']};"
+        f" purpose: {card['data']['governance']['purpose']}",
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
+        f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
+        f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
+        "",
+        "## Gate",
+        "",
+        f"passed: **{g['passed']}** against production `{card['lineage']['parent']}`",
+        "",
+        "| split | production acc | candidate acc | production macro-F1 | candidate macro-F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for split in ("val", "golden"):
+        p, c = g[f"{split}_production"], g[f"{split}_candidate"]
+        lines.append(
+            f"| {split} | {p['accuracy']} | {c['accuracy']} | {p['macro_f1']} | {c['macro_f1']} |"
+        )
+    t = card["evaluation"]["test_report"]
+    lines += [
+        "",
+        f"Test split (report only): production {t['production'].get('accuracy')},"
+        f" candidate {t['candidate'].get('accuracy')} accuracy on {t['candidate'].get('n')} windows.",
+        "",
+        f"Residual speech rate: {card['residual_speech_rate']}. Privacy review:"
+        f" {card['privacy_review']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
-    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    audit = cfg.open_audit()
     base = load_base_model(cfg.base_model_dir)
+    registry = Registry(cfg.data_dir / "registry")
     run_id = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     run_dir = cfg.data_dir / "runs" / run_id
+    scanner = load_scanner(cfg.data.speech_scanner) if cfg.data.speech_scanner else None
+    store = open_store(cfg)
     try:
-        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.train.val_fraction)
-        audit.append(
-            "dataset.built",
-            ds.dataset_id,
-            n_train=len(ds.train),
-            n_val=len(ds.val),
-            manifest=str(ds.manifest_path),
-        )
-        progress.step("dataset")
-        if len(ds.train) < cfg.train.min_samples or not ds.val:
-            raise TrainingError(
-                f"dataset {ds.dataset_id[:12]} has {len(ds.train)} train / {len(ds.val)} val samples;"
-                f" need at least {cfg.train.min_samples} and a non-empty validation split"
-            )
-        x_tr = store.features([(s.device_id, s.sample_id) for s in ds.train])
-        y_tr = np.array([CLASS_INDEX[s.label] for s in ds.train], dtype=np.int64)
-        x_val = store.features([(s.device_id, s.sample_id) for s in ds.val])
-        y_val = np.array([CLASS_INDEX[s.label] for s in ds.val], dtype=np.int64)
+        ds = build_dataset(store, cfg.data_dir / "datasets", cfg.data, scanner)
+        _quarantine(store, ds, cfg, audit, run_id)
+    except StoreError as e:  # e.g. a corrupt stored window: name it, build nothing
+        raise _refuse(audit, run_id, "corrupt_sample", f"cannot build the dataset: {e}") from e
     finally:
         store.close()
+    prep = ds.manifest["preparation"]
+    audit.append(
+        "dataset.built",
+        ds.dataset_id,
+        manifest=str(ds.manifest_path),
+        manifest_sha256=ds.manifest_sha256,
+        counts=ds.manifest["split"]["counts"],
+        removed={k: prep[k] for k in ("quality_removed", "exact_duplicates", "near_duplicates")},
+        legal_basis=cfg.data.legal_basis,
+    )
+    _check_dataset(ds, cfg, audit, run_id)
+    x_tr, y_tr = ds.splits["train"].features, _labels(ds, "train")
+    x_val, y_val = ds.splits["val"].features, _labels(ds, "val")
+    val_devices = [s.device_id for s in ds.val]
     # The base distribution, frozen at pretraining: replay.npz and golden.npz of the base.
     replay, golden = load_reference_sets(
         base, cfg.train.replay_per_class, cfg.train.golden_per_class
     )
 
     t_train = time.monotonic()
-    adapter_dir = train_adapter(
-        base,
-        x_tr,
-        y_tr,
-        replay=replay,
-        out_dir=run_dir / "adapter",
-        rank=cfg.train.rank,
-        epochs=cfg.train.epochs,
-        seed=cfg.train.seed,
-        on_loss=lambda loss: progress.step("train", train_loss=loss),
-    )
+    # keyed by the dataset: `train` started again after a kill resumes the same run
+    checkpoints = cfg.data_dir / "checkpoints" / ds.dataset_id[:16]
+    try:
+        adapter_dir = train_adapter(
+            base,
+            x_tr,
+            y_tr,
+            replay=replay,
+            out_dir=run_dir / "adapter",
+            rank=cfg.train.rank,
+            epochs=cfg.train.epochs,
+            seed=cfg.train.seed,
+            lr=LEARNING_RATE,
+            checkpoint_dir=checkpoints,
+            val=(x_val, y_val),
+            monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
+            checkpoint_every=cfg.train.checkpoint_every,
+            log_every=cfg.train.log_every,
+            price_per_hour=cfg.train.price_per_hour,
+            budget=cfg.train.budget,
+        )
+    except TrainingError as e:
+        audit.append("train.failed", run_id, dataset_id=ds.dataset_id, error=str(e)[:300])
+        raise
+    shutil.rmtree(checkpoints, ignore_errors=True)
     train_s = time.monotonic() - t_train
+    _check_finite(adapter_dir, audit, run_id)
     audit.append(
-        "train.finished",
-        run_id,
-        dataset_id=ds.dataset_id,
-        seconds=round(train_s, 1),
+        "train.finished", run_id, dataset_id=ds.dataset_id, seconds=round(train_s, 1),
         rank=cfg.train.rank,
-    )
+    )  # fmt: skip
 
-    # The artifact's bytes stay in memory from here: what is gated is what is signed. The
-    # gate scores the int8 bytes merged in memory (the file written beside is a record,
-    # never read back), and the signature goes only to the artifact with the gated hash.
+    # The artifact's bytes stay in memory from here: what is gated is what is signed.
     artifact = convert_for_edge(adapter_dir, base)
-    edge_adapter = run_dir / "edge-adapter.safetensors"
-    write_atomic(edge_adapter, artifact, 0o644)
-    candidate_int8, gated = merge_for_gate(base, artifact)
-    write_atomic(run_dir / "candidate.int8.onnx", candidate_int8, 0o644)
-    decision = gate(base.onnx_int8.read_bytes(), candidate_int8, (x_val, y_val), golden, cfg)
-    decision["gated"] = asdict(gated)
-    audit.append("gate.decision", run_id, **decision)
-    progress.step("gate", train_gate_passed=float(decision["passed"]))
-    if not decision["passed"]:
-        raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
+    write_atomic(run_dir / "edge-adapter.safetensors", artifact, 0o644)
+    try:
+        merged_int8, gated = merge_for_gate(base, artifact)
+    except TrainingError as exc:
+        raise _refuse(audit, run_id, "merge", str(exc)) from exc
+    candidate = run_dir / "candidate.int8.onnx"
+    write_atomic(candidate, merged_int8, 0o644)
 
-    card = {
-        "run_id": run_id,
+    parent, production = production_model(registry, base)
+    latency = median_latency_ms([production, candidate], x_val)
+    decision = judge(
+        score(production, x_val, y_val, val_devices),
+        score(candidate, x_val, y_val, val_devices),
+        score(production, *golden),
+        score(candidate, *golden),
+        (latency[0], latency[1]),
+        cfg.train,
+        membership_auc(candidate, (x_tr, y_tr), (x_val, y_val)),
+        len(y_val),
+    )
+    decision["production_version"] = parent
+    decision["gated"] = asdict(gated)
+    # what the fleet hears, not only hard cases: the devices' random `audit` samples
+    rep = np.array([s.reason == "audit" for s in ds.val], dtype=bool)
+    decision["val_representative"] = {
+        "n": int(rep.sum()),
+        "production": score(production, x_val[rep], y_val[rep]),
+        "candidate": score(candidate, x_val[rep], y_val[rep]),
+    }
+    write_atomic(run_dir / "gate.json", json.dumps(decision, indent=1).encode(), 0o644)
+    audit.append(
+        "gate.decision", run_id, passed=decision["passed"], failures=decision["failures"],
+        production=parent, dataset_id=ds.dataset_id,
+    )  # fmt: skip
+    if not decision["passed"]:
+        raise GateRejectedError(
+            f"candidate {run_id} did not pass the gate against {parent}: "
+            + "; ".join(decision["failures"])
+        )
+
+    x_te, y_te = ds.splits["test"].features, _labels(ds, "test")
+    te_devices = [s.device_id for s in ds.test]
+    version = registry.next_version(base.sha256_fp32)
+    lineage = {
+        "base_sha256": base.sha256_fp32,
         "dataset_id": ds.dataset_id,
-        "dataset_manifest": str(ds.manifest_path),
-        "base_model_sha256": base.sha256_fp32,
+        "dataset_manifest_sha256": ds.manifest_sha256,
+        "parent": parent,
+    }
+    card = {
+        "version": version,
+        "run_id": run_id,
+        "lineage": lineage,
         "adapter_format": "peft-lora + lora-lowrank-v1 (edge)",
-        "rank": cfg.train.rank,
-        "epochs": cfg.train.epochs,
-        "train_samples": len(ds.train),
-        "replay_per_class": cfg.train.replay_per_class,
-        "train_seconds": round(train_s, 1),
-        "gate": decision,
+        "hyperparameters": {
+            "method": "lora",
+            "rank": cfg.train.rank,
+            "alpha": cfg.train.rank,
+            "epochs": cfg.train.epochs,
+            "learning_rate": LEARNING_RATE,
+            "seed": cfg.train.seed,
+            "replay_per_class": cfg.train.replay_per_class,
+        },
+        "data": {
+            "manifest_sha256": ds.manifest_sha256,
+            "governance": ds.manifest["governance"],
+            "n": ds.manifest["split"]["counts"],
+            "preparation": prep,
+        },
+        "compute": {
+            "train_seconds": round(train_s, 1),
+            "threads": TRAIN_THREADS,
+            "device": "cpu",
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
+        "evaluation": {
+            "gate": decision,
+            "test_report": {
+                "production": score(production, x_te, y_te, te_devices),
+                "candidate": score(candidate, x_te, y_te, te_devices),
+            },
+        },
+        "residual_speech_rate": prep["residual_speech"]["rate"] if scanner else None,
+        "privacy_review": "pending: recorded by `release approve`",
         "region": cfg.region,
         "classes": list(CLASSES),
     }
-    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
 
-    hsm = open_hsm(cfg)
+    # The bundle: written in a temp dir beside its final place, signed, then renamed.
+    final = registry.bundle_dir(version)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
     try:
-        check_signable(gated, artifact, base.sha256_fp32)
-        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
-        pub = repo.add_adapter(
-            artifact,
-            base_model_sha256=base.sha256_fp32,
-            adapter_version=repo.next_adapter_version(),
-            cohort=cfg.ota.cohort,
-            expires_days=cfg.ota.expires_days,
-            keyid=hsm.signing_key_id(),
-            sign_digest=hsm.sign_digest,
+        shutil.copytree(adapter_dir, tmp / "adapter")
+        for name in ("edge-adapter.safetensors", "candidate.int8.onnx", "gate.json"):
+            shutil.copy2(run_dir / name, tmp / name)
+        shutil.copy2(ds.manifest_path, tmp / "dataset.json")
+        write_atomic(tmp / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
+        write_atomic(tmp / "model_card.md", _model_card_md(card).encode(), 0o644)
+        index = bundle_index(tmp)
+        write_atomic(tmp / BUNDLE_INDEX, index, 0o644)
+        hsm = open_hsm(cfg)
+        try:
+            sig = hsm.sign_digest(hashlib.sha256(index).digest())
+            key_id = hsm.signing_key_id()
+        finally:
+            hsm.close()
+        write_atomic(
+            tmp / BUNDLE_SIG,
+            json.dumps({"alg": "ecdsa-p256-sha256", "key_id": key_id, "sig": sig.hex()}).encode(),
+            0o644,
         )
-    finally:
-        hsm.close()
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    registry.add(version, lineage, run_id=run_id, gate_passed=True)
     audit.append(
-        "ota.signed", run_id, version=pub.version, target=pub.target.name, sha256=pub.target.sha256
-    )
-    progress.step("signed")
-    published = False
-    if publish:
-        published = publish_via_broker(cfg, repo, pub, f"cloud-sidecar-publisher-{run_id}")
-        if not published:
-            raise TrainingError("the broker did not acknowledge the OTA publication")
-        audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)
-        progress.step("published")
+        "registry.added", version, run_id=run_id, bundle_sha256=registry.get(version)["bundle_sha256"],
+        signing_key=key_id, **lineage,
+    )  # fmt: skip
     result = {
         "run_id": run_id,
+        "version": version,
         "dataset_id": ds.dataset_id,
+        "dataset_manifest_sha256": ds.manifest_sha256,
         "gate": decision,
-        "adapter_dir": str(adapter_dir),
-        "edge_adapter": str(edge_adapter),
+        "bundle_dir": str(final),
+        "adapter_dir": str(final / "adapter"),
+        "edge_adapter": str(final / "edge-adapter.safetensors"),
         "edge_adapter_bytes": len(artifact),
-        "adapter_peft_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
+        "adapter_peft_bytes": sum(p.stat().st_size for p in (final / "adapter").iterdir()),
+        "edge_adapter_sha256": file_sha256(final / "edge-adapter.safetensors"),
         "ota_repo_dir": str(cfg.ota_repo_dir),
-        "ota_version": pub.version,
-        "published": published,
         "seconds": round(time.monotonic() - t0, 1),
     }
     write_atomic(

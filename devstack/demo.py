@@ -52,6 +52,7 @@ from devstack.provision import (
     device_config,
     export_cloud_keys,
 )
+from devstack.report import write_report
 from devstack.scene.stream import SceneSpec, render_scene
 from devstack.stack import DevStack
 from edge_daemon.config import DeviceConfig, load_config
@@ -185,9 +186,13 @@ def run_demo(
             timeout_s,
             alive,
         )
-        print("[demo] cloud-sidecar train (dataset → LoRA → gate → HSM signature → OTA) ...")
-        _run([py, "-m", "cloud_sidecar", "train", "--config", str(cloud_cfg), "--publish"])
+        print("[demo] cloud-sidecar train (dataset → LoRA → gate → signed bundle) ...")
+        _run([py, "-m", "cloud_sidecar", "train", "--config", str(cloud_cfg)])
         run = json.loads((work / "cloud" / "data" / "runs" / "latest.json").read_text())
+        release = [py, "-m", "cloud_sidecar", "release", "--config", str(cloud_cfg)]
+        print(f"[demo] cloud-sidecar release approve {run['version']}, then publish (OTA) ...")
+        _run([*release, "approve", run["version"], "--approver", "devstack-demo"])
+        _run([*release, "publish", run["version"]])
         _wait(
             "every device to apply the adapter",
             lambda: all(r["model"]["adapter_version"] >= 1 for r in _reports(configs)),
@@ -210,6 +215,25 @@ def run_demo(
     summary["wall_seconds"] = round(time.monotonic() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary, reports, scores)
+    devices = [
+        {
+            "device": r.get("device_id", "?"),
+            "shifted_before": sc["before"].shifted_accuracy,
+            "shifted_after": sc["after"].shifted_accuracy,
+            "overall_before": sc["before"].accuracy,
+            "overall_after": sc["after"].accuracy,
+        }
+        for r, sc in zip(reports, scores, strict=True)
+    ]
+    metrics_path = work / "cloud" / "data" / "runs" / run["run_id"] / "metrics.jsonl"
+    metrics = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines()]
+        if metrics_path.exists()
+        else []
+    )
+    print(
+        f"[demo] report: {write_report(out / 'report.html', summary, devices, run['gate'], metrics)}"
+    )
     return summary
 
 

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools libtss2-dev
-              softhsm2 espeak-ng libportaudio2 libsndfile1 pkg-config openssl)
+              softhsm2 espeak-ng libportaudio2 libsndfile1 pkg-config openssl postgresql)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

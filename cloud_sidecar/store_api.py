@@ -1,0 +1,141 @@
+"""The sidecar store's one interface, split by concern, and the factory that opens one.
+
+Owns: the ``Protocol`` every store implementation satisfies (``SidecarStore``: today
+``cloud_sidecar.store.Store`` on SQLite, the embedded default, and
+``cloud_sidecar.store_pg.PgStore`` on PostgreSQL, the path past one machine), the
+narrower protocols each consumer needs (ingest needs devices and batches, the label
+service labels, enrollment claims and certificates, dataset building the training
+data), the feature blob codec both implementations share, and ``open_store``.
+
+Invariants:
+- every implementation passes the one contract suite
+  (``tests/integration/test_store_contract.py``), run against a real SQLite file and a
+  real PostgreSQL server started by devstack; behaviour that suite does not pin down
+  is not part of the interface;
+- a stored feature window is ``encode_features``' bytes (zlib of little-endian float16
+  in ``FEATURE_SHAPE``), the same in every implementation; the shape comes from
+  ``fleet_protocol.features``, never from a literal here;
+- every implementation upgrades its schema in numbered steps, one transaction each,
+  to ``SCHEMA_VERSION`` and refuses a store newer than the code.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud_sidecar.errors import StoreError
+from fleet_protocol.features import N_BANDS, N_FRAMES
+
+if TYPE_CHECKING:
+    from cloud_sidecar.config import SidecarConfig
+    from cloud_sidecar.store import Device, LabelledSample, LabelSpan
+    from fleet_protocol.batch import Batch
+
+FEATURE_SHAPE: tuple[int, ...] = (N_BANDS, N_FRAMES)
+MAX_FEATURE_BLOB = 4 * 1024 * 1024  # decompressed bytes cap of one stored window
+
+
+def encode_features(window: npt.ArrayLike) -> bytes:
+    """One window's stored bytes (zlib of ``<f2`` in ``FEATURE_SHAPE``)."""
+    arr = np.asarray(window, dtype="<f2")
+    if arr.shape != FEATURE_SHAPE:
+        raise StoreError(f"feature window of shape {arr.shape}, expected {FEATURE_SHAPE}")
+    return zlib.compress(arr.tobytes())
+
+
+def decode_features(blob: bytes) -> npt.NDArray[np.float32]:
+    """The float32 window stored as ``blob``; ``StoreError`` if it is not one."""
+    try:
+        raw = zlib.decompressobj().decompress(bytes(blob), MAX_FEATURE_BLOB)
+        return np.frombuffer(raw, dtype="<f2").reshape(FEATURE_SHAPE).astype(np.float32)
+    except (zlib.error, ValueError) as e:
+        raise StoreError(f"stored feature window is corrupt: {e}") from e
+
+
+class DeviceRegistry(Protocol):
+    region: str
+
+    def register_device(self, device_id: str, public_key_pem: bytes) -> Device: ...
+
+    def set_device_status(self, device_id: str, status: str) -> bool: ...
+
+    def device(self, device_id: str) -> Device | None: ...
+
+
+class EnrollmentRecords(DeviceRegistry, Protocol):
+    def add_claim(
+        self, claim_id: str, device_id: str, token_hash: str, expires_ms: int
+    ) -> None: ...
+
+    def check_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str: ...
+
+    def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str: ...
+
+    def add_certificate(
+        self, serial: str, device_id: str, not_before_ms: int, not_after_ms: int, via: str
+    ) -> None: ...
+
+    def revoke_device(self, device_id: str, now_ms: int) -> list[str] | None: ...
+
+    def certificates(self, device_id: str) -> list[tuple[str, int, int | None]]: ...
+
+
+class BatchSink(DeviceRegistry, Protocol):
+    def check_fresh(
+        self, device_id: str, batch_id: str, seq: int, digest: str, epoch: int = 0
+    ) -> bool: ...
+
+    def put_batch(
+        self, batch_id: str, seq: int, digest: str, batch: Batch, epoch: int = 0
+    ) -> None: ...
+
+
+class LabelRecords(DeviceRegistry, Protocol):
+    def add_labels(self, spans: list[LabelSpan], source: str, import_id: str) -> int: ...
+
+    def label_counts(self) -> dict[str, int]: ...
+
+
+class TrainingData(Protocol):
+    region: str
+
+    def labelled_samples(self) -> list[LabelledSample]: ...
+
+    def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]: ...
+
+    def samples_per_device(self) -> dict[str, int]: ...
+
+    def sample_scores(self, reason: str, since_ms: int, until_ms: int) -> list[float]: ...
+
+    def delete_samples(self, keys: list[tuple[str, str]]) -> int: ...
+
+
+@runtime_checkable
+class SidecarStore(EnrollmentRecords, BatchSink, LabelRecords, TrainingData, Protocol):
+    """Everything the sidecar keeps about devices, uploads and labels."""
+
+    region: str
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def capture_times(self) -> dict[str, list[int]]: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(cfg: SidecarConfig) -> SidecarStore:
+    """The store ``cfg.store`` names (SQLite under ``data_dir`` by default)."""
+    if cfg.store.backend == "postgresql":
+        from cloud_sidecar.store_pg import PgStore
+
+        return PgStore(cfg.store.conninfo(), cfg.store.region or cfg.region)
+    from cloud_sidecar.store import Store
+
+    return Store(cfg.data_dir / "store.sqlite3", cfg.region)
