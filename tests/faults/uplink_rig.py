@@ -20,7 +20,7 @@ import numpy as np
 from cloud_sidecar.store import Store
 from devstack.provision import ACK_PUBLIC_KEY_FILE, cloud_config, export_cloud_keys
 from devstack.stack import DevStack
-from edge_daemon.buffer import MemoryReplayStore
+from edge_daemon.buffer import MemoryReplayStore, ReplayStore
 from edge_daemon.config import UplinkConfig
 from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.uplink import Outbox
@@ -44,7 +44,7 @@ def wait_for(
 class Rig:
     """The cloud side (``serve`` processes) and one device with an outbox."""
 
-    def __init__(self, stack: DevStack, work: Path) -> None:
+    def __init__(self, stack: DevStack, work: Path, buffer: ReplayStore | None = None) -> None:
         self.stack, self.work = stack, work
         self.unwrap, _ = export_cloud_keys(stack, work / "cloud-keys")
         self.data_dir = work / "cloud" / "data"
@@ -56,7 +56,7 @@ class Rig:
         store.close()
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
-        self.buffer = MemoryReplayStore()
+        self.buffer: ReplayStore = buffer if buffer is not None else MemoryReplayStore()
         self.held: list[bytes] = []
         self.offline = True
         self.outbox = Outbox(
