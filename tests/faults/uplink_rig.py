@@ -101,9 +101,10 @@ class Rig:
         path = self.data_dir / "audit.jsonl"
         return [json.loads(x)["kind"] for x in path.open()] if path.exists() else []
 
-    def seal(self, n_batches: int) -> list[bytes]:
-        """Seal ``n_batches`` batches of 2 samples, held back; return their envelopes."""
-        for i in range(2 * n_batches):
+    def seal(self, n_batches: int, first: int = 0) -> list[bytes]:
+        """Seal ``n_batches`` batches of 2 samples (ids from sample ``first`` on), held back
+        while offline; return every envelope held so far."""
+        for i in range(first, first + 2 * n_batches):
             meta = SampleMeta(
                 sample_id=f"{i:032x}", captured_at_ms=1_700_000_000_000 + 1000 * i,
                 stream_offset_s=float(i), predicted="horn", score=0.4,
