@@ -41,7 +41,7 @@ from .daemon_run import (
     wait,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 DAY_S = 86_400
 
 SKEW = f"""

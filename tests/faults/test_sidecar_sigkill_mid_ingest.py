@@ -20,7 +20,7 @@ from devstack.stack import DevStack
 
 from .uplink_rig import Rig
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 N_BATCHES = 30
 
 
