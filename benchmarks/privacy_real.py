@@ -12,9 +12,17 @@ word 50-300 ms after its start; then, after 3-8 s without speech, a single word
 (60 %) or a burst (40 %: 3-5 calls in a row, or a 1.5-4 s piece of read speech), and
 so on to its end. Segment 2 holds 10 s of loud construction noise (-15 dBFS) at
 12-22 s, followed by a word 0.3 s after it stops. Variants: ``dry`` (the recording
-as it is) and ``far`` (convolved with a synthetic room response: direct path plus an
+as it is), ``far`` (convolved with a synthetic room response: direct path plus an
 exponentially decaying noise tail, RT60 0.6 s, direct-to-reverberant ratio -3 dB: a
-talker several metres from the microphone in a street canyon or a hall).
+talker several metres from the microphone in a street canyon or a hall) and ``room``
+(a pyroomacoustics image-method hall, ``shoebox``: RT60 0.3-0.9 s, talker 1.5-6 m
+away; its reflections lose highs as a real hall's do; its own draws, so ``dry`` and
+``far`` are the same streams as before it was added).
+
+Sources of kind ``overlap`` mix two talkers (``_overlapped``); ``lookalike`` sources
+(instrument notes) are not speech and may be kept. What must be dropped: any human
+voice, speech, calls, radio or PA voices, singing with words; laughter and other
+non-speech vocal sounds are not counted as speech (no recordings of them here yet).
 
 Invariants:
 - a stream is a pure function of (source, SNR, variant): every draw comes from one
@@ -49,7 +57,7 @@ log = logging.getLogger(__name__)
 SR = 16_000
 SEGMENT_S = 30
 SNRS_DB: tuple[float, ...] = (0.0, 5.0, 10.0, 20.0)
-VARIANTS: tuple[str, ...] = ("dry", "far")
+VARIANTS: tuple[str, ...] = ("dry", "far", "room")
 LOUD_AT_S, LOUD_S = 12.0, 10.0
 FLOOR_DBFS = -50.0
 F32 = npt.NDArray[np.float32]
@@ -118,8 +126,51 @@ def room(rng: np.random.Generator, rt60: float = 0.6, drr_db: float = -3.0) -> F
     return np.asarray(tail, dtype=np.float32)
 
 
+def shoebox(rng: np.random.Generator) -> F32:
+    """A simulated hall (pyroomacoustics image method): 8-14 x 6-10 x 3.5-6 m, RT60
+    0.3-0.9 s, the talker 1.5-6 m from a microphone mounted 3 m up, as a sensor on
+    a station concourse or in a courtyard hears a voice; normalised to a direct path of 1."""
+    import pyroomacoustics as pra  # type: ignore[import-untyped]
+
+    dims = [rng.uniform(8, 14), rng.uniform(6, 10), rng.uniform(3.5, 6)]
+    rt60 = rng.uniform(0.3, 0.9)
+    absorption, order = pra.inverse_sabine(rt60, dims)
+    room = pra.ShoeBox(dims, fs=SR, materials=pra.Material(absorption), max_order=min(order, 30))
+    mic = np.array([rng.uniform(1, dims[0] - 1), 0.5, 3.0])
+    dist = rng.uniform(1.5, 6.0)
+    ang = rng.uniform(0.2, np.pi - 0.2)
+    talker = mic + dist * np.array([np.cos(ang), np.sin(ang), 0.0])
+    talker[:2] = np.clip(talker[:2], 0.5, np.array(dims[:2]) - 0.5)
+    talker[2] = 1.6
+    room.add_source(talker.tolist())
+    room.add_microphone(mic.tolist())
+    room.compute_rir()
+    h = np.asarray(room.rir[0][0], dtype=np.float64)
+    return np.asarray(h / max(1e-9, float(np.max(np.abs(h)))), dtype=np.float32)
+
+
+def _overlapped(a: list[F32], b: list[F32], n: int, rng: np.random.Generator) -> list[F32]:
+    """``n`` clips of two talkers at once: one of ``a``, one of ``b`` 0.2-1.0 s later, at
+    -6 to 0 dB re the first."""
+    out: list[F32] = []
+    for _ in range(n if a and b else 0):
+        x, y = a[int(rng.integers(len(a)))], b[int(rng.integers(len(b)))]
+        lag = int(rng.uniform(0.2, 1.0) * SR)
+        m = np.zeros(max(x.size, lag + y.size), dtype=np.float64)
+        m[: x.size] += x
+        rx = float(np.sqrt(np.mean(x * x))) + 1e-9
+        ry = float(np.sqrt(np.mean(y * y))) + 1e-9
+        m[lag : lag + y.size] += y * (rx / ry) * 10 ** (rng.uniform(-6, 0) / 20)
+        out.append(np.asarray(m * (0.5 / max(1e-9, float(np.max(np.abs(m))))), dtype=np.float32))
+    return out
+
+
 def _items(src: rs.Source, rng: np.random.Generator) -> tuple[list[F32], list[F32]]:
     """(single words, bursts) available from a source."""
+    if src.kind == "overlap":
+        wa, pa = _items(rs.BY_NAME[src.files[0]], rng)
+        wb, pb = _items(rs.overlap_partner(src), rng)
+        return _overlapped(wa, wb, 24, rng), _overlapped(pa or wa, pb or wb, 12, rng)
     clips = rs.clips(src)
     if src.kind in ("calls", "lookalike"):
         words = [c for c in clips if c.size <= 1.5 * SR] or clips
@@ -173,6 +224,8 @@ def build(src: rs.Source, snr_db: float, variant: str, salt: int = 0) -> list[Se
             bed[a : a + int(LOUD_S * SR)] += _loud(base % 1000)
         layout = _layout(src, seg, rng)
         rir = room(rng)
+        if variant == "room":  # its own draws: dry and far stay as they were
+            rir = shoebox(np.random.default_rng(base + 104_729 * (seg + 1)))
         track = np.zeros(bed.size)
         speech = np.zeros(bed.size // 160, dtype=np.bool_)
         look = np.zeros(SEGMENT_S, dtype=np.bool_)
@@ -180,7 +233,7 @@ def build(src: rs.Source, snr_db: float, variant: str, salt: int = 0) -> list[Se
         for start, group in layout:
             gap = np.zeros(int(0.3 * SR), dtype=np.float32)
             clip = np.concatenate([x for c in group for x in (c, gap)][:-1]).astype(np.float64)
-            if variant == "far":
+            if variant in ("far", "room"):
                 from scipy.signal import fftconvolve
 
                 clip = fftconvolve(clip, rir)[: clip.size + int(0.3 * SR)]
@@ -311,7 +364,8 @@ def results(run: RealRun) -> dict[str, float]:
 
 
 def render_table(run: RealRun) -> str:
-    """Markdown: one row per source, leakage (dry / far) per SNR and yield at 10 dB."""
+    """Markdown: one row per source, leakage (one value per variant, in ``VARIANTS`` order:
+    dry / far / room) per SNR and yield at 10 dB."""
     snrs = sorted({c.snr_db for c in run.cells})
     by = {(c.source, c.snr_db, c.variant): c for c in run.cells}
     head = "| source | split | kind | " + " | ".join(f"{s:g} dB" for s in snrs) + " | yield 10 dB |"

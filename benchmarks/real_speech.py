@@ -25,7 +25,8 @@ Invariants:
 - every package is fetched at exactly the version in ``PACKAGES``; a different version
   already in the cache is refused (``RealSpeechError``), never used;
 - a source belongs to exactly one split; ``TUNING`` and ``HELD_OUT`` share no voice
-  (sources from one package that may share a speaker are kept in one split);
+  (sources from one package that may share a speaker are kept in one split; an
+  ``overlap`` source mixes two voices of its own split only);
 - ``load`` returns float32 mono at 16 kHz, peak-normalised to 0.5, leading and
   trailing near-silence (< -40 dB re peak, 10 ms frames) trimmed;
 - reading is capped (``MAX_FILE_BYTES``) and file names are fixed in ``SOURCES``.
@@ -79,7 +80,10 @@ class Source:
 
     kind: ``calls`` (each file is one short word or syllable), ``sentences`` (each
     file is read speech; the bench also cuts single words out of it), ``radio``
-    (speech through a radio: must be dropped), ``lookalike`` (not speech).
+    (speech through a radio: must be dropped), ``overlap`` (two talkers at once:
+    ``files`` names two other sources of the same split, whose clips are mixed with
+    the second starting 0.2-1.0 s after the first; must be dropped), ``lookalike``
+    (not speech: may be kept).
     files: paths inside the unpacked package; ``*.raw`` files are 16-bit LE PCM at
     ``raw_rate``.
     """
@@ -141,6 +145,10 @@ SOURCES: tuple[Source, ...] = (
                "Rear_Right", "Side_Left", "Side_Right"))),
     Source("instruments", "sound-icons", "tune", "lookalike", "-",
            ("usr/share/sounds/sound-icons/*.wav",)),
+    # two talkers at once: a man and a woman of the tuning voices; two held-out voices
+    Source("overlap-hts-cards", "-", "tune", "overlap", "en", ("codec2-hts", "sphinx-cards")),
+    Source("overlap-forig-librivox", "-", "held", "overlap", "en",
+           ("codec2-forig", "sphinx-librivox")),
 )  # fmt: skip
 
 TUNING = tuple(s for s in SOURCES if s.split == "tune")
@@ -268,5 +276,16 @@ def cut_words(clip: F32, min_s: float = 0.12, max_s: float = 1.2) -> list[F32]:
 
 
 def clips(src: Source, cache: Path = CACHE) -> list[F32]:
-    """Every recording of ``src``, loaded (see ``load``)."""
+    """Every recording of ``src``, loaded (see ``load``); for an ``overlap`` source,
+    those of the first of its two sources (``overlap_partner`` gives the second)."""
+    if src.kind == "overlap":
+        return clips(BY_NAME[src.files[0]], cache)
     return [load(p, src.raw_rate) for p in source_files(src, cache)]
+
+
+def overlap_partner(src: Source) -> Source:
+    """The second talker of an ``overlap`` source."""
+    return BY_NAME[src.files[1]]
+
+
+BY_NAME: dict[str, Source] = {s.name: s for s in SOURCES}

@@ -63,7 +63,10 @@ def make_gate(policy: GatePolicy, vad: SileroVad) -> PrivacyGate:
 def classify(kept: list[KeptWindow], classifier: Classifier) -> list[Classified]:
     if not kept:
         return []
-    feats = features_batch(np.stack([k.audio for k in kept]))
+    if all(k.features is not None for k in kept):  # the speech check computed them
+        feats = np.stack([k.features for k in kept if k.features is not None])
+    else:
+        feats = features_batch(np.stack([k.audio for k in kept]))
     probs = classifier.predict(feats)
     top = probs.argmax(axis=1)
     return [

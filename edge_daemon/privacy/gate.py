@@ -2,7 +2,10 @@
 
 Owns: cutting the stream into windows and 32 ms VAD chunks, the signal conditioning
 in front of the VAD (noise-floor subtraction, level normalisation, impulse clipping,
-tonal suppression), the twin VAD states, the guard margins around each window and the keep/drop decision. Design and measurements:
+tonal suppression, late-reverberation subtraction), the restarted and never-reset
+VAD states and their vote, the warm-up after each stream start, the guard margins
+around each window and the keep/drop decision. The conditioning stages themselves
+live in ``edge_daemon.privacy.conditioning``. Design and measurements:
 docs/adr/0005-privacy-gate.md.
 
 Invariants:
@@ -26,9 +29,15 @@ Invariants:
   never returned, logged or stored; only its index is counted (detector state and
   the scoring queue keep at most the last ``ENCODE_BATCH`` chunks' conditioned
   samples, replaced as the stream moves on);
-- each detector's chunk is scored by two VAD states whose recurrent state is zeroed in
-  turn, every ``vad_reset_s`` and half a period apart, on the stream-aligned chunk
-  count; the older of the two decides (ties: the first);
+- each detector's chunk is scored by several VAD states on the stream-aligned chunk
+  count: with ``vad_states="twin"`` two states zeroed in turn every ``vad_reset_s``,
+  half a period apart, the older deciding (ties: the first); with ``"all"`` a state
+  never reset plus a pair of states per restart period (``vad_reset_s``,
+  ``vad_fast_reset_s`` zeroed, ``vad_warm_reset_s`` restarted from ``warm_state``),
+  each pair half a period apart; the chunk's probability is the never-reset state's
+  or the ``vad_votes``-th highest of the restarted states', whichever is higher;
+- windows that start within the first ``warmup_s`` of a stream (after ``flush``: a
+  capture restart) are dropped whatever the detectors say (``windows_dropped_warmup``);
 - decisions depend only on the samples, not on how they were split into ``push``
   calls: every stage works chunk by chunk on the stream-aligned grid, and the
   encoder's result for a chunk does not depend on its batch-mates (``silero.encode``);
@@ -47,7 +56,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon.errors import ConfigError
-from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN
+from edge_daemon.privacy.conditioning import _Declip, _Denoise, _Dereverb, _Detonal, _Stft
+from edge_daemon.privacy.silero import ENCODE_BATCH, HIDDEN, SileroModel
 from edge_daemon.privacy.speech_check import SpeechCheck
 from edge_daemon.privacy.vad import (
     CHUNK_SAMPLES,
@@ -61,16 +71,8 @@ from fleet_protocol.features import features_batch
 log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = SAMPLE_RATE
-DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal", "raw")
+DETECTORS: tuple[str, ...] = ("denoise", "level", "declip", "tonal", "raw", "dereverb")
 STATE_SCHEMES: tuple[str, ...] = ("twin", "all")
-STFT_SIZE = 512
-STFT_HOP = 256
-TONAL_HALF_BINS = 8  # +-250 Hz at 31.25 Hz per bin
-DENOISE_MEMORY_S = 1.5  # noise floor: the quietest smoothed power over at least this long
-DENOISE_BLOCK = 16  # frames (256 ms): the floor's memory is kept as per-block minima
-DENOISE_SMOOTHING = 0.7  # per 16 ms frame
-DENOISE_GAIN_FLOOR = 0.1  # -20 dB at most
-
 FloatArray = npt.NDArray[np.float32]
 
 
@@ -96,7 +98,10 @@ class GateConfig:
         and engines). ``"level"``: AGC only. ``"declip"``: each chunk clipped at
         ``declip_factor`` times its median absolute sample (impulsive noise such as
         hammering). ``"tonal"``: STFT bins capped at ``tonal_factor`` times their
-        local median (horns, sirens). Every detector ends with the AGC. The default,
+        local median (horns, sirens). ``"dereverb"``: late-reverberation
+        subtraction (``_Dereverb``; speech through a hall; not in the defaults: tried
+        on one stream only, ADR 0005 revision 4). ``"raw"``: plain Silero on the
+        signal as captured, no AGC. Every other detector ends with the AGC. The default,
         denoise alone, leaked nothing in 3.8 h at 0 dB (ADR 0005); the others stay
         for deployments that trade yield for more views.
     declip_factor, tonal_factor, denoise_over: see ``detectors``.
@@ -112,12 +117,25 @@ class GateConfig:
         less than half of it (a fresh state false-alarms for ~2 s). 0 = one state, never
         reset (half the VAD cost).
     vad_states: how the VAD states of a detector decide. ``"twin"``: the older of the
-        two restarted states decides. ``"all"``: a third state that is never reset (only
-        at stream start) joins them, and a chunk is speech for the detector if any of
-        the three says so, each restarted state only once it is ``min_state_age_s``
-        old (a fresh state false-alarms; one state alone can go deaf for seconds, or
-        wake up late on a short word after seconds without speech: ADR 0005).
+        two restarted states decides. ``"all"``: a state that is never reset (only at
+        stream start) and pairs of restarted states (``vad_reset_s``,
+        ``vad_fast_reset_s``, ``vad_warm_reset_s``); a chunk is speech for the
+        detector if the never-reset state says so or ``vad_votes`` restarted states
+        agree, each restarted state only once it is ``min_state_age_s`` old. One state
+        alone can go deaf for seconds, or wake up late on a short word after seconds
+        without speech; a fresh state hears it but false-alarms about once every 3 s
+        of noise (0.5-1.3 % of chunks), a never-reset one 20 times less; asking
+        several restarted states to agree keeps most of what they hear and few of
+        their false alarms (ADR 0005, revision 4).
+    vad_fast_reset_s: ``"all"``: period of a second pair of zeroed states (0: none).
+    vad_warm_reset_s: ``"all"``: period of a pair of states restarted from
+        ``warm_state`` (the state after 3 s of quiet noise) instead of zeros (0: none).
+    vad_votes: ``"all"``: restarted states that must agree (1: any of them).
     min_state_age_s: see ``vad_states``.
+    warmup_s: windows that start this early in a stream are dropped unscored: at
+        stream start and after a capture restart every state is fresh and has heard
+        nothing before the first word (words 0.1-0.4 s into a stream scored < 0.5 by
+        every state; ADR 0005). Costs ``warmup_s`` of audio per restart.
     speech_check: a window the VAD passes must also pass the second detector
         (``speech_check.SpeechCheck``: a small model on the window's upload features);
         the features it computed travel with the ``KeptWindow``.
@@ -127,7 +145,7 @@ class GateConfig:
 
     threshold: float = 0.5
     hysteresis: float = 0.1
-    margin_before_s: float = 0.25
+    margin_before_s: float = 0.5
     margin_after_s: float = 0.75
     detectors: tuple[str, ...] = ("denoise", "raw")
     declip_factor: float = 3.0
@@ -135,7 +153,11 @@ class GateConfig:
     denoise_over: float = 2.0
     vad_reset_s: float = 10.0
     vad_states: str = "all"
-    min_state_age_s: float = 5.0
+    vad_fast_reset_s: float = 4.0
+    vad_warm_reset_s: float = 3.0
+    vad_votes: int = 3
+    min_state_age_s: float = 0.0
+    warmup_s: float = 2.0
     speech_check: bool = True
     speech_check_threshold: float | None = None
     agc_target_dbfs: float = -20.0
@@ -162,8 +184,17 @@ class GateConfig:
             raise ConfigError(f"privacy.detectors must be a non-empty subset of {DETECTORS}")
         if self.vad_states not in STATE_SCHEMES:
             raise ConfigError(f"privacy.vad_states must be one of {STATE_SCHEMES}")
-        if self.vad_reset_s and not 0.0 <= self.min_state_age_s <= 0.5 * self.vad_reset_s:
-            raise ConfigError("privacy.min_state_age_s must be in [0, vad_reset_s / 2]")
+        for name in ("vad_fast_reset_s", "vad_warm_reset_s"):
+            v = getattr(self, name)
+            if v and not 1.0 <= v <= 600.0:
+                raise ConfigError(f"privacy.{name} must be 0 or in [1, 600], got {v}")
+        if not 1 <= self.vad_votes <= 6:
+            raise ConfigError(f"privacy.vad_votes must be in [1, 6], got {self.vad_votes}")
+        shortest = min((p for p in self.restart_periods_s() if p), default=0.0)
+        if shortest and not 0.0 <= self.min_state_age_s <= 0.5 * shortest:
+            raise ConfigError("privacy.min_state_age_s must be in [0, shortest restart / 2]")
+        if not 0.0 <= self.warmup_s <= 60.0:
+            raise ConfigError(f"privacy.warmup_s must be in [0, 60] s, got {self.warmup_s}")
         if self.speech_check_threshold is not None and not 0 < self.speech_check_threshold < 1:
             raise ConfigError("privacy.speech_check_threshold must be in (0, 1)")
         if len(set(self.detectors)) != len(self.detectors):
@@ -181,6 +212,14 @@ class GateConfig:
             )
         if self.max_block_samples < 1:
             raise ConfigError("privacy.max_block_samples must be positive")
+
+    def restart_periods_s(self) -> tuple[float, ...]:
+        """The restart period of each pair of restarted states (zeroed, zeroed, warm)."""
+        if not self.vad_reset_s:
+            return ()
+        if self.vad_states == "twin":
+            return (self.vad_reset_s,)
+        return (self.vad_reset_s, self.vad_fast_reset_s, self.vad_warm_reset_s)
 
 
 @dataclass(frozen=True)
@@ -203,131 +242,10 @@ class GateStats:
     windows_dropped_speech: int = 0
     windows_dropped_unvetted: int = 0  # at flush: the stream ended inside the after-margin
     windows_dropped_check: int = 0  # passed the VAD, flagged by the speech check
+    windows_dropped_warmup: int = 0  # in the first warmup_s of a stream
     vad_cpu_s: float = 0.0  # process CPU seconds inside the VAD (encoder + LSTM steps)
     check_cpu_s: float = 0.0  # process CPU seconds inside the speech check (features + model)
     condition_cpu_s: float = 0.0  # process CPU seconds conditioning chunks for the VAD views
-
-
-class _Declip:
-    """Clip each chunk at ``factor`` times its median absolute sample (impulses)."""
-
-    delay = 0
-
-    def __init__(self, factor: float) -> None:
-        self._factor = factor
-
-    def reset(self) -> None:
-        pass
-
-    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks."""
-        a = np.abs(x)
-        mid = a.shape[1] // 2  # the median, as np.median computes it, without its overhead
-        part = np.partition(a, (mid - 1, mid), axis=1)[:, mid - 1 : mid + 1]
-        lim = self._factor * (part[:, :1] + part[:, 1:]) / 2.0
-        return np.clip(x, -lim, lim)
-
-
-class _Stft:
-    """Streaming STFT (512/256, sqrt-Hann, exact overlap-add) with a per-bin gain in
-    ``[0, 1]`` chosen by ``_gain``; the output lags the input by ``delay`` = 256 samples."""
-
-    delay = STFT_HOP
-
-    def __init__(self) -> None:
-        self._win = np.sqrt(np.hanning(STFT_SIZE + 1)[:STFT_SIZE])
-        self.reset()
-
-    def reset(self) -> None:
-        self._hist = np.zeros(STFT_SIZE - STFT_HOP, dtype=np.float64)
-        self._tail = np.zeros(STFT_SIZE - STFT_HOP, dtype=np.float64)
-
-    def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        raise NotImplementedError
-
-    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """``x``: ``(m, CHUNK_SAMPLES)`` consecutive chunks -> the same, conditioned.
-
-        Frames ``2c`` and ``2c + 1`` of the stream belong to chunk ``c``; all frames of the
-        call are transformed together (each row on its own, so the result is the same
-        for any grouping of chunks into calls)."""
-        m = x.shape[0]
-        buf = np.concatenate((self._hist, x.reshape(-1)))
-        idx = np.arange(STFT_SIZE)[None, :] + STFT_HOP * np.arange(2 * m)[:, None]
-        spec = np.fft.rfft(buf[idx] * self._win, axis=1)
-        y = np.fft.irfft(spec * self._gain(np.abs(spec)), n=STFT_SIZE, axis=1) * self._win
-        out = np.zeros((2 * m + 1) * STFT_HOP, dtype=np.float64)
-        out[:STFT_HOP] = self._tail
-        halves = y.reshape(2 * m, 2, STFT_HOP)
-        out[: 2 * m * STFT_HOP] += halves[:, 0].reshape(-1)
-        out[STFT_HOP:] += halves[:, 1].reshape(-1)
-        self._tail = out[m * CHUNK_SAMPLES :].copy()
-        self._hist = buf[m * CHUNK_SAMPLES :].copy()
-        return out[: m * CHUNK_SAMPLES].reshape(m, CHUNK_SAMPLES)
-
-
-class _Detonal(_Stft):
-    """Caps every STFT bin at ``factor`` times the median magnitude of the bins within
-    +-``TONAL_HALF_BINS``.
-
-    Narrow tonal maskers (horns, sirens, whistles) stand far above their neighbours
-    and are cut by tens of dB; speech harmonics stand much less above them.
-    """
-
-    def __init__(self, factor: float) -> None:
-        self._factor = factor
-        bins, k = STFT_SIZE // 2 + 1, TONAL_HALF_BINS
-        self._around = np.clip(np.arange(bins)[:, None] + np.arange(-k, k + 1), 0, bins - 1)
-        super().__init__()
-
-    def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        neighbours = mag[:, self._around]  # (frames, bins, 2k+1), edge bins repeated
-        neighbours.partition(TONAL_HALF_BINS, axis=2)
-        local = neighbours[:, :, TONAL_HALF_BINS]  # median of the 2k+1 bins
-        return np.minimum(1.0, (self._factor * local + 1e-12) / np.maximum(mag, 1e-12))
-
-
-class _Denoise(_Stft):
-    """Spectral subtraction of a minimum-statistics noise floor.
-
-    Per bin, the power is smoothed over frames; the noise floor is the minimum of the
-    smoothed power over the current block of ``DENOISE_BLOCK`` frames (on the stream's
-    frame grid) and the whole blocks before it that cover ``DENOISE_MEMORY_S`` (so
-    1.5-1.8 s; a block minimum costs one comparison per frame); the gain is
-    ``1 - over * floor / power``, held at or above ``DENOISE_GAIN_FLOOR``. Steady
-    maskers (traffic, wind, engines, ventilation) drop by up to 20 dB while speech,
-    which comes and goes within that memory, keeps its peaks.
-    """
-
-    def __init__(self, over: float) -> None:
-        self._over = over
-        self._blocks = -(-(round(DENOISE_MEMORY_S * SAMPLE_RATE / STFT_HOP) - 1) // DENOISE_BLOCK)
-        super().__init__()
-
-    def reset(self) -> None:
-        super().reset()
-        self._smooth: npt.NDArray[np.float64] | None = None
-        self._done: deque[npt.NDArray[np.float64]] = deque(maxlen=self._blocks)
-        self._done_min = np.full(STFT_SIZE // 2 + 1, np.inf)
-        self._block_min = np.full(STFT_SIZE // 2 + 1, np.inf)
-        self._in_block = 0  # frames of the current block seen so far
-
-    def _gain(self, mag: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        power = mag * mag
-        floor = np.empty_like(power)
-        a = DENOISE_SMOOTHING
-        for i, p in enumerate(power):
-            self._smooth = p if self._smooth is None else a * self._smooth + (1 - a) * p
-            self._block_min = np.minimum(self._block_min, self._smooth)
-            floor[i] = np.minimum(self._block_min, self._done_min)
-            self._in_block += 1
-            if self._in_block == DENOISE_BLOCK:  # blocks lie on the stream's frame grid
-                self._done.append(self._block_min)
-                self._done_min = np.min(np.stack(self._done), axis=0)
-                self._block_min = np.full_like(self._block_min, np.inf)
-                self._in_block = 0
-        g = 1.0 - self._over * floor / np.maximum(power, 1e-20)
-        return np.asarray(np.sqrt(np.clip(g, DENOISE_GAIN_FLOOR**2, 1.0)), dtype=np.float64)
 
 
 class _Detector:
@@ -346,6 +264,8 @@ class _Detector:
             self._stages.append(_Detonal(config.tonal_factor))
         elif kind == "denoise":
             self._stages.append(_Denoise(config.denoise_over))
+        elif kind == "dereverb":
+            self._stages.append(_Dereverb(config.denoise_over))
         self.delay = sum(stage.delay for stage in self._stages)
         self._target = 10.0 ** (config.agc_target_dbfs / 20.0)
         self._max_gain = 10.0 ** (config.agc_max_gain_db / 20.0)
@@ -399,6 +319,36 @@ def twin_schedule(chunk: int, period: int) -> tuple[bool, bool, bool]:
     return chunk > 0 and age_a == 0, chunk >= half and age_b == 0, age_a >= age_b
 
 
+def state_age(chunk: int, period: int, offset: int) -> int:
+    """Chunks since a state restarted every ``period`` chunks from chunk ``offset`` on
+    (and before that, since the stream start) was last restarted."""
+    if chunk < offset:
+        return chunk
+    return (chunk - offset) % period
+
+
+WARM_NOISE_S = 3.0
+WARM_NOISE_DBFS = -20.0  # the AGC's target: what the detectors' inputs are lifted to
+
+
+def warm_state(model: SileroModel) -> FloatArray:
+    """``(2, 128)``: the decoder state after ``WARM_NOISE_S`` of quiet, smooth noise
+    (fixed seed) from zeros: a state that has heard "nothing in particular", so it
+    false-alarms less than a zeroed one yet has no history that could make it deaf."""
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.standard_normal(int(WARM_NOISE_S * SAMPLE_RATE))) * 0.002
+    x = x - np.convolve(x, np.ones(64) / 64, mode="same")
+    x = x / np.sqrt(np.mean(x * x)) * 10 ** (WARM_NOISE_DBFS / 20)
+    n = x.size // CHUNK_SAMPLES
+    chunks = x[: n * CHUNK_SAMPLES].astype(np.float32).reshape(n, 1, CHUNK_SAMPLES)
+    inputs = context_inputs(np.zeros((1, CONTEXT_SAMPLES), np.float32), chunks)
+    gates = model.encode(inputs.reshape(n, -1))
+    state = np.zeros((2, 1, HIDDEN), dtype=np.float32)
+    for g in gates:
+        _, state = model.step(g[None], state)
+    return np.asarray(state[:, 0], dtype=np.float32)
+
+
 class PrivacyGate:
     """Streaming gate over one audio stream; ``flush`` ends it and starts the next."""
 
@@ -408,11 +358,22 @@ class PrivacyGate:
         self._detectors = [_Detector(config, kind) for kind in config.detectors]
         k = len(self._detectors)
         self._model = vad.model
-        # twin VAD states per detector, restarted in turn every vad_reset_s (see GateConfig)
-        self._period = round(config.vad_reset_s * SAMPLE_RATE / CHUNK_SAMPLES)
+        # restarted VAD states per detector: (period, offset, warm) in chunks (GateConfig)
+        per_s = SAMPLE_RATE / CHUNK_SAMPLES
+        self._restarts: list[tuple[int, int, bool]] = []
+        for j, period_s in enumerate(config.restart_periods_s()):
+            period = round(period_s * per_s)
+            if period:
+                for offset in (0, period // 2):
+                    self._restarts.append((period, offset, j == 2))
+        self._period = self._restarts[0][0] if self._restarts else 0
         self._all = config.vad_states == "all" and self._period > 0
-        self._min_age = round(config.min_state_age_s * SAMPLE_RATE / CHUNK_SAMPLES)
-        self._states = (3 if self._all else 2) * k if self._period else k
+        self._votes = min(config.vad_votes, len(self._restarts)) if self._all else 1
+        self._min_age = round(config.min_state_age_s * per_s)
+        self._warm = warm_state(self._model) if any(w for *_, w in self._restarts) else None
+        # rows of the state array: restarted states in order, then the never-reset one
+        self._states = (len(self._restarts) + (1 if self._all else 0)) * k if self._period else k
+        self._warmup = round(config.warmup_s * SAMPLE_RATE)
         self._check: SpeechCheck | None = None
         self._check_threshold = config.speech_check_threshold
         if config.speech_check:
@@ -503,22 +464,21 @@ class PrivacyGate:
         if not self._period:
             probs, self._state = self._model.step(gates, self._state)
         else:
-            restart_a, restart_b, a_decides = twin_schedule(i, self._period)
-            if restart_a:
-                self._state[:, :k] = 0.0
-            if restart_b:
-                self._state[:, k : 2 * k] = 0.0
-            rows = np.concatenate((gates,) * (3 if self._all else 2))
-            every, self._state = self._model.step(rows, self._state)
-            if self._all:  # the never-reset state, and each twin once it is old enough
-                age_a, age_b = twin_ages(i, self._period)
-                probs = every[2 * k :]
-                if age_a >= self._min_age:
-                    probs = np.maximum(probs, every[:k])
-                if age_b >= self._min_age:
-                    probs = np.maximum(probs, every[k : 2 * k])
+            ages = [state_age(i, period, offset) for period, offset, _ in self._restarts]
+            for j, ((_, _, warm), age) in enumerate(zip(self._restarts, ages, strict=True)):
+                if i > 0 and age == 0:
+                    rows_j = self._state[:, j * k : (j + 1) * k]
+                    rows_j[:] = self._warm[:, None] if warm and self._warm is not None else 0.0
+            n_states = self._states // k
+            every, self._state = self._model.step(np.concatenate((gates,) * n_states), self._state)
+            every = every.reshape(n_states, k)
+            if self._all:  # the never-reset state, or enough restarted ones old enough
+                fresh = every[: len(self._restarts)].copy()
+                fresh[np.asarray(ages) < self._min_age] = 0.0
+                fresh.sort(axis=0)
+                probs = np.maximum(every[-1], fresh[-self._votes])
             else:
-                probs = every[:k] if a_decides else every[k:]
+                probs = every[0] if ages[0] >= ages[1] else every[1]
         self._speech.append(False)
         for d, p in zip(self._detectors, probs.tolist(), strict=True):
             if d.decide(p):
@@ -541,15 +501,21 @@ class PrivacyGate:
             first_chunk = max(0, (start - self._before) // CHUNK_SAMPLES)
             lo, hi = first_chunk - self._chunk_base, last_chunk - self._chunk_base + 1
             unvetted = end + self._after > self._total  # only at flush: cut by the stream end
+            warming = start < self._warmup
             speech = any(self._speech[lo:hi])
             self.stats.windows_in += 1
-            if speech or unvetted:
-                if unvetted:
+            if speech or unvetted or warming:
+                if warming:
+                    why = "warm-up"
+                    self.stats.windows_dropped_warmup += 1
+                elif unvetted:
+                    why = "unvetted"
                     self.stats.windows_dropped_unvetted += 1
                 else:
+                    why = "speech"
                     self.stats.windows_dropped_speech += 1
                 self._audio[:WINDOW_SAMPLES] = 0.0  # our copy; do not leave it for the GC
-                log.debug("window %d dropped: %s", w, "unvetted" if unvetted else "speech")
+                log.debug("window %d dropped: %s", w, why)
             else:
                 kept.append(KeptWindow(w, start, self._audio[:WINDOW_SAMPLES].copy()))
             self._audio = self._audio[WINDOW_SAMPLES:].copy()

@@ -146,9 +146,11 @@ def test_an_update_the_backend_refuses_is_reported_failed_and_not_fetched_again(
 # -- edge_daemon.enroll.Renewer: the certificate must not expire for want of a thread ------
 
 
-class _NoIdentity:
-    def current(self) -> None:
-        return None
+class _DueIdentity:
+    """A certificate past its renewal point and not yet expired: the renewer renews."""
+
+    def current(self) -> Any:
+        return SimpleNamespace(renew_due=lambda _f: True, expired=lambda: False)
 
 
 class _FlakyRenewer(Renewer):
@@ -157,7 +159,7 @@ class _FlakyRenewer(Renewer):
             "pi-00",
             _sign,
             "0" * 16,
-            _NoIdentity(),  # type: ignore[arg-type]
+            _DueIdentity(),  # type: ignore[arg-type]
             SimpleNamespace(),  # type: ignore[arg-type]
             b"",
             check_every_s=0.01,

@@ -149,7 +149,8 @@ def test_gate_drops_a_speech_free_window_when_speech_starts_in_its_after_margin(
     assert gate.stats.windows_dropped_unvetted == 1  # [13, 14): the 0.75 s margin cut
     s = gate.stats
     dropped = s.windows_dropped_speech + s.windows_dropped_unvetted + s.windows_dropped_check
-    assert s.windows_kept + dropped == 14
+    assert s.windows_dropped_warmup == 2  # [0, 2): the warm-up after the stream start
+    assert s.windows_kept + dropped + s.windows_dropped_warmup == 14
 
 
 def test_gate_drops_a_speech_free_window_when_speech_ends_in_its_before_margin(
@@ -191,9 +192,10 @@ def test_flush_discards_the_partial_window_and_restarts_the_stream(vad: SileroVa
     bed = sounds.background(int(4.5 * SR), np.random.default_rng(5))
     gate = PrivacyGate(GateConfig(), vad)
     first = _run(gate, [bed])
-    assert [k.index for k in first] == [0, 1, 2]  # [3, 4): after-margin cut; [4, 4.5): partial
-    second = _run(gate, [bed])
-    assert [k.index for k in second] == [0, 1, 2]
+    # [0, 2): warm-up; [3, 4): after-margin cut; [4, 4.5): partial
+    assert [k.index for k in first] == [2]
+    second = _run(gate, [bed])  # a new stream: the warm-up again
+    assert [k.index for k in second] == [2]
     assert all(np.array_equal(a.audio, b.audio) for a, b in zip(first, second, strict=True))
 
 
@@ -233,6 +235,30 @@ def test_denoise_stage_lowers_a_steady_masker_and_keeps_a_burst() -> None:
 
     assert rms(out[2 * SR : 3 * SR - 1000]) < rms(hum) / 3  # the hum, >= 10 dB down
     assert rms(out[3 * SR + 1000 : 3 * SR + 3000]) > 0.7 * 0.3  # the burst mostly kept
+
+
+def test_dereverb_stage_lowers_a_reverberant_tail_and_keeps_the_onset() -> None:
+    from edge_daemon.privacy.gate import _Dereverb
+
+    rng = np.random.default_rng(6)
+    dry = np.zeros(94 * CHUNK_SAMPLES)  # about 3 s, whole chunks
+    dry[SR : SR + 3200] = rng.standard_normal(3200) * 0.3  # a 0.2 s burst
+    t = np.arange(int(0.8 * SR)) / SR
+    rir = rng.standard_normal(t.size) * np.exp(-6.9 * t / 0.8) * 0.05  # RT60 0.8 s tail
+    rir[0] = 1.0
+    wet = np.convolve(dry, rir)[: dry.size]
+    stage = _Dereverb(GateConfig().denoise_over)
+    chunks = wet.reshape(-1, CHUNK_SAMPLES)
+    out = np.concatenate([stage(chunks[i : i + 4]).reshape(-1) for i in range(0, len(chunks), 4)])
+    out = out[stage.delay :]
+
+    def rms(x: npt.NDArray[np.float64]) -> float:
+        return float(np.sqrt(np.mean(x**2)))
+
+    tail = slice(SR + 3200 + 1600, SR + 3200 + 6400)  # 0.1-0.4 s after the burst ends
+    assert rms(out[tail]) < rms(wet[tail]) / 2  # the late reverberation, >= 6 dB down
+    onset = slice(SR + 200, SR + 1600)
+    assert rms(out[onset]) > 0.7 * rms(wet[onset])  # the direct sound mostly kept
 
 
 def test_twin_vad_states_restart_in_turn_and_the_older_one_decides() -> None:
@@ -306,14 +332,17 @@ def test_leakage_is_at_most_one_per_mille_at_every_snr(
     assert leakage <= 0.001
 
 
-def test_yield_at_10_db_is_at_least_0_8(vad: SileroVad, cache: Path) -> None:
-    """Issue 3's yield goal on one 4-minute scene (speech-free windows kept: 0.885;
-    non-speech frames kept: 0.810). `make bench` measures it over 12 languages as
-    `privacy.yield_10db`."""
+def test_yield_at_10_db_of_the_vad_and_of_both_detectors(vad: SileroVad, cache: Path) -> None:
+    """Speech-free windows kept on one 4-minute scene at 10 dB. The VAD alone keeps
+    0.859 (revision 3 kept 0.911: the voting states and the warm-up trade yield for
+    leakage on real voices, ADR 0005 revision 4); with the speech check 0.785. The
+    issue's goal (0.85 of non-speech frames over 12 languages, `privacy.yield_10db`)
+    is not met with both; these floors guard against further loss."""
     # 4 minutes: over 2 minutes the yield still swings by +-0.05 with the speech layout
     spec = SceneSpec(seed=1010, duration_s=240, speech_rate=0.1, speech_snr_db=(10.0, 10.0))
     scene = render_scene(spec, cache)
     blocks = list(iter_blocks(scene, 48_000))
-    leakage, kept_share = _measure(scene, _run(PrivacyGate(GateConfig(), vad), blocks))
-    assert leakage <= 0.001
-    assert kept_share >= 0.8
+    for config, floor in ((GateConfig(speech_check=False), 0.85), (GateConfig(), 0.78)):
+        leakage, kept_share = _measure(scene, _run(PrivacyGate(config, vad), blocks))
+        assert leakage <= 0.001
+        assert kept_share >= floor, (config.speech_check, kept_share)

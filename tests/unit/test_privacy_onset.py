@@ -3,7 +3,10 @@
 A single short word after seconds without speech, at the very start of a stream,
 right after a capture restart and right after long loud noise must never end up in a
 released window. The words (``tests/unit/data/real_words.npz``, README beside it) are
-cut from a CMU Sphinx test recording; the city sounds come from ``devstack.scene``.
+cut from a CMU Sphinx test recording; more voices (single calls in four languages,
+dry and through a simulated hall) come from the real-speech bench's cache
+(``benchmarks.real_speech``, fetched from Debian; skipped where it cannot be had);
+the city sounds come from ``devstack.scene``.
 Leakage counts 10 ms frames of the word (conservative mask: above -45 dB re its
 loudest frame) inside windows the gate released, with the gate's defaults.
 """
@@ -123,3 +126,98 @@ def test_a_word_right_after_ten_seconds_of_loud_noise_is_never_released(
         bed[SR : 11 * SR] += _bed("construction", 10.0, 70 + k, -12.0)
         audio, frames = _place(bed, word, 11.2, 10.0)
         assert _leaked(gate, audio, frames) == 0, f"word {k} after loud noise leaked"
+
+
+# ---------------------------------------------- more real voices (benchmarks.real_speech)
+
+
+@pytest.fixture(scope="module")
+def real_calls() -> dict[str, list[F32]]:
+    """The first three calls of four tuning voices of the real-speech bench (Debian's
+    ``klettres-data``, GPL-2+, fetched into the bench cache; skipped where apt cannot
+    fetch it)."""
+    from benchmarks import real_speech as rs
+
+    try:
+        rs.fetch()
+        out = {}
+        for name in ("klettres-de", "klettres-fr", "klettres-nl", "klettres-cs"):
+            calls = [c for c in rs.clips(rs.BY_NAME[name]) if c.size <= 1.5 * SR]
+            out[name] = calls[:3]
+    except (rs.RealSpeechError, OSError) as exc:
+        pytest.skip(f"real-speech recordings unavailable: {exc}")
+    return out
+
+
+@pytest.mark.parametrize("voice", ["klettres-de", "klettres-fr", "klettres-nl", "klettres-cs"])
+def test_single_real_calls_after_seconds_of_noise_or_silence_are_never_released(
+    vad: SileroVad, real_calls: dict[str, list[F32]], voice: str
+) -> None:
+    """One call ("a", "be", ...) 6.4 s into a stream of traffic at 5 dB, or of
+    near-silence at 20 dB: the case the issue found missed most often."""
+    gate = PrivacyGate(GateConfig(), vad)
+    for k, word in enumerate(real_calls[voice]):
+        for kind, snr_db, dbfs in (("traffic", 5.0, -30.0), ("silence", 20.0, -60.0)):
+            audio, frames = _place(_bed(kind, 12.0, 80 + k, dbfs), word, 6.4 + 0.13 * k, snr_db)
+            assert _leaked(gate, audio, frames) == 0, f"{voice} call {k} leaked ({kind})"
+
+
+@pytest.mark.parametrize("voice", ["klettres-de", "klettres-nl"])
+def test_a_single_call_in_a_reverberant_hall_is_never_released(
+    vad: SileroVad, real_calls: dict[str, list[F32]], voice: str
+) -> None:
+    """The same calls through a simulated hall (pyroomacoustics, RT60 0.3-0.9 s, talker
+    1.5-6 m away: ``benchmarks.privacy_real.shoebox``) over traffic at 10 dB."""
+    pytest.importorskip("pyroomacoustics")
+    from scipy.signal import fftconvolve
+
+    from benchmarks.privacy_real import shoebox
+
+    gate = PrivacyGate(GateConfig(), vad)
+    for k, word in enumerate(real_calls[voice]):
+        h = shoebox(np.random.default_rng(k))
+        wet = fftconvolve(word.astype(np.float64), h)[: word.size + 4000].astype(np.float32)
+        audio, frames = _place(_bed("traffic", 12.0, 90 + k, -35.0), wet, 6.4 + 0.13 * k, 10.0)
+        assert _leaked(gate, audio, frames) == 0, f"{voice} call {k} leaked in the hall"
+
+
+def test_the_first_windows_of_every_stream_are_dropped_as_warm_up(vad: SileroVad) -> None:
+    """At stream start and after a capture restart every VAD state is fresh: the first
+    ``warmup_s`` are never released, whatever the detectors say."""
+    config = GateConfig()
+    gate = PrivacyGate(config, vad)
+    bed = _bed("traffic", 6.0, 7, -35.0).astype(np.float32)
+    silent = np.zeros(bed.size // 160, dtype=np.bool_)
+    for restart in range(2):
+        kept: list[int] = []
+        for i in range(0, bed.size, 1600):
+            kept += [k.index for k in gate.push(bed[i : i + 1600])]
+        kept += [k.index for k in gate.flush()]
+        assert kept and min(kept) >= int(config.warmup_s), f"stream {restart}: {kept}"
+    assert gate.stats.windows_dropped_warmup == 2 * int(config.warmup_s)
+    assert _leaked(gate, bed, silent) == 0
+
+
+def test_restarted_states_restart_on_their_own_schedules() -> None:
+    from edge_daemon.privacy.gate import state_age
+
+    assert [state_age(i, 4, 0) for i in range(9)] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    assert [state_age(i, 4, 2) for i in range(9)] == [0, 1, 0, 1, 2, 3, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"vad_votes": 0},
+        {"vad_votes": 7},
+        {"vad_fast_reset_s": 0.5},
+        {"vad_warm_reset_s": 700.0},
+        {"warmup_s": -1.0},
+        {"min_state_age_s": 2.5},  # over half the 4 s restart period
+    ],
+)
+def test_gate_config_refuses_bad_state_settings(bad: dict[str, float]) -> None:
+    from edge_daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        GateConfig(**bad)  # type: ignore[arg-type]
