@@ -240,6 +240,7 @@ class EdgeApp:
             "events": self.keeper.events,
             "selection": dict(self.selector.stats),
             "buffer": self.buffer.counts(),
+            "buffer_refused_write": self.keeper.refused_write,
             "uplink": asdict(self.outbox.stats),
             "sensors": self.sensors.report(),
             "mailbox_dropped": self.mailbox.dropped,
