@@ -257,7 +257,9 @@ class FleetConfig(_Strict):
         7 * 24 * 3600, ge=60, le=90 * 24 * 3600, description="device certificate lifetime"
     )
     claim_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a claim expires after this")
-    max_clock_skew_s: int = Field(600, ge=1, description="accepted request time offset")
+    max_clock_skew_s: int = Field(
+        600, ge=1, description="a request further off this clock is counted and audited (ADR 0017)"
+    )
     ek_ca_certs: tuple[Path, ...] = Field(
         (),
         description="certificates of the TPM manufacturers' EK CAs; when set, enrollment"

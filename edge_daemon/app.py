@@ -264,6 +264,7 @@ class EdgeApp:
             "selection": dict(self.selector.stats),
             "buffer": self.buffer.counts(),
             "buffer_pending_bytes": self.buffer.pending_bytes(),
+            "buffer_refused_write": self.keeper.refused_write,
             "uplink": asdict(self.outbox.stats),
             "sensors": self.sensors.report(),
             "mailbox_dropped": self.mailbox.dropped,

@@ -290,7 +290,11 @@ class SqliteReplayStore:
                     result = body()
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # SQLite has already rolled back after SQLITE_FULL / SQLITE_IOERR; a
+                    # second ROLLBACK would replace "database or disk is full" with
+                    # "no transaction is active"
+                    if self._db.conn.in_transaction:
+                        self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as e:
                 raise BufferError_(f"cannot {what}: {e}") from e

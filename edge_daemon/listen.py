@@ -14,6 +14,10 @@ Invariants:
 - a model swap takes effect at the next block: no block is skipped or processed twice;
 - an exception ends the thread but is kept (``error``) for the main loop, which turns
   it into the daemon's exit code; a finite source ending is ``ended``, not an error;
+- a buffer write that fails (a full disk: SQLite ``SQLITE_FULL`` / ``ENOSPC``) refuses
+  that one sample, counted in ``Keeper.refused_write``, and the listener goes on:
+  nothing already buffered is touched, and writes succeed again when space returns
+  (tests/faults/test_device_disk_full.py);
 - a kept sample carries the capture time of its window's first sample
   (``AudioSource.captured_at_ms``), never a label: the device has none.
 """
@@ -31,6 +35,7 @@ import numpy.typing as npt
 
 from edge_daemon.buffer import ReplayBuffer
 from edge_daemon.capture import AudioSource
+from edge_daemon.errors import BufferError_
 from edge_daemon.pipeline import Classified, Classifier, StreamStats, run_stream
 from edge_daemon.privacy.gate import PrivacyGate
 from edge_daemon.selection import Selector
@@ -109,6 +114,7 @@ class Keeper:
         # windows classified, by predicted label; every class present from the start, so
         # the dict never changes size while another thread copies it
         self.by_label: dict[str, int] = dict.fromkeys(CLASSES, 0)
+        self.refused_write = 0  # samples the buffer could not store (a full disk)
 
     def __call__(self, c: Classified) -> None:
         self.by_label[c.label] = self.by_label.get(c.label, 0) + 1
@@ -137,7 +143,14 @@ class Keeper:
             model_sha256=c.model_sha256,
             reason=reason,
         )
-        if self._buffer.add(meta, c.features.astype(np.float16)):
+        try:
+            kept = self._buffer.add(meta, c.features.astype(np.float16))
+        except BufferError_ as e:  # a full disk refuses this sample; the listener goes on
+            self.refused_write += 1
+            if self.refused_write in (1, 10, 100) or self.refused_write % 1000 == 0:
+                log.error("buffer write refused (%d so far): %s", self.refused_write, e)
+            return
+        if kept:
             self.samples += 1
 
 

@@ -24,13 +24,16 @@ Invariants:
   process, so no retry loop can lock the token; data that is not encrypted for the
   unwrap key as ``HsmDecryptError`` (callers reject the upload), except
   ``CKR_GENERAL_ERROR`` from a token that still answers, which SoftHSM 2.6 gives for an
-  OAEP decoding failure and a failing token gives too: ``HsmDecryptError`` with
+  OAEP decoding failure and a failing token gives too, and a key handle that went
+  invalid while the token answers (the key object briefly away: every cached handle is
+  dropped and looked up again on the next call): ``HsmDecryptError`` with
   ``transient=True`` (callers keep the batch for later, never drop it);
 - all ``Hsm`` objects on a token share one logged-in session, and its lock
   serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
   the environment must be set before the first ``Hsm`` is constructed. When no
   ``Hsm`` is open and the configuration changed or the token is not found, the
-  library is re-initialised once to pick up the new configuration.
+  library is re-initialised once to pick up the new configuration; likewise after a
+  key was not found or its handle died (a key object that comes back is seen again).
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ _PIN_REFUSED: tuple[type[Exception], ...] = (
     p11.PinLocked,
     p11.PinExpired,
 )
+# A key object that vanished while the token answers (a replica that does not hold it
+# yet, a key store briefly away): the cached handle is dead, a new lookup may find it.
+_HANDLE_GONE: tuple[type[Exception], ...] = (p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
 _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
     p11.EncryptedDataInvalid,
     p11.EncryptedDataLenRange,
@@ -128,6 +134,9 @@ class _Shared:
 
 
 _shared: dict[tuple[str, str], _Shared] = {}
+# Modules whose view of a token went stale (a key handle died, a key was not found): the
+# next first session re-initialises the library, so a key that came back is seen again.
+_stale: set[str] = set()
 
 _PRIVATE_COMMON: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
@@ -175,6 +184,10 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
             log.debug("re-initialising %s for %s=%s", module, _CONF_ENV, conf)
             lib.reinitialize()
         _lib_conf[module] = conf
+        if idle and module in _stale:
+            log.debug("re-initialising %s: a key went missing since it was last read", module)
+            lib.reinitialize()
+            _stale.discard(module)
         try:
             token = lib.get_token(token_label=token_label)
         except p11.PKCS11Error:  # NoSuchToken, or GeneralError after the token went away
@@ -429,6 +442,14 @@ class Hsm:
             raise HsmUnavailableError(f"HSM {what} failed: {e!r}") from e
         except _BAD_CIPHERTEXT as e:
             raise HsmDecryptError(f"HSM {what} refused the data: {e!r}") from e
+        except _HANDLE_GONE as e:
+            self._pairs = {}  # forget every cached handle: the next call looks them up again
+            _stale.add(self._module)
+            if decrypting and self._token_answers():
+                raise HsmDecryptError(
+                    f"HSM {what}: the key is not in the token now: {e!r}", transient=True
+                ) from e
+            raise HsmError(f"HSM {what} failed: {e!r}") from e
         except p11.GeneralError as e:
             # SoftHSM 2.6 reports an OAEP decoding failure as CKR_GENERAL_ERROR. Tell
             # that apart from a failing token by asking the token something cheap.
@@ -439,8 +460,9 @@ class Hsm:
             raise HsmError(f"HSM {what} failed: {e!r}") from e
 
     def _token_answers(self) -> bool:
+        """The token answers and holds the ack key (so a ``retry`` ack can be signed)."""
         try:
-            self._require_session().get_key(ObjectClass.PRIVATE_KEY, label=UNWRAP_LABEL)
+            self._require_session().get_key(ObjectClass.PRIVATE_KEY, label=ACK_LABEL)
         except (p11.PKCS11Error, HsmError):
             return False
         return True
@@ -450,7 +472,11 @@ class Hsm:
             cached = self._pairs.get(label)
             if cached is not None:
                 return cached
-            pair = self._call("find keys", lambda: self._load_pair(label))
+            try:
+                pair = self._call("find keys", lambda: self._load_pair(label))
+            except HsmError:
+                _stale.add(self._module)  # a reopen re-reads the token: the key may be back
+                raise
             if pair is None:
                 raise HsmError(f"key {label!r} is not in the token; run ensure_keys()")
             return pair

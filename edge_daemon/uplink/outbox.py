@@ -95,6 +95,14 @@ class Outbox:
         self.stats = OutboxStats()
         self.acked = threading.Event()  # set on every new ack (the status report is stale)
 
+    def set_unwrap_key(self, unwrap_public_key_pem: bytes) -> str:
+        """Seal later batches for a rotated unwrap key; its id. Batches already sealed keep
+        the key they were sealed for and are resent as they are: the sidecar keeps old
+        unwrap keys for them (ADR 0002, tests/faults/test_unwrap_rotation_in_flight.py)."""
+        kid = envelope.key_id_from_pem(unwrap_public_key_pem)
+        self._unwrap_pem, self._kid_wrap = unwrap_public_key_pem, kid
+        return kid
+
     def seal(self, force: bool = False) -> int:
         """Seal full batches (all pending samples with ``force``), send each; return count."""
         n = 0

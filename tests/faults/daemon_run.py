@@ -63,11 +63,14 @@ def daemon_config(
     return path
 
 
-def start_daemon(path: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(
+    path: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "edge_daemon", "run", "--config", str(path)],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "wb"),
+        env=env,
     )
 
 

@@ -35,7 +35,7 @@ from .daemon_run import (
     wait,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 CERT_S = 20
 
 

@@ -25,7 +25,7 @@ from devstack.stack import DevStack
 
 from .uplink_rig import Rig
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 N_BATCHES = 40
 OUTAGE_S = float(os.environ.get("SE_FAULT_OUTAGE_S", "15"))
 

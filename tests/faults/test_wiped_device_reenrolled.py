@@ -33,7 +33,7 @@ from .daemon_run import (
     wait,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 
 def _life(stack: DevStack, app: Any, tmp: Path, model: Any, seed: int) -> dict[str, int]:

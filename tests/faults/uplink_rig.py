@@ -20,7 +20,7 @@ import numpy as np
 from cloud_sidecar.store import Store
 from devstack.provision import ACK_PUBLIC_KEY_FILE, cloud_config, export_cloud_keys
 from devstack.stack import DevStack
-from edge_daemon.buffer import MemoryReplayStore
+from edge_daemon.buffer import MemoryReplayStore, ReplayStore
 from edge_daemon.config import UplinkConfig
 from edge_daemon.keys.tpm import TpmKeyStore
 from edge_daemon.uplink import Outbox
@@ -44,7 +44,7 @@ def wait_for(
 class Rig:
     """The cloud side (``serve`` processes) and one device with an outbox."""
 
-    def __init__(self, stack: DevStack, work: Path) -> None:
+    def __init__(self, stack: DevStack, work: Path, buffer: ReplayStore | None = None) -> None:
         self.stack, self.work = stack, work
         self.unwrap, _ = export_cloud_keys(stack, work / "cloud-keys")
         self.data_dir = work / "cloud" / "data"
@@ -56,7 +56,7 @@ class Rig:
         store.close()
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
-        self.buffer = MemoryReplayStore()
+        self.buffer: ReplayStore = buffer if buffer is not None else MemoryReplayStore()
         self.held: list[bytes] = []
         self.offline = True
         self.outbox = Outbox(
@@ -101,9 +101,10 @@ class Rig:
         path = self.data_dir / "audit.jsonl"
         return [json.loads(x)["kind"] for x in path.open()] if path.exists() else []
 
-    def seal(self, n_batches: int) -> list[bytes]:
-        """Seal ``n_batches`` batches of 2 samples, held back; return their envelopes."""
-        for i in range(2 * n_batches):
+    def seal(self, n_batches: int, first: int = 0) -> list[bytes]:
+        """Seal ``n_batches`` batches of 2 samples (ids from sample ``first`` on), held back
+        while offline; return every envelope held so far."""
+        for i in range(first, first + 2 * n_batches):
             meta = SampleMeta(
                 sample_id=f"{i:032x}", captured_at_ms=1_700_000_000_000 + 1000 * i,
                 stream_offset_s=float(i), predicted="horn", score=0.4,
