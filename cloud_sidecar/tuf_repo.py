@@ -18,7 +18,8 @@ token, because SoftHSM 2.6 has no ``CKM_ECDSA_SHA256``). The timestamp expires s
 
 Each target carries ``length``, ``hashes.sha256`` and ``custom``: ``base_model_sha256``,
 ``adapter_format``, ``adapter_version`` (integer, the device's rollback floor),
-``semver`` and ``cohort``.
+``semver``, ``cohort`` and ``rollout_percent`` (the devices whose
+``fleet_protocol.ota.rollout_bucket`` is below it take the update).
 
 Invariants: one writer at a time (an exclusive ``flock`` on ``repo_dir/.writer.lock``
 around every read-modify-write); every role's version strictly increases; an artifact
@@ -83,18 +84,22 @@ class AdapterCustom:
     adapter_format: str
     adapter_version: int
     cohort: str = "all"
+    rollout_percent: int = 100
 
     def to_custom(self) -> dict[str, Any]:
         if not _HEX64.fullmatch(self.base_model_sha256):
             raise ConfigError("base_model_sha256 must be 64 lowercase hex characters")
         if self.adapter_version < 1:
             raise ConfigError("adapter_version must be positive")
+        if not 0 <= self.rollout_percent <= 100:
+            raise ConfigError("rollout_percent must be 0..100")
         return {
             "base_model_sha256": self.base_model_sha256,
             "adapter_format": self.adapter_format,
             "adapter_version": self.adapter_version,
             "semver": f"{self.adapter_version}.0.0",
             "cohort": self.cohort,
+            "rollout_percent": self.rollout_percent,
         }
 
 

@@ -186,3 +186,13 @@ def verify_artifact(data: bytes, target: TargetInfo, limits: OtaLimits = OtaLimi
         raise MetadataError(f"artifact length {len(data)} != {target.length}", reason="bad_length")
     if hashlib.sha256(data).hexdigest() != target.sha256:
         raise MetadataError("artifact hash does not match its metadata", reason="bad_hash")
+
+
+def rollout_bucket(device_id: str) -> int:
+    """The device's rollout bucket, 0..99: a deterministic hash of its id (both sides agree).
+
+    A target signed with ``rollout_percent = p`` is for the devices whose bucket is below
+    ``p``; widening a rollout raises ``p`` in new signed targets metadata.
+    """
+    digest = hashlib.sha256(b"sovereign-edge/rollout/v1\0" + device_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
