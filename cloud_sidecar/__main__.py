@@ -124,6 +124,32 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ota(args: argparse.Namespace) -> int:
+    if args.ota_command == "rollback":
+        return _cmd_ota_rollback(args)
+    from cloud_sidecar import ota_publish
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
+
+    cfg = load_config(args.config)
+    if args.ota_command == "export":
+        files = ota_publish.export(cfg, args.dir)
+        print(f"exported {len(files)} files in the TUF layout to {args.dir}")
+        return EXIT_OK
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    hsm = open_hsm(cfg)
+    try:
+        version = ota_publish.refresh_timestamp(cfg, hsm)
+    finally:
+        hsm.close()
+    audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
+    if args.publish and not ota_publish.publish_metadata(cfg, "cloud-sidecar-timestamp"):
+        raise CloudError("the broker did not acknowledge the timestamp publication")
+    print(f"timestamp v{version}")
+    return EXIT_OK
+
+
 def _cmd_fleet(args: argparse.Namespace) -> int:
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
@@ -305,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rb.add_argument("--to-adapter", type=int, required=True, help="the earlier adapter version")
     rb.add_argument("--publish", action="store_true", help="publish over MQTT")
-    ot.set_defaults(func=_cmd_ota_rollback)
+    ex = osub.add_parser("export", help="write the TUF repository in the standard layout")
+    ex.add_argument("dir", type=Path, help="destination (metadata/, targets/)")
+    ts = osub.add_parser("refresh-timestamp", help="sign a fresh timestamp (run by a timer)")
+    ts.add_argument("--publish", action="store_true", help="publish the metadata over MQTT")
+    ot.set_defaults(func=_cmd_ota)
 
     fl = sub.add_parser("fleet", help="device registry")
     fl.add_argument("--config", type=Path, required=True)

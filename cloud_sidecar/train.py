@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_sidecar import ota_publish
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
@@ -32,7 +33,7 @@ from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 from cloud_sidecar.pretrain import load_base_model, load_reference_sets
 from cloud_sidecar.store import Store
-from fleet_model import ModelError, merge_and_quantize
+from fleet_model import ADAPTER_FORMAT, ModelError, merge_and_quantize
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -162,17 +163,40 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
             keyid=hsm.signing_key_id(),
             sign_digest=hsm.sign_digest,
         )
+        tuf_pub = None
+        if ota_publish.tuf_available():  # the TUF repository beside it (docs/adr/0016)
+            tuf_pub = ota_publish.add_adapter(
+                cfg,
+                hsm,
+                pub.target.name,
+                artifact,
+                base_model_sha256=base.sha256_fp32,
+                adapter_format=ADAPTER_FORMAT,
+                adapter_version=pub.target.adapter_version,
+            )
     finally:
         hsm.close()
     audit.append(
         "ota.signed", run_id, version=pub.version, target=pub.target.name, sha256=pub.target.sha256
     )
+    if tuf_pub is not None:
+        audit.append(
+            "ota.tuf_signed",
+            run_id,
+            targets_version=tuf_pub.targets_version,
+            timestamp_version=tuf_pub.timestamp_version,
+            target=tuf_pub.name,
+        )
     published = False
     if publish:
         published = publish_via_broker(cfg, repo, pub, f"cloud-sidecar-publisher-{run_id}")
         if not published:
             raise TrainingError("the broker did not acknowledge the OTA publication")
         audit.append("ota.published", run_id, version=pub.version, channel=cfg.ota.channel)
+        if tuf_pub is not None and not ota_publish.publish_metadata(
+            cfg, f"cloud-sidecar-tuf-{run_id}"
+        ):
+            raise TrainingError("the broker did not acknowledge the TUF metadata publication")
     result = {
         "run_id": run_id,
         "dataset_id": ds.dataset_id,
@@ -183,6 +207,7 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         "adapter_peft_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
         "ota_repo_dir": str(cfg.ota_repo_dir),
         "ota_version": pub.version,
+        "tuf_repo_dir": str(ota_publish.tuf_repo_dir(cfg)) if tuf_pub is not None else "",
         "published": published,
         "seconds": round(time.monotonic() - t0, 1),
     }

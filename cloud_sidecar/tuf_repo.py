@@ -47,8 +47,8 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import (
-    MetaFile,
     Metadata,
+    MetaFile,
     Role,
     Root,
     Snapshot,
@@ -117,11 +117,12 @@ class TufRepository:
     def __init__(
         self,
         repo_dir: Path,
-        online: Signer,
+        online: Signer | None,
         *,
         expiry: Expiry = Expiry(),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """``online=None`` opens the repository read-only (export, publish, serve)."""
         self.dir = repo_dir
         self.metadata_dir = repo_dir / "metadata"
         self.targets_dir = repo_dir / "targets"
@@ -169,7 +170,10 @@ class TufRepository:
         with repo._writer():
             repo._write_targets(Targets(expires=now() + expiry.targets))
         log.info(
-            "TUF repository created at %s (root %d of %d)", repo_dir, root_threshold, len(root_signers)
+            "TUF repository created at %s (root %d of %d)",
+            repo_dir,
+            root_threshold,
+            len(root_signers),
         )
         return repo
 
@@ -213,11 +217,13 @@ class TufRepository:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _write(self, name: str, md: Metadata[Any]) -> bytes:
-        data = md.to_bytes(_SERIALIZER)
+        data: bytes = md.to_bytes(_SERIALIZER)
         write_atomic(self.metadata_dir / name, data, 0o644)
         return data
 
     def _sign_online(self, md: Metadata[Any]) -> None:
+        if self._online is None:
+            raise ConfigError("this TUF repository was opened without its online signer")
         md.sign(self._online)
 
     def _next_version(self, name: str, current: int) -> int:
@@ -301,7 +307,7 @@ class TufRepository:
             md = Metadata(ts)
             self._sign_online(md)
             self._write("timestamp.json", md)
-        return ts.version
+        return int(ts.version)
 
     def rotate_root(
         self,
@@ -342,7 +348,7 @@ class TufRepository:
             if new_online is not None:
                 self._write_targets(self.targets().signed)
         log.info("TUF root rotated to v%d (threshold %d)", root.version, threshold)
-        return root.version
+        return int(root.version)
 
     # ------------------------------------------------------- export and publish
 
@@ -363,7 +369,8 @@ class TufRepository:
                 str(self.metadata_dir / f"{targets_version}.targets.json")
             )
         arts = [
-            self.targets_dir / f"{t.hashes['sha256']}.{n}" for n, t in targets.signed.targets.items()
+            self.targets_dir / f"{t.hashes['sha256']}.{n}"
+            for n, t in targets.signed.targets.items()
         ]
         return [p.relative_to(self.dir) for p in [*meta, *arts]]
 
@@ -388,4 +395,3 @@ class TufRepository:
             if not ok:
                 return False
         return ok
-

@@ -50,7 +50,9 @@ class HsmSigner(Signer):
         return Signature(self._public.keyid, der.hex())
 
     @classmethod
-    def from_priv_key_uri(cls, priv_key_uri: str, public_key: Key, secrets_handler: Any = None) -> Signer:
+    def from_priv_key_uri(
+        cls, priv_key_uri: str, public_key: Key, secrets_handler: Any = None
+    ) -> Signer:
         raise ConfigError("HsmSigner is built from an open Hsm, not from a URI")
 
 

@@ -188,6 +188,7 @@ def run_demo(
         print("[demo] cloud-sidecar train (dataset → LoRA → gate → HSM signature → OTA) ...")
         _run([py, "-m", "cloud_sidecar", "train", "--config", str(cloud_cfg), "--publish"])
         run = json.loads((work / "cloud" / "data" / "runs" / "latest.json").read_text())
+        run["ota_export_dir"] = _export_tuf(py, cloud_cfg, out / "ota-repo", run)
         _wait(
             "every device to apply the adapter",
             lambda: all(r["model"]["adapter_version"] >= 1 for r in _reports(configs)),
@@ -263,6 +264,18 @@ def _weighted(scores: list[dict[str, EvalResult]], phase: str, shifted: bool) ->
     return round(sum(a * n for a, n in pairs) / den, 4) if den else 0.0
 
 
+def _export_tuf(py: str, cloud_cfg: Path, dest: Path, run: dict[str, Any]) -> str:
+    """``cloud-sidecar ota export``: the signed repository in the standard TUF layout.
+
+    Empty when the sidecar published no TUF repository (python-tuf not installed).
+    """
+    if not run.get("tuf_repo_dir"):
+        print("[demo] no TUF repository (python-tuf not installed); ota_repo_dir is the legacy one")
+        return ""
+    _run([py, "-m", "cloud_sidecar", "ota", "--config", str(cloud_cfg), "export", str(dest)])
+    return str(dest)
+
+
 def summarize(
     reports: list[dict[str, Any]],
     scores: list[dict[str, EvalResult]],
@@ -293,7 +306,7 @@ def summarize(
         "devices": len(reports),
         "gate": run["gate"],
         "adapter_dir": str(Path(run["adapter_dir"]).resolve()),
-        "ota_repo_dir": str(Path(run["ota_repo_dir"]).resolve()),
+        "ota_repo_dir": str(Path(run.get("ota_export_dir") or run["ota_repo_dir"]).resolve()),
         "audit_log": str((work / "cloud" / "data" / "audit.jsonl").resolve()),
         "base_model_sha256": card["sha256"][FP32_FILE],
         "pretrain_dataset_manifest_sha256": card["dataset"]["manifest_sha256"],

@@ -229,37 +229,33 @@ class TufUpdateClient:
         return CheckResult(targets.version, chosen, tuple(skipped))
 
     def _admit(self, name: str, info: TargetFile) -> tuple[AdapterTarget | None, str]:
-        if not SAFE_NAME.fullmatch(name) or ".." in name:
-            return None, "bad_path"
-        custom: Any = info.custom
-        if not isinstance(custom, dict):
-            return None, "bad_metadata"
+        custom: Any = info.custom if isinstance(info.custom, dict) else {}
         version = custom.get("adapter_version")
         percent = custom.get("rollout_percent", 100)
-        sha = info.hashes.get("sha256", "")
-        if (
-            not isinstance(version, int)
-            or isinstance(version, bool)
-            or version < 1
-            or not isinstance(percent, int)
-            or not 0 <= percent <= 100
-            or not _HEX64.fullmatch(str(sha))
-        ):
-            return None, "bad_metadata"
-        if custom.get("base_model_sha256") != self._base_sha:
-            return None, "wrong_base_model"
-        if custom.get("adapter_format") != self._format:
-            return None, "wrong_format"
-        if info.length > self._limits.artifact_max_bytes:
-            return None, "too_large"
-        if rollout_bucket(self._device) >= percent:
-            return None, "not_in_cohort"
-        return (
-            AdapterTarget(
-                name, info.length, str(sha), self._base_sha, self._format, version, percent
-            ),
-            "",
+        sha = str(info.hashes.get("sha256", ""))
+        well_formed = (
+            isinstance(version, int)
+            and not isinstance(version, bool)
+            and version >= 1
+            and isinstance(percent, int)
+            and 0 <= percent <= 100
+            and _HEX64.fullmatch(sha) is not None
         )
+        checks = (  # the first failing check names the refusal
+            (SAFE_NAME.fullmatch(name) is not None and ".." not in name, "bad_path"),
+            (well_formed, "bad_metadata"),
+            (custom.get("base_model_sha256") == self._base_sha, "wrong_base_model"),
+            (custom.get("adapter_format") == self._format, "wrong_format"),
+            (info.length <= self._limits.artifact_max_bytes, "too_large"),
+            (well_formed and rollout_bucket(self._device) < percent, "not_in_cohort"),
+        )
+        for ok, reason in checks:
+            if not ok:
+                return None, reason
+        target = AdapterTarget(
+            name, info.length, sha, self._base_sha, self._format, int(version), int(percent)
+        )
+        return target, ""
 
     # ---------------------------------------------------------------- download
 

@@ -217,7 +217,9 @@ def ota_artifact(channel: str, name: str) -> str:
     return f"{PREFIX}/{OTA}/{_device(channel)}/artifacts/{name}"
 
 
-TUF_METADATA_FILE_RE = re.compile(r"^(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json$")
+TUF_METADATA_FILE_RE = re.compile(
+    r"^(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json$"
+)
 
 
 def ota_tuf_metadata(channel: str, filename: str) -> str:

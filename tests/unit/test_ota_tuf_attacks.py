@@ -160,7 +160,10 @@ def test_fast_forward_attack_is_recovered_after_the_online_key_is_rotated(tmp_pa
         w.client().check(0)
     assert e.value.reason == "rollback"
     w.repo.rotate_root(
-        old_signers=w.roots[:2], new_signers=w.roots, threshold=2, new_online=software_online_signer()
+        old_signers=w.roots[:2],
+        new_signers=w.roots,
+        threshold=2,
+        new_online=software_online_signer(),
     )
     name = w.add(b"two", 2)
     result = w.client().check(0)

@@ -85,7 +85,9 @@ class World:
     monotonic: list[float] = field(default_factory=lambda: [1000.0])
     clocks: dict[str, TrustedClock] = field(default_factory=dict)
 
-    def client(self, device: str = DEVICE, base: str = BASE, state: str = "device") -> TufUpdateClient:
+    def client(
+        self, device: str = DEVICE, base: str = BASE, state: str = "device"
+    ) -> TufUpdateClient:
         # one clock per device and boot: the daemon keeps it for its whole run
         clock = self.clocks.setdefault(
             state,
