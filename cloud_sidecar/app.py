@@ -33,6 +33,8 @@ from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
+from cloud_sidecar.ota_publish import tuf_repo_dir
+from cloud_sidecar.ota_serve import ChunkServer
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
@@ -77,7 +79,10 @@ class SidecarApp:
         self.audit = cfg.open_audit()
         self.store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
         self.hsm = open_hsm(cfg)
-        self.link = open_link(cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message)
+        self.link = open_link(
+            cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message, self._on_request
+        )
+        self.chunks = ChunkServer(tuf_repo_dir(cfg), self._publish_response)
         self.ingest = Ingest(
             self.store,
             _HsmUnwrapper(self),
@@ -93,6 +98,7 @@ class SidecarApp:
         self.link.subscribe(topics.shared(topics.ota_status(topics.ANY)), 1)
         self.link.subscribe(topics.shared(topics.events(topics.ANY)), 1)
         self.link.subscribe(topics.shared(topics.telemetry(topics.ANY)), 1)
+        self.link.subscribe(topics.shared(topics.ota_request(topics.ANY)), 1)
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
@@ -107,6 +113,18 @@ class SidecarApp:
         # called from the MQTT network thread (ingest acks): queue, never wait there
         if not self.link.publish(topic, payload, qos=1, timeout_s=0):
             log.warning("could not publish to %s", topic)
+
+    def _publish_response(self, topic: str, payload: bytes, correlation: bytes | None) -> bool:
+        # MQTT 5 response (OTA chunks), from the network thread: queue, never wait there
+        return self.link.publish(topic, payload, qos=1, timeout_s=0, correlation=correlation)
+
+    def _on_request(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        if topics.kind_of(topic) == topics.OTA_REQUEST:
+            self.chunks.handle(topic, payload, response_topic, correlation)
+        else:  # properties on an ordinary message change nothing
+            self._on_message(topic, payload)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         kind = topics.kind_of(topic)

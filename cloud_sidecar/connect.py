@@ -26,11 +26,15 @@ def _ignore(_topic: str, _payload: bytes) -> None:
 
 
 def open_link(
-    cfg: SidecarConfig, client_id: str, on_message: Callable[[str, bytes], None] = _ignore
+    cfg: SidecarConfig,
+    client_id: str,
+    on_message: Callable[[str, bytes], None] = _ignore,
+    on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
 ) -> MqttLink:
     b = cfg.broker
     return MqttLink(
         MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
         client_id=client_id,
         on_message=on_message,
+        on_request=on_request,
     )

@@ -58,9 +58,7 @@ def test_a_stock_updater_given_only_root_v1_verifies_the_export_and_downloads_ev
     client.mkdir()
     (client / "root.json").write_bytes((export / "metadata" / "1.root.json").read_bytes())
     with http_server(export) as url:
-        updater = Updater(
-            str(client), f"{url}/metadata/", str(tmp_path / "dl"), f"{url}/targets/"
-        )
+        updater = Updater(str(client), f"{url}/metadata/", str(tmp_path / "dl"), f"{url}/targets/")
         (tmp_path / "dl").mkdir()
         updater.refresh()
         for name, data in payloads.items():
