@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -148,6 +149,8 @@ class SlotManager(Generic[C]):
         self.policy = policy
         self.record = self._read()
         self.health: HealthWindow | None = None
+        # observe() runs on the listener thread, installs on the update thread
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------- persistence
 
@@ -161,8 +164,9 @@ class SlotManager(Generic[C]):
             return Record(state="failed", reason="record_unreadable")
 
     def _set(self, record: Record) -> None:
-        write_atomic(self.dir / "slots.json", json.dumps(asdict(record)).encode())
-        self.record = record
+        with self._lock:
+            write_atomic(self.dir / "slots.json", json.dumps(asdict(record)).encode())
+            self.record = record
         self._report(record.state, record.target_version, record.reason)
 
     def model_path(self, slot: Slot | None) -> Path | None:
@@ -241,6 +245,11 @@ class SlotManager(Generic[C]):
             self.fail(reason)
             raise OtaError(f"shadow check failed: {reason}")
         slot = Slot(directory, model_path.name, version, sha256)
+        with self._lock:
+            self._switch(slot, shadow, baseline_confident)
+        return shadow
+
+    def _switch(self, slot: Slot, shadow: C, baseline_confident: float) -> None:
         self._set(
             replace(
                 self.record,
@@ -252,29 +261,32 @@ class SlotManager(Generic[C]):
         )
         self._swap(shadow)  # between two blocks: capture never stops
         self.health = HealthWindow(self.policy, baseline_confident)
-        return shadow
 
     # ------------------------------------------------------------------- health
 
     def observe(self, ok: bool, latency_s: float, top_probability: float) -> None:
         """One classified window while ACTIVE; confirms or rolls back when decided."""
-        if self.health is None or self.record.state != "active":
-            return
-        self.health.record(ok, latency_s, top_probability)
-        verdict, reason = self.health.verdict()
-        if verdict == "good":
-            self.health = None
-            self._set(replace(self.record, state="confirmed", boots_unconfirmed=0))
-            self._collect_garbage()
-        elif verdict == "bad":
-            self.roll_back(reason)
+        with self._lock:
+            if self.health is None or self.record.state != "active":
+                return
+            self.health.record(ok, latency_s, top_probability)
+            verdict, reason = self.health.verdict()
+            if verdict == "good":
+                self.health = None
+                self._set(replace(self.record, state="confirmed", boots_unconfirmed=0))
+                self._collect_garbage()
+            elif verdict == "bad":
+                self.roll_back(reason)
 
     def roll_back(self, reason: str) -> None:
-        r = self.record
-        previous = self._load(self.model_path(r.previous))
-        self._set(replace(r, state="rolled_back", reason=reason, active=r.previous, previous=None))
-        self._swap(previous)
-        self.health = None
+        with self._lock:
+            r = self.record
+            previous = self._load(self.model_path(r.previous))
+            self._set(
+                replace(r, state="rolled_back", reason=reason, active=r.previous, previous=None)
+            )
+            self._swap(previous)
+            self.health = None
         log.warning("OTA rolled back from adapter v%d: %s", r.target_version, reason)
 
     def status(self) -> dict[str, Any]:
