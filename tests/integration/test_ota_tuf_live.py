@@ -56,7 +56,7 @@ def test_a_device_updates_over_mqtt_chunks_from_an_hsm_signed_tuf_repository(
         cloud.stack.endpoint(slot.cert),
         client_id=slot.device_id,
         on_message=lambda t, p: timestamps.put(p),
-        on_request=lambda t, p, rt, c: holder[0].deliver(t, p, rt, c),
+        on_request=lambda t, p, rt, c: holder[0].deliver(t, p, rt, c),  # noqa: PLW0108 - late binding
     )
     requester = MqttRequester(
         slot.device_id,

@@ -32,7 +32,7 @@ def load(path: Path | None) -> str:
     data = path.read_bytes()
     if not data.startswith(b"model:"):
         raise ValueError(f"{path} is not a model")
-    return data.decode()
+    return data.decode("latin-1")
 
 
 def shadow_check(model: str) -> str:
