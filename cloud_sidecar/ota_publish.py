@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_link
@@ -101,3 +102,77 @@ def publish_metadata(cfg: SidecarConfig, client_id: str) -> bool:
         )
     finally:
         link.stop()
+
+
+def rollout_command(cfg: SidecarConfig, command: str, target: str | None, steps: str | None) -> str:
+    """``cloud-sidecar rollout start|status|step|pause|resume|abort``; returns the report."""
+    from cloud_sidecar import rollout as ro
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.connect import open_hsm
+    from cloud_sidecar.store import Store
+
+    path = cfg.data_dir / "rollout.json"
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    current = ro.load(path)
+    if command == "start":
+        if target is None:
+            raise ConfigError("rollout start needs a target name")
+        info = open_repository(cfg, None).target_files().get(target)
+        if info is None or not isinstance(info.custom, dict):
+            raise ConfigError(f"no adapter target {target[:64]!r}")
+        plan = tuple(int(x) for x in (steps or "10,50,100").split(","))
+        if not plan or plan != tuple(sorted(plan)) or not 0 < plan[0] <= plan[-1] <= 100:
+            raise ConfigError("steps must rise, within 1..100")
+        current = ro.Rollout(target, int(info.custom["adapter_version"]), 0, "running", plan)
+        _signed(cfg, lambda repo: repo.set_rollout_percent(target, current.percent), open_hsm)
+        ro.save(path, current)
+        audit.append("ota.rollout.start", target, percent=current.percent, steps=list(plan))
+    if current is None:
+        raise ConfigError("no rollout has been started")
+    if command in ("pause", "resume"):
+        if current.state in ("running", "paused"):
+            current = replace(current, state="paused" if command == "pause" else "running")
+            ro.save(path, current)
+        audit.append(f"ota.rollout.{command}", current.target, state=current.state)
+    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    try:
+        devices = store.active_device_ids()
+    finally:
+        store.close()
+    audit_path = cfg.data_dir / "audit.jsonl"
+    lines = audit_path.read_bytes().splitlines() if audit_path.exists() else []
+    states = ro.device_states(lines)
+    action, counts = ro.decide(current, devices, states)
+    if command == "abort" or (command == "step" and action == "abort"):
+        pub = _signed(cfg, lambda repo: repo.roll_forward_to(current.target), open_hsm)
+        current = replace(current, state="aborted")
+        ro.save(path, current)
+        audit.append("ota.rollout.abort", current.target, roll_forward=pub.name, **counts)
+    elif command == "step" and action in ("widen", "done"):
+        current = ro.widened(current) if action == "widen" else replace(current, state="done")
+        _signed(
+            cfg, lambda repo: repo.set_rollout_percent(current.target, current.percent), open_hsm
+        )
+        ro.save(path, current)
+        audit.append(f"ota.rollout.{action}", current.target, percent=current.percent, **counts)
+    rows = [
+        f"rollout {current.target} v{current.adapter_version}: {current.state}, "
+        f"{current.percent} % (step {current.step + 1}/{len(current.steps)}); next: {action}",
+        f"cohort {counts['cohort']:.0f}, reported {counts['reported']:.0f}, "
+        f"confirmed {counts['confirmed']:.0f}, failed {counts['failed']:.0f}",
+    ]
+    for d in devices:
+        s = states.get(d)
+        rows.append(
+            f"  {d}: {s.state if s else '-'} v{s.adapter_version if s else 0}"
+            f"{' (' + s.reason + ')' if s and s.reason else ''}"
+        )
+    return "\n".join(rows)
+
+
+def _signed(cfg: SidecarConfig, change: Any, open_hsm: Any) -> Any:
+    hsm = open_hsm(cfg)
+    try:
+        return change(open_repository(cfg, hsm))
+    finally:
+        hsm.close()

@@ -287,6 +287,51 @@ class TufRepository:
             name, len(data), sha, pub.targets_version, pub.snapshot_version, pub.timestamp_version
         )
 
+    def set_rollout_percent(self, name: str, percent: int) -> TargetPublication:
+        """Re-sign ``name`` with a new ``rollout_percent`` (widen, or 0 to withdraw it)."""
+        if not 0 <= percent <= 100:
+            raise ConfigError("rollout_percent must be 0..100")
+        with self._writer():
+            current = self.targets().signed
+            info = current.targets.get(name)
+            if info is None or not isinstance(info.custom, dict):
+                raise ConfigError(f"no adapter target {name[:64]!r}")
+            info.unrecognized_fields["custom"] = {**info.custom, "rollout_percent": percent}
+            pub = self._write_targets(current)
+        log.info("TUF target %s at %d %% (targets v%d)", name, percent, pub.targets_version)
+        return pub
+
+    def roll_forward_to(self, failing: str) -> TargetPublication:
+        """Withdraw ``failing`` and publish the adapter before it under the next version."""
+        files = self.target_files()
+        bad = files.get(failing)
+        if bad is None or not isinstance(bad.custom, dict):
+            raise ConfigError(f"no adapter target {failing[:64]!r}")
+        earlier = [
+            (int(t.custom["adapter_version"]), n)
+            for n, t in files.items()
+            if isinstance(t.custom, dict)
+            and int(t.custom["adapter_version"]) < int(bad.custom["adapter_version"])
+            and t.custom.get("base_model_sha256") == bad.custom.get("base_model_sha256")
+        ]
+        if not earlier:
+            raise ConfigError(f"no adapter before {failing[:64]!r} to roll forward to")
+        _, name = max(earlier)
+        old = files[name]
+        version = self.next_adapter_version()
+        self.set_rollout_percent(failing, 0)
+        return self.add_target(
+            f"v{version}-rollforward-{name}"[:128],
+            self.artifact(name),
+            AdapterCustom(
+                old.custom["base_model_sha256"],
+                old.custom["adapter_format"],
+                version,
+                str(old.custom.get("cohort", "all")),
+                100,
+            ),
+        )
+
     def next_adapter_version(self) -> int:
         used = [
             int(t.custom["adapter_version"])
