@@ -234,6 +234,9 @@ class OtaConfig(_Strict):
     )
     poll_s: float = Field(3600.0, gt=0, description="check for updates at least this often")
     request_timeout_s: float = Field(10.0, gt=0, description="wait for one chunk's answer")
+    health_windows: int = Field(
+        60, ge=1, description="classified windows after a switch before CONFIRMED (ota_slots)"
+    )
 
 
 class DeviceConfig(_Strict):

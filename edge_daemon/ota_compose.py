@@ -32,7 +32,7 @@ from edge_daemon.inference.backends import Classifier
 from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_fetch import ChunkFetcher, FailureLedger
 from edge_daemon.ota_link import MqttRequester, PublishRequest
-from edge_daemon.ota_slots import SlotManager
+from edge_daemon.ota_slots import HealthPolicy, SlotManager
 from edge_daemon.ota_tuf import TufUpdateClient
 from edge_daemon.ota_update import ObservedClassifier, TufUpdateWorker
 from fleet_model import ADAPTER_FORMAT, calibration_path
@@ -111,6 +111,7 @@ def compose_tuf(
         shadow_check=check,
         swap=lambda c: swap(ObservedClassifier(c, slots.observe)),
         report=report,
+        policy=HealthPolicy(min_windows=cfg.ota.health_windows),
     )
     ledger = FailureLedger(cfg.state_dir / "ota" / "failures.json", limits)
     worker = TufUpdateWorker(client, slots, ledger, report, poll_s=cfg.ota.poll_s)

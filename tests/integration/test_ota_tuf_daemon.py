@@ -1,0 +1,133 @@
+"""``edge-daemon run`` with ``ota.tuf_root``: TUF over MQTT chunks, two slots, while it listens.
+
+The sidecar serving in this process holds an HSM-signed TUF repository and answers chunk
+requests; the daemon (its own process, real TPM, broker, mTLS) is given only the pinned
+``1.root.json``. A trained adapter is published; the daemon must verify it, stage it in
+a slot, switch to it while the listener keeps running, confirm it after its health
+window, and report each state on ``fleet/v1/<device>/ota/status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cloud_sidecar import ota_publish
+from cloud_sidecar.lora import convert_for_edge, train_adapter
+from devstack.provision import device_config
+from devstack.scene.windows import build_training_set
+from fleet_model import ADAPTER_FORMAT
+
+from .conftest import Cloud
+
+pytest.importorskip("tuf")
+
+from cloud_sidecar.tuf_repo import AdapterCustom
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _noise_wav(path: Path, seconds: int) -> None:
+    rng = np.random.default_rng(5)
+    pcm = (rng.normal(0, 0.05, 16000 * seconds) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
+def _report(state: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state / "report.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _audit_states(cloud: Cloud, device: str) -> list[str]:
+    path = cloud.app.cfg.data_dir / "audit.jsonl"
+    out = []
+    for line in path.read_bytes().splitlines():
+        e = json.loads(line)
+        if e["kind"] == "ota.device_status" and e["subject"] == device:
+            out.append(e["details"]["state"])
+    return out
+
+
+def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
+    cloud: Cloud, base_model: Any, tmp_path: Path
+) -> None:
+    x, y = build_training_set(np.random.default_rng(3), 6, ("hilo",))
+    peft = train_adapter(base_model, x, y, replay=None, out_dir=tmp_path / "peft", rank=2, epochs=1)
+    adapter = convert_for_edge(peft, base_model)
+    cfg = cloud.app.cfg
+    repo = ota_publish.open_repository(cfg, cloud.app.hsm)
+    slot = cloud.stack.devices[1]
+    wav = tmp_path / "street.wav"
+    _noise_wav(wav, 240)
+    source = {"type": "file", "path": str(wav), "realtime": True}
+    path = device_config(
+        cloud.stack, slot, base_model.dir, (cloud.unwrap_pem, cloud.ota_pem), source
+    )
+    dev_cfg = json.loads(path.read_text())
+    root = tmp_path / "1.root.json"
+    root.write_bytes((repo.metadata_dir / "1.root.json").read_bytes())
+    dev_cfg["ota"] = {"tuf_root": str(root), "poll_s": 2.0, "health_windows": 10}
+    path.write_text(json.dumps(dev_cfg))
+    state = Path(dev_cfg["state_dir"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_daemon", "run", "--config", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and _report(state).get("state") != "listening":
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(0.5)
+        before = _report(state)["stream"]["blocks"]
+        repo.add_target(
+            "adapter-v1.bin", adapter, AdapterCustom(base_model.sha256_fp32, ADAPTER_FORMAT, 1)
+        )
+        assert repo.publish_metadata(
+            cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            if "confirmed" in _audit_states(cloud, slot.device_id):
+                break
+            time.sleep(0.5)
+        report = _report(state)
+        assert report["model"]["adapter_version"] == 1, (tmp_path / "daemon.log").read_text()[
+            -3000:
+        ]
+        assert report["state"] == "listening" and report["stream"]["blocks"] > before
+        states = _audit_states(cloud, slot.device_id)
+        assert states[-6:] == [
+            "queued",
+            "downloading",
+            "verifying",
+            "staged",
+            "active",
+            "confirmed",
+        ]
+        slots = json.loads((state / "ota" / "slots.json").read_text())
+        assert slots["state"] == "confirmed" and slots["active"]["adapter_version"] == 1
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
