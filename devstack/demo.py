@@ -51,6 +51,7 @@ from devstack.provision import (
     cloud_config,
     device_config,
     export_cloud_keys,
+    tuf_root,
 )
 from devstack.scene.stream import SceneSpec, render_scene
 from devstack.stack import DevStack
@@ -131,6 +132,7 @@ def run_demo(
         card = json.loads((base_dir / "model_card.json").read_text())
         cloud_keys = export_cloud_keys(stack, work / "cloud-keys")
         cloud_cfg = cloud_config(stack, work / "cloud" / "data", base_dir)
+        root = tuf_root(cloud_cfg, work / "cloud-keys")  # None without python-tuf (ADR 0016)
         configs: list[Path] = []
         truths: list[Truth] = []
         started_ms = int(time.time() * 1000)
@@ -142,7 +144,9 @@ def run_demo(
             claim = claim_device(cloud_cfg, slot)  # `cloud-sidecar fleet claim`, one-time
             source = {"type": "file", "path": str(wav), "start_time_ms": start_ms}
             configs.append(
-                device_config(stack, slot, base_dir, cloud_keys, source, claim, DEMO_SELECTION)
+                device_config(
+                    stack, slot, base_dir, cloud_keys, source, claim, DEMO_SELECTION, root
+                )
             )
         print(
             f"[demo] claims issued for {', '.join(d.device_id for d in stack.devices)};"
