@@ -6,12 +6,13 @@ Layout of ``repo_dir``: ``metadata/targets.json`` (the current signed document),
 retained messages under ``fleet/v1/ota/<channel>/``. The signing key never leaves
 the HSM: ``sign_digest`` is the HSM's.
 
-Invariants: versions only increase; an artifact is written before the metadata that
+Invariants: one writer at a time (``flock`` on ``.writer.lock``); versions only increase; an artifact is written before the metadata that
 names it, and the metadata file is replaced atomically.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -54,6 +55,28 @@ class OtaRepository:
         self,
         artifact: bytes,
         *,
+        base_model_sha256: str,
+        adapter_version: int,
+        cohort: str,
+        expires_days: int,
+        keyid: str,
+        sign_digest: Callable[[bytes], bytes],
+    ) -> Publication:
+        with open(self.dir / ".writer.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # one writer: versions never repeat
+            return self._add_locked(
+                artifact,
+                base_model_sha256,
+                adapter_version,
+                cohort,
+                expires_days,
+                keyid,
+                sign_digest,
+            )
+
+    def _add_locked(
+        self,
+        artifact: bytes,
         base_model_sha256: str,
         adapter_version: int,
         cohort: str,

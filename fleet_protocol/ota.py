@@ -30,7 +30,7 @@ from fleet_protocol.errors import MetadataError, TooLargeError
 
 SPEC_VERSION = "1.0.31"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one path component, never . or ..
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ def _target(name: str, obj: Any) -> TargetInfo:
         )
     except (KeyError, TypeError) as e:
         raise MetadataError(f"target {name[:64]!r} lacks a field: {e}") from e
-    if not _NAME.fullmatch(name):
-        raise MetadataError("target name has forbidden characters")
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise MetadataError("target name has forbidden characters", reason="bad_path")
     if not isinstance(info.length, int) or isinstance(info.length, bool) or info.length <= 0:
         raise MetadataError("target length must be a positive integer")
     for h in (info.sha256, info.base_model_sha256):

@@ -74,3 +74,28 @@ def test_rollback_to_an_unknown_version_is_refused(tmp_path: Path) -> None:
     _add(repo, b"adapter-one")
     with pytest.raises(ValueError, match="no published adapter"):
         repo.roll_back(7, expires_days=7, **SIGN)  # type: ignore[arg-type]
+
+
+def test_concurrent_publications_never_sign_two_documents_with_one_version(tmp_path: Path) -> None:
+    import threading
+
+    repo = OtaRepository(tmp_path, "stable")
+    versions: list[int] = []
+
+    def add(i: int) -> None:
+        pub = repo.add_adapter(
+            bytes([i]) * 10,
+            base_model_sha256="0" * 64,
+            adapter_version=100 + i,
+            cohort="all",
+            expires_days=7,
+            **SIGN,  # type: ignore[arg-type]
+        )
+        versions.append(pub.version)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == list(range(1, 9))
