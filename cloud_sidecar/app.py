@@ -33,7 +33,7 @@ from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.ota_publish import tuf_repo_dir
+from cloud_sidecar.ota_publish import open_repository, tuf_available, tuf_repo_dir
 from cloud_sidecar.ota_serve import ChunkServer
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
@@ -199,16 +199,33 @@ class SidecarApp:
         self.start()
         if ready is not None:
             ready.set()
-        last_checkpoint = time.monotonic()
+        last_checkpoint = last_timestamp = time.monotonic()
         try:
             while not stop.wait(2.0):
                 self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
                     self.checkpoint_audit()
                     last_checkpoint = time.monotonic()
+                if time.monotonic() - last_timestamp >= self.cfg.ota.timestamp_refresh_s:
+                    self.refresh_ota_timestamp()
+                    last_timestamp = time.monotonic()
         finally:
             self.write_metrics(self.cfg.data_dir / "metrics.prom")
             self.stop()
+
+    def refresh_ota_timestamp(self) -> None:
+        """Re-sign and republish the TUF timestamp well before it expires (ADR 0016)."""
+        if not (tuf_available() and (tuf_repo_dir(self.cfg) / "metadata" / "1.root.json").exists()):
+            return
+        try:
+            repo = open_repository(self.cfg, self.hsm)  # its flock orders it with train/CLI
+            version = repo.refresh_timestamp()
+            self.audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
+            repo.publish_metadata(
+                self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
+            )
+        except Exception:  # the next round tries again; devices keep the old one until expiry
+            log.exception("could not refresh the OTA timestamp")
 
     def stop(self) -> None:
         self._stopping.set()

@@ -97,6 +97,11 @@ class OtaConfig(_Strict):
     channel: str = "stable"
     expires_days: int = Field(30, ge=1, le=365)
     cohort: str = "all"
+    timestamp_refresh_s: float = Field(
+        8 * 3600.0,
+        gt=0,
+        description="serve re-signs the TUF timestamp this often (it expires after 24 h)",
+    )
 
 
 class FleetConfig(_Strict):

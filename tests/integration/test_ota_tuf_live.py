@@ -104,3 +104,13 @@ def test_a_device_updates_over_mqtt_chunks_from_an_hsm_signed_tuf_repository(
         assert (
             Path(updater.download_target(info, str(tmp_path / "stock.bin"))).read_bytes() == adapter
         )
+
+
+def test_serve_refreshes_and_republishes_the_timestamp(cloud: Cloud) -> None:
+    repo = ota_publish.open_repository(cloud.app.cfg, cloud.app.hsm)
+    before = repo.timestamp().signed.version
+    cloud.app.refresh_ota_timestamp()
+    after = repo.timestamp().signed
+    assert after.version == before + 1
+    entries = (cloud.app.cfg.data_dir / "audit.jsonl").read_text()
+    assert f'"subject":"timestamp-v{after.version}"' in entries
