@@ -8,7 +8,7 @@ what the ``ecdsa-sha2-nistp256`` scheme verifies, so a stock TUF client accepts 
 
 ``FileRootKeys`` holds the offline root keys of a development repository as PEM files
 (mode 0600) in one directory. In production the root keys stay offline (hardware
-tokens, 2 of 3, docs/operator-guide.md); only the demo and the tests keep them on disk.
+tokens, 2 of 3, docs/adr/0016); only the demo and the tests keep them on disk.
 
 Invariants: no private key of the online roles exists outside the HSM; ``HsmSigner``
 refuses a public key that is not EC P-256.
