@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("pause", help="hold the rollout at its step")
     rsub.add_parser("resume", help="let it widen again")
     rsub.add_parser("abort", help="withdraw the target; roll forward to the adapter before it")
+    gr = rsub.add_parser("groups", help="sign device groups and per-group release pins")
+    gr.add_argument("target", metavar="FILE", help='{"groups": {...}, "pins": {"g": N}}')
     ro.set_defaults(func=_cmd_rollout)
 
     fl = sub.add_parser("fleet", help="device registry")

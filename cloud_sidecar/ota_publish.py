@@ -15,6 +15,7 @@ Invariants: the repository is created once (root v1 signed by every root key, th
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -113,6 +114,17 @@ def rollout_command(cfg: SidecarConfig, command: str, target: str | None, steps:
 
     path = cfg.data_dir / "rollout.json"
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    if command == "groups":  # target: a JSON file {"groups": {name: [device]}, "pins": {name: v}}
+        if target is None:
+            raise ConfigError("rollout groups needs a JSON file")
+        try:
+            doc = json.loads(Path(target).read_bytes())
+            groups, pins = dict(doc["groups"]), dict(doc.get("pins", {}))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"groups file {target}: {e}") from e
+        pub = _signed(cfg, lambda repo: repo.set_groups(groups, pins), open_hsm)
+        audit.append("ota.rollout.groups", "fleet-groups", groups=sorted(groups), pins=pins)
+        return f"groups {sorted(groups)} and pins {pins} signed in targets v{pub.targets_version}"
     current = ro.load(path)
     if command == "start":
         if target is None:

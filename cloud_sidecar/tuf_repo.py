@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
+GROUPS_TARGET = "fleet-groups.json"
 _SERIALIZER = JSONSerializer(compact=True)
 
 
@@ -271,7 +273,7 @@ class TufRepository:
             used = [
                 int(t.custom["adapter_version"])
                 for t in current.targets.values()
-                if isinstance(t.custom, dict)
+                if isinstance(t.custom, dict) and "adapter_version" in t.custom
             ]
             if used and custom.adapter_version <= max(used):
                 raise ConfigError(
@@ -287,6 +289,28 @@ class TufRepository:
             name, len(data), sha, pub.targets_version, pub.snapshot_version, pub.timestamp_version
         )
 
+    def set_groups(self, groups: dict[str, list[str]], pins: dict[str, int]) -> TargetPublication:
+        """Sign the fleet's groups and per-group release pins as the target ``fleet-groups.json``.
+
+        Devices learn their group from it (signed), never from their own configuration;
+        a device in a pinned group takes no adapter above the pinned version.
+        """
+        for group, members in groups.items():
+            if not TARGET_NAME_RE.fullmatch(group) or not all(isinstance(m, str) for m in members):
+                raise ConfigError(f"bad group {group[:64]!r}")
+        if not all(g in groups and isinstance(v, int) and v >= 1 for g, v in pins.items()):
+            raise ConfigError("every pin names a known group and a positive adapter version")
+        data = json.dumps({"groups": groups, "pins": pins}, sort_keys=True).encode()
+        sha = hashlib.sha256(data).hexdigest()
+        with self._writer():
+            current = self.targets().signed
+            write_atomic(self.targets_dir / f"{sha}.{GROUPS_TARGET}", data, 0o644)
+            info = TargetFile.from_data(GROUPS_TARGET, data, ["sha256"])
+            info.unrecognized_fields["custom"] = {"kind": "groups"}
+            current.targets[GROUPS_TARGET] = info
+            pub = self._write_targets(current)
+        return pub
+
     def set_rollout_percent(self, name: str, percent: int) -> TargetPublication:
         """Re-sign ``name`` with a new ``rollout_percent`` (widen, or 0 to withdraw it)."""
         if not 0 <= percent <= 100:
@@ -294,7 +318,11 @@ class TufRepository:
         with self._writer():
             current = self.targets().signed
             info = current.targets.get(name)
-            if info is None or not isinstance(info.custom, dict):
+            if (
+                info is None
+                or not isinstance(info.custom, dict)
+                or "adapter_version" not in info.custom
+            ):
                 raise ConfigError(f"no adapter target {name[:64]!r}")
             info.unrecognized_fields["custom"] = {**info.custom, "rollout_percent": percent}
             pub = self._write_targets(current)
@@ -311,6 +339,7 @@ class TufRepository:
             (int(t.custom["adapter_version"]), n)
             for n, t in files.items()
             if isinstance(t.custom, dict)
+            and "adapter_version" in t.custom
             and int(t.custom["adapter_version"]) < int(bad.custom["adapter_version"])
             and t.custom.get("base_model_sha256") == bad.custom.get("base_model_sha256")
         ]
@@ -336,7 +365,7 @@ class TufRepository:
         used = [
             int(t.custom["adapter_version"])
             for t in self.target_files().values()
-            if isinstance(t.custom, dict)
+            if isinstance(t.custom, dict) and "adapter_version" in t.custom
         ]
         return max(used, default=0) + 1
 

@@ -16,6 +16,9 @@ What this module adds (device policy, each refusal with a ``reason``):
 - a target name must be one safe path component (``bad_path``): no ``/``, no ``..``;
 - ``custom`` must name this device's base model (``wrong_base_model``) and the adapter
   format this build reads (``wrong_format``), an integer ``adapter_version``;
+- the target's ``cohort`` is ``all`` or a group the signed ``fleet-groups.json`` puts
+  this device in (``not_in_group``), and no adapter above the release pin of its group
+  is chosen (``pinned``);
 - the device's rollout bucket (``fleet_protocol.ota.rollout_bucket`` of its id) must be
   below the target's signed ``rollout_percent``: the device learns whether it is in the
   cohort from signed metadata, not from its own configuration;
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 METADATA_URL = "mqtt://ota/metadata/"
 TARGETS_URL = "mqtt://ota/targets/"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+GROUPS_TARGET = "fleet-groups.json"  # signed groups and release pins (cloud_sidecar.tuf_repo)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -205,10 +209,15 @@ class TufUpdateClient:
         self.clock.observe_timestamp(trusted.timestamp.expires)
         targets = trusted.targets
         self._updater = updater
+        groups, pin = self._groups(updater, targets.targets.get(GROUPS_TARGET))
         eligible: list[AdapterTarget] = []
         skipped: list[Skipped] = []
         for name, info in sorted(targets.targets.items()):
-            target, reason = self._admit(name, info)
+            if name == GROUPS_TARGET:
+                continue
+            target, reason = self._admit(name, info, groups)
+            if target is not None and pin is not None and target.adapter_version > pin:
+                target, reason = None, "pinned"
             if target is None:
                 skipped.append(Skipped(name, reason))
                 continue
@@ -228,7 +237,37 @@ class TufUpdateClient:
             log.info("OTA target %s skipped: %s", s.name[:64], s.reason)
         return CheckResult(targets.version, chosen, tuple(skipped))
 
-    def _admit(self, name: str, info: TargetFile) -> tuple[AdapterTarget | None, str]:
+    def _groups(self, updater: Updater, info: TargetFile | None) -> tuple[set[str], int | None]:
+        """This device's groups and release pin, from the signed ``fleet-groups.json``."""
+        if info is None:
+            return set(), None
+        if info.length > self._limits.targets_max_bytes:
+            raise OtaRefusedError("the groups document is too large", "too_large")
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        path = self.staging_dir / f"{info.hashes.get('sha256', 'x')}.{GROUPS_TARGET}"
+        if not path.exists():
+            try:
+                updater.download_target(info, filepath=str(path))
+            except tuf_errors.RepositoryError as e:
+                path.unlink(missing_ok=True)
+                raise OtaRefusedError(str(e), refusal_reason(e)) from e
+            except tuf_errors.DownloadError as e:
+                path.unlink(missing_ok=True)
+                raise OtaTransferError(f"groups fetch failed: {e}") from e
+        try:
+            doc = json.loads(path.read_bytes())
+            mine = {g for g, members in doc["groups"].items() if self._device in members}
+            pins = [int(doc["pins"][g]) for g in mine if g in doc["pins"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OtaRefusedError(f"groups document unreadable: {e}", "bad_metadata") from e
+        return mine, (min(pins) if pins else None)
+
+    def _admit(
+        self,
+        name: str,
+        info: TargetFile,
+        groups: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> tuple[AdapterTarget | None, str]:
         custom: Any = info.custom if isinstance(info.custom, dict) else {}
         version = custom.get("adapter_version")
         percent = custom.get("rollout_percent", 100)
@@ -247,6 +286,7 @@ class TufUpdateClient:
             (custom.get("base_model_sha256") == self._base_sha, "wrong_base_model"),
             (custom.get("adapter_format") == self._format, "wrong_format"),
             (info.length <= self._limits.artifact_max_bytes, "too_large"),
+            (custom.get("cohort", "all") in ("all", *groups), "not_in_group"),
             (well_formed and rollout_bucket(self._device) < percent, "not_in_cohort"),
         )
         for ok, reason in checks:

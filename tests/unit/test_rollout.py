@@ -81,3 +81,23 @@ def test_widening_and_abort_are_signed_and_devices_follow(tmp_path: Path) -> Non
         chosen = w.client(device, state=state).check(2 if state == "in" else 1).chosen
         assert chosen is not None and chosen.name == pub.name and chosen.adapter_version == 3
     assert w.repo.artifact(pub.name) == b"good adapter"
+
+
+def test_devices_learn_their_group_and_release_pin_from_signed_metadata(tmp_path: Path) -> None:
+    pytest.importorskip("tuf")
+    from cloud_sidecar.tuf_repo import AdapterCustom
+    from tests.unit.tuf_world import BASE, FORMAT, make_world
+
+    w = make_world(tmp_path)
+    w.add(b"one", 1)
+    w.add(b"two", 2)
+    w.repo.add_target("north-v3.bin", b"north only", AdapterCustom(BASE, FORMAT, 3, "north"))
+    w.repo.set_groups({"north": ["dev-n"], "south": ["dev-s"]}, {"south": 1})
+    north = w.client("dev-n", state="n").check(0)
+    south = w.client("dev-s", state="s").check(0)
+    other = w.client("dev-x", state="x").check(0)
+    assert north.chosen is not None and north.chosen.name == "north-v3.bin"
+    assert south.chosen is not None and south.chosen.adapter_version == 1  # pinned
+    assert ("adapter-v2.safetensors", "pinned") in [(s.name, s.reason) for s in south.skipped]
+    assert other.chosen is not None and other.chosen.adapter_version == 2
+    assert ("north-v3.bin", "not_in_group") in [(s.name, s.reason) for s in other.skipped]
