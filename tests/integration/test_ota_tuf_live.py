@@ -114,3 +114,28 @@ def test_serve_refreshes_and_republishes_the_timestamp(cloud: Cloud) -> None:
     assert after.version == before + 1
     entries = (cloud.app.cfg.data_dir / "audit.jsonl").read_text()
     assert f'"subject":"timestamp-v{after.version}"' in entries
+
+
+def test_rollout_commands_sign_with_the_hsm_and_are_audited(cloud: Cloud, tmp_path: Path) -> None:
+    cfg = cloud.app.cfg
+    repo = ota_publish.open_repository(cfg, cloud.app.hsm)
+    good_v = repo.next_adapter_version()
+    repo.add_target(f"good-v{good_v}.bin", b"good", AdapterCustom(BASE, FORMAT, good_v))
+    bad = f"bad-v{good_v + 1}.bin"
+    repo.add_target(bad, b"bad", AdapterCustom(BASE, FORMAT, good_v + 1, "all", 0))
+    out = ota_publish.rollout_command(cfg, "start", bad, "10,50,100")
+    assert "10 %" in out and repo.target_files()[bad].custom["rollout_percent"] == 10
+    assert "paused" in ota_publish.rollout_command(cfg, "pause", None, None)
+    assert "hold" in ota_publish.rollout_command(cfg, "step", None, None)
+    ota_publish.rollout_command(cfg, "resume", None, None)
+    assert "aborted" in ota_publish.rollout_command(cfg, "abort", None, None)
+    files = repo.target_files()
+    assert files[bad].custom["rollout_percent"] == 0
+    forward = [n for n, t in files.items() if "rollforward" in n]
+    assert forward and repo.artifact(forward[-1]) == b"good"
+    groups = tmp_path / "groups.json"
+    groups.write_text('{"groups": {"north": ["pi-01"]}, "pins": {"north": 1}}')
+    assert "north" in ota_publish.rollout_command(cfg, "groups", str(groups), None)
+    audit = (cfg.data_dir / "audit.jsonl").read_text()
+    for kind in ("start", "pause", "resume", "abort", "groups"):
+        assert f'"kind":"ota.rollout.{kind}"' in audit
