@@ -8,7 +8,7 @@ Attacks, strongest kept per representation:
 - ``pinv``: band energies -> linear power spectrum by the filterbank's pseudo-inverse
   (negative bins clipped), pooled frames held over their 10 ms frames, then 60
   iterations of Griffin-Lim (512-point FFT, 25 ms Hann, 10 ms hop: the features' STFT);
-- ``learned``: a small MLP (torch, CPU) trained to predict today's 64-band 10 ms log-mel
+- ``learned``: a small MLP (torch, CPU) trained to predict the fine 64-band 10 ms log-mel (the replaced upload)
   from the representation (the pooled frame and its neighbours, and the position
   inside it), on speech the attacker has: espeak-ng sentences in 12 languages and the
   real recordings of the *tuning* split; then ``pinv`` + Griffin-Lim from that log-mel.
@@ -40,13 +40,16 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks import real_speech as rs
-from benchmarks.representations import CANDIDATES, Representation
+from benchmarks.representations import BY_NAME, CANDIDATES, Representation
 from fleet_protocol import features as F
 
 log = logging.getLogger(__name__)
 SR = 16_000
 GL_ITERS = 60
-RECOMMENDED = "third-120ms"  # see docs/adr/0006 and BENCHMARKS.md
+UPLOAD = "third-120ms"  # what devices upload (fleet_protocol.features; ADR 0006)
+BASELINE = "logmel64-10ms"  # what they uploaded before ADR 0006 revision 2
+LOGMEL = BY_NAME[BASELINE]  # the learned attack's target: fine 10 ms log-mel
+N_MEL = LOGMEL.n_bands
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
@@ -100,9 +103,9 @@ def energies_from(rep: Representation, feats: F32) -> F64:
     e = np.exp(feats.astype(np.float64) * F.NORM_STD + F.NORM_MEAN) - F.LOG_OFFSET
     e = np.maximum(e, 0.0).transpose(0, 2, 1)  # (B, T, nb)
     held = np.repeat(e, rep.pool, axis=1)
-    if held.shape[1] < F.N_FRAMES:
+    if held.shape[1] < F.N_STFT_FRAMES:
         held = np.concatenate(
-            [held, np.repeat(held[:, -1:], F.N_FRAMES - held.shape[1], axis=1)], axis=1
+            [held, np.repeat(held[:, -1:], F.N_STFT_FRAMES - held.shape[1], axis=1)], axis=1
         )
     return np.asarray(held.reshape(-1, held.shape[2]), dtype=np.float64)
 
@@ -117,7 +120,7 @@ def reconstruct(mag_frames: F64, n_windows: int, rng: np.random.Generator) -> F6
     """Frames are 98 per window on each window's own grid: each window is inverted
     on its own (as an attacker holding separate windows must) and the pieces joined."""
     out = np.zeros(n_windows * SR)
-    per = mag_frames.reshape(n_windows, F.N_FRAMES, -1)
+    per = mag_frames.reshape(n_windows, F.N_STFT_FRAMES, -1)
     for i in range(n_windows):
         out[i * SR : (i + 1) * SR] = griffin_lim(per[i], SR, rng)
     return out
@@ -216,9 +219,9 @@ def _context(rep: Representation, feats: F32) -> F32:
     per = np.repeat(ctx.transpose(0, 2, 1), rep.pool, axis=1)  # (b, t*pool, 3nb)
     pos = np.tile(np.eye(rep.pool, dtype=np.float32), (t, 1))[None].repeat(b, axis=0)
     x = np.concatenate([per, pos], axis=2)
-    if x.shape[1] < F.N_FRAMES:
-        x = np.concatenate([x, np.repeat(x[:, -1:], F.N_FRAMES - x.shape[1], axis=1)], axis=1)
-    return np.asarray(x.reshape(b * F.N_FRAMES, -1), dtype=np.float32)
+    if x.shape[1] < F.N_STFT_FRAMES:
+        x = np.concatenate([x, np.repeat(x[:, -1:], F.N_STFT_FRAMES - x.shape[1], axis=1)], axis=1)
+    return np.asarray(x.reshape(b * F.N_STFT_FRAMES, -1), dtype=np.float32)
 
 
 def train_inverter(rep: Representation, speech: list[F32], seed: int = 0) -> object:
@@ -227,10 +230,10 @@ def train_inverter(rep: Representation, speech: list[F32], seed: int = 0) -> obj
     torch.manual_seed(seed)
     w = np.concatenate([windows_of(x) for x in speech])
     x = torch.from_numpy(_context(rep, rep(w)))
-    y = torch.from_numpy(F.log_mel_batch(w).transpose(0, 2, 1).reshape(-1, F.N_MELS).copy())
+    y = torch.from_numpy(LOGMEL(w).transpose(0, 2, 1).reshape(-1, N_MEL).copy())
     net = torch.nn.Sequential(
         torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(),
-        torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, F.N_MELS),
+        torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, N_MEL),
     )  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _epoch in range(12):
@@ -300,7 +303,7 @@ def attack_all(
                     energies = energies_from(rep, feats)
                     mag = pinv_magnitude(rep.filterbank(), energies)
                 else:
-                    mag = pinv_magnitude(F.mel_filterbank(), learned_energies(rep, net, feats))
+                    mag = pinv_magnitude(LOGMEL.filterbank(), learned_energies(rep, net, feats))
                 y = reconstruct(mag, w.shape[0], rng)[: u.audio.size]
                 a, b = stoi_pair(u.audio, y)
                 s.append(a)
@@ -420,7 +423,7 @@ def render_table(result: dict[str, object]) -> str:
     scores = [AttackScore(**d) for d in raw_scores]  # type: ignore[arg-type]
     f1: dict[str, float] = result["macro_f1"]  # type: ignore[assignment]
     base: dict[str, float] = result["base"]  # type: ignore[assignment]
-    ref = f1.get("logmel64-10ms", float("nan"))
+    ref = f1.get(BASELINE, float("nan"))
     rows = [
         "| representation | bytes/window | best attack | STOI | ESTOI | ASR WER (vs clean ASR) "
         "| WER vs transcript | macro-F1 | delta |",

@@ -1,16 +1,20 @@
 """Candidate upload representations (research prototypes, not the wire format).
 
-Owns: the feature functions the privacy attack bench compares with today's upload
-(``fleet_protocol.features``, 64 mel bands at 10 ms), and each one's band matrix so
-that an attacker can map it back to a linear spectrum. Nothing here is used by the
-device or the cloud; the chosen one is integrated into ``fleet_protocol`` by the lead.
+Owns: the feature functions the privacy attack bench compares: the upload
+(``fleet_protocol.features``, third-octave bands at 120 ms, "third-120ms"), the
+log-mel it replaced (64 mel bands at 10 ms, "logmel64-10ms", kept here only as the
+baseline; ADR 0006) and other candidates, and each one's band matrix so that an
+attacker can map it back to a linear spectrum. Nothing here is used by the device or
+the cloud.
 
-Every candidate is ``log(band energies)`` of 1 s windows, computed from the same 10 ms
-power spectra as today's log-mel (512-point FFT of 25 ms Hann frames, hop 10 ms, 98
-frames), then band-summed with a filterbank and *averaged over time blocks* of
-``pool`` frames (a Welch estimate over ``pool * 10 ms``). Invariants: a window of
-16000 samples gives ``(n_bands, 98 // pool)`` float32; pooling drops the last
-``98 % pool`` frames; log offset and normalisation as ``fleet_protocol.features``.
+Every candidate is ``log(band energies)`` of 1 s windows, computed from the upload's
+own 10 ms power spectra (``fleet_protocol.features.power_frames``: 512-point FFT of
+25 ms Hann frames, hop 10 ms, 98 frames), then band-summed with a filterbank and
+*averaged over time blocks* of ``pool`` frames (a Welch estimate over ``pool * 10 ms``).
+Invariants: a window of 16000 samples gives ``(n_bands, 98 // pool)`` float32; pooling
+drops the last ``98 % pool`` frames; log offset and normalisation as
+``fleet_protocol.features``; "third-120ms" equals ``fleet_protocol.features.features_batch``
+exactly (``tests/unit/test_feature_parity.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Representation:
         return np.ascontiguousarray(out.transpose(0, 2, 1), dtype=np.float32)
 
     def bytes_per_window(self) -> int:
-        return 2 * self.n_bands_actual * (F.N_FRAMES // self.pool)  # float16
+        return 2 * self.n_bands_actual * (F.N_STFT_FRAMES // self.pool)  # float16
 
     @property
     def n_bands_actual(self) -> int:
@@ -61,35 +65,28 @@ class Representation:
 
 
 CANDIDATES: tuple[Representation, ...] = (
-    Representation("logmel64-10ms", "mel", 64, 1),  # today's upload
+    Representation("logmel64-10ms", "mel", 64, 1),  # the upload until ADR 0006 rev. 2
     Representation("logmel32-40ms", "mel", 32, 4),
     Representation("logmel64-100ms", "mel", 64, 10),
     Representation("third-40ms", "third", 0, 4),
-    Representation("third-120ms", "third", 0, 12),  # CENSE-like
+    Representation("third-120ms", "third", 0, 12),  # the upload (CENSE-like)
     Representation("logmel16-120ms", "mel", 16, 12),
     Representation("logmel32-240ms", "mel", 32, 24),
 )
 BY_NAME = {r.name: r for r in CANDIDATES}
 
 
-def power_frames(windows: F32) -> F32:
-    """``(B, 98, 257)`` power spectra, exactly as ``fleet_protocol.features`` computes them."""
-    x = np.asarray(windows, dtype=np.float32)
-    idx = np.arange(F.WIN_LENGTH)[None, :] + F.HOP * np.arange(F.N_FRAMES)[:, None]
-    win = np.hanning(F.WIN_LENGTH + 1)[:-1].astype(np.float32)
-    spec = np.fft.rfft(x[:, idx] * win, n=F.N_FFT, axis=-1)
-    return np.asarray(spec.real**2 + spec.imag**2, dtype=np.float32)
+power_frames = F.power_frames
+MEL_F_MIN, MEL_F_MAX = 50.0, 8_000.0  # the replaced log-mel's range
 
 
 @lru_cache(maxsize=16)
 def _filterbank(kind: str, n_bands: int) -> F32:
     if kind == "mel":
-        if n_bands == F.N_MELS:
-            return F.mel_filterbank()
         n_bins = F.N_FFT // 2 + 1
         freqs = np.linspace(0.0, F.SAMPLE_RATE / 2, n_bins)
         m = np.linspace(
-            2595 * np.log10(1 + F.F_MIN / 700), 2595 * np.log10(1 + F.F_MAX / 700), n_bands + 2
+            2595 * np.log10(1 + MEL_F_MIN / 700), 2595 * np.log10(1 + MEL_F_MAX / 700), n_bands + 2
         )
         hz = 700 * (10 ** (m / 2595) - 1)
         fb = np.zeros((n_bands, n_bins))
@@ -98,13 +95,5 @@ def _filterbank(kind: str, n_bands: int) -> F32:
             fb[i] = np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
         return fb.astype(np.float32)
     if kind == "third":
-        n_bins = F.N_FFT // 2 + 1
-        freqs = np.linspace(0.0, F.SAMPLE_RATE / 2, n_bins)
-        centres = 1000.0 * 2.0 ** (np.arange(-14, 9) / 3.0)  # 63 Hz .. 6.3 kHz
-        rows = []
-        for fc in centres:
-            lo, hi = fc * 2 ** (-1 / 6), fc * 2 ** (1 / 6)
-            rows.append(((freqs >= lo) & (freqs < hi)).astype(np.float32))
-        fb = np.stack(rows)
-        return np.asarray(fb[fb.sum(axis=1) > 0], dtype=np.float32)
+        return F.band_filterbank()
     raise ValueError(f"unknown band kind {kind}")

@@ -14,8 +14,9 @@ A window is *speech* when it holds at least one ground-truth speech frame (10 ms
 Every window is also seen at a random level (-30..+6 dB), so the score does not hang
 on absolute level (the features keep it).
 
-Model: three strided 3x3 convolutions (8, 16, 32 channels), global average and max
-pooling, one linear layer, sigmoid; ~8k parameters, ~1 M multiply-adds per window.
+Model: two 3x3 convolutions (16 channels) over the ``(20, 8)`` band-by-frame input,
+mean and max over time per band, two linear layers, sigmoid; ~23k parameters,
+~0.4 M multiply-adds per window.
 The threshold is the highest score that still flags ``RECALL_TARGET`` of the speech
 windows of the training set; the card records it with the miss and false-alarm rates.
 
@@ -35,12 +36,18 @@ import numpy.typing as npt
 
 from benchmarks import privacy_real as pr
 from benchmarks import real_speech as rs
-from fleet_protocol.features import FEATURE_VERSION, log_mel_batch
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES, features_batch
 
 log = logging.getLogger("benchmarks.speech_check_train")
 SR = 16_000
 OUT = Path(__file__).resolve().parent.parent / "edge_daemon" / "privacy" / "data"
 RECALL_TARGET = 0.999
+# The shipped threshold: at RECALL_TARGET the check alone would flag ~36% of the training
+# set's speech-free windows (most of them next to speech in the dense real-speech
+# streams); at 0.1 it misses 0.6% of speech windows on its own and flags 8.6%. It is the
+# second line behind the VAD gate, so leakage is what both miss (BENCHMARKS.md).
+DEFAULT_THRESHOLD = 0.1
+ROC_POINTS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 F32 = npt.NDArray[np.float32]
 
 
@@ -73,7 +80,7 @@ def real_windows(salts: tuple[int, ...] = (1, 2)) -> tuple[F32, npt.NDArray[np.b
 
 def features(x: F32, rng: np.random.Generator) -> F32:
     gains = 10 ** (rng.uniform(-30, 6, size=(x.shape[0], 1)) / 20)
-    return log_mel_batch(np.clip(x * gains, -1, 1).astype(np.float32))
+    return features_batch(np.clip(x * gains, -1, 1).astype(np.float32))
 
 
 def build_model() -> object:
@@ -83,15 +90,16 @@ def build_model() -> object:
         def __init__(self) -> None:
             super().__init__()
             self.body = torch.nn.Sequential(
-                torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
-                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
             )  # fmt: skip
-            self.head = torch.nn.Linear(64, 1)
+            self.head = torch.nn.Sequential(
+                torch.nn.Linear(2 * 16 * N_BANDS, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.body(x)
-            pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+            h = self.body(x)  # (B, 16, bands, frames): pool over time only, keep the bands
+            pooled = torch.cat([h.mean(dim=3), h.amax(dim=3)], dim=1).flatten(1)
             return torch.sigmoid(self.head(pooled))
 
     return Net()
@@ -101,6 +109,7 @@ def train(x: F32, y: npt.NDArray[np.bool_], epochs: int, seed: int = 0) -> objec
     import torch
 
     torch.manual_seed(seed)
+    torch.set_num_threads(1)
     net = build_model()
     xt = torch.from_numpy(x)[:, None]
     yt = torch.from_numpy(y.astype(np.float32))[:, None]
@@ -111,14 +120,14 @@ def train(x: F32, y: npt.NDArray[np.bool_], epochs: int, seed: int = 0) -> objec
     for epoch in range(epochs):
         perm = torch.randperm(xt.shape[0])
         total = 0.0
-        for i in range(0, xt.shape[0], 128):
-            j = perm[i : i + 128]
+        for i in range(0, xt.shape[0], 256):
+            j = perm[i : i + 256]
             p = net(xt[j]).clamp(1e-6, 1 - 1e-6)  # type: ignore[operator]
             loss = torch.nn.functional.binary_cross_entropy(p, yt[j], weight=weight[j])
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-            total += float(loss) * j.numel()
+            total += float(loss.detach()) * j.numel()
         sched.step()
         log.info("epoch %d: loss %.4f", epoch, total / xt.shape[0])
     return net
@@ -138,7 +147,7 @@ def export(net: object, out: Path, card: dict[str, object]) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, 1, 64, 98)
+    dummy = torch.zeros(1, 1, N_BANDS, N_FRAMES)
     tmp = out / "speech_check.onnx.tmp"
     torch.onnx.export(
         net,  # type: ignore[arg-type]
@@ -155,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=24)
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="the device's threshold (the card also records the RECALL_TARGET one)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rng = np.random.default_rng(0)
-    cache = rs.CACHE.parent / f"speech-check-data-{args.scenes}.npz"
+    cache = rs.CACHE.parent / f"speech-check-data-{FEATURE_VERSION}-{args.scenes}.npz"
     if cache.exists():  # the training windows' features, as built last time
         with np.load(cache) as z:
             f, yy, x_plain, y = z["f"], z["yy"], z["x_plain"], z["y"]
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "windows: %d (%d speech); scenes %d, real %d", y.size, int(y.sum()), ys.size, yr.size
         )
         x_plain = np.concatenate(
-            [log_mel_batch(x[i : i + 1000]) for i in range(0, x.shape[0], 1000)]
+            [features_batch(x[i : i + 1000]) for i in range(0, x.shape[0], 1000)]
         )
         x_level = np.concatenate(
             [features(x[i : i + 1000], rng) for i in range(0, x.shape[0], 1000)]
@@ -185,12 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     thr = float(np.quantile(s[y], 1 - RECALL_TARGET))
     card = {
         "feature_version": FEATURE_VERSION,
-        "threshold": thr,
+        "threshold": args.threshold,
+        "threshold_at_recall_target": thr,
+        "train_roc": {
+            f"{t:g}": {"miss": float((s[y] < t).mean()), "false_alarm": float((s[~y] >= t).mean())}
+            for t in ROC_POINTS
+        },
         "recall_target": RECALL_TARGET,
         "train_windows": int(y.size),
         "train_speech_windows": int(y.sum()),
-        "train_miss_rate": float((s[y] < thr).mean()),
-        "train_false_alarm_rate": float((s[~y] >= thr).mean()),
+        "train_miss_rate": float((s[y] < args.threshold).mean()),
+        "train_false_alarm_rate": float((s[~y] >= args.threshold).mean()),
         "data": "devstack scenes (espeak-ng, 20 languages, seeds 9000+), real recordings of "
         "the tuning split (benchmarks.real_speech, salt 1), instrument notes; "
         "never the held-out split",

@@ -1,4 +1,4 @@
-"""Labeled audio on disk → log-mel windows for pretraining: the reader of ``pretrain --dataset``.
+"""Labeled audio on disk → upload-feature windows for pretraining: the reader of ``pretrain --dataset``.
 
 Owns the dataset layouts (``docs/datasets.md``), the typed caps on everything read, the
 train/held-out split and the dataset manifest. Layouts, all under one directory ``DIR``:
@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud_sidecar.audio_windows import BadAudioError, WindowRule, file_windows
 from cloud_sidecar.class_maps import ClassResolver, load_class_map
 from cloud_sidecar.errors import DatasetError
-from fleet_protocol.features import N_FRAMES, N_MELS, SAMPLE_RATE, WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import N_BANDS, N_FRAMES, SAMPLE_RATE, WINDOW_SAMPLES, features_batch
 from fleet_protocol.labels import CLASS_INDEX
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class DatasetIndex:
 
 @dataclass(frozen=True)
 class LoadedDataset:
-    x: F32  # (N, N_MELS, N_FRAMES)
+    x: F32  # (N, N_BANDS, N_FRAMES)
     y: I64  # (N,) indices into CLASSES
     held_out: npt.NDArray[np.bool_]  # (N,)
     manifest: bytes  # the manifest CSV
@@ -406,7 +406,7 @@ def load_dataset(
         audio = np.concatenate(pending)
         cut = len(audio) if final else len(audio) - len(audio) % cfg.feature_chunk
         for i in range(0, cut, cfg.feature_chunk):
-            feats.append(log_mel_batch(audio[i : min(i + cfg.feature_chunk, cut)]))
+            feats.append(features_batch(audio[i : min(i + cfg.feature_chunk, cut)]))
         pending = [audio[cut:]] if cut < len(audio) else []
         n_pending = len(audio) - cut
 
@@ -461,7 +461,7 @@ def load_dataset(
             str(root),
         )
     y = np.asarray(labels, dtype=np.int64)
-    x = np.concatenate(feats) if feats else np.empty((0, N_MELS, N_FRAMES), np.float32)
+    x = np.concatenate(feats) if feats else np.empty((0, N_BANDS, N_FRAMES), np.float32)
     held_out = np.asarray(held_flags, dtype=bool)
     _check_usable(root, y, held_out)
     manifest = _manifest_bytes(rows)

@@ -1,22 +1,22 @@
-"""Log-mel features in torch: the training-side twin of ``fleet_protocol.features``.
+"""Upload features in torch: the training-side twin of ``fleet_protocol.features``.
 
-Owns: computing the contract's log-mel features on torch tensors (CPU or GPU, batched,
+Owns: computing the contract's upload features on torch tensors (CPU or GPU, batched,
 differentiable), so training can augment raw audio on the fly and featurise on the
 accelerator instead of going through numpy.
 
 Invariants:
-- every constant (frame grid, Hann window, FFT size, mel filterbank, log offset and
+- every constant (frame grid, Hann window, FFT size, band filterbank, pooling, log offset and
   normalisation) is taken from ``fleet_protocol.features``; nothing is redefined here,
   so a ``FEATURE_VERSION`` change there changes this module too;
-- the numbers match ``fleet_protocol.features.log_mel_batch`` to 1e-4 (max absolute
+- the numbers match ``fleet_protocol.features.features_batch`` to 1e-4 (max absolute
   difference, float32), checked by ``tests/unit/test_feature_parity.py``;
-- input ``(B, WINDOW_SAMPLES)`` float audio, output ``(B, N_MELS, N_FRAMES)`` float32 on
+- input ``(B, WINDOW_SAMPLES)`` float audio, output ``(B, N_BANDS, N_FRAMES)`` float32 on
   the input's device.
 
 Precision: the edge path runs its FFT in float32. A second float32 FFT (torch's, or
 cuFFT's) rounds differently, and in spectral valleys 60+ dB under a window's peak the
 two disagree by ~1e-4 after the log — right at the parity bound. So the STFT, power
-and mel sums run in float64 here (``compute_dtype``) and the result is cast to float32:
+and band sums run in float64 here (``compute_dtype``) and the result is cast to float32:
 the difference is then the edge's own float32 rounding (measured <= 5e-5).
 """
 
@@ -34,13 +34,13 @@ FEATURE_VERSION = F.FEATURE_VERSION
 
 
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    window = torch.from_numpy(F._window().copy()).to(device)
-    fb = torch.from_numpy(F.mel_filterbank().copy()).to(device)
+    window = torch.from_numpy(F.hann_window().copy()).to(device)
+    fb = torch.from_numpy(F.band_filterbank().copy()).to(device)
     return window, fb
 
 
-class LogMel(torch.nn.Module):
-    """``(B, WINDOW_SAMPLES)`` audio -> ``(B, N_MELS, N_FRAMES)`` normalised log-mel."""
+class UploadFeatures(torch.nn.Module):
+    """``(B, WINDOW_SAMPLES)`` audio -> ``(B, N_BANDS, N_FRAMES)`` normalised band energies."""
 
     window: torch.Tensor
     filterbank: torch.Tensor
@@ -59,25 +59,29 @@ class LogMel(torch.nn.Module):
             raise ValueError(
                 f"expected (batch, {F.WINDOW_SAMPLES}) audio, got shape {tuple(x.shape)}"
             )
-        # the same frame grid as the numpy path: N_FRAMES frames of WIN_LENGTH, hop HOP,
-        # no centring or padding; zero-padded to N_FFT by the FFT
-        frames = x.unfold(-1, F.WIN_LENGTH, F.HOP)[:, : F.N_FRAMES] * self.window
+        # the same frame grid as the numpy path: N_STFT_FRAMES frames of WIN_LENGTH, hop
+        # HOP, no centring or padding; zero-padded to N_FFT by the FFT
+        frames = x.unfold(-1, F.WIN_LENGTH, F.HOP)[:, : F.N_STFT_FRAMES] * self.window
         spec = torch.fft.rfft(frames, n=F.N_FFT, dim=-1)
         power = spec.real.square() + spec.imag.square()  # (B, T, F)
-        mel = power @ self.filterbank.T  # (B, T, M)
-        logmel = (torch.log(mel + F.LOG_OFFSET) - F.NORM_MEAN) / F.NORM_STD
-        return logmel.transpose(1, 2).to(torch.float32).contiguous()
+        bands = power @ self.filterbank.T  # (B, T, N_BANDS)
+        b = bands.shape[0]
+        pooled = (
+            bands[:, : F.N_FRAMES * F.POOL].reshape(b, F.N_FRAMES, F.POOL, F.N_BANDS).mean(dim=2)
+        )
+        out = (torch.log(pooled + F.LOG_OFFSET) - F.NORM_MEAN) / F.NORM_STD
+        return out.transpose(1, 2).to(torch.float32).contiguous()
 
 
-_MODULES: dict[torch.device, LogMel] = {}
+_MODULES: dict[torch.device, UploadFeatures] = {}
 
 
-def log_mel_batch(audio: torch.Tensor) -> torch.Tensor:
-    """Functional form of ``LogMel`` (one cached module per device)."""
+def features_batch(audio: torch.Tensor) -> torch.Tensor:
+    """Functional form of ``UploadFeatures`` (one cached module per device)."""
     dev = audio.device
     mod = _MODULES.get(dev)
     if mod is None:
-        mod = LogMel().to(dev)
+        mod = UploadFeatures().to(dev)
         _MODULES[dev] = mod
     out: torch.Tensor = mod(audio)
     return out

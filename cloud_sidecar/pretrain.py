@@ -9,7 +9,7 @@ CSV; ``docs/datasets.md``); there is no built-in data. Invariants:
 
 - every file is written atomically and its sha256 is in the card; ``load_base_model``
   refuses a directory whose files do not match their card;
-- the ONNX graph has input ``features`` ``(batch, 64, 98)`` float32 and output ``probs``,
+- the ONNX graph has input ``features`` ``(batch, 20, 8)`` float32 and output ``probs``,
   a dynamic batch axis, opset 17, and one initializer ``<layer>.weight`` per adaptable
   layer (checked here, relied on by the edge adapter);
 - the int8 model comes from ``fleet_model.quantize_model`` (static QDQ),
@@ -21,7 +21,7 @@ CSV; ``docs/datasets.md``); there is no built-in data. Invariants:
   ``replay.npz`` (training windows, at most ``REPLAY_MAX_PER_CLASS`` per class) freeze
   the base distribution for every later training run: the gate's golden set and the
   replay mixed into LoRA training (``load_reference_sets``); arrays ``x`` float32
-  ``(N, 64, 98)`` and ``y`` int64, stored without pickle;
+  ``(N, 20, 8)`` and ``y`` int64, stored without pickle;
 - the card records the dataset: layout, path, the sha256 of its manifest (audio bytes,
   label and split of every file used; the manifest itself is ``dataset-manifest.csv``),
   windows per class and what was skipped;
@@ -64,7 +64,7 @@ from fleet_model import (
     set_calibration_sha,
 )
 from fleet_model.tflite_patch import tflite_path
-from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASSES, LABELS_VERSION
 
@@ -192,7 +192,7 @@ def export_onnx(model: AudioCNN, path: Path, *, calibration_sha256: str) -> str:
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
-                (torch.zeros(1, N_MELS, N_FRAMES),),
+                (torch.zeros(1, N_BANDS, N_FRAMES),),
                 tmp_path,
                 input_names=["features"],
                 output_names=["probs"],
@@ -315,7 +315,7 @@ def _pretrain(out_dir: Path, data: LoadedDataset, seed: int, epochs: int, t0: fl
         "classes": list(CLASSES),
         "labels_version": LABELS_VERSION,
         "feature_version": FEATURE_VERSION,
-        "input": {"name": "features", "shape": ["batch", N_MELS, N_FRAMES], "dtype": "float32"},
+        "input": {"name": "features", "shape": ["batch", N_BANDS, N_FRAMES], "dtype": "float32"},
         "output": {"name": "probs", "shape": ["batch", len(CLASSES)]},
         "adaptable_layers": {layer: f"{layer}.weight" for layer in ADAPTABLE_LAYERS},
         "dataset": {**data.summary, "manifest_file": MANIFEST_FILE},
@@ -417,7 +417,7 @@ def _load_npz(path: Path) -> tuple[F32, I64]:
         x.dtype == np.float32
         and y.dtype == np.int64
         and x.ndim == 3
-        and x.shape[1:] == (N_MELS, N_FRAMES)
+        and x.shape[1:] == (N_BANDS, N_FRAMES)
         and y.shape == (len(x),)
         and 0 < len(x) <= MAX_REFERENCE_WINDOWS
         and int(y.min()) >= 0

@@ -35,7 +35,7 @@ from cloud_sidecar.errors import LabelError, StoreError
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import WINDOW_MS
 
 SCHEMA_VERSION = 3
@@ -419,14 +419,16 @@ class Store:
         return [LabelledSample(*r) for r in rows]
 
     def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(keys), N_MELS, N_FRAMES), dtype=np.float32)
+        out = np.empty((len(keys), N_BANDS, N_FRAMES), dtype=np.float32)
         with self._lock:
             for i, (device_id, sample_id) in enumerate(keys):
                 (blob,) = self._db.execute(
                     "SELECT features FROM samples WHERE device_id=? AND sample_id=?",
                     (device_id, sample_id),
                 ).fetchone()
-                out[i] = np.frombuffer(zlib.decompress(blob), dtype="<f2").reshape(N_MELS, N_FRAMES)
+                out[i] = np.frombuffer(zlib.decompress(blob), dtype="<f2").reshape(
+                    N_BANDS, N_FRAMES
+                )
         return out
 
     def counts(self) -> dict[str, int]:

@@ -168,7 +168,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
 
 PROCESS_HELP = """\
-Run the on-device pipeline on a recording: the privacy gate, log-mel features and the
+Run the on-device pipeline on a recording: the privacy gate, upload features and the
 classifier, exactly as a device does, with no broker, TPM or network.
 
 Input: WAV or FLAC (any PCM width or float), 16 kHz, mono, at least 1 s. Anything else

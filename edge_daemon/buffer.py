@@ -52,7 +52,7 @@ from edge_daemon.buffer_schema import (
 )
 from edge_daemon.errors import BufferError_
 from fleet_protocol.batch import SampleMeta
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _features_bytes(features: Features) -> bytes:
 
 
 def _features_from(plain: bytes) -> Features:
-    return np.frombuffer(plain, dtype="<f2").reshape(N_MELS, N_FRAMES)
+    return np.frombuffer(plain, dtype="<f2").reshape(N_BANDS, N_FRAMES)
 
 
 # -- in memory ---------------------------------------------------------------

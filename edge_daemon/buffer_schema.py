@@ -17,13 +17,13 @@ from collections.abc import Callable
 import sqlite_utils
 
 from edge_daemon.errors import BufferError_
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 log = logging.getLogger(__name__)
 
 TAG_BYTES = 16
 ROW_OVERHEAD_BYTES = 256  # metadata, nonce and index share of one sample row
-FEATURE_BYTES = N_MELS * N_FRAMES * 2
+FEATURE_BYTES = N_BANDS * N_FRAMES * 2
 # Higher is kept longer when unsent samples must be evicted; unknown reasons rank lowest.
 REASON_PRIORITY = {"audit": 0, "low_confidence": 1}
 

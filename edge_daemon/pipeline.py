@@ -1,7 +1,7 @@
 """The on-device path from audio blocks to classified windows.
 
 source blocks → privacy gate (speech windows dropped here, never seen by any later
-stage) → log-mel features → classifier. Nothing in this module stores or sends; the
+stage) → upload features (third octaves, 120 ms) → classifier. Nothing in this module stores or sends; the
 caller decides what to keep. Invariants: only windows the gate released are featurised;
 nothing here knows labels or ground truth (simulations score the windows themselves,
 in devstack).
@@ -21,7 +21,7 @@ import numpy.typing as npt
 from edge_daemon.config import GatePolicy
 from edge_daemon.privacy.gate import GateConfig, KeptWindow, PrivacyGate
 from edge_daemon.privacy.vad import SileroVad
-from fleet_protocol.features import SAMPLE_RATE, log_mel_batch
+from fleet_protocol.features import SAMPLE_RATE, features_batch
 from fleet_protocol.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def make_gate(policy: GatePolicy, vad: SileroVad) -> PrivacyGate:
 def classify(kept: list[KeptWindow], classifier: Classifier) -> list[Classified]:
     if not kept:
         return []
-    feats = log_mel_batch(np.stack([k.audio for k in kept]))
+    feats = features_batch(np.stack([k.audio for k in kept]))
     probs = classifier.predict(feats)
     top = probs.argmax(axis=1)
     return [

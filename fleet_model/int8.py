@@ -25,7 +25,7 @@ rewrite. Bytes in, bytes out: the callers read and write the files. Invariants:
   which every adapter names, pins the calibration set too;
 - numpy, onnx and onnxruntime only: no torch.
 
-Calibration file: a ``.npy`` (no pickle) of float16 log-mel windows ``(n, N_MELS,
+Calibration file: a ``.npy`` (no pickle) of float16 upload-feature windows ``(n, N_BANDS,
 N_FRAMES)``, ``1 <= n <= MAX_CALIBRATION_WINDOWS``, made by pretraining from its own
 synthetic training scenes (no city data).
 """
@@ -46,7 +46,7 @@ from numpy.lib import format as npy_format
 from onnx import TensorProto, helper, numpy_helper
 
 from fleet_model.errors import CalibrationError, QuantizationError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ def calibration_path(base_fp32: Path) -> Path:
 
 
 def encode_calibration(windows: npt.NDArray[np.floating]) -> bytes:
-    """The calibration file's bytes for ``(n, N_MELS, N_FRAMES)`` windows (stored float16)."""
+    """The calibration file's bytes for ``(n, N_BANDS, N_FRAMES)`` windows (stored float16)."""
     x = np.asarray(windows)
-    if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-        raise ValueError(f"calibration windows must be (n, {N_MELS}, {N_FRAMES}), got {x.shape}")
+    if x.ndim != 3 or x.shape[1:] != (N_BANDS, N_FRAMES):
+        raise ValueError(f"calibration windows must be (n, {N_BANDS}, {N_FRAMES}), got {x.shape}")
     if not 0 < len(x) <= MAX_CALIBRATION_WINDOWS:
         raise ValueError(f"1..{MAX_CALIBRATION_WINDOWS} calibration windows, got {len(x)}")
     half = np.ascontiguousarray(x, dtype="<f2")
@@ -108,17 +108,17 @@ def parse_calibration(data: bytes) -> F32:
         raise CalibrationError(f"calibration set is not a .npy array: {exc}") from exc
     if dtype != np.dtype("<f2") or fortran_order:
         raise CalibrationError(f"calibration set must be C-order float16, not {dtype}")
-    if len(shape) != 3 or tuple(shape[1:]) != (N_MELS, N_FRAMES):
-        raise CalibrationError(f"calibration set has shape {shape}, not (n, {N_MELS}, {N_FRAMES})")
+    if len(shape) != 3 or tuple(shape[1:]) != (N_BANDS, N_FRAMES):
+        raise CalibrationError(f"calibration set has shape {shape}, not (n, {N_BANDS}, {N_FRAMES})")
     n = int(shape[0])
     if not 0 < n <= MAX_CALIBRATION_WINDOWS:
         raise CalibrationError(f"calibration set has {n} windows, not 1..{MAX_CALIBRATION_WINDOWS}")
     payload = data[f.tell() :]
-    if len(payload) != n * N_MELS * N_FRAMES * 2:
+    if len(payload) != n * N_BANDS * N_FRAMES * 2:
         raise CalibrationError(
             f"calibration set payload is {len(payload)} bytes, header says {n} windows"
         )
-    x = np.frombuffer(payload, dtype="<f2").reshape(n, N_MELS, N_FRAMES).astype(np.float32)
+    x = np.frombuffer(payload, dtype="<f2").reshape(n, N_BANDS, N_FRAMES).astype(np.float32)
     if not np.isfinite(x).all():
         raise CalibrationError("calibration set has non-finite values")
     return x

@@ -1,9 +1,9 @@
 """The plaintext inside an upload envelope: a batch of selected samples.
 
 Wire (before encryption): zlib( u32 BE manifest_len | manifest JSON | features ),
-where ``features`` is ``n_samples * N_MELS * N_FRAMES`` float16 values, little-endian,
+where ``features`` is ``n_samples * N_BANDS * N_FRAMES`` float16 values, little-endian,
 in manifest order; the manifest is a ``BatchManifest`` (a typed ``WireModel``). Only
-log-mel features travel, never waveforms: no raw audio leaves the device
+third-octave 120 ms band energies travel, never waveforms: no raw audio leaves the device
 (docs/adr/0006-upload-features-not-audio.md).
 
 Version 2 (this one) carries no label: a device has none. Labels come from outside the
@@ -28,14 +28,14 @@ import numpy.typing as npt
 from pydantic import ConfigDict, Field, ValidationError
 
 from fleet_protocol.errors import MalformedError, ProtocolError, TooLargeError
-from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES
 from fleet_protocol.labels import ClassName
 from fleet_protocol.topics import DeviceId
 from fleet_protocol.wire import WireModel
 
 BATCH_VERSION = 2
 MAX_SAMPLES = 1024
-_FEATURE_BYTES = N_MELS * N_FRAMES * 2
+_FEATURE_BYTES = N_BANDS * N_FRAMES * 2
 SelectionReason = Literal["low_confidence", "audit"]
 
 
@@ -75,8 +75,8 @@ class BatchManifest(WireModel):
                 {
                     "v": 2,
                     "device": "pi-07",
-                    "feature_version": "logmel-v1",
-                    "shape": [64, 98],
+                    "feature_version": "third120-v1",
+                    "shape": [20, 8],
                     "dtype": "float16",
                     "samples": [
                         {
@@ -107,12 +107,12 @@ class BatchManifest(WireModel):
 class Batch:
     device: str
     samples: tuple[SampleMeta, ...]
-    features: npt.NDArray[np.float16]  # (n, N_MELS, N_FRAMES)
+    features: npt.NDArray[np.float16]  # (n, N_BANDS, N_FRAMES)
 
 
 def encode(batch: Batch) -> bytes:
     feats = np.asarray(batch.features, dtype="<f2")
-    if feats.shape != (len(batch.samples), N_MELS, N_FRAMES):
+    if feats.shape != (len(batch.samples), N_BANDS, N_FRAMES):
         raise MalformedError(
             f"features shape {feats.shape} does not match {len(batch.samples)} samples"
         )
@@ -120,7 +120,7 @@ def encode(batch: Batch) -> bytes:
         v=BATCH_VERSION,
         device=batch.device,
         feature_version=FEATURE_VERSION,
-        shape=(N_MELS, N_FRAMES),
+        shape=(N_BANDS, N_FRAMES),
         dtype="float16",
         samples=batch.samples,
     )
@@ -148,7 +148,7 @@ def _manifest(data: bytes) -> BatchManifest:
         raise MalformedError(f"batch manifest is invalid: {str(e)[:300]}") from e
     if m.v != BATCH_VERSION or m.feature_version != FEATURE_VERSION:
         raise MalformedError("unsupported batch or feature version", reason="unknown_algorithm")
-    if m.shape != (N_MELS, N_FRAMES):
+    if m.shape != (N_BANDS, N_FRAMES):
         raise MalformedError(f"unexpected feature shape {m.shape}")
     return m
 
@@ -176,7 +176,7 @@ def decode(data: bytes, limits: BatchLimits = BatchLimits()) -> Batch:
         raise MalformedError(
             f"feature block is {len(body)} bytes, expected {len(samples) * _FEATURE_BYTES}"
         )
-    feats = np.frombuffer(body, dtype="<f2").reshape(len(samples), N_MELS, N_FRAMES)
+    feats = np.frombuffer(body, dtype="<f2").reshape(len(samples), N_BANDS, N_FRAMES)
     if not np.isfinite(feats).all():
         raise MalformedError("non-finite feature values")
     return Batch(device=manifest.device, samples=samples, features=feats.astype(np.float16))

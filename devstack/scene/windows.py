@@ -1,6 +1,6 @@
 """Labelled 1-s windows of the synthetic city: events over a background bed, at random SNR.
 
-Owns ``render_windows`` (audio) and ``build_training_set`` (log-mel features of them),
+Owns ``render_windows`` (audio) and ``build_training_set`` (upload features of them),
 the synthetic city's own recipe for labelled training windows. Moved here from the
 sidecar: production code never renders data, it reads a dataset (``cloud-sidecar
 pretrain --dataset``), and ``devstack.dataset`` writes these windows as one.
@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devstack.scene.sounds import background, synthesize
-from fleet_protocol.features import N_FRAMES, N_MELS, WINDOW_SAMPLES, log_mel_batch
+from fleet_protocol.features import N_BANDS, N_FRAMES, WINDOW_SAMPLES, features_batch
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def build_training_set(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """``n_per_class`` windows of each class in ``classes``, shuffled.
 
-    Returns features ``(N, 64, 98)`` float32 and labels ``(N,)`` int64 (indices into
+    Returns features ``(N, 20, 8)`` float32 and labels ``(N,)`` int64 (indices into
     ``CLASSES``). Sirens use a pattern drawn from ``siren_patterns``.
     """
     if not 0 < n_per_class <= MAX_PER_CLASS:
@@ -75,11 +75,11 @@ def build_training_set(
     names = [c for c in classes for _ in range(n_per_class)]
     order = rng.permutation(len(names))
     names = [names[i] for i in order]
-    feats = np.empty((len(names), N_MELS, N_FRAMES), dtype=np.float32)
+    feats = np.empty((len(names), N_BANDS, N_FRAMES), dtype=np.float32)
     for i in range(0, len(names), FEATURE_CHUNK):  # bounded memory: audio never all at once
         chunk = names[i : i + FEATURE_CHUNK]
         audio = render_windows(chunk, rng, siren_patterns=siren_patterns, hilo_pairs=hilo_pairs)
-        feats[i : i + len(chunk)] = log_mel_batch(audio)
+        feats[i : i + len(chunk)] = features_batch(audio)
     labels = np.array([CLASS_INDEX[c] for c in names], dtype=np.int64)
     log.debug("built %d windows of %d classes", len(names), len(classes))
     return feats, labels

@@ -1,7 +1,7 @@
-"""The onnxruntime classifier backend: log-mel features in, class probabilities out.
+"""The onnxruntime classifier backend: upload features in, class probabilities out.
 
 Owns loading a model file into an ``InferenceSession`` and checking that it speaks the
-contract: one input ``features`` ``(batch, N_MELS, N_FRAMES)`` float32, one output
+contract: one input ``features`` ``(batch, N_BANDS, N_FRAMES)`` float32, one output
 ``probs`` ``(batch, n_classes)``. Invariants: the model file is read once, capped at
 ``MAX_MODEL_BYTES``, and ``model_sha256`` is the hash of exactly the bytes the session
 runs; every runtime failure surfaces as ``InferenceError``. No torch.
@@ -19,7 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from edge_daemon.errors import InferenceError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class OnnxClassifier:
         )
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Probabilities ``(B, n_classes)`` for features ``(B, N_MELS, N_FRAMES)``."""
+        """Probabilities ``(B, n_classes)`` for features ``(B, N_BANDS, N_FRAMES)``."""
         return predict_in_batches(features, self.n_classes, self._run)
 
     def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -84,12 +84,12 @@ def predict_in_batches(
     n_classes: int,
     run: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
 ) -> npt.NDArray[np.float32]:
-    """The input contract every backend shares: ``(B, N_MELS, N_FRAMES)`` or
+    """The input contract every backend shares: ``(B, N_BANDS, N_FRAMES)`` or
     ``InferenceError``; an empty batch gives ``(0, n_classes)``; ``run`` sees contiguous
     float32 batches of at most ``MAX_BATCH``."""
     x = np.ascontiguousarray(features, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-        raise InferenceError(f"expected (batch, {N_MELS}, {N_FRAMES}) features, got {x.shape}")
+    if x.ndim != 3 or x.shape[1:] != (N_BANDS, N_FRAMES):
+        raise InferenceError(f"expected (batch, {N_BANDS}, {N_FRAMES}) features, got {x.shape}")
     if x.shape[0] == 0:
         return np.zeros((0, n_classes), dtype=np.float32)
     parts = [run(x[i : i + MAX_BATCH]) for i in range(0, x.shape[0], MAX_BATCH)]

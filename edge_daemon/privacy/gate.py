@@ -56,7 +56,7 @@ from edge_daemon.privacy.vad import (
     SileroVad,
     context_inputs,
 )
-from fleet_protocol.features import log_mel_batch
+from fleet_protocol.features import features_batch
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ class PrivacyGate:
             self.stats.windows_kept += len(kept)
             return kept
         t0 = time.process_time()
-        feats = log_mel_batch(np.stack([k.audio for k in kept]))
+        feats = features_batch(np.stack([k.audio for k in kept]))
         passes = self._check.passes(feats, self._check_threshold)
         self.stats.check_cpu_s += time.process_time() - t0
         out: list[KeptWindow] = []

@@ -8,7 +8,7 @@ real recordings and scene non-speech; never on the held-out voices) and scoring
 
 Invariants:
 - the model's input is exactly what the uploaded sample holds for a window
-  (``fleet_protocol.features.log_mel_batch``: ``(B, 64, 98)`` float32), and the
+  (``fleet_protocol.features.features_batch``: ``(B, 20, 8)`` float32), and the
   model card (``speech_check.json``) names the ``FEATURE_VERSION`` it was trained
   on; a mismatch is refused (``InferenceError``), never scored;
 - ``scores`` returns one probability per window in ``[0, 1]``; ``passes`` is True
@@ -29,7 +29,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from edge_daemon.errors import InferenceError
-from fleet_protocol.features import FEATURE_VERSION, N_FRAMES, N_MELS
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ class SpeechCheck:
         log.debug("speech check loaded (threshold %.3f)", self.threshold)
 
     def scores(self, features: F32) -> F32:
-        """``(B, 64, 98)`` upload features -> ``(B,)`` speech probabilities."""
+        """``(B, 20, 8)`` upload features -> ``(B,)`` speech probabilities."""
         x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 3 or x.shape[1:] != (N_MELS, N_FRAMES):
-            raise ValueError(f"speech check wants (B, {N_MELS}, {N_FRAMES}), got {x.shape}")
+        if x.ndim != 3 or x.shape[1:] != (N_BANDS, N_FRAMES):
+            raise ValueError(f"speech check wants (B, {N_BANDS}, {N_FRAMES}), got {x.shape}")
         if not x.shape[0]:
             return np.zeros(0, dtype=np.float32)
         try:

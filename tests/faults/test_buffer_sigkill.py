@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_daemon.buffer import ReplayBuffer
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 KILLS = 55
 KEY = bytes(range(7, 39))  # fixed software key (see the module docstring)
@@ -41,6 +42,7 @@ ZYGOTE = textwrap.dedent(
     import numpy as np
     from edge_daemon.buffer import ReplayBuffer
     from fleet_protocol.batch import SampleMeta
+    from fleet_protocol.features import N_BANDS, N_FRAMES
 
     KEY = bytes(range(7, 39))
 
@@ -58,7 +60,7 @@ ZYGOTE = textwrap.dedent(
         while True:
             sid = f"{run:08x}{i:024x}"
             meta = SampleMeta(sample_id=sid, captured_at_ms=i, stream_offset_s=float(i), predicted="horn", score=0.5, model_sha256="ab" * 32, reason="audit")
-            if buf.add(meta, np.full((64, 98), i % 2048, dtype=np.float16)):
+            if buf.add(meta, np.full((N_BANDS, N_FRAMES), i % 2048, dtype=np.float16)):
                 report("S", sid)
             i += 1
             if i % 3 == 0:
@@ -166,5 +168,5 @@ def test_committed_samples_survive_sigkill_at_random_moments(tmp_path: Path) -> 
     buf = ReplayBuffer(db_path, KEY, max_bytes=1 << 40)
     assert buf.next_seq() > max(seq for seq, _ in batches.values())
     unsent = buf.unbatched(1_000_000)
-    assert all(f.shape == (64, 98) and np.all(f == f[0, 0]) for _, f in unsent)
+    assert all(f.shape == (N_BANDS, N_FRAMES) and np.all(f == f[0, 0]) for _, f in unsent)
     buf.close()

@@ -38,7 +38,7 @@ from devstack.stack import DeviceSlot, DevStack
 from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import Ack
 
@@ -155,7 +155,7 @@ class Device:
             for i in range(n)
         )
         plain = batch.encode(
-            batch.Batch(self.slot.device_id, metas, np.zeros((n, N_MELS, N_FRAMES), np.float16))
+            batch.Batch(self.slot.device_id, metas, np.zeros((n, N_BANDS, N_FRAMES), np.float16))
         )
         pem = self.outage.unwrap_pem.read_bytes()
         self.seq += 1

@@ -28,12 +28,13 @@ WRITER = textwrap.dedent(
     from edge_daemon.buffer import ReplayBuffer
     from edge_daemon.keys.tpm import TpmKeyStore
     from fleet_protocol.batch import SampleMeta
+    from fleet_protocol.features import N_BANDS, N_FRAMES
     tcti, state = sys.argv[1], Path(sys.argv[2])
     keys = TpmKeyStore(tcti, state / "keys")
     buf = ReplayBuffer(state / "buffer.sqlite3", keys.storage_key())
     for i in range(int(sys.argv[3])):
         meta = SampleMeta(sample_id=f"{i:032x}", captured_at_ms=i, stream_offset_s=float(i), predicted="horn", score=0.5, model_sha256="ab" * 32, reason="audit")
-        buf.add(meta, np.full((64, 98), i, dtype=np.float16))
+        buf.add(meta, np.full((N_BANDS, N_FRAMES), i, dtype=np.float16))
         print(i, flush=True)
     time.sleep(60)
     """

@@ -24,7 +24,7 @@ from edge_daemon.enroll import Renewer, TlsIdentity
 from edge_daemon.errors import EnrollmentError
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.mqtt import MqttLink, TransportError
 from fleet_protocol.messages import Ack
 
@@ -87,7 +87,7 @@ def upload(
         model_sha256="ab" * 32,
         reason="audit",
     )
-    plain = batch.encode(batch.Batch(device, (meta,), np.zeros((1, N_MELS, N_FRAMES), np.float16)))
+    plain = batch.encode(batch.Batch(device, (meta,), np.zeros((1, N_BANDS, N_FRAMES), np.float16)))
     pem = cloud.unwrap_pem.read_bytes()
     sealed = envelope.seal(
         plain,

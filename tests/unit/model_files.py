@@ -11,14 +11,14 @@ import torch
 from cloud_sidecar.model import AudioCNN
 from cloud_sidecar.pretrain import export_onnx, quantize_file
 from fleet_model import calibration_path, encode_calibration
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 
 
 def random_windows(n: int, seed: int = 0) -> npt.NDArray[np.float32]:
-    """``n`` log-mel-shaped windows of noise at a log-mel-like level."""
+    """``n`` feature-shaped windows of noise at a feature-like level."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, N_MELS, N_FRAMES)) * 1.5 + 0.5).astype(np.float32)
+    return (rng.standard_normal((n, N_BANDS, N_FRAMES)) * 1.5 + 0.5).astype(np.float32)
 
 
 def untrained_base(

@@ -30,7 +30,7 @@ from cloud_sidecar.audio_dataset import (
 from cloud_sidecar.audio_windows import WindowRule, cut_windows, decode
 from cloud_sidecar.class_maps import ESC50_MAP, URBANSOUND8K_MAP
 from cloud_sidecar.errors import DatasetError, TrainingError
-from fleet_protocol.features import N_FRAMES, N_MELS, SAMPLE_RATE, log_mel_batch
+from fleet_protocol.features import N_BANDS, N_FRAMES, SAMPLE_RATE, features_batch
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 SR = SAMPLE_RATE
@@ -104,7 +104,7 @@ def test_folder_layout_gives_one_window_per_second_with_the_folder_as_class(
     tmp_path: Path,
 ) -> None:
     ds = load_dataset(two_classes(tmp_path / "d"))
-    assert ds.x.shape == (12, N_MELS, N_FRAMES) and ds.x.dtype == np.float32
+    assert ds.x.shape == (12, N_BANDS, N_FRAMES) and ds.x.dtype == np.float32
     assert (ds.y == CLASS_INDEX["siren"]).sum() == 7 and (ds.y == CLASS_INDEX["horn"]).sum() == 5
     assert ds.summary["layout"] == "folders"
     assert ds.summary["classes"]["siren"] == {
@@ -122,7 +122,7 @@ def test_features_are_the_contract_log_mel_of_the_audio(tmp_path: Path) -> None:
     wav(tmp_path / "d" / "horn" / "c.wav", tone(1.0, hz=410.0), subtype="FLOAT")
     ds = load_dataset(tmp_path / "d")
     siren = ds.x[ds.y == CLASS_INDEX["siren"]]
-    assert np.allclose(siren[0], log_mel_batch(audio[None, :])[0], atol=1e-5)
+    assert np.allclose(siren[0], features_batch(audio[None, :])[0], atol=1e-5)
 
 
 def test_flac_files_are_read_like_wav(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from fleet_model.adapter import (
     encode_edge_adapter,
 )
 from fleet_model.tflite_patch import tflite_path
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from tests.unit.model_files import untrained_base
 
@@ -54,7 +54,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
 
 
 def _features(n: int, seed: int = 0) -> F32:
-    return np.random.default_rng(seed).standard_normal((n, N_MELS, N_FRAMES)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((n, N_BANDS, N_FRAMES)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------- config
@@ -138,7 +138,7 @@ def test_litert_matches_onnxruntime_fp32_to_1e_4_at_several_batch_sizes(
         got, want = lite.predict(x), ref.predict(x)
         assert got.shape == want.shape == (n, 10)
         assert float(np.max(np.abs(got - want))) <= TOL
-    assert lite.predict(np.zeros((0, N_MELS, N_FRAMES), np.float32)).shape == (0, 10)
+    assert lite.predict(np.zeros((0, N_BANDS, N_FRAMES), np.float32)).shape == (0, 10)
 
 
 def test_litert_runs_an_adapter_on_every_layer_to_1e_4_of_onnxruntime_on_the_merged_fp32(
@@ -185,7 +185,7 @@ def test_litert_refuses_a_tflite_converted_from_another_base(
 def test_litert_rejects_wrong_feature_shapes_with_inference_error(lite_base: ModelFiles) -> None:
     lite = make_classifier(LiteRtBackendConfig(), lite_base)
     with pytest.raises(InferenceError, match="expected"):
-        lite.predict(np.zeros((1, N_MELS, N_FRAMES - 1), np.float32))
+        lite.predict(np.zeros((1, N_BANDS, N_FRAMES - 1), np.float32))
 
 
 def test_litert_reports_an_unreadable_model_as_inference_error(tmp_path: Path) -> None:

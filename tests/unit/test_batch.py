@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fleet_protocol import batch
 from fleet_protocol.errors import MalformedError, ProtocolError, TooLargeError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 
 def _meta(i: int, **kw: object) -> batch.SampleMeta:
@@ -33,7 +33,7 @@ def _meta(i: int, **kw: object) -> batch.SampleMeta:
 
 def _batch(n: int = 3) -> batch.Batch:
     rng = np.random.default_rng(0)
-    feats = rng.standard_normal((n, N_MELS, N_FRAMES)).astype(np.float16)
+    feats = rng.standard_normal((n, N_BANDS, N_FRAMES)).astype(np.float16)
     return batch.Batch("pi-00", tuple(_meta(i) for i in range(n)), feats)
 
 

@@ -45,6 +45,7 @@ from fleet_model.adapter import (
 from fleet_model.errors import AdapterError
 from fleet_protocol import batch, enroll, messages, ota, telemetry, topics
 from fleet_protocol.errors import ProtocolError
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 EXAMPLES = {
     "messages": 1500,
@@ -482,7 +483,7 @@ _manifests = st.one_of(
     _json_bytes(
         _doc_for(
             ["v", "feature_version", "device", "shape", "dtype", "samples"],
-            [1, 2, "pi-00", [64, 98], "float16", [], [{}], [{"sample_id": 1}]],
+            [1, 2, "pi-00", [N_BANDS, N_FRAMES], "float16", [], [{}], [{"sample_id": 1}]],
         )
     ),
 )

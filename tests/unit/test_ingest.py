@@ -23,7 +23,7 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.messages import Ack
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
@@ -73,7 +73,7 @@ class FakeDevice:
             batch.Batch(
                 device_in_header or self.device_id,
                 metas,
-                np.zeros((n, N_MELS, N_FRAMES), np.float16),
+                np.zeros((n, N_BANDS, N_FRAMES), np.float16),
             )
         )
         s = self.seq if seq is None else seq

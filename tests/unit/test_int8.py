@@ -42,7 +42,7 @@ from fleet_model.int8 import (
     parse_calibration,
     round_range,
 )
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from tests.unit.model_files import random_windows, untrained_base
 
@@ -149,14 +149,14 @@ def _npy(x: npt.NDArray[np.generic]) -> bytes:
 @pytest.mark.parametrize(
     "data",
     [
-        _npy(np.zeros((2, N_MELS, N_FRAMES), np.float32)),  # float32, not float16
-        _npy(np.zeros((2, N_MELS, N_FRAMES - 1), np.float16)),
-        _npy(np.zeros((0, N_MELS, N_FRAMES), np.float16)),
-        _npy(np.zeros((MAX_CALIBRATION_WINDOWS + 1, N_MELS, N_FRAMES), np.float16)),
-        _npy(np.full((1, N_MELS, N_FRAMES), np.nan, np.float16)),
-        _npy(np.asfortranarray(np.zeros((2, N_MELS, N_FRAMES), np.float16))),
+        _npy(np.zeros((2, N_BANDS, N_FRAMES), np.float32)),  # float32, not float16
+        _npy(np.zeros((2, N_BANDS, N_FRAMES - 1), np.float16)),
+        _npy(np.zeros((0, N_BANDS, N_FRAMES), np.float16)),
+        _npy(np.zeros((MAX_CALIBRATION_WINDOWS + 1, N_BANDS, N_FRAMES), np.float16)),
+        _npy(np.full((1, N_BANDS, N_FRAMES), np.nan, np.float16)),
+        _npy(np.asfortranarray(np.zeros((2, N_BANDS, N_FRAMES), np.float16))),
         _npy(np.array([{"a": 1}], dtype=object)),  # a pickle
-        _npy(np.zeros((2, N_MELS, N_FRAMES), np.float16))[:-2],  # truncated payload
+        _npy(np.zeros((2, N_BANDS, N_FRAMES), np.float16))[:-2],  # truncated payload
         b"not a numpy file",
         b"\x93NUMPY" + b"\x00" * (MAX_CALIBRATION_BYTES + 1),
     ],
@@ -171,7 +171,7 @@ def test_malformed_calibration_files_are_rejected(data: bytes) -> None:
 def test_corrupted_calibration_bytes_raise_only_calibration_error(
     pos: int, byte: int, cut: int
 ) -> None:
-    good = encode_calibration(np.zeros((1, N_MELS, N_FRAMES), np.float32))
+    good = encode_calibration(np.zeros((1, N_BANDS, N_FRAMES), np.float32))
     data = bytearray(good)
     data[pos] = byte  # within the 128-byte header or the start of the payload
     blob = bytes(data[: len(data) - cut])
@@ -179,13 +179,13 @@ def test_corrupted_calibration_bytes_raise_only_calibration_error(
         x = parse_calibration(blob)
     except CalibrationError:
         return
-    assert x.shape == (1, N_MELS, N_FRAMES)
+    assert x.shape == (1, N_BANDS, N_FRAMES)
 
 
 def test_calibration_round_trips_as_float16() -> None:
     x = _windows(3, seed=5)
     data = encode_calibration(x)
-    assert len(data) < 3 * N_MELS * N_FRAMES * 2 + 256
+    assert len(data) < 3 * N_BANDS * N_FRAMES * 2 + 256
     assert np.array_equal(parse_calibration(data), x.astype(np.float16).astype(np.float32))
     assert hashlib.sha256(data).digest() == hashlib.sha256(encode_calibration(x)).digest()
 

@@ -21,7 +21,7 @@ from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, topics
 from fleet_protocol.errors import MalformedError, TooLargeError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import LabelBatch, LabelRecord, LabelResult, event_id
 
 T0 = 1_764_000_000_000
@@ -55,7 +55,7 @@ def _store_samples(store: Store, device: str, times_ms: list[int]) -> list[str]:
         )
         for t in times_ms
     )
-    feats = np.zeros((len(metas), N_MELS, N_FRAMES), np.float16)
+    feats = np.zeros((len(metas), N_BANDS, N_FRAMES), np.float16)
     store.put_batch(os.urandom(16).hex(), 0, "d" * 64, batch.Batch(device, metas, feats))
     return [m.sample_id for m in metas]
 

@@ -46,6 +46,7 @@ from fleet_model.adapter import (
 )
 from fleet_model.errors import AdapterError
 from fleet_model.tflite_patch import tflite_path
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -140,7 +141,7 @@ def test_model_is_small_and_has_no_batchnorm() -> None:
     model = AudioCNN(len(CLASSES))
     assert n_parameters(model) < 200_000
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    probs = model(torch.zeros(3, 64, 98))
+    probs = model(torch.zeros(3, N_BANDS, N_FRAMES))
     assert probs.shape == (3, len(CLASSES))
     assert torch.allclose(probs.sum(dim=1), torch.ones(3))
 
@@ -223,7 +224,7 @@ def test_exported_graph_has_the_contract_io_and_named_weight_initializers(pipe: 
     assert {f"{layer}.weight" for layer in ADAPTABLE_LAYERS} <= names
     clf = OnnxClassifier(pipe.base.onnx_int8)
     for batch in (1, 5):
-        probs = clf.predict(np.zeros((batch, 64, 98), np.float32))
+        probs = clf.predict(np.zeros((batch, N_BANDS, N_FRAMES), np.float32))
         assert probs.shape == (batch, len(CLASSES))
         assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
@@ -347,9 +348,9 @@ def test_adapter_for_another_base_is_refused_and_nothing_is_written(
 def test_onnx_classifier_reports_hash_and_rejects_bad_input(pipe: Pipeline, tmp_path: Path) -> None:
     clf = OnnxClassifier(pipe.adapted_int8, intra_op_threads=1)
     assert clf.model_sha256 == file_sha256(pipe.adapted_int8)
-    assert clf.predict(np.zeros((0, 64, 98), np.float32)).shape == (0, len(CLASSES))
+    assert clf.predict(np.zeros((0, N_BANDS, N_FRAMES), np.float32)).shape == (0, len(CLASSES))
     with pytest.raises(InferenceError):
-        clf.predict(np.zeros((2, 64, 97), np.float32))
+        clf.predict(np.zeros((2, N_BANDS, N_FRAMES - 1), np.float32))
     with pytest.raises(InferenceError):
         OnnxClassifier(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")

@@ -33,7 +33,7 @@ from devstack.__main__ import main as devstack_main
 from devstack.dataset import INFO_FILE, write_dataset
 from devstack.errors import DevstackError
 from devstack.scene.windows import render_windows
-from fleet_protocol.features import N_FRAMES, N_MELS, SAMPLE_RATE, log_mel_batch
+from fleet_protocol.features import N_BANDS, N_FRAMES, SAMPLE_RATE, features_batch
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX
 
@@ -75,7 +75,7 @@ def test_writer_round_trips_through_the_reader_window_for_window(tmp_path: Path)
         got = ds.x[start : start + int(n)]
         assert int(n) == 3 and set(ds.y[start : start + 3]) == {CLASS_INDEX[cls]}
         # 16-bit rounding: ~1e-4 of the feature range on average, more in the quietest bands
-        diff = np.abs(got - log_mel_batch(expected[path]))
+        diff = np.abs(got - features_batch(expected[path]))
         assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.15
         start += 3
 
@@ -129,7 +129,7 @@ def test_reference_sets_come_from_the_base_directory(tiny_base: tuple[Path, Path
     base = load_base_model(base_dir)
     replay, golden = load_reference_sets(base, replay_per_class=1, golden_per_class=40)
     assert replay is not None
-    assert replay[0].shape == (3, N_MELS, N_FRAMES) and sorted(replay[1]) == sorted(
+    assert replay[0].shape == (3, N_BANDS, N_FRAMES) and sorted(replay[1]) == sorted(
         CLASS_INDEX[c] for c in CLASSES3
     )
     card = json.loads(base.card.read_text())

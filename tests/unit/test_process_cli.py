@@ -28,7 +28,7 @@ from devstack.scene import sounds, speech
 from edge_daemon.__main__ import EXIT_CAPTURE, EXIT_CONFIG, EXIT_INFERENCE, EXIT_OTHER, main
 from edge_daemon.__main__ import merge_spans as merge
 from edge_daemon.capture import sources
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASSES
 from fleet_protocol.messages import Event
@@ -40,7 +40,7 @@ F32 = npt.NDArray[np.float32]
 
 
 def _tiny_model(path: Path, seed: int) -> Path:
-    w = np.random.default_rng(seed).standard_normal((N_MELS, len(CLASSES))).astype(np.float32)
+    w = np.random.default_rng(seed).standard_normal((N_BANDS, len(CLASSES))).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["features"], ["m"], axes=[2], keepdims=0),
@@ -48,7 +48,7 @@ def _tiny_model(path: Path, seed: int) -> Path:
             helper.make_node("Softmax", ["z"], ["probs"], axis=-1),
         ],
         "tiny",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", N_MELS, N_FRAMES])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", N_BANDS, N_FRAMES])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["b", len(CLASSES)])],
         [numpy_helper.from_array(w, "w")],
     )

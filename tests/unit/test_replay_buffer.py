@@ -18,7 +18,7 @@ from edge_daemon.buffer import ReplayBuffer
 from edge_daemon.buffer_schema import SCHEMA_VERSION, migrate, sample_charge
 from edge_daemon.errors import BufferError_
 from fleet_protocol.batch import SampleMeta
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 KEY = bytes(range(32))
 
@@ -66,7 +66,7 @@ def _meta(i: int, reason: str = "low_confidence") -> SampleMeta:
 
 
 def _feats(i: int) -> np.ndarray:
-    return np.full((N_MELS, N_FRAMES), i, dtype=np.float16)
+    return np.full((N_BANDS, N_FRAMES), i, dtype=np.float16)
 
 
 def _write_v1_database(path: Path) -> None:
@@ -106,7 +106,7 @@ def test_samples_survive_reopen_and_decrypt(tmp_path: Path) -> None:
 
 def test_features_are_not_stored_in_clear(tmp_path: Path) -> None:
     buf = ReplayBuffer(tmp_path / "b.sqlite3", KEY)
-    marker = np.full((N_MELS, N_FRAMES), 1234.0, dtype=np.float16)
+    marker = np.full((N_BANDS, N_FRAMES), 1234.0, dtype=np.float16)
     buf.add(_meta(1), marker)
     buf.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())

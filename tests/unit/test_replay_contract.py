@@ -13,7 +13,7 @@ from edge_daemon.buffer import MemoryReplayStore, ReplayStore, SqliteReplayStore
 from edge_daemon.buffer_schema import sample_charge
 from edge_daemon.errors import BufferError_
 from fleet_protocol.batch import SampleMeta
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 KEY = bytes(range(32))
 ONE = sample_charge()
@@ -36,7 +36,7 @@ def meta(i: int, reason: str = "low_confidence") -> SampleMeta:
 
 
 def feats(i: int) -> np.ndarray:
-    return np.full((N_MELS, N_FRAMES), i, dtype=np.float16)
+    return np.full((N_BANDS, N_FRAMES), i, dtype=np.float16)
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -8,7 +8,7 @@ import guarded). Design: ADR 0011.
 
 Invariants: importing this package imports no runtime library; each plugin module is
 imported only when its backend is made; every backend returns a ``Classifier`` with the
-same contract (features ``(B, N_MELS, N_FRAMES)`` -> probabilities ``(B, n_classes)``).
+same contract (features ``(B, N_BANDS, N_FRAMES)`` -> probabilities ``(B, n_classes)``).
 """
 
 from __future__ import annotations

@@ -30,12 +30,12 @@ class ModelFiles:
 
 
 class Classifier(Protocol):
-    """What a backend gives the daemon: probabilities for log-mel feature batches."""
+    """What a backend gives the daemon: probabilities for upload-feature batches."""
 
     path: Path
     model_sha256: str  # sha256 of exactly the bytes the runtime executes
     n_classes: int
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """``(B, N_MELS, N_FRAMES)`` float32 -> ``(B, n_classes)`` probabilities."""
+        """``(B, N_BANDS, N_FRAMES)`` float32 -> ``(B, n_classes)`` probabilities."""
         ...

@@ -33,7 +33,7 @@ from edge_daemon.inference.backends.config import LiteRtBackendConfig
 from edge_daemon.inference.backends.files import ModelFiles
 from edge_daemon.inference.onnx_backend import MAX_MODEL_BYTES, predict_in_batches
 from fleet_model import ModelError
-from fleet_protocol.features import N_FRAMES, N_MELS
+from fleet_protocol.features import N_BANDS, N_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,12 @@ class LiteRtClassifier:
 
     def _resize(self, batch: int) -> None:
         if batch != self._batch:
-            self._it.resize_tensor_input(self._in, [batch, N_MELS, N_FRAMES], strict=False)
+            self._it.resize_tensor_input(self._in, [batch, N_BANDS, N_FRAMES], strict=False)
             self._it.allocate_tensors()
             self._batch = batch
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Probabilities ``(B, n_classes)`` for features ``(B, N_MELS, N_FRAMES)``."""
+        """Probabilities ``(B, n_classes)`` for features ``(B, N_BANDS, N_FRAMES)``."""
         return predict_in_batches(features, self.n_classes, self._run)
 
     def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
