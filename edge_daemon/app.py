@@ -111,6 +111,7 @@ class EdgeApp:
                 ),
                 running=self._running_model,
                 swap=self._swap_tuf,
+                connected=lambda: self.link.connected,
             )
             self.model = ModelSlot(self.tuf.recover())
             self.model_path = self.tuf.model_path()

@@ -75,6 +75,7 @@ def compose_tuf(
     load_model: Callable[[Path | None], Classifier],
     running: Callable[[], Any],
     swap: Callable[[Any], None],
+    connected: Callable[[], bool] = lambda: True,
 ) -> TufParts:
     if cfg.ota.tuf_root is None:
         raise ConfigError("ota.tuf_root is not set")
@@ -114,7 +115,16 @@ def compose_tuf(
         policy=HealthPolicy(min_windows=cfg.ota.health_windows),
     )
     ledger = FailureLedger(cfg.state_dir / "ota" / "failures.json", limits)
-    worker = TufUpdateWorker(client, slots, ledger, report, poll_s=cfg.ota.poll_s)
+
+    def announce(stop: Any) -> None:
+        """Once the link is up, say the state recovered at boot (it was not sendable then)."""
+        while not connected() and not stop.wait(0.5):
+            pass
+        slots.report_current()
+
+    worker = TufUpdateWorker(
+        client, slots, ledger, report, poll_s=cfg.ota.poll_s, on_start=announce
+    )
     timestamp_topic = topics.ota_tuf_metadata(cfg.ota.channel, "timestamp.json")
     return TufParts(worker, slots, requester, clock, timestamp_topic)
 

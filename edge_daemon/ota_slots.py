@@ -289,6 +289,11 @@ class SlotManager(Generic[C]):
             self.health = None
         log.warning("OTA rolled back from adapter v%d: %s", r.target_version, reason)
 
+    def report_current(self) -> None:
+        """Say the recorded state again (after a restart, once the link is up)."""
+        r = self.record
+        self._report(r.state, r.target_version, r.reason)
+
     def status(self) -> dict[str, Any]:
         a = self.record.active
         return {

@@ -69,6 +69,7 @@ class TufUpdateWorker:
         *,
         baseline_confident: Callable[[], float] = lambda: 0.0,
         poll_s: float = 3600.0,
+        on_start: Callable[[threading.Event], None] | None = None,
     ) -> None:
         self.client = client
         self.slots = slots
@@ -76,6 +77,7 @@ class TufUpdateWorker:
         self._report = report
         self._baseline = baseline_confident
         self._poll_s = poll_s
+        self._on_start = on_start
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
@@ -96,6 +98,11 @@ class TufUpdateWorker:
             self._thread.join(timeout)
 
     def _loop(self, stop: threading.Event) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start(stop)
+            except Exception:
+                log.exception("OTA start hook failed")
         while not stop.is_set():
             self._wake.wait(self._poll_s)
             self._wake.clear()

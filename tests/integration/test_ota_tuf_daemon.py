@@ -4,13 +4,19 @@ The sidecar serving in this process holds an HSM-signed TUF repository and answe
 requests; the daemon (its own process, real TPM, broker, mTLS) is given only the pinned
 ``1.root.json``. A trained adapter is published; the daemon must verify it, stage it in
 a slot, switch to it while the listener keeps running, confirm it after its health
-window, and report each state on ``fleet/v1/<device>/ota/status``.
+window, and report each state on ``fleet/v1/<device>/ota/status``. Then the daemon is
+killed with SIGKILL as soon as it reports each state of an update in turn (downloading,
+verifying, staged, active, confirmed; queued and failed are covered by
+tests/faults/test_ota_sigkill.py): after each restart it runs a model that loads, first
+reports the state its record holds, and completes the update.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +29,7 @@ import pytest
 
 from cloud_sidecar import ota_publish
 from cloud_sidecar.lora import convert_for_edge, train_adapter
-from devstack.provision import device_config
+from devstack.provision import device_config, tuf_root
 from devstack.scene.windows import build_training_set
 from fleet_model import ADAPTER_FORMAT
 
@@ -53,12 +59,14 @@ def _report(state: Path) -> dict[str, Any]:
         return {}
 
 
-def _audit_states(cloud: Cloud, device: str) -> list[str]:
+def _audit_states(cloud: Cloud, device: str, version: int | None = None) -> list[str]:
+    """The OTA states ``device`` reported, in order (for one adapter version if given)."""
     path = cloud.app.cfg.data_dir / "audit.jsonl"
     out = []
     for line in path.read_bytes().splitlines():
         e = json.loads(line)
-        if e["kind"] == "ota.device_status" and e["subject"] == device:
+        ours = e["kind"] == "ota.device_status" and e["subject"] == device
+        if ours and (version is None or e["details"]["adapter_version"] == version):
             out.append(e["details"]["state"])
     return out
 
@@ -75,13 +83,13 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
     wav = tmp_path / "street.wav"
     _noise_wav(wav, 240)
     source = {"type": "file", "path": str(wav), "realtime": True}
-    path = device_config(
-        cloud.stack, slot, base_model.dir, (cloud.unwrap_pem, cloud.ota_pem), source
-    )
+    root = tuf_root(cloud.config, tmp_path / "image")  # what devstack puts in the image
+    assert root is not None
+    assert root.read_bytes() == (repo.metadata_dir / "1.root.json").read_bytes()
+    keys = (cloud.unwrap_pem, cloud.ota_pem)
+    path = device_config(cloud.stack, slot, base_model.dir, keys, source, tuf_root=root)
     dev_cfg = json.loads(path.read_text())
-    root = tmp_path / "1.root.json"
-    root.write_bytes((repo.metadata_dir / "1.root.json").read_bytes())
-    dev_cfg["ota"] = {"tuf_root": str(root), "poll_s": 2.0, "health_windows": 10}
+    dev_cfg["ota"] |= {"poll_s": 2.0, "health_windows": 10}
     path.write_text(json.dumps(dev_cfg))
     state = Path(dev_cfg["state_dir"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -106,7 +114,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            if "confirmed" in _audit_states(cloud, slot.device_id):
+            if "confirmed" in _audit_states(cloud, slot.device_id, 1):
                 break
             time.sleep(0.5)
         report = _report(state)
@@ -114,7 +122,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             -3000:
         ]
         assert report["state"] == "listening" and report["stream"]["blocks"] > before
-        states = _audit_states(cloud, slot.device_id)
+        states = _audit_states(cloud, slot.device_id, 1)
         assert states[-6:] == [
             "queued",
             "downloading",
@@ -131,3 +139,100 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+KILL_STATES = ("downloading", "verifying", "staged", "active", "confirmed")
+
+
+def _start(path: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_daemon", "run", "--config", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+    )
+
+
+def _wait(what: str, cond: Any, proc: subprocess.Popen[bytes], log: Path, t: float) -> None:
+    deadline = time.monotonic() + t
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"daemon exited waiting for {what}: {log.read_text()[-2000:]}"
+        if cond():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}: {log.read_text()[-2000:]}")
+
+
+def test_sigkill_of_the_daemon_in_each_update_state_leaves_a_valid_model_and_a_consistent_state(
+    cloud: Cloud, base_model: Any, tmp_path: Path
+) -> None:
+    x, y = build_training_set(np.random.default_rng(4), 6, ("hilo",))
+    peft = train_adapter(base_model, x, y, replay=None, out_dir=tmp_path / "peft", rank=2, epochs=1)
+    adapter = convert_for_edge(peft, base_model)
+    cfg = cloud.app.cfg
+    repo = ota_publish.open_repository(cfg, cloud.app.hsm)
+    version = repo.next_adapter_version()
+    name = f"kill-test-v{version}.bin"
+    slot = cloud.stack.devices[0]
+    root = tuf_root(cloud.config, tmp_path / "image")
+    assert root is not None
+    wav = tmp_path / "street.wav"
+    _noise_wav(wav, 600)
+    source = {"type": "file", "path": str(wav), "realtime": True}
+    keys = (cloud.unwrap_pem, cloud.ota_pem)
+    path = device_config(cloud.stack, slot, base_model.dir, keys, source, tuf_root=root)
+    dev_cfg = json.loads(path.read_text())
+    dev_cfg["ota"] |= {"poll_s": 2.0, "health_windows": 8}
+    path.write_text(json.dumps(dev_cfg))
+    state = Path(dev_cfg["state_dir"])
+    log = tmp_path / "daemon.log"
+    repo.add_target(name, adapter, AdapterCustom(base_model.sha256_fp32, ADAPTER_FORMAT, version))
+    for kill_at in KILL_STATES:
+        shutil.rmtree(state / "ota", ignore_errors=True)  # a fresh device image, same identity
+        seen = len(_audit_states(cloud, slot.device_id, version))
+        proc = _start(path, log)
+        try:
+            _wait(
+                f"state {kill_at}",
+                lambda k=kill_at, n=seen: k in _audit_states(cloud, slot.device_id, version)[n:],
+                proc,
+                log,
+                180,
+            )
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        record = json.loads((state / "ota" / "slots.json").read_text())
+        seen = len(_audit_states(cloud, slot.device_id, version))
+        proc = _start(path, log)
+        try:
+            _wait(
+                "the state after the restart",
+                lambda n=seen: len(_audit_states(cloud, slot.device_id, version)) > n,
+                proc,
+                log,
+                120,
+            )
+            first = _audit_states(cloud, slot.device_id, version)[seen]
+            expected = {"active": "active", "confirmed": "confirmed"}.get(record["state"], "failed")
+            assert first == expected, (kill_at, record["state"], first)
+            _wait("a report", lambda: _report(state).get("state") == "listening", proc, log, 60)
+            _wait(
+                f"the update done after a kill in {kill_at}",
+                lambda n=seen: "confirmed" in _audit_states(cloud, slot.device_id, version)[n:],
+                proc,
+                log,
+                180,
+            )
+            report = _report(state)
+            assert report["state"] == "listening"
+            assert report["model"]["adapter_version"] == version
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
