@@ -154,4 +154,6 @@ class TufUpdateWorker:
             self.ledger.failed(key)
             log.warning("OTA install of v%d failed: %s", target.adapter_version, e)
             return "failed:install"
+        finally:
+            path.unlink(missing_ok=True)  # merged into its slot, or refused: not kept
         return "active"
