@@ -19,6 +19,7 @@ The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -33,7 +34,12 @@ from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
-from cloud_sidecar.ota_publish import open_repository, tuf_available, tuf_repo_dir
+from cloud_sidecar.ota_publish import (
+    open_repository,
+    rollout_command,
+    tuf_available,
+    tuf_repo_dir,
+)
 from cloud_sidecar.ota_serve import ChunkServer
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
@@ -199,7 +205,7 @@ class SidecarApp:
         self.start()
         if ready is not None:
             ready.set()
-        last_checkpoint = last_timestamp = time.monotonic()
+        last_checkpoint = last_timestamp = last_rollout = time.monotonic()
         try:
             while not stop.wait(2.0):
                 self.write_metrics(self.cfg.data_dir / "metrics.prom")
@@ -209,6 +215,9 @@ class SidecarApp:
                 if time.monotonic() - last_timestamp >= self.cfg.ota.timestamp_refresh_s:
                     self.refresh_ota_timestamp()
                     last_timestamp = time.monotonic()
+                if time.monotonic() - last_rollout >= self.cfg.ota.rollout_step_s:
+                    self.step_rollout()
+                    last_rollout = time.monotonic()
         finally:
             self.write_metrics(self.cfg.data_dir / "metrics.prom")
             self.stop()
@@ -226,6 +235,25 @@ class SidecarApp:
             )
         except Exception:  # the next round tries again; devices keep the old one until expiry
             log.exception("could not refresh the OTA timestamp")
+
+    def step_rollout(self) -> str:
+        """Widen, finish or abort a running rollout as the devices' reports say (ADR 0016)."""
+        path = self.cfg.data_dir / "rollout.json"
+        if not (tuf_available() and path.exists()):
+            return ""
+        try:
+            if json.loads(path.read_bytes()).get("state") != "running":
+                return ""
+            before = path.read_bytes()
+            out = rollout_command(self.cfg, "step", None, None)
+            if path.read_bytes() != before:  # the repository changed: republish
+                open_repository(self.cfg, None).publish_metadata(
+                    self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
+                )
+            return out
+        except Exception:  # the next round tries again
+            log.exception("rollout step failed")
+            return ""
 
     def stop(self) -> None:
         self._stopping.set()

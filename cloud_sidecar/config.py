@@ -102,6 +102,9 @@ class OtaConfig(_Strict):
         gt=0,
         description="serve re-signs the TUF timestamp this often (it expires after 24 h)",
     )
+    rollout_step_s: float = Field(
+        60.0, gt=0, description="serve steps a running rollout this often (cloud_sidecar.rollout)"
+    )
 
 
 class FleetConfig(_Strict):

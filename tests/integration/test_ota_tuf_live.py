@@ -128,7 +128,9 @@ def test_rollout_commands_sign_with_the_hsm_and_are_audited(cloud: Cloud, tmp_pa
     assert "paused" in ota_publish.rollout_command(cfg, "pause", None, None)
     assert "hold" in ota_publish.rollout_command(cfg, "step", None, None)
     ota_publish.rollout_command(cfg, "resume", None, None)
+    assert "hold" in cloud.app.step_rollout()  # serve's timer: no device has reported yet
     assert "aborted" in ota_publish.rollout_command(cfg, "abort", None, None)
+    assert cloud.app.step_rollout() == ""  # an aborted rollout is left alone
     files = repo.target_files()
     assert files[bad].custom["rollout_percent"] == 0
     forward = [n for n, t in files.items() if "rollforward" in n]
