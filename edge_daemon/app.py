@@ -133,8 +133,9 @@ class EdgeApp:
             cfg=cfg.uplink,
         )
         self.link.subscribe(topics.ack(self.device), 1)
-        self.link.subscribe(self.ota.metadata_topic, 1)
-        if self.tuf is not None:
+        if self.tuf is None:
+            self.link.subscribe(self.ota.metadata_topic, 1)
+        else:  # one update path only: the single-key document is not even received
             self.link.subscribe(self.tuf.timestamp_topic, 1)
             self.link.subscribe(self.tuf.requester.response_topic, 1)
         if self.renewer is not None:
