@@ -29,6 +29,7 @@ import pytest
 
 from cloud_sidecar import ota_publish
 from cloud_sidecar.lora import convert_for_edge, train_adapter
+from cloud_sidecar.ota_repo import OtaRepository
 from devstack.provision import device_config, tuf_root
 from devstack.scene.windows import build_training_set
 from fleet_model import ADAPTER_FORMAT
@@ -111,6 +112,19 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
         assert repo.publish_metadata(
             cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
         )
+        # the single-key document of the legacy path, signed by the same HSM key with a
+        # higher adapter version: a TUF device must not take it
+        legacy = OtaRepository(tmp_path / "legacy", cfg.ota.channel)
+        pub = legacy.add_adapter(
+            adapter,
+            base_model_sha256=base_model.sha256_fp32,
+            adapter_version=7,
+            cohort="all",
+            expires_days=7,
+            keyid=cloud.app.hsm.signing_key_id(),
+            sign_digest=cloud.app.hsm.sign_digest,
+        )
+        assert legacy.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
