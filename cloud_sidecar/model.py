@@ -13,7 +13,7 @@ Invariants:
   under its PyTorch name (``conv1.weight`` ...), which the edge adapter relies on;
 - ``ADAPTABLE_LAYERS`` names the layers LoRA may target; fewer than 200k parameters;
 - shaped for the int8 recipe (``fleet_model.int8``, ADR 0012): conv2..conv4
-  carry ~90% of the multiply-adds and run int8; conv1 (one input channel) and the
+  carry ~97% of the ~1.9 M multiply-adds and run int8; conv1 (one input channel) and the
   head stay fp32; channel counts stay multiples of 16, the
   block onnxruntime's fp32 kernels want on x86, so int8 is compared with fast fp32.
 """

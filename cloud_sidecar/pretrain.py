@@ -389,6 +389,11 @@ def load_base_model(base_dir: Path) -> BaseModel:
             f"{base_dir} is not a base-model directory of this version ({exc}); run"
             " cloud-sidecar pretrain --dataset DIR --out it again"
         ) from exc
+    if card.get("feature_version") != FEATURE_VERSION:
+        raise TrainingError(
+            f"{base_dir} was trained on {card.get('feature_version')!r} features, devices"
+            f" upload {FEATURE_VERSION!r}; pretrain it again"
+        )
     for name, expected in hashes.items():
         path = base_dir / name
         if not path.is_file() or file_sha256(path) != expected:

@@ -46,7 +46,7 @@ from fleet_model.adapter import (
 )
 from fleet_model.errors import AdapterError
 from fleet_model.tflite_patch import tflite_path
-from fleet_protocol.features import N_BANDS, N_FRAMES
+from fleet_protocol.features import FEATURE_VERSION, N_BANDS, N_FRAMES
 from fleet_protocol.io.files import file_sha256
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -203,7 +203,7 @@ def test_pretrain_meets_budget_and_held_out_accuracy(pipe: Pipeline) -> None:
     print(f"\npretrain {pipe.pretrain_s:.1f} s, held-out {card['held_out']}")
     assert pipe.pretrain_s <= 90.0
     assert card["held_out"]["accuracy_int8"] >= 0.90
-    assert card["classes"] == list(CLASSES) and card["feature_version"] == "logmel-v1"
+    assert card["classes"] == list(CLASSES) and card["feature_version"] == FEATURE_VERSION
     assert card["held_out"]["int8_fp32_agreement"] >= 0.99
     assert card["quantization"]["recipe"] == RECIPE
     base = pipe.base
@@ -238,6 +238,17 @@ def test_tampered_base_directory_is_refused(pipe: Pipeline, tmp_path: Path) -> N
         (copy / name).write_bytes(b"\0" * 16)
         with pytest.raises(TrainingError):
             load_base_model(copy)
+
+
+@pytest.mark.slow
+def test_base_of_another_feature_version_is_refused(pipe: Pipeline, tmp_path: Path) -> None:
+    copy = tmp_path / "old"
+    shutil.copytree(pipe.base.dir, copy)
+    card = json.loads((copy / pipe.base.card.name).read_text())
+    card["feature_version"] = "logmel-v1"
+    (copy / pipe.base.card.name).write_text(json.dumps(card))
+    with pytest.raises(TrainingError, match="'logmel-v1' features"):
+        load_base_model(copy)
 
 
 @pytest.mark.slow
