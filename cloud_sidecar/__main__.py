@@ -96,9 +96,9 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
     hsm = open_hsm(cfg)
     try:
+        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
         pub = repo.roll_back(
             args.to_adapter,
             expires_days=cfg.ota.expires_days,
@@ -239,6 +239,22 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_keys_rotate_unwrap(args: argparse.Namespace) -> int:
+    """New upload-unwrap key; the old one stays for batches in flight (ADR 0002, 0017)."""
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
+    from fleet_protocol.io.files import write_atomic
+
+    cfg = load_config(args.config)
+    with open_hsm(cfg) as hsm:
+        old = hsm.unwrap_key_id()
+        new = hsm.rotate_unwrap_key()
+        write_atomic(args.out, hsm.unwrap_public_key_pem(), 0o644)
+    cfg.open_audit().append("hsm.unwrap_rotated", "cloud-sidecar", old=old, new=new)
+    print(json.dumps({"old": old, "new": new, "public_key": str(args.out)}))
+    return EXIT_OK
+
+
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.labels import LabelService
@@ -266,8 +282,11 @@ def _cmd_broker_acl(args: argparse.Namespace) -> int:
     from cloud_sidecar.broker_acl import write_broker_acl
     from cloud_sidecar.config import load_config
 
-    write_broker_acl(load_config(args.config), args.label_source, args.out, args.enroll_out)
-    print(f"wrote {args.out}" + (f" and {args.enroll_out}" if args.enroll_out else ""))
+    write_broker_acl(
+        load_config(args.config), args.label_source, args.out, args.enroll_out, args.service_out
+    )
+    extra = [p for p in (args.enroll_out, args.service_out) if p]
+    print(f"wrote {args.out}" + "".join(f" and {p}" for p in extra))
     return EXIT_OK
 
 
@@ -399,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--config", type=Path, required=True)
     au.set_defaults(func=_cmd_audit)
 
+    ks = sub.add_parser("keys", help="HSM key custody")
+    ksub = ks.add_subparsers(dest="keys_command", required=True)
+    ru = ksub.add_parser(
+        "rotate-unwrap",
+        help="generate a new upload-unwrap key (the old one keeps opening batches in flight)",
+    )
+    ru.add_argument("--config", type=Path, required=True)
+    ru.add_argument("--out", type=Path, required=True, help="where to write the new public key")
+    ru.set_defaults(func=_cmd_keys_rotate_unwrap)
+
     lb = sub.add_parser("labels", help="labels from downstream systems (docs/labels.md)")
     lb.add_argument("--config", type=Path, required=True)
     lsub = lb.add_subparsers(dest="labels_command", required=True)
@@ -423,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ba.add_argument("--out", type=Path, required=True, help="the device listener's acl_file")
     ba.add_argument("--enroll-out", type=Path, help="also write the enrollment listener's acl_file")
+    ba.add_argument(
+        "--service-out",
+        type=Path,
+        help="also write the service listener's acl_file (the sidecar's own CA and listener;"
+        " set use_username_as_clientid on the device listener: docs/adr/0018)",
+    )
     ba.set_defaults(func=_cmd_broker_acl)
 
     vc = sub.add_parser("validate-config", help="check a configuration file and report errors")

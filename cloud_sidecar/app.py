@@ -4,7 +4,8 @@ Start order: audit log → store → HSM session → MQTT link (shared subscript
 for ingest; the devices' OTA status, events and telemetry for
 ``cloud_sidecar.device_messages``; label batches from downstream systems for
 ``cloud_sidecar.labels``; with a ``fleet`` section also enrollment and renewal,
-answered by ``cloud_sidecar.fleet``). Stop in reverse. Every topic and subscription
+answered by ``cloud_sidecar.fleet`` on its own thread (a bounded queue: enrollment signs
+in the HSM and never holds up ingest on the MQTT thread)). Stop in reverse. Every topic and subscription
 comes from ``fleet_protocol.topics``, the names the broker's ACL is generated from
 (``fleet_protocol.acl``). MQTT callbacks run ingest directly: it is bounded work (one
 HSM decrypt, one SQLite transaction). When the HSM is unavailable
@@ -12,6 +13,10 @@ the upload is neither stored nor acknowledged; a background thread reopens the s
 with backoff (never the MQTT thread), and the device resends. Any token failure during
 an unwrap other than "this ciphertext is not for this key" counts as unavailable: a
 retry loses nothing, a rejection would make the device drop the batch.
+
+No thread dies of input: the MQTT handler, the HSM reopen loop and the metrics and
+checkpoint loop catch every ``Exception``, count it (``loop_errors_total{loop,kind}``,
+``fleet_protocol.io.guard``), log it and go on.
 
 The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
 ``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
@@ -29,9 +34,10 @@ from pathlib import Path
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.device_messages import DeviceMessages
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
 from cloud_sidecar.ingest import Ingest
+from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.ota_publish import (
@@ -44,37 +50,58 @@ from cloud_sidecar.ota_serve import ChunkServer
 from cloud_sidecar.store import Store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.guard import BoundedWorker, LoopFaults
 
 log = logging.getLogger(__name__)
 
 
 class _HsmUnwrapper:
-    """Ingest's view of the app's current HSM session; token failures become "unavailable"."""
+    """Ingest's view of the app's current HSM session (unwrap keys, ack key); token
+    failures become "unavailable"."""
 
     def __init__(self, app: SidecarApp) -> None:
         self._app = app
 
-    def unwrap_key_id(self) -> str:
+    def unwrap_key_ids(self) -> tuple[str, ...]:
         try:
-            return self._app.hsm.unwrap_key_id()
+            return self._app.hsm.unwrap_key_ids()
         except HsmUnavailableError:
             raise
         except HsmError as e:
-            raise HsmUnavailableError(f"HSM cannot name its unwrap key: {e}") from e
+            raise HsmUnavailableError(f"HSM cannot name its unwrap keys: {e}") from e
 
-    def decrypt_oaep(self, wrapped: bytes) -> bytes:
+    def decrypt_oaep(self, wrapped: bytes, key_id: str) -> bytes:
         try:
-            return self._app.hsm.decrypt_oaep(wrapped)
+            return self._app.hsm.decrypt_oaep(wrapped, key_id)
         except (HsmDecryptError, HsmUnavailableError):
             raise
         except HsmError as e:  # e.g. the key's handle vanished with the token
             raise HsmUnavailableError(f"HSM failed during unwrap: {e}") from e
+
+    def ack_key_id(self) -> str:
+        try:
+            return self._app.hsm.ack_key_id()
+        except HsmUnavailableError:
+            raise
+        except HsmError as e:
+            raise HsmUnavailableError(f"HSM cannot name its ack key: {e}") from e
+
+    def sign_ack_digest(self, digest: bytes) -> bytes:
+        try:
+            return self._app.hsm.sign_digest_with(ACK_LABEL, digest)
+        except HsmUnavailableError:
+            raise
+        except HsmError as e:
+            raise HsmUnavailableError(f"HSM cannot sign an ack: {e}") from e
 
 
 class SidecarApp:
     def __init__(self, cfg: SidecarConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
+        self.faults = LoopFaults(  # every loop's caught exceptions: loop_errors_total
+            lambda loop, kind: self.metrics.inc("loop_errors_total", loop=loop, kind=kind)
+        )
         self._hsm_lock = threading.Lock()
         self._reopening = False
         self._stopping = threading.Event()
@@ -86,16 +113,22 @@ class SidecarApp:
         self.store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
         self.hsm = open_hsm(cfg)
         self.link = open_link(
-            cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message, self._on_request
+            cfg,
+            f"cloud-sidecar-ingest-{os.getpid()}",
+            self._on_message,
+            self.faults,
+            on_request=self._on_request,
         )
         self.chunks = ChunkServer(tuf_repo_dir(cfg), self._publish_response)
+        keys = _HsmUnwrapper(self)
         self.ingest = Ingest(
             self.store,
-            _HsmUnwrapper(self),
+            keys,
             self.audit,
             self.metrics,
             self._publish,
             cfg.max_upload_bytes,
+            signer=keys,
         )
         self.labels = LabelService(self.store, self.audit, self.metrics)
         self.device_messages = DeviceMessages(self.store, self.audit, self.metrics)
@@ -108,6 +141,9 @@ class SidecarApp:
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
+            # enrollment signs in the HSM: its own thread, never the ingest (MQTT) thread
+            self._fleet_worker = BoundedWorker("fleet", self._handle_fleet, self.faults)
+            self._fleet_worker.start()
             self.link.subscribe(topics.enroll_subscription(), 1)
             self.link.subscribe(topics.renew_subscription(), 1)
         self.link.start(wait_s=15)
@@ -148,11 +184,16 @@ class SidecarApp:
         elif self.fleet is not None and (
             kind == topics.CERT_REQUEST or topics.is_enroll_topic(topic)
         ):
-            reply = self.fleet.handle(topic, payload)
-            if reply is not None:
-                self._publish(*reply)
+            if not self._fleet_worker.offer(topic, payload):
+                self.metrics.inc("fleet_rejected_total", op="queue", reason="queue_full")
         else:
             log.debug("ignored a message on %s", topic[:120])
+
+    def _handle_fleet(self, topic: str, payload: bytes) -> None:
+        assert self.fleet is not None
+        reply = self.fleet.handle(topic, payload)
+        if reply is not None:
+            self._publish(*reply)
 
     def _hsm_failed(self) -> None:
         """Start one background reopen loop, unless one is running."""
@@ -166,17 +207,24 @@ class SidecarApp:
         delay = 0.5
         try:
             while not self._stopping.is_set():
-                self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
+                with self.faults.guard("hsm_reopen"):
+                    self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
                     hsm = open_hsm(self.cfg)
-                except HsmError as e:
+                except HsmPinError as e:  # retrying would lock the token: stop and say so
+                    self.metrics.inc("hsm_pin_refused_total")
+                    log.critical("HSM refused the PIN; not retrying (fix it, restart): %s", e)
+                    with self.faults.guard("hsm_reopen"):
+                        self.audit.append("hsm.pin_refused", "serve", detail=str(e)[:300])
+                    return
+                except Exception as e:  # HsmError, or whatever a PKCS#11 module raises
                     log.warning("HSM still unavailable (%s); retrying in %.1f s", e, delay)
                     self._stopping.wait(delay)
                     delay = min(delay * 2, 30.0)
                     continue
                 try:
                     hsm.unwrap_key_id()  # the token answers and holds the key
-                except HsmError as e:
+                except Exception as e:
                     hsm.close()
                     log.warning("HSM reopened but unusable (%s); retrying in %.1f s", e, delay)
                     self._stopping.wait(delay)
@@ -208,9 +256,11 @@ class SidecarApp:
         last_checkpoint = last_timestamp = last_rollout = time.monotonic()
         try:
             while not stop.wait(2.0):
-                self.write_metrics(self.cfg.data_dir / "metrics.prom")
+                with self.faults.guard("metrics"):  # a full disk must not stop serving
+                    self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
-                    self.checkpoint_audit()
+                    with self.faults.guard("checkpoint"):
+                        self.checkpoint_audit()
                     last_checkpoint = time.monotonic()
                 if time.monotonic() - last_timestamp >= self.cfg.ota.timestamp_refresh_s:
                     self.refresh_ota_timestamp()
@@ -258,7 +308,9 @@ class SidecarApp:
     def stop(self) -> None:
         self._stopping.set()
         # the final checkpoint signs the head after the last ingest
-        for close in (self.link.stop, self.checkpoint_audit, self.hsm.close, self.store.close):
+        worker = getattr(self, "_fleet_worker", None)
+        stops = (self.link.stop, *([worker.stop] if worker else []), self.checkpoint_audit)
+        for close in (*stops, self.hsm.close, self.store.close):
             try:
                 close()
             except Exception:

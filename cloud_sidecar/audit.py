@@ -14,6 +14,15 @@ elsewhere (another host, a WORM bucket). The chain alone shows edits, deletions 
 reordering; a signed checkpoint kept elsewhere also shows a log truncated, or rewritten
 from scratch, by someone without the HSM: ``verify_log`` checks every checkpoint
 signature against a trusted public key and every external checkpoint against the log.
+
+Torn tail (docs/adr/0017): a crash or a full disk mid-append can leave the last line
+incomplete (no newline, or zero-filled blocks), which no entry may follow. The first
+append of a process (and any append that finds the file changed) recovers it under the
+lock: the bytes after the last complete entry whose hash verifies are cut, kept in a
+``<log>.torn-<ms>`` file, and an ``audit.recovered`` entry naming their length and
+SHA-256 is chained before the entry being appended, so the service starts and the cut
+is on the record. Only a tail that is not a JSON entry is cut: a complete entry whose
+hash does not verify is tampering, not a torn write, and raises ``AuditError``.
 """
 
 from __future__ import annotations
@@ -35,11 +44,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from cloud_sidecar.errors import AuditError
+from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 MAX_LINE = 64 * 1024
 CHECKPOINT_KIND = "audit.checkpoint"
+RECOVERED_KIND = "audit.recovered"
 CHECKPOINT_TYPE = "sovereign-edge/audit-checkpoint/v1"
 MAX_CHECKPOINT_LINE = 4 * 1024
 
@@ -73,14 +84,53 @@ class AuditLog:
         self._size = -1  # file size after our last append; another size: re-read the tail
         self._seq, self._prev = 0, GENESIS
 
-    def _tail(self, f: Any) -> tuple[int, str]:
+    def _tail(self, f: Any) -> tuple[int, str, dict[str, Any] | None]:
+        """Next seq and previous hash; with a torn tail, cut it first and say what was cut."""
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return 0, GENESIS
-        f.seek(max(0, size - 2 * MAX_LINE))
-        last = f.read().splitlines()[-1]
-        entry = json.loads(last)
-        return int(entry["seq"]) + 1, str(entry["hash"])
+            return 0, GENESIS, None
+        start = max(0, size - 2 * MAX_LINE)
+        f.seek(start)
+        data = f.read()
+        end = len(data)
+        while end > 0:
+            line_start = data.rfind(b"\n", 0, end - 1) + 1
+            if start > 0 and line_start == 0:
+                raise AuditError(f"{self.path}: no complete entry in its last {len(data)} bytes")
+            line = data[line_start:end].rstrip(b"\n")
+            entry = _parse_entry(line)
+            if entry is not None:
+                break
+            end = line_start  # not an entry: a torn write (or zero-filled blocks): cut it
+        if end == len(data) and data.endswith(b"\n"):
+            return int(entry["seq"]) + 1, str(entry["hash"]), None  # type: ignore[index]
+        keep = start + end
+        complete_line = data[:end].endswith(b"\n") or end == 0
+        cut = data[end:]
+        recovered = self._cut_tail(f, keep, cut, add_newline=not complete_line)
+        if entry is None:
+            return 0, GENESIS, recovered
+        return int(entry["seq"]) + 1, str(entry["hash"]), recovered
+
+    def _cut_tail(self, f: Any, keep: int, cut: bytes, add_newline: bool) -> dict[str, Any]:
+        """Keep ``cut`` beside the log, truncate the log at ``keep`` (lock held)."""
+        quarantine = self.path.with_name(f"{self.path.name}.torn-{int(time.time() * 1000)}")
+        write_atomic(quarantine, cut, 0o600)
+        f.truncate(keep)
+        if add_newline:  # the last entry was complete but for its newline
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+        log.error(
+            "audit log %s ended in a torn write: cut %d bytes (kept in %s)",
+            self.path, len(cut), quarantine,
+        )  # fmt: skip
+        return {
+            "cut_bytes": len(cut),
+            "cut_sha256": hashlib.sha256(cut).hexdigest(),
+            "kept_in": quarantine.name,
+        }
 
     def append(self, kind: str, subject: str, **details: Any) -> str:
         return self._append(kind, subject, details)
@@ -117,30 +167,51 @@ class AuditLog:
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
             if os.fstat(f.fileno()).st_size != self._size:
-                self._seq, self._prev = self._tail(f)
+                self._seq, self._prev, recovered = self._tail(f)
+                if recovered is not None:  # on the record before anything else
+                    self._write(f, RECOVERED_KIND, "audit", recovered)
             if sign is not None:
                 details.update(sign(self._seq - 1, self._prev))
-            body = {
-                "seq": self._seq,
-                "ts": round(time.time(), 3),
-                "kind": kind,
-                "subject": subject,
-                "region": self.region,
-                "details": details,
-                "prev": self._prev,
-            }
-            digest = _entry_hash(self._prev, body)
-            line = _canonical({**body, "hash": digest}) + b"\n"
-            if len(line) > MAX_LINE:
-                raise AuditError(f"audit entry of {len(line)} bytes exceeds {MAX_LINE}")
-            f.seek(0, os.SEEK_END)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-            self._size = f.tell()
-            self._seq += 1
-            self._prev = digest
-            return digest
+            return self._write(f, kind, subject, details)
+
+    def _write(self, f: Any, kind: str, subject: str, details: dict[str, Any]) -> str:
+        """Chain and fsync one entry (lock held)."""
+        body = {
+            "seq": self._seq,
+            "ts": round(time.time(), 3),
+            "kind": kind,
+            "subject": subject,
+            "region": self.region,
+            "details": details,
+            "prev": self._prev,
+        }
+        digest = _entry_hash(self._prev, body)
+        line = _canonical({**body, "hash": digest}) + b"\n"
+        if len(line) > MAX_LINE:
+            raise AuditError(f"audit entry of {len(line)} bytes exceeds {MAX_LINE}")
+        f.seek(0, os.SEEK_END)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+        self._size = f.tell()
+        self._seq += 1
+        self._prev = digest
+        return digest
+
+
+def _parse_entry(line: bytes) -> dict[str, Any] | None:
+    """The entry on ``line`` if its hash verifies; None if it is not a JSON entry at all
+    (a torn write); ``AuditError`` for a JSON entry whose hash does not verify."""
+    try:
+        entry = json.loads(line)
+        claimed = entry["hash"]
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        prev = body["prev"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(prev, str) or _entry_hash(prev, body) != claimed:
+        raise AuditError("the last audit entry was modified: not a torn write, not recovered")
+    return dict(entry)
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,10 @@ def write_broker_acl(
     label_sources: Sequence[str],
     out: Path,
     enroll_out: Path | None = None,
+    service_out: Path | None = None,
 ) -> str:
-    """Write the device listener's ACL (and the enrollment listener's); return the text."""
+    """Write the device listener's ACL (and the enrollment and service listeners'); return
+    the device listener's text."""
     try:
         text = acl.broker_acl([admin_identity(cfg)], label_sources)
     except ProtocolError as e:
@@ -64,6 +66,8 @@ def write_broker_acl(
     write_atomic(out, text.encode(), 0o644)
     if enroll_out is not None:
         write_atomic(enroll_out, acl.enroll_acl().encode(), 0o644)
+    if service_out is not None:
+        write_atomic(service_out, acl.service_acl([admin_identity(cfg)]).encode(), 0o644)
     return text
 
 

@@ -6,6 +6,11 @@ The HSM PIN never sits in the config: it is read from systemd's credentials dire
 Every endpoint (broker, HSM, data_dir, and any ``residency.other_endpoints``) declares
 its region; ``load_config`` refuses a configuration in which any of them lies outside
 the residency policy (``cloud_sidecar.residency``), naming the endpoint.
+
+Config is code (``cloud_sidecar.trust``): ``load_config`` refuses a file that anyone but
+root or the service user could have written; ``residency.allowed_regions`` may only
+narrow the built-in EU list; the PKCS#11 module, its environment and the CRL hook are
+checked before they are loaded or run.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
 from cloud_sidecar.residency import MAX_REGION_LEN, ResidencyPolicy
+from cloud_sidecar.trust import check_config_file
 from fleet_protocol.io.config import load_json_model
 
 Region = Annotated[
@@ -121,6 +127,12 @@ class FleetConfig(_Strict):
     )
     claim_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a claim expires after this")
     max_clock_skew_s: int = Field(600, ge=1, description="accepted request time offset")
+    ek_ca_certs: tuple[Path, ...] = Field(
+        (),
+        description="certificates of the TPM manufacturers' EK CAs; when set, enrollment"
+        " asks each device to prove its identity key lives in a TPM with such an EK"
+        " (credential activation, docs/adr/0018); empty: not asked",
+    )
     crl_hook: tuple[str, ...] = Field(
         (),
         description="argv run with the CRL path appended after each revocation; it must"
@@ -140,6 +152,17 @@ class ResidencyConfig(_Strict):
         description="further endpoints and their regions (e.g. a model or container"
         " registry, backups), checked like the broker, HSM and data_dir",
     )
+
+    @field_validator("allowed_regions")
+    @classmethod
+    def _never_wider_than_the_eu_list(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        eu = ResidencyPolicy.eu_default()
+        wider = [r for r in v or () if not eu.allows(r)]
+        if wider:
+            raise ValueError(
+                f"allowed_regions may only narrow the built-in EU list; {wider[:5]} are outside"
+            )
+        return v
 
     def policy(self) -> ResidencyPolicy:
         if self.allowed_regions is None:
@@ -194,6 +217,7 @@ class SidecarConfig(_Strict):
 
 
 def load_config(path: Path) -> SidecarConfig:
+    check_config_file(path)  # config is code: only root or this user may have written it
     cfg = load_json_model(path, SidecarConfig, ConfigError)
     cfg.check_residency()
     return cfg

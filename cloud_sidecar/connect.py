@@ -2,7 +2,8 @@
 
 Every command (serve, train, fleet, ota, audit) opens them here, so none of them has to
 import the composition root (``cloud_sidecar.app``). Invariants: the PKCS#11 module's
-environment is set before the module loads; the broker link uses the sidecar's own mTLS
+path and environment pass ``cloud_sidecar.trust`` and the environment is set before the
+module loads; the broker link uses the sidecar's own mTLS
 identity from ``cfg.broker``; nothing here retries (the caller owns the policy).
 """
 
@@ -13,10 +14,15 @@ from collections.abc import Callable
 
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.keys.hsm import Hsm
+from cloud_sidecar.trust import check_hsm_env, check_pkcs11_module
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
 
 
 def open_hsm(cfg: SidecarConfig) -> Hsm:
+    """The HSM session; the module path and its environment are checked first (trust.py)."""
+    check_hsm_env(cfg.hsm.env)
+    check_pkcs11_module(cfg.hsm.module)  # the path as configured: one library per process
     os.environ.update(cfg.hsm.env)  # the PKCS#11 module reads these when it loads
     return Hsm(str(cfg.hsm.module), cfg.hsm.token_label, cfg.hsm.pin())
 
@@ -29,6 +35,7 @@ def open_link(
     cfg: SidecarConfig,
     client_id: str,
     on_message: Callable[[str, bytes], None] = _ignore,
+    faults: LoopFaults | None = None,
     on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
 ) -> MqttLink:
     b = cfg.broker
@@ -36,5 +43,6 @@ def open_link(
         MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
         client_id=client_id,
         on_message=on_message,
+        faults=faults,
         on_request=on_request,
     )

@@ -13,6 +13,11 @@ class HsmError(CloudError):
     """The PKCS#11 token failed or is unreachable (key missing, login, mechanism)."""
 
 
+class HsmPinError(HsmError):
+    """The token refused the PIN. Never retried: every further try brings the token closer
+    to locking the user PIN (issue 9); an operator must fix the credential."""
+
+
 class HsmUnavailableError(HsmError):
     """The token cannot be reached now; ingest stops acknowledging and retries."""
 
@@ -41,6 +46,11 @@ class GateRejectedError(CloudError):
     """A candidate adapter did not pass the evaluation gate."""
 
 
+class RepositoryError(CloudError):
+    """OTA repository state that is not backed by verified signed metadata, or an artifact
+    that does not match what was gated or signed: nothing is signed."""
+
+
 class AuditError(CloudError):
     """The audit log is inconsistent (edited, deleted or reordered entries)."""
 
@@ -50,7 +60,23 @@ class HsmDecryptError(HsmError, ValueError):
 
     Also a ``ValueError``, so ``fleet_protocol.envelope.open_envelope`` reports it as a
     ``DecryptError`` (reject the upload) and not as an unreachable token (retry).
+    ``transient`` is True when the token's answer does not prove the data bad
+    (``CKR_GENERAL_ERROR``): ingest then keeps the batch on the device (docs/adr/0017).
     """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class TransientIngestError(CloudError):
+    """An upload cannot be stored now but may be later (unknown unwrap key, a token error
+    that does not prove the data bad, a full disk): the device keeps it and resends.
+    ``reason`` is the ack's and the metric's label."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ResidencyError(ConfigError):

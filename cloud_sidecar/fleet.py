@@ -1,14 +1,16 @@
 """Fleet identity on the cloud side: claims, enrollment, renewal, revocation, the fleet CA.
 
-Owns: issuing one-time claims, answering enrollment and renewal requests (verify the
-claim or the registered TPM identity, verify the CSR, sign a short-lived client
-certificate), revoking a device (store + CRL + broker reload hook), and the CA
+Owns: issuing one-time claims, answering enrollment, renewal and re-enrollment requests
+(verify the claim or the registered TPM identity, verify the CSR, sign a short-lived
+client certificate), revoking a device (store + CRL + broker reload hook), and the CA
 signer seam.
 
 Invariants:
 - a certificate is issued only after every check passed: request parsed within its
   caps, TPM signature valid (enrollment: by the key it registers; renewal: by the key
-  registered for the broker-authenticated device), CSR for EC P-256 with subject
+  registered for the broker-authenticated device; re-enrollment of a device whose
+  certificate expired while it was offline, over the claim listener: by the key
+  registered for the active device it names, docs/adr/0017), CSR for EC P-256 with subject
   exactly ``CN=<device id>``, and for enrollment a claim that is known, unused,
   unexpired and bound to that device id (consumed last, so a malformed request never
   burns a claim; the certificate is signed just before, and discarded when the claim is
@@ -25,9 +27,11 @@ Invariants:
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from cloud_sidecar import attest
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.broker_acl import admin_identity
 from cloud_sidecar.config import SidecarConfig
@@ -45,6 +50,7 @@ from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import CloudError, ConfigError, HsmError
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
+from cloud_sidecar.trust import check_hook
 from fleet_protocol import enroll, topics
 from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, leaf_builder
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
@@ -56,8 +62,11 @@ log = logging.getLogger(__name__)
 MAX_CA_FILE_BYTES = 256 * 1024
 CLOCK_SKEW = dt.timedelta(minutes=5)
 CRL_VALID = dt.timedelta(days=365)
-# topic levels beside the devices', and the shared claim certificate's CN
-RESERVED_DEVICE_IDS = topics.RESERVED_DEVICE_IDS | {"claim"}
+# topic levels beside the devices', the shared claim certificate's CN, and the service
+# identities: the sidecar's default admin CN and broker client ids (cloud-sidecar-*)
+RESERVED_DEVICE_IDS = topics.RESERVED_DEVICE_IDS | {"claim", "cloud-sidecar", "admin", "broker"}
+RESERVED_PREFIXES = ("cloud-sidecar",)
+CLAIM_TAG = b"sovereign-edge claim record v2\x00"
 
 Reply = tuple[str, bytes]
 
@@ -79,6 +88,10 @@ def _now() -> dt.datetime:
 
 def _ms(t: dt.datetime) -> int:
     return int(t.timestamp() * 1000)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # -- the CA ----------------------------------------------------------------------------
@@ -179,6 +192,21 @@ class FleetPolicy:
     max_clock_skew_s: int = 600
     reserved_ids: frozenset[str] = RESERVED_DEVICE_IDS
 
+    def is_reserved(self, device_id: str) -> bool:
+        """A topic level, a service identity (admin, label source, claim) or its prefix."""
+        return device_id in self.reserved_ids or device_id.startswith(RESERVED_PREFIXES)
+
+
+ClaimMac = Callable[[bytes], bytes]
+
+
+def claim_record_hash(mac: ClaimMac, claim_id: str, device_id: str, token: str) -> str:
+    """What the store keeps for a claim: an HSM MAC over the claim id, the device it is
+    bound to and the token's hash. Without the HSM nobody can write a record that a
+    token will match, so write access to the store does not mint claims."""
+    body = f"{claim_id}\x00{device_id}\x00{enroll.token_hash(token)}".encode()
+    return mac(CLAIM_TAG + body).hex()
+
 
 class FleetService:
     """Answers enrollment and renewal requests; issues claims; revokes devices."""
@@ -191,6 +219,9 @@ class FleetService:
         ca: FleetCA,
         policy: FleetPolicy = FleetPolicy(),
         on_crl_changed: Callable[[Path], None] = lambda _p: None,
+        *,
+        claim_mac: ClaimMac,
+        ek_issuers: Sequence[x509.Certificate] = (),
     ) -> None:
         self.store = store
         self.audit = audit
@@ -198,6 +229,12 @@ class FleetService:
         self.ca = ca
         self.policy = policy
         self._on_crl_changed = on_crl_changed
+        self._claim_mac = claim_mac
+        self._ek_issuers = tuple(ek_issuers)  # empty: no proof of TPM residence asked
+        self._pending = attest.PendingChallenges()
+        # revoke vs. issue: a certificate is issued and recorded, or the device is revoked
+        # with every serial listed, never a certificate missing from the CRL
+        self._issue_lock = threading.Lock()
 
     # -- operator commands ------------------------------------------------------------
 
@@ -207,11 +244,15 @@ class FleetService:
             topics.check_device_id(device_id)
         except ProtocolError as e:
             raise ConfigError(str(e)) from e
-        if device_id in self.policy.reserved_ids:
+        if self.policy.is_reserved(device_id):
             raise ConfigError(f"{device_id!r} is reserved and cannot be a device id")
         claim = enroll.Claim.new()
         expires = int(time.time() * 1000) + self.policy.claim_ttl_s * 1000
-        self.store.add_claim(claim.claim_id, device_id, enroll.token_hash(claim.token), expires)
+        try:
+            record = claim_record_hash(self._claim_mac, claim.claim_id, device_id, claim.token)
+        except HsmError as e:
+            raise ConfigError(f"the HSM cannot bind the claim: {e}") from e
+        self.store.add_claim(claim.claim_id, device_id, record, expires)
         self.audit.append(
             "fleet.claim_issued", device_id, claim_id=claim.claim_id, expires_ms=expires
         )
@@ -219,10 +260,11 @@ class FleetService:
 
     def revoke(self, device_id: str) -> list[str]:
         """Revoke every certificate of the device, refuse its uploads, reload the broker CRL."""
-        serials = self.store.revoke_device(device_id, int(time.time() * 1000))
-        if serials is None:
-            raise ConfigError(f"unknown device {device_id}")
-        changed = self.ca.revoke([int(s, 16) for s in serials])
+        with self._issue_lock:  # no renewal in flight can add a serial after this list
+            serials = self.store.revoke_device(device_id, int(time.time() * 1000))
+            if serials is None:
+                raise ConfigError(f"unknown device {device_id}")
+            changed = self.ca.revoke([int(s, 16) for s in serials])
         self.audit.append("fleet.revoked", device_id, serials=serials, crl_changed=changed)
         self.metrics.inc("fleet_revoked_total")
         self._on_crl_changed(self.ca.crl_path)
@@ -234,7 +276,17 @@ class FleetService:
     def handle(self, topic: str, payload: bytes) -> Reply | None:
         """One request in, the reply (topic, bytes) out, or None when there is no one to tell."""
         if topics.is_enroll_topic(topic):
-            return self._enroll(topic, payload)
+            try:
+                again = enroll.ReenrollRequest.from_bytes(payload)
+            except ProtocolError:
+                pass
+            else:
+                return self._reenroll(topic, again)
+            try:
+                proof = enroll.ActivationProof.from_bytes(payload)
+            except ProtocolError:
+                return self._enroll(topic, payload)
+            return self._activate(topic, proof)
         return self._renew(topic, payload)
 
     def _enroll(self, topic: str, payload: bytes) -> Reply | None:
@@ -245,28 +297,93 @@ class FleetService:
             req = enroll.EnrollRequest.from_bytes(payload)
             if req.claim_id != claim_id:
                 raise MalformedError("request names another claim than its topic", "claim_mismatch")
-            if req.device_id in self.policy.reserved_ids:
+            if self.policy.is_reserved(req.device_id):
                 raise MalformedError(f"{req.device_id!r} is reserved", "reserved_device_id")
             self._check_fresh(req.created_at_ms)
             req.verify(req.identity_key.encode())
             csr = enroll.check_csr(req.csr, req.device_id)
             if csr.public_key() == enroll.load_identity_key(req.identity_key.encode()):
                 raise MalformedError("TLS key must differ from the identity key", "bad_csr")
-            cert = self._sign(csr, "enroll", req.device_id)
-            if cert is None:
-                return None  # CA unavailable: the claim is intact, the device resends
-            why = self.store.use_claim(
-                claim_id, req.device_id, enroll.token_hash(req.token), int(time.time() * 1000)
-            )
+            known = self.store.device(req.device_id)
+            if known is not None and known.status != "active":
+                # a claim never re-activates a revoked device: re-provision it by hand
+                raise SignatureError(
+                    f"device {req.device_id!r} is {known.status}", "revoked_device"
+                )
+            ek = name = None
+            if self._ek_issuers:  # the identity key must prove it lives in a TPM
+                ek = attest.check_ek_certificate(req.ek_cert, self._ek_issuers)
+                identity = enroll.load_identity_key(req.identity_key.encode())
+                name = attest.identity_name(req.identity_public, identity)
+            try:  # the claim record is an HSM MAC (claim_record_hash)
+                record = claim_record_hash(self._claim_mac, claim_id, req.device_id, req.token)
+            except HsmError as e:
+                log.error("enroll of %s: the HSM cannot check the claim: %s", req.device_id, e)
+                self.metrics.inc("fleet_rejected_total", op="enroll", reason="hsm_unavailable")
+                return None  # the claim is intact, the device resends
+            why = self.store.check_claim(claim_id, req.device_id, record, _now_ms())
             if why:
                 raise SignatureError(f"claim {claim_id} refused: {why}", why)
+            if ek is not None and name is not None:
+                ch = attest.challenge(ek, name)
+                self._pending.put(claim_id, req.nonce, req, csr, record, ch.secret)
+                self.metrics.inc("fleet_challenged_total")
+                challenge = enroll.ActivationChallenge(
+                    device_id=req.device_id,
+                    nonce=req.nonce,
+                    credential_blob=ch.credential_blob,
+                    encrypted_secret=ch.encrypted_secret,
+                )
+                return topics.enroll_response(claim_id), challenge.to_bytes()
         except ProtocolError as e:
             self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
             if req is None or claim_id is None:
                 return None
             return topics.enroll_response(claim_id), self._refusal(req, e.reason)
-        device = self.store.register_device(req.device_id, req.identity_key.encode())
-        self._record(cert, req.device_id, "enroll")
+        return self._issue_enrollment(claim_id, req, csr, record)
+
+    def _activate(self, topic: str, proof: enroll.ActivationProof) -> Reply | None:
+        """The answer to a credential-activation challenge: issue, or refuse."""
+        claim_id = topics.claim_of_enroll_request(topic)
+        try:
+            if proof.claim_id != claim_id:
+                raise MalformedError("proof names another claim than its topic", "claim_mismatch")
+            try:
+                secret = base64.b64decode(proof.secret, validate=True)
+            except ValueError as e:
+                raise MalformedError("secret is not base64", "activation_failed") from e
+            pending = self._pending.take(claim_id, proof.nonce, proof.device_id, secret)
+        except ProtocolError as e:
+            self._rejected("enroll", proof.device_id, e, claim_id=claim_id)
+            return None  # nothing to bind a refusal to: the device times out or resends
+        self.metrics.inc("fleet_activated_total")
+        return self._issue_enrollment(claim_id, pending.request, pending.csr, pending.record)
+
+    def _issue_enrollment(
+        self,
+        claim_id: str,
+        req: enroll.EnrollRequest,
+        csr: x509.CertificateSigningRequest,
+        record: str,
+    ) -> Reply | None:
+        try:
+            with self._issue_lock:
+                # checked before anything is signed; consumed only after the CA signed,
+                # so an HSM outage never burns a claim (no answer, the device resends)
+                why = self.store.check_claim(claim_id, req.device_id, record, _now_ms())
+                if why:
+                    raise SignatureError(f"claim {claim_id} refused: {why}", why)
+                cert = self._sign(csr, "enroll", req.device_id)
+                if cert is None:
+                    return None
+                why = self.store.use_claim(claim_id, req.device_id, record, _now_ms())
+                if why:
+                    raise SignatureError(f"claim {claim_id} refused: {why}", why)
+                device = self.store.register_device(req.device_id, req.identity_key.encode())
+                self._record(cert, req.device_id, "enroll")
+        except ProtocolError as e:
+            self._rejected("enroll", req.device_id, e, claim_id=claim_id)
+            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
         self.audit.append(
             "fleet.enrolled",
             req.device_id,
@@ -302,10 +419,16 @@ class FleetService:
             if req is None or device is None or req.device_id != device:
                 return None
             return topics.cert_response(device), self._refusal(req, e.reason)
-        cert = self._sign(csr, "renew", device)
-        if cert is None:
-            return None  # the renewer retries with backoff
-        self._record(cert, device, "renew")
+        with self._issue_lock:  # revoke lists serials under the same lock
+            record = self.store.device(device)
+            if record is None or record.status != "active":  # revoked while we checked
+                refused = SignatureError(f"device {device!r} was revoked", "revoked_device")
+                self._rejected("renew", device, refused)
+                return topics.cert_response(device), self._refusal(req, refused.reason)
+            cert = self._sign(csr, "renew", device)
+            if cert is None:
+                return None  # the renewer retries with backoff
+            self._record(cert, device, "renew")
         self.audit.append(
             "fleet.renewed",
             device,
@@ -315,6 +438,48 @@ class FleetService:
         self.metrics.inc("fleet_renewed_total")
         log.info("renewed the certificate of %s", device)
         return topics.cert_response(device), self._issued(device, req.nonce, cert)
+
+    def _reenroll(self, topic: str, req: enroll.ReenrollRequest) -> Reply | None:
+        """A registered device whose certificate expired proves its TPM key (ADR 0017)."""
+        device = req.device_id
+        channel = None
+        try:
+            channel = topics.claim_of_enroll_request(topic)
+            if req.channel != channel:
+                raise MalformedError(
+                    "request names another channel than its topic", "claim_mismatch"
+                )
+            if device in self.policy.reserved_ids:
+                raise MalformedError(f"{device!r} is reserved", "reserved_device_id")
+            record = self.store.device(device)
+            if record is None:
+                raise SignatureError(f"unknown device {device!r}", "unknown_device")
+            if record.status != "active":
+                raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
+            if req.kid != record.key_id:
+                raise SignatureError("signed with a key that is not the device's", "unknown_key")
+            self._check_fresh(req.created_at_ms)
+            req.verify(record.public_key_pem)
+            csr = enroll.check_csr(req.csr, device)
+        except ProtocolError as e:
+            self._rejected("reenroll", device, e, channel=channel)
+            if channel is None:
+                return None
+            return topics.enroll_response(channel), self._refusal(req, e.reason)
+        cert = self._sign(csr, "reenroll", device)
+        if cert is None:
+            return None  # CA unavailable: the device tries again
+        self._record(cert, device, "reenroll")
+        self.audit.append(
+            "fleet.reenrolled",
+            device,
+            identity_key=record.key_id,
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+        self.metrics.inc("fleet_reenrolled_total")
+        log.info("re-enrolled %s by its registered TPM key", device)
+        return topics.enroll_response(channel), self._issued(device, req.nonce, cert)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -354,7 +519,9 @@ class FleetService:
         )
 
     @staticmethod
-    def _refusal(req: enroll.EnrollRequest | enroll.RenewRequest, reason: str) -> bytes:
+    def _refusal(
+        req: enroll.EnrollRequest | enroll.RenewRequest | enroll.ReenrollRequest, reason: str
+    ) -> bytes:
         return enroll.CertResponse(
             device_id=req.device_id,
             nonce=req.nonce,
@@ -383,6 +550,7 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
     f = cfg.fleet
     if f is None:
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
+    check_hook(f.crl_hook)  # config is code: only a trusted program runs after a revocation
     signer: CaSigner
     if f.ca_signer == "hsm":
         from cloud_sidecar.ca import HsmCaSigner
@@ -395,7 +563,21 @@ def open_fleet(cfg: SidecarConfig, store: Store, audit: AuditLog, metrics: Metri
     # the sidecar's own CN too: a device of that name would get the admin's ACL
     reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)}
     policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s, reserved)
-    return FleetService(store, audit, metrics, ca, policy, lambda p: run_crl_hook(f.crl_hook, p))
+
+    def claim_mac(data: bytes) -> bytes:
+        with open_hsm(cfg) as hsm:  # sessions on one token are shared in-process: cheap
+            return hsm.claim_mac(data)
+
+    return FleetService(
+        store,
+        audit,
+        metrics,
+        ca,
+        policy,
+        lambda p: run_crl_hook(f.crl_hook, p),
+        claim_mac=claim_mac,
+        ek_issuers=[x509.load_pem_x509_certificate(_read_capped(p)) for p in f.ek_ca_certs],
+    )
 
 
 def end_session(cfg: SidecarConfig, device_id: str, wait_s: float = 10.0) -> bool:

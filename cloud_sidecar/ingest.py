@@ -2,13 +2,22 @@
 
 Order of checks (cheapest and least trusting first): topic → envelope structure and
 byte caps → header device equals the broker-authenticated topic device → device known
-and active → device signature → unwrap key id → replay (batch id, sequence) → HSM
-unwrap → AEAD decrypt → batch parse → one-transaction store → ack.
+and active → device signature → unwrap key id (any key the HSM holds: current or
+rotated, ADR 0002) → replay (batch id; sequence within the device's window for its
+epoch, docs/adr/0017) → HSM unwrap → AEAD decrypt → batch parse → one-transaction
+store → signed ack.
 
-Invariants: a rejection stores nothing, is logged, counted by reason in
-``ingest_rejected_total`` and written to the audit log, and never stops the worker.
-When the HSM is unavailable nothing is stored or acknowledged: the device keeps the
-batch and sends it again (``HsmUnavailableError`` propagates to the caller).
+Invariants:
+- every ack is signed by the sidecar's ack key and names the SHA-256 of the envelope
+  it is about; a device deletes a batch only on such an ack (docs/adr/0017);
+- a permanent refusal (forged, malformed, replayed, stale) stores nothing, is logged,
+  counted by reason in ``ingest_rejected_total``, audited, and acked ``rejected``;
+- a transient one (an unwrap key this sidecar does not hold, a token error that does not
+  prove the data bad, a store that cannot write) stores nothing, is counted in
+  ``ingest_deferred_total``, audited, and acked ``retry``: the device keeps the batch;
+- when the HSM is unavailable nothing is stored or acknowledged (no ack can be signed):
+  the device keeps the batch and sends it again (``HsmUnavailableError`` propagates);
+- nothing here stops the worker.
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cloud_sidecar.audit import AuditLog
-from cloud_sidecar.errors import HsmUnavailableError
+from cloud_sidecar.errors import (
+    HsmDecryptError,
+    HsmUnavailableError,
+    StoreError,
+    TransientIngestError,
+)
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, envelope, topics
@@ -31,16 +45,25 @@ log = logging.getLogger(__name__)
 
 
 class Unwrapper(Protocol):
-    def unwrap_key_id(self) -> str: ...
+    def unwrap_key_ids(self) -> tuple[str, ...]:
+        """Every unwrap key the HSM holds (current first, then rotated ones)."""
 
-    def decrypt_oaep(self, wrapped: bytes) -> bytes: ...
+    def decrypt_oaep(self, wrapped: bytes, key_id: str) -> bytes: ...
+
+
+class AckSigner(Protocol):
+    """The sidecar's ack key (in the HSM): signs the SHA-256 digest of an ack."""
+
+    def ack_key_id(self) -> str: ...
+
+    def sign_ack_digest(self, digest: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
 class IngestResult:
     device: str | None
     batch_id: str | None
-    status: str  # stored | duplicate | rejected
+    status: str  # stored | duplicate | rejected | deferred
     reason: str = ""
     n_samples: int = 0
 
@@ -54,9 +77,12 @@ class Ingest:
         metrics: Metrics,
         publish: Callable[[str, bytes], None],
         max_upload_bytes: int = 8 * 1024 * 1024,
+        *,
+        signer: AckSigner,
     ) -> None:
         self.store = store
         self.hsm = hsm
+        self.signer = signer
         self.audit = audit
         self.metrics = metrics
         self._publish = publish
@@ -65,6 +91,7 @@ class Ingest:
     def handle(self, topic: str, payload: bytes) -> IngestResult:
         device: str | None = None
         env: envelope.Envelope | None = None
+        digest = hashlib.sha256(payload).hexdigest()
         try:
             device = topics.device_of_upload(topic)
             if len(payload) > self._limits.max_total:
@@ -85,24 +112,30 @@ class Ingest:
             if h.kid_sig != record.key_id:
                 raise SignatureError("signed with a key that is not the device's", "unknown_key")
             envelope.verify_signature(env, record.public_key_pem)
-            if h.kid_wrap != self.hsm.unwrap_key_id():
-                raise MalformedError("wrapped for a key this sidecar does not hold", "unknown_key")
-            digest = hashlib.sha256(payload).hexdigest()
-            if not self.store.check_fresh(device, h.batch_id, h.seq, digest):
+            if h.kid_wrap not in self.hsm.unwrap_key_ids():
+                raise TransientIngestError(
+                    f"wrapped for unwrap key {h.kid_wrap}, not held here", "unknown_unwrap_key"
+                )
+            if not self._check_fresh(device, h, digest):
                 self.metrics.inc("ingest_duplicates_total")
-                self._ack(device, h.batch_id, h.seq, "stored", "duplicate")
+                self._ack(device, h, digest, "stored", "duplicate")
                 return IngestResult(device, h.batch_id, "duplicate")
             plain = envelope.open_envelope(env, lambda wrapped: self._unwrap(device, h, wrapped))
             parsed = batch.decode_or_raise(plain)
             if parsed.device != device:
                 raise MalformedError("batch manifest names another device", "device_mismatch")
-            self.store.put_batch(h.batch_id, h.seq, digest, parsed)
+            try:
+                self.store.put_batch(h.batch_id, h.seq, digest, parsed, epoch=h.epoch)
+            except StoreError as e:
+                raise TransientIngestError(str(e), "store_unavailable") from e
         except HsmUnavailableError:
             self.metrics.inc("ingest_hsm_unavailable_total")
             log.error("HSM unavailable; upload from %s left for the device to resend", device)
             raise
+        except TransientIngestError as e:
+            return self._defer(device, env, digest, e.reason, str(e))
         except ProtocolError as e:
-            return self._reject(device, env, e.reason, str(e))
+            return self._reject(device, env, digest, e.reason, str(e))
         n = len(parsed.samples)
         self.metrics.inc("ingest_batches_total", device=device)
         self.metrics.inc("ingest_samples_total", n, device=device)
@@ -111,20 +144,27 @@ class Ingest:
             device,
             batch_id=h.batch_id,
             seq=h.seq,
+            epoch=h.epoch,
             samples=n,
             digest=digest,
             unwrap_key=h.kid_wrap,
             decrypted=h.aead,
             region=self.store.region,
         )
-        self._ack(device, h.batch_id, h.seq, "stored", "")
+        self._ack(device, h, digest, "stored", "")
         log.debug("stored batch %s (%d samples) from %s", h.batch_id, n, device)
         return IngestResult(device, h.batch_id, "stored", n_samples=n)
+
+    def _check_fresh(self, device: str, h: envelope.EnvelopeHeader, digest: str) -> bool:
+        try:
+            return self.store.check_fresh(device, h.batch_id, h.seq, digest, epoch=h.epoch)
+        except StoreError as e:
+            raise TransientIngestError(str(e), "store_unavailable") from e
 
     def _unwrap(self, device: str, h: envelope.EnvelopeHeader, wrapped: bytes) -> bytes:
         """One HSM operation, audited whether it succeeds or not (key custody trail)."""
         try:
-            key = self.hsm.decrypt_oaep(wrapped)
+            key = self.hsm.decrypt_oaep(wrapped, h.kid_wrap)
         except Exception as e:
             self.audit.append(
                 "hsm.unwrap",
@@ -134,6 +174,8 @@ class Ingest:
                 ok=False,
                 error=type(e).__name__,
             )
+            if isinstance(e, HsmDecryptError) and e.transient:
+                raise TransientIngestError(f"token error during unwrap: {e}", "hsm_error") from e
             raise
         self.audit.append(
             "hsm.unwrap", device, batch_id=h.batch_id, key_id=h.kid_wrap, ok=True, mechanism=h.wrap
@@ -141,7 +183,12 @@ class Ingest:
         return key
 
     def _reject(
-        self, device: str | None, env: envelope.Envelope | None, reason: str, detail: str
+        self,
+        device: str | None,
+        env: envelope.Envelope | None,
+        digest: str,
+        reason: str,
+        detail: str,
     ) -> IngestResult:
         batch_id = env.header.batch_id if env is not None else None
         log.warning("rejected upload from %s (%s): %s", device, reason, detail)
@@ -150,11 +197,42 @@ class Ingest:
             "ingest.rejected", device or "?", reason=reason, detail=detail[:300], batch_id=batch_id
         )
         if device is not None and env is not None:
-            self._ack(device, env.header.batch_id, env.header.seq, "rejected", reason)
+            self._ack(device, env.header, digest, "rejected", reason)
         return IngestResult(device, batch_id, "rejected", reason)
 
-    def _ack(self, device: str, batch_id: str, seq: int, status: AckStatus, reason: str) -> None:
-        self._publish(
-            topics.ack(device),
-            Ack(batch_id=batch_id, seq=seq, status=status, reason=reason).to_bytes(),
+    def _defer(
+        self,
+        device: str | None,
+        env: envelope.Envelope | None,
+        digest: str,
+        reason: str,
+        detail: str,
+    ) -> IngestResult:
+        batch_id = env.header.batch_id if env is not None else None
+        log.warning("deferred upload from %s (%s): %s", device, reason, detail)
+        self.metrics.inc("ingest_deferred_total", reason=reason)
+        self.audit.append(
+            "ingest.deferred", device or "?", reason=reason, detail=detail[:300], batch_id=batch_id
         )
+        if device is not None and env is not None:
+            self._ack(device, env.header, digest, "retry", reason)
+        return IngestResult(device, batch_id, "deferred", reason)
+
+    def _ack(
+        self,
+        device: str,
+        h: envelope.EnvelopeHeader,
+        digest: str,
+        status: AckStatus,
+        reason: str,
+    ) -> None:
+        """Sign and publish one ack; ``HsmUnavailableError`` if the ack key cannot sign."""
+        ack = Ack(
+            batch_id=h.batch_id,
+            seq=h.seq,
+            status=status,
+            reason=reason,
+            digest=digest,
+            kid=self.signer.ack_key_id(),
+        )
+        self._publish(topics.ack(device), ack.signed(self.signer.sign_ack_digest).to_bytes())

@@ -125,9 +125,10 @@ def load_with_adapter(base: BaseModel, adapter_dir: Path) -> torch.nn.Module:
     return model
 
 
-def _predict(model: torch.nn.Module | Path, features: F32) -> F32:
-    if isinstance(model, Path):
-        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+def _predict(model: torch.nn.Module | Path | bytes, features: F32) -> F32:
+    if isinstance(model, Path | bytes):  # an ONNX file, or its bytes (scored as held)
+        source = model if isinstance(model, bytes) else str(model)
+        sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
         (probs,) = sess.run(["probs"], {"features": features.astype(np.float32)})
         return np.asarray(probs, dtype=np.float32)
     model.eval()
@@ -136,7 +137,7 @@ def _predict(model: torch.nn.Module | Path, features: F32) -> F32:
 
 
 def evaluate(
-    model: torch.nn.Module | Path | None,
+    model: torch.nn.Module | Path | bytes | None,
     features: F32,
     labels: I64,
     *,

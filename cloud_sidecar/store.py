@@ -1,11 +1,20 @@
 """The sidecar's SQLite store: device registry, replay state, batches, samples and labels.
 
 Invariants:
-- a batch, its samples and the device's ``last_seq`` are written in one transaction,
+- a batch, its samples and the device's replay window are written in one transaction,
   so a crash stores all of a batch or none of it;
 - a batch id is stored once; a second arrival with the same envelope digest is a
-  retransmission (re-acknowledged, not stored again); with another digest, or with a
-  sequence not above ``last_seq``, it is a replay and raises ``ReplayError``;
+  retransmission (re-acknowledged, not stored again); with another digest it is a
+  replay and raises ``ReplayError``;
+- replay protection does not need order (docs/adr/0017): per device and sequence epoch
+  (a random number the device's buffer draws when it is created; a wiped device starts
+  a new one) a batch is accepted when its ``(epoch, seq)`` was never stored and ``seq``
+  lies within ``replay_window`` of the highest stored in that epoch; a stored
+  ``(epoch, seq)`` under another batch id is a replay, a ``seq`` below the window is
+  ``stale_seq``. Stored batch rows are the memory of what was seen (unique index on
+  ``(device, epoch, seq)``); the window bounds how far back that memory must reach;
+- a SQLite failure while storing a batch (disk full, I/O error, lock timeout) raises
+  ``StoreError``, never ``ReplayError``: the caller treats it as transient;
 - every row records the region its bytes live in;
 - a claim is used at most once (checked and marked under one lock); only the
   SHA-256 of its token is stored; every issued certificate serial is kept so that
@@ -21,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import hmac
+import logging
 import sqlite3
 import threading
 import time
@@ -38,7 +48,10 @@ from fleet_protocol.errors import ReplayError
 from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import WINDOW_MS
 
-SCHEMA_VERSION = 3
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
+REPLAY_WINDOW = 4096  # sequence numbers per device and epoch accepted out of order
 _SCHEMA = """
 CREATE TABLE devices (
     device_id TEXT PRIMARY KEY,
@@ -117,6 +130,21 @@ CREATE INDEX labels_device_time ON labels(device_id, start_ms);
 CREATE INDEX samples_device_time ON samples(device_id, captured_at_ms);
 ALTER TABLE samples DROP COLUMN feedback;
 """,
+    # 4: replay window per device and sequence epoch (docs/adr/0017); batches so far are
+    # epoch 0 (envelope header v1), whose window starts at the old strict ``last_seq``
+    4: """
+ALTER TABLE batches ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX batches_device_epoch_seq ON batches(device_id, epoch, seq);
+CREATE TABLE replay_windows (
+    device_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    max_seq INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (device_id, epoch)
+);
+INSERT INTO replay_windows SELECT device_id, 0, last_seq, registered_at_ms FROM devices
+    WHERE last_seq >= 0;
+""",
 }
 
 
@@ -126,7 +154,7 @@ class Device:
     public_key_pem: bytes
     key_id: str
     status: str
-    last_seq: int
+    last_seq: int  # the strict-order high mark before schema 4; replay_windows since
 
 
 @dataclass(frozen=True)
@@ -146,8 +174,11 @@ class LabelSpan:
 
 
 class Store:
-    def __init__(self, path: Path, region: str) -> None:
+    def __init__(self, path: Path, region: str, replay_window: int = REPLAY_WINDOW) -> None:
+        if replay_window < 1:
+            raise StoreError("replay_window must be at least 1")
         self.region = region
+        self.replay_window = replay_window
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -214,6 +245,24 @@ class Store:
                 "INSERT INTO claims VALUES (?,?,?,?,?,NULL,?)",
                 (claim_id, device_id, token_hash, int(time.time() * 1000), expires_ms, self.region),
             )
+
+    def check_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
+        """Why the claim cannot be used now, or "" (nothing is marked: ``use_claim`` does)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT device_id, token_hash, expires_at_ms, used_at_ms FROM claims"
+                " WHERE claim_id=?",
+                (claim_id,),
+            ).fetchone()
+        if row is None:
+            return "unknown_claim"
+        if row[0] != device_id:  # first: the record's hash covers the device id too
+            return "claim_device_mismatch"
+        if not hmac.compare_digest(row[1], token_hash):
+            return "bad_token"
+        if row[3] is not None:
+            return "claim_used"
+        return "claim_expired" if now_ms > row[2] else ""
 
     def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
         """Mark the claim used and return "", or return why it cannot be used."""
@@ -286,24 +335,52 @@ class Store:
 
     # -- batches -------------------------------------------------------------
 
-    def check_fresh(self, device_id: str, batch_id: str, seq: int, digest: str) -> bool:
-        """True if new; False if this exact batch is already stored; ReplayError otherwise."""
+    def check_fresh(
+        self, device_id: str, batch_id: str, seq: int, digest: str, epoch: int = 0
+    ) -> bool:
+        """True if new; False if this exact batch is already stored; ReplayError otherwise.
+
+        A cheap check before the HSM unwrap; ``put_batch`` checks again under its lock.
+        """
         with self._lock:
-            row = self._db.execute(
-                "SELECT digest FROM batches WHERE batch_id=?", (batch_id,)
-            ).fetchone()
-            (last_seq,) = self._db.execute(
-                "SELECT last_seq FROM devices WHERE device_id=?", (device_id,)
-            ).fetchone()
+            try:
+                row = self._db.execute(
+                    "SELECT digest FROM batches WHERE batch_id=?", (batch_id,)
+                ).fetchone()
+                if row is None:
+                    self._check_window(device_id, epoch, seq)
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read replay state: {e}") from e
         if row is not None:
             if row[0] == digest:
                 return False
             raise ReplayError(f"batch id {batch_id} already used with other content")
-        if seq <= last_seq:
-            raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
         return True
 
-    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch) -> None:
+    def _check_window(self, device_id: str, epoch: int, seq: int) -> None:
+        """ReplayError unless ``(epoch, seq)`` is unseen and within the window (lock held)."""
+        top = self._db.execute(
+            "SELECT max_seq FROM replay_windows WHERE device_id=? AND epoch=?", (device_id, epoch)
+        ).fetchone()
+        if top is not None and seq <= top[0] - self.replay_window:
+            raise ReplayError(
+                f"sequence {seq} (epoch {epoch}) is below the replay window"
+                f" ({top[0]} - {self.replay_window})",
+                "stale_seq",
+            )
+        taken = self._db.execute(
+            "SELECT batch_id FROM batches WHERE device_id=? AND epoch=? AND seq=?",
+            (device_id, epoch, seq),
+        ).fetchone()
+        if taken is not None:
+            raise ReplayError(f"sequence {seq} (epoch {epoch}) is stored as batch {taken[0]}")
+
+    def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch, epoch: int = 0) -> None:
+        """Store a batch and its samples in one transaction (exactly once).
+
+        ``ReplayError`` for a replay or a stale sequence (nothing stored), ``StoreError``
+        when SQLite fails (disk full, I/O): nothing stored, try again later.
+        """
         now = int(time.time() * 1000)
         rows = [
             (
@@ -323,14 +400,14 @@ class Store:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                (last_seq,) = self._db.execute(
-                    "SELECT last_seq FROM devices WHERE device_id=?", (batch.device,)
-                ).fetchone()
-                if seq <= last_seq:
-                    raise ReplayError(f"sequence {seq} is not above the last stored ({last_seq})")
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot store batch {batch_id}: {e}") from e
+            try:
+                self._check_window(batch.device, epoch, seq)
                 self._db.execute(
-                    "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
-                    (batch_id, batch.device, seq, digest, now, len(rows), self.region),
+                    "INSERT INTO batches(batch_id, device_id, seq, digest, received_at_ms,"
+                    " n_samples, region, epoch) VALUES (?,?,?,?,?,?,?,?)",
+                    (batch_id, batch.device, seq, digest, now, len(rows), self.region, epoch),
                 )
                 self._db.executemany(
                     "INSERT INTO samples(sample_id, device_id, batch_id, captured_at_ms,"
@@ -339,15 +416,27 @@ class Store:
                     rows,
                 )
                 self._db.execute(
-                    "UPDATE devices SET last_seq=? WHERE device_id=?", (seq, batch.device)
+                    "INSERT INTO replay_windows VALUES (?,?,?,?) ON CONFLICT(device_id, epoch)"
+                    " DO UPDATE SET max_seq=MAX(max_seq, excluded.max_seq),"
+                    " updated_at_ms=excluded.updated_at_ms",
+                    (batch.device, epoch, seq, now),
                 )
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as e:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise ReplayError(f"batch {batch_id} repeats a stored batch or sample: {e}") from e
+            except sqlite3.Error as e:
+                self._rollback()
+                raise StoreError(f"cannot store batch {batch_id}: {e}") from e
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as e:  # SQLite may have rolled back itself (SQLITE_FULL)
+            log.debug("rollback after a failed batch: %s", e)
 
     # -- labels (cloud_sidecar/labels.py) -------------------------------------
 

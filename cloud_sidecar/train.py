@@ -11,13 +11,21 @@ than ``max_golden_drop`` on the golden set.
 The run directory holds: the PEFT adapter (``adapter/``: adapter_config.json +
 adapter_model.safetensors), the edge artifact, the merged int8 model used by the
 gate, and ``model_card.json`` with provenance. ``runs/latest.json`` points at it.
+
+Sign what was gated (issue 9): the base fp32 is read once and must have the card's
+hash; the candidate is merged and scored in memory (``merge_for_gate``); the gate's
+audit entry records the hashes it judged (``Gated``); ``check_signable`` refuses to
+sign an artifact or a base hash other than those; the OTA repository takes its state
+from signed metadata only (``cloud_sidecar.ota_repo``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +36,10 @@ from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.dataset import build_dataset
-from cloud_sidecar.errors import GateRejectedError, TrainingError
+from cloud_sidecar.errors import GateRejectedError, RepositoryError, TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, train_adapter
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-from cloud_sidecar.pretrain import load_base_model, load_reference_sets
+from cloud_sidecar.pretrain import BaseModel, load_base_model, load_reference_sets
 from cloud_sidecar.store import Store
 from fleet_model import ADAPTER_FORMAT, ModelError, merge_and_quantize
 from fleet_protocol.io.files import write_atomic
@@ -40,9 +48,47 @@ from fleet_protocol.labels import CLASS_INDEX, CLASSES
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Gated:
+    """What the gate judged, by hash: the edge artifact, the int8 model merged from it, and
+    the base fp32 it was merged into (the hash the signed metadata names)."""
+
+    artifact_sha256: str
+    candidate_int8_sha256: str
+    base_fp32_sha256: str
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def merge_for_gate(base: BaseModel, artifact: bytes) -> tuple[bytes, Gated]:
+    """The int8 model the devices will run, merged in memory from ``artifact`` and the
+    base bytes read once; ``TrainingError`` when the base on disk is not the base the
+    card names (pretraining's hash, the one devices check)."""
+    base_fp32 = base.onnx_fp32.read_bytes()
+    if _sha(base_fp32) != base.sha256_fp32:
+        raise TrainingError(
+            f"{base.onnx_fp32} does not match the base card's sha256: refusing to gate or sign"
+        )
+    try:
+        merged = merge_and_quantize(base_fp32, artifact, base.calibration.read_bytes())
+    except ModelError as exc:
+        raise TrainingError(f"adapter does not merge into the base: {exc}") from exc
+    return merged.int8, Gated(_sha(artifact), _sha(merged.int8), base.sha256_fp32)
+
+
+def check_signable(gated: Gated, artifact: bytes, base_model_sha256: str) -> None:
+    """Refuse (``RepositoryError``) to sign anything but the exact bytes that were gated."""
+    if _sha(artifact) != gated.artifact_sha256:
+        raise RepositoryError("the artifact to sign is not the one the gate judged")
+    if base_model_sha256 != gated.base_fp32_sha256:
+        raise RepositoryError("the base the metadata names is not the one the gate merged into")
+
+
 def gate(
-    production: Path,
-    candidate: Path,
+    production: Path | bytes,
+    candidate: Path | bytes,
     val: tuple[Any, Any],
     golden: tuple[Any, Any],
     cfg: SidecarConfig,
@@ -117,19 +163,16 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
         rank=cfg.train.rank,
     )
 
-    # The artifact's bytes stay in memory from here: what is gated is what is signed.
+    # The artifact's bytes stay in memory from here: what is gated is what is signed. The
+    # gate scores the int8 bytes merged in memory (the file written beside is a record,
+    # never read back), and the signature goes only to the artifact with the gated hash.
     artifact = convert_for_edge(adapter_dir, base)
     edge_adapter = run_dir / "edge-adapter.safetensors"
     write_atomic(edge_adapter, artifact, 0o644)
-    try:
-        merged = merge_and_quantize(
-            base.onnx_fp32.read_bytes(), artifact, base.calibration.read_bytes()
-        )
-    except ModelError as exc:
-        raise TrainingError(f"adapter does not merge into the base: {exc}") from exc
-    candidate = run_dir / "candidate.int8.onnx"
-    write_atomic(candidate, merged.int8, 0o644)
-    decision = gate(base.onnx_int8, candidate, (x_val, y_val), golden, cfg)
+    candidate_int8, gated = merge_for_gate(base, artifact)
+    write_atomic(run_dir / "candidate.int8.onnx", candidate_int8, 0o644)
+    decision = gate(base.onnx_int8.read_bytes(), candidate_int8, (x_val, y_val), golden, cfg)
+    decision["gated"] = asdict(gated)
     audit.append("gate.decision", run_id, **decision)
     if not decision["passed"]:
         raise GateRejectedError(f"candidate {run_id} did not pass the gate: {json.dumps(decision)}")
@@ -151,9 +194,10 @@ def run_training(cfg: SidecarConfig, publish: bool = False) -> dict[str, Any]:
     }
     write_atomic(run_dir / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
 
-    repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel)
     hsm = open_hsm(cfg)
     try:
+        check_signable(gated, artifact, base.sha256_fp32)
+        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
         pub = repo.add_adapter(
             artifact,
             base_model_sha256=base.sha256_fp32,

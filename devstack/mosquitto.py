@@ -25,6 +25,10 @@ Invariants:
   topic and reads only its result; without a claim CA (single listener), an enrolling
   device (shared claim certificate, client id = claim id) is confined by the enrollment
   patterns, but also matches the device patterns;
+- with a service CA, a third, *service* listener accepts only that CA's certificates
+  (the sidecar's) with its own ACL (``fleet_protocol.acl.service_acl``) and free client
+  ids, and the device listener sets ``use_username_as_clientid``: a device's client id
+  is its CN, so no device can take over another device's session (issue 9);
 - observers (tests only; ``cloud-sidecar broker-acl`` has no such option) may read
   every topic and write none, so a test can see what reached the broker;
 - run as root, Mosquitto drops to user ``mosquitto`` (``nobody`` when that user does
@@ -84,6 +88,7 @@ class Broker:
     workdir: Path
     enroll_port: int | None = None  # the enrollment listener (claim CA), when there is one
     claim_ca_cert: Path | None = None
+    service_port: int | None = None  # the service listener (service CA), when there is one
 
 
 def enroll_acl_text() -> str:
@@ -116,6 +121,7 @@ def config_text(
     max_packet_bytes: int,
     user: str | None,
     enroll_port: int | None = None,
+    service_port: int | None = None,
 ) -> str:
     """The broker configuration (option names as in mosquitto.conf(5) of 2.0.11).
 
@@ -150,6 +156,22 @@ def config_text(
         "use_identity_as_username true",
         "tls_version tlsv1.3",
     ]
+    if service_port is not None:
+        lines += [
+            "# the client id is the certificate's CN: no device can take over another's session",
+            "use_username_as_clientid true",
+            "",
+            "# services only (the sidecar): the service CA, free client ids, admin ACL",
+            f"listener {service_port} 127.0.0.1",
+            "allow_anonymous false",
+            f"acl_file {workdir / 'acl-service'}",
+            f"cafile {workdir / 'service-ca.pem'}",
+            f"certfile {workdir / 'broker.pem'}",
+            f"keyfile {workdir / 'broker.key'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.3",
+        ]
     if enroll_port is not None:
         lines += [
             "",
@@ -235,6 +257,7 @@ def start_broker(
     claim_ca: DevCA | None = None,
     label_sources: Sequence[str] = (),
     observers: Sequence[str] = (),
+    service_ca: DevCA | None = None,
 ) -> Broker:
     """Start Mosquitto with mTLS on a free loopback port and wait until it serves.
 
@@ -266,6 +289,9 @@ def start_broker(
         _copy(claim_ca.cert_path, workdir / "claim-ca.pem", 0o644)
         _copy(claim_ca.crl_path, workdir / "claim-crl.pem", 0o644)
         write_atomic(workdir / "acl-enroll", enroll_acl_text().encode(), 0o644)
+    if service_ca is not None:
+        _copy(service_ca.cert_path, workdir / "service-ca.pem", 0o644)
+        write_atomic(workdir / "acl-service", acl.service_acl(admin_identities).encode(), 0o644)
 
     config_path = workdir / "mosquitto.conf"
     last_reason = ""
@@ -274,14 +300,18 @@ def start_broker(
         enroll_port = None if claim_ca is None else free_port()
         while enroll_port == port:
             enroll_port = free_port()
+        service_port = None if service_ca is None else free_port()
+        while service_port is not None and service_port in (port, enroll_port):
+            service_port = free_port()
         user_name = user.pw_name if user else None
-        text = config_text(workdir, port, max_packet_bytes, user_name, enroll_port)
+        text = config_text(workdir, port, max_packet_bytes, user_name, enroll_port, service_port)
         write_atomic(config_path, text.encode(), 0o644)
         child = procs.start(f"mosquitto-{port}", [exe, "-c", str(config_path)])
         ready_before = _count(child, _READY_LINE)
         up = (
             wait_for_port(port, timeout, alive=child.alive)
             and (enroll_port is None or wait_for_port(enroll_port, timeout, alive=child.alive))
+            and (service_port is None or wait_for_port(service_port, timeout, alive=child.alive))
             and _wait_log(child, _READY_LINE, ready_before + 1, timeout)
         )
         if up and child.alive():
@@ -302,6 +332,7 @@ def start_broker(
                 workdir=workdir,
                 enroll_port=enroll_port,
                 claim_ca_cert=None if claim_ca is None else workdir / "claim-ca.pem",
+                service_port=service_port,
             )
         tail = child.log_tail()
         procs.stop(child)

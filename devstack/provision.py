@@ -47,7 +47,7 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
             "base_model_dir": base_model_dir,
             "broker": {
                 "host": "127.0.0.1",
-                "port": stack.broker.port,
+                "port": stack.broker.service_port or stack.broker.port,
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
@@ -66,9 +66,14 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_dir": stack.ca.directory,
                 "ca_signer": "hsm",
                 "crl_hook": crl_hook_argv(stack.broker),
+                # devices prove their identity key lives in a TPM (ADR 0018)
+                "ek_ca_certs": [stack.ek_ca_cert] if stack.ek_ca_cert.exists() else [],
             },
         },
     )
+
+
+ACK_PUBLIC_KEY_FILE = "ack-signing.pub.pem"
 
 
 def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
@@ -83,6 +88,7 @@ def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
         signing = out_dir / "ota-signing.pub.pem"
         unwrap.write_bytes(hsm.unwrap_public_key_pem())
         signing.write_bytes(hsm.signing_public_key_pem())
+        (out_dir / ACK_PUBLIC_KEY_FILE).write_bytes(hsm.ack_public_key_pem())
     return unwrap, signing
 
 
@@ -152,7 +158,12 @@ def device_config(
             "broker": broker,
             **identity,
             "tpm": {"tcti": slot.tpm.tcti},
-            "cloud": {"unwrap_public_key": cloud_keys[0], "ota_public_key": cloud_keys[1]},
+            "cloud": {
+                "unwrap_public_key": cloud_keys[0],
+                "ota_public_key": cloud_keys[1],
+                # pinned beside the others: acks are signed by the token (docs/adr/0017)
+                "ack_public_key": cloud_keys[0].parent / ACK_PUBLIC_KEY_FILE,
+            },
             "model": {
                 "base_fp32": models / FP32_FILE,
                 "base_int8": models / INT8_FILE,

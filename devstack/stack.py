@@ -7,7 +7,10 @@ The fleet CA (``ca``) signs through ``HsmCaSigner`` (cloud_sidecar/ca.py): its
 certificate is made once here, self-signed inside the token; the broker's server
 certificate, the sidecar's and the fixed device certificates are issued by it, so
 clients trust one anchor (``ca.cert_path``). The claim CA (``claim_ca``) only issues
-the shared claim certificate; its key file stands in for a factory/offline CA.
+the shared claim certificate; its key file stands in for a factory/offline CA. The
+service CA (``service_ca``) issues only the sidecar's certificate, which only the
+broker's service listener accepts (free client ids there; on the device listener the
+client id is the CN: issue 9).
 
 ``label_sources`` names downstream systems that send labels (the simulated city, a
 test): the broker's ACL admits each as a label source (``fleet_protocol.acl``) and the
@@ -41,7 +44,7 @@ from devstack.mosquitto import Broker, start_broker
 from devstack.pki import CertPair, DevCA
 from devstack.procs import ProcessGroup
 from devstack.softhsm import HsmToken, init_token
-from devstack.swtpm import Swtpm, start_swtpm
+from devstack.swtpm import EK_CA_CERT, Swtpm, start_swtpm
 from fleet_protocol.io.mqtt import MqttEndpoint
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class DevStack:
     procs: ProcessGroup = field(init=False)
     ca: DevCA = field(init=False)
     claim_ca: DevCA = field(init=False)
+    service_ca: DevCA = field(init=False)
     broker: Broker = field(init=False)
     token: HsmToken = field(init=False)
     cloud_cert: CertPair = field(init=False)
@@ -104,6 +108,9 @@ class DevStack:
         ca_cert = create_ca_certificate(self.open_hsm, "sovereign-edge dev fleet CA (HSM)")
         self.ca = DevCA.create_with_signer(self.workdir / "ca", HsmCaSigner(self.open_hsm, ca_cert))
         self.claim_ca = DevCA.create(self.workdir / "claim-ca", name="sovereign-edge claim CA")
+        self.service_ca = DevCA.create(
+            self.workdir / "service-ca", name="sovereign-edge service CA"
+        )
         self._broker_dir = Path(tempfile.mkdtemp(prefix="sovereign-broker-"))
         os.chmod(self._broker_dir, 0o755)
         self.broker = start_broker(
@@ -114,13 +121,14 @@ class DevStack:
             claim_ca=self.claim_ca,
             label_sources=self.label_sources,
             observers=self.observers,
+            service_ca=self.service_ca,
         )
         log.info(
             "broker on 127.0.0.1:%d (mTLS, per-device ACL), enrollment on %s",
             self.broker.port,
             self.broker.enroll_port,
         )
-        self.cloud_cert = self.ca.issue_client(CLOUD_IDENTITY)
+        self.cloud_cert = self.service_ca.issue_client(CLOUD_IDENTITY)
         self.claim_cert = self.claim_ca.issue_client(CLAIM_IDENTITY, valid_days=365)
         for name in self.label_sources:
             self.label_source_certs[name] = self.ca.issue_client(name)
@@ -129,17 +137,30 @@ class DevStack:
         for i in range(self.n_devices):
             self.add_device(f"{self.device_prefix}-{i:02d}")
 
+    @property
+    def ek_ca_dir(self) -> Path:
+        """The local "TPM manufacturer" CA that issues each swtpm's EK certificate."""
+        return self.workdir / "ek-ca"
+
+    @property
+    def ek_ca_cert(self) -> Path:
+        return self.ek_ca_dir / EK_CA_CERT
+
     def open_hsm(self) -> Hsm:
         """A session on the stack's token (the fleet CA key lives there)."""
         return Hsm(str(self.token.module), self.token.label, self.token.user_pin)
 
     def endpoint(self, pair: CertPair) -> MqttEndpoint:
-        """The broker's device listener, as the holder of ``pair`` connects to it."""
-        return MqttEndpoint("127.0.0.1", self.broker.port, self.ca.cert_path, pair.cert, pair.key)
+        """The listener the holder of ``pair`` connects to: the service listener for the
+        sidecar's certificate, else the device listener."""
+        port = self.broker.port
+        if pair == self.cloud_cert and self.broker.service_port is not None:
+            port = self.broker.service_port
+        return MqttEndpoint("127.0.0.1", port, self.ca.cert_path, pair.cert, pair.key)
 
     def add_device(self, device_id: str) -> DeviceSlot:
         state_dir = self.workdir / "devices" / device_id
-        tpm = start_swtpm(self.procs, self.workdir / "tpm" / device_id)
+        tpm = start_swtpm(self.procs, self.workdir / "tpm" / device_id, ek_ca_dir=self.ek_ca_dir)
         slot = DeviceSlot(device_id, tpm, self.ca.issue_client(device_id), state_dir)
         self.devices.append(slot)
         log.info("device %s: swtpm on port %d", device_id, tpm.port)

@@ -11,12 +11,17 @@ Invariants:
 - the TPM is started (``TPM2_Startup(CLEAR)``) by swtpm itself, so the first
   client command works without a control-channel INIT;
 - a swtpm socket serves one client connection at a time: give each device its
-  own swtpm, and keep one ``TpmKeyStore`` open per swtpm.
+  own swtpm, and keep one ``TpmKeyStore`` open per swtpm;
+- with ``ek_ca_dir``, a new TPM is manufactured first (``swtpm_setup --create-ek-cert``):
+  its RSA-2048 EK certificate, issued by a local CA kept in ``ek_ca_dir``
+  (``swtpm_localca``: ``issuercert.pem`` is what the cloud trusts as the "manufacturer",
+  ``EK_CA_CERT``), sits in NV as on a factory TPM (ADR 0018: credential activation).
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,40 @@ from devstack.procs import Child, ProcessGroup, free_port_pair, require_tool, wa
 log = logging.getLogger(__name__)
 
 _START_ATTEMPTS = 3
+EK_CA_CERT = "issuercert.pem"
+
+
+def manufacture(state_dir: Path, ek_ca_dir: Path, timeout: float = 60.0) -> None:
+    """Give a TPM state an EK and its certificate from the local CA in ``ek_ca_dir``."""
+    if (state_dir / "tpm2-00.permall").exists():
+        return  # already manufactured: a restarted device keeps its TPM
+    setup = require_tool("swtpm_setup")
+    localca = require_tool("swtpm_localca")
+    ek_ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_conf, setup_conf = ek_ca_dir / "swtpm-localca.conf", ek_ca_dir / "swtpm_setup.conf"
+    ca_conf.write_text(
+        f"statedir = {ek_ca_dir}\nsigningkey = {ek_ca_dir / 'signkey.pem'}\n"
+        f"issuercert = {ek_ca_dir / EK_CA_CERT}\ncertserial = {ek_ca_dir / 'certserial'}\n"
+    )
+    (ek_ca_dir / "swtpm-localca.options").write_text(
+        "--platform-manufacturer sovereign-edge\n--platform-version 1\n--platform-model devstack\n"
+    )
+    setup_conf.write_text(
+        f"create_certs_tool = {localca}\ncreate_certs_tool_config = {ca_conf}\n"
+        f"create_certs_tool_options = {ek_ca_dir / 'swtpm-localca.options'}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    argv = [setup, "--tpm2", "--tpmstate", str(state_dir), "--create-ek-cert"]
+    out = subprocess.run(
+        [*argv, "--config", str(setup_conf), "--not-overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise ComponentStartError("swtpm_setup", (out.stderr or out.stdout)[-2000:])
 
 
 @dataclass
@@ -43,7 +82,9 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
 
-def start_swtpm(procs: ProcessGroup, state_dir: Path, timeout: float = 10.0) -> Swtpm:
+def start_swtpm(
+    procs: ProcessGroup, state_dir: Path, timeout: float = 10.0, ek_ca_dir: Path | None = None
+) -> Swtpm:
     """Start swtpm on a free adjacent port pair, keeping its state in ``state_dir``.
 
     Retries on another port pair if the chosen one was taken between allocation
@@ -52,6 +93,8 @@ def start_swtpm(procs: ProcessGroup, state_dir: Path, timeout: float = 10.0) -> 
     """
     exe = require_tool("swtpm")
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if ek_ca_dir is not None:
+        manufacture(state_dir, ek_ca_dir)
     reason = "not started"
     for attempt in range(1, _START_ATTEMPTS + 1):
         port = free_port_pair()

@@ -42,6 +42,7 @@ from edge_daemon.service import Mailbox, serve
 from edge_daemon.uplink import Outbox
 from fleet_protocol import ota, topics
 from fleet_protocol.io.files import file_sha256, write_atomic
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttLink
 from fleet_protocol.messages import OtaState, OtaStatus
 from fleet_protocol.telemetry import Telemetry
@@ -58,6 +59,7 @@ class EdgeApp:
         self.device = cfg.device_id
         self._given_source = source
         self.mailbox = Mailbox()
+        self.faults = LoopFaults()  # every thread's caught exceptions, in the status report
         self._stop = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -77,9 +79,10 @@ class EdgeApp:
             device_endpoint(cfg, self.keys),  # enrolls first when there is no certificate
             client_id=self.device,
             on_message=self._on_message,
+            faults=self.faults,
             on_request=self._on_request,
         )
-        self.renewer = make_renewer(cfg, self.keys, self.link)
+        self.renewer = make_renewer(cfg, self.keys, self.link, self.faults)
         self._renew_stop = threading.Event()
         self.ota = OtaClient(
             device_id=self.device,
@@ -131,6 +134,9 @@ class EdgeApp:
             unwrap_public_key_pem=cfg.cloud.unwrap_public_key.read_bytes(),
             publish=lambda t, p: self.link.publish(t, p, qos=1, timeout_s=10),
             cfg=cfg.uplink,
+            ack_public_key_pem=(
+                cfg.cloud.ack_public_key.read_bytes() if cfg.cloud.ack_public_key else None
+            ),
         )
         self.link.subscribe(topics.ack(self.device), 1)
         if self.tuf is None:
@@ -148,6 +154,7 @@ class EdgeApp:
             self._publish_telemetry,
             link_up=lambda: self.link.connected,
             republish=self._republish_telemetry,
+            faults=self.faults,
         )
         self.sensors.start()
         self.source = (
@@ -192,6 +199,7 @@ class EdgeApp:
                 mailbox=self.mailbox,
                 handle=self.ota.handle,
                 report=self.write_report,
+                faults=self.faults,
             )
         finally:
             self.stop()
@@ -305,6 +313,7 @@ class EdgeApp:
             "uplink": asdict(self.outbox.stats),
             "sensors": self.sensors.report(),
             "mailbox_dropped": self.mailbox.dropped,
+            "loop_errors": self.faults.counts(),
         }
         if isinstance(self.source, CaptureProcess):
             out["capture"] = asdict(self.source.stats())

@@ -7,7 +7,9 @@ Two implementations pass the same contract suite (tests/unit/test_replay_contrac
 Invariants of every store:
 - a sample id is stored at most once; a batch, the samples it claims and the sequence
   counter move together, so a sample is never in two batches and a sequence number is
-  never reused;
+  never reused within the store's epoch;
+- ``epoch()`` is drawn at random when the store is created and never changes; a new
+  (wiped) store has a new one, so the cloud takes its sequence from 0 again (ADR 0017);
 - every sample is charged ``sample_charge(features)`` bytes; ``stored_bytes()`` (samples +
   envelopes of unacknowledged batches) is kept at or below ``max_bytes`` by eviction,
   unless only samples of unacknowledged batches are left (in flight: never evicted);
@@ -47,6 +49,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edge_daemon.buffer_schema import (
     migrate,
+    new_epoch,
     priority,
     sample_charge,
 )
@@ -79,6 +82,9 @@ class ReplayStore(Protocol):
         """Up to ``limit`` samples in no batch yet, oldest first."""
 
     def next_seq(self) -> int: ...
+
+    def epoch(self) -> int:
+        """This store's sequence epoch (random, fixed for its lifetime, never 0)."""
 
     def commit_batch(
         self, batch_id: str, seq: int, created_at_ms: int, envelope: bytes, sample_ids: list[str]
@@ -134,6 +140,7 @@ class MemoryReplayStore:
         self._samples: dict[str, _MemSample] = {}
         self._batches: dict[str, _MemBatch] = {}
         self._next_seq = 0
+        self._epoch = new_epoch()
 
     def add(self, meta: SampleMeta, features: Features) -> bool:
         plain = _features_bytes(features)
@@ -175,6 +182,9 @@ class MemoryReplayStore:
     def next_seq(self) -> int:
         with self._lock:
             return self._next_seq
+
+    def epoch(self) -> int:
+        return self._epoch
 
     def commit_batch(
         self, batch_id: str, seq: int, created_at_ms: int, envelope: bytes, sample_ids: list[str]
@@ -358,6 +368,10 @@ class SqliteReplayStore:
     def next_seq(self) -> int:
         with self._lock:
             return self._one("SELECT value FROM meta WHERE key='next_seq'")
+
+    def epoch(self) -> int:
+        with self._lock:
+            return self._one("SELECT value FROM meta WHERE key='epoch'")
 
     def commit_batch(
         self, batch_id: str, seq: int, created_at_ms: int, envelope: bytes, sample_ids: list[str]

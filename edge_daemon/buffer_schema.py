@@ -11,6 +11,7 @@ newer than the code is refused.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -98,10 +99,22 @@ def _v3_no_device_labels(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE samples DROP COLUMN feedback")
 
 
+def new_epoch() -> int:
+    """A random sequence epoch in 1..2**62 (0 is the epoch of header-v1 envelopes)."""
+    return (int.from_bytes(os.urandom(8), "big") >> 2) | 1
+
+
+def _v4_sequence_epoch(db: sqlite_utils.Database) -> None:
+    """The buffer's sequence epoch (docs/adr/0017): drawn once, when the buffer is created
+    or upgraded; a wiped device gets a new buffer, so a new epoch, and counts from 0."""
+    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', ?)", (new_epoch(),))
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "byte charge, priority, ack time", _v2_budget_and_priority),
     (3, "no device-side labels", _v3_no_device_labels),
+    (4, "sequence epoch", _v4_sequence_epoch),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

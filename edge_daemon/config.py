@@ -74,6 +74,11 @@ class CloudKeysConfig(_Strict):
     ota_public_key: Path = Field(
         description="the trusted OTA signing public key (PEM), pinned at provisioning"
     )
+    ack_public_key: Path | None = Field(
+        None,
+        description="the sidecar's ack-signing public key (PEM), pinned at provisioning; the"
+        " device deletes a batch only on an ack it signed (None: never deletes)",
+    )
 
 
 class ModelConfig(_Strict):
@@ -216,6 +221,12 @@ class UplinkConfig(_Strict):
     batch_samples: int = Field(64, ge=1, le=1024)
     retry_s: float = Field(
         5.0, gt=0, le=3600, description="resend unacknowledged batches after this"
+    )
+    retry_max_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="the longest backoff after the cloud answers retry (transient refusal)",
     )
 
 

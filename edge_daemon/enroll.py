@@ -15,7 +15,12 @@ Invariants:
   this process's memory and inside the ssl context;
 - enrollment waits for the answer to *its* nonce; renewal runs on its own thread, never
   on the MQTT network thread, and failures are logged and retried with backoff while the
-  current certificate is still valid.
+  current certificate is still valid;
+- a device whose certificate expired (offline past its lifetime) and whose claim is used
+  up re-enrolls by itself over the claim listener, proving the TPM identity key the
+  fleet registered (``ReenrollRequest``, docs/adr/0017): at start (``device_endpoint``)
+  or from the renewer thread, which then switches the link to the new certificate. The
+  replay buffer is not touched: nothing buffered is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import base64
 import datetime as dt
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -37,10 +43,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_daemon.config import DeviceConfig
-from edge_daemon.errors import EnrollmentError
+from edge_daemon.errors import EdgeError, EnrollmentError
 from fleet_protocol import enroll, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.io.files import write_atomic
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink, TransportError
 
 log = logging.getLogger(__name__)
@@ -127,17 +134,21 @@ class IdentityStore:
 
 def _await(
     responses: queue.Queue[bytes], device: str, nonce: str, deadline: float
-) -> enroll.CertResponse | None:
+) -> enroll.CertResponse | enroll.ActivationChallenge | None:
     while (left := deadline - time.monotonic()) > 0:
         try:
             payload = responses.get(timeout=left)
         except queue.Empty:
             return None
+        resp: enroll.CertResponse | enroll.ActivationChallenge
         try:
             resp = enroll.CertResponse.from_bytes(payload)
         except ProtocolError as e:
-            log.warning("ignored a malformed certificate response: %s", e)
-            continue
+            try:
+                resp = enroll.ActivationChallenge.from_bytes(payload)
+            except ProtocolError:
+                log.warning("ignored a malformed certificate response: %s", e)
+                continue
         if resp.nonce == nonce and resp.device_id == device:
             return resp
     return None
@@ -168,11 +179,14 @@ def enroll_device(
     claim_endpoint: MqttEndpoint,
     timeout_s: float = 60.0,
     resend_s: float = 5.0,
+    tpm: TpmAttestation | None = None,
 ) -> TlsIdentity:
     """Enroll over the claim identity; install and return the issued identity.
 
     Resends the same signed request every ``resend_s`` (the sidecar may not be
-    subscribed yet) until an answer to its nonce arrives or ``timeout_s`` passes.
+    subscribed yet) until an answer to its nonce arrives or ``timeout_s`` passes. With
+    ``tpm`` the request carries the EK certificate and the identity key's TPM public
+    area, and a credential-activation challenge is answered from the TPM (ADR 0018).
     """
     key = ec.generate_private_key(ec.SECP256R1())
     req = enroll.EnrollRequest(
@@ -181,30 +195,119 @@ def enroll_device(
         token=claim.token,
         csr=enroll.make_csr(key, device),
         identity_key=identity_public_pem.decode("ascii"),
+        identity_public=""
+        if tpm is None
+        else base64.b64encode(tpm.identity_public_area()).decode(),
+        ek_cert="" if tpm is None else tpm.ek_certificate_pem(),
         created_at_ms=int(time.time() * 1000),
         nonce=enroll.new_nonce(),
     ).signed(sign_digest)
+    resp = _exchange(claim_endpoint, claim.claim_id, req.to_bytes(), device, req.nonce,
+                     timeout_s, resend_s, lambda ch: _answer(ch, claim, tpm))  # fmt: skip
+    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
+    log.info("enrolled as %s", device)
+    return identity
+
+
+def reenroll_device(
+    device: str,
+    sign_digest: SignDigest,
+    identity_key_id: str,
+    store: IdentityStore,
+    claim_endpoint: MqttEndpoint,
+    timeout_s: float = 60.0,
+    resend_s: float = 5.0,
+) -> TlsIdentity:
+    """Get a new certificate after the old one expired, proving the registered TPM key.
+
+    Over the claim listener (the expired certificate no longer passes the device
+    listener's handshake), on a fresh channel id; no claim needed.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    channel = secrets.token_hex(8)
+    req = enroll.ReenrollRequest(
+        device_id=device,
+        channel=channel,
+        kid=identity_key_id,
+        csr=enroll.make_csr(key, device),
+        created_at_ms=int(time.time() * 1000),
+        nonce=enroll.new_nonce(),
+    ).signed(sign_digest)
+    resp = _exchange(claim_endpoint, channel, req.to_bytes(), device, req.nonce,
+                     timeout_s, resend_s)  # fmt: skip
+    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
+    log.info("re-enrolled as %s with the registered TPM key", device)
+    return identity
+
+
+def _exchange(
+    endpoint: MqttEndpoint,
+    channel: str,
+    request: bytes,
+    device: str,
+    nonce: str,
+    timeout_s: float,
+    resend_s: float,
+    answer: Callable[[enroll.ActivationChallenge], bytes] | None = None,
+) -> enroll.CertResponse:
+    """Publish ``request`` on the channel's enrollment topic until its answer arrives;
+    a credential-activation challenge is answered by ``answer`` (first enrollment only)."""
     responses: queue.Queue[bytes] = queue.Queue(maxsize=16)
-    link = MqttLink(
-        claim_endpoint, client_id=claim.claim_id, on_message=lambda _t, p: _offer(responses, p)
-    )
-    link.subscribe(topics.enroll_response(claim.claim_id), 1)
+    link = MqttLink(endpoint, client_id=channel, on_message=lambda _t, p: _offer(responses, p))
+    link.subscribe(topics.enroll_response(channel), 1)
     deadline = time.monotonic() + timeout_s
     try:
         link.start(wait_s=timeout_s)
-        resp = None
-        while resp is None and time.monotonic() < deadline:
-            link.publish(topics.enroll_request(claim.claim_id), req.to_bytes(), 1, timeout_s=5)
-            resp = _await(responses, device, req.nonce, min(deadline, time.monotonic() + resend_s))
+        resp: enroll.CertResponse | enroll.ActivationChallenge | None = None
+        message = request
+        while time.monotonic() < deadline:
+            link.publish(topics.enroll_request(channel), message, 1, timeout_s=5)
+            resp = _await(responses, device, nonce, min(deadline, time.monotonic() + resend_s))
+            if isinstance(resp, enroll.ActivationChallenge):
+                if answer is None:
+                    raise EnrollmentError("unexpected credential-activation challenge", "refused")
+                message = answer(resp)  # then resend the proof until answered
+                resp = None
+            elif resp is not None:
+                break
     except TransportError as e:
         raise EnrollmentError(f"cannot reach the broker with the claim certificate: {e}") from e
     finally:
         link.stop()
-    if resp is None:
+    if not isinstance(resp, enroll.CertResponse):
         raise EnrollmentError(f"no enrollment answer within {timeout_s:.0f} s", "timeout")
-    identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
-    log.info("enrolled as %s", device)
-    return identity
+    return resp
+
+
+class TpmAttestation(Protocol):
+    """What credential activation needs from the TPM (``TpmKeyStore``)."""
+
+    def ek_certificate_pem(self) -> str: ...
+
+    def identity_public_area(self) -> bytes: ...
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes: ...
+
+
+def _answer(
+    ch: enroll.ActivationChallenge, claim: enroll.Claim, tpm: TpmAttestation | None
+) -> bytes:
+    """The ``ActivationProof`` for a challenge: the secret only this TPM can recover."""
+    if tpm is None:
+        raise EnrollmentError("the fleet asks for TPM credential activation", "no_tpm")
+    try:
+        secret = tpm.activate_credential(
+            base64.b64decode(ch.credential_blob), base64.b64decode(ch.encrypted_secret)
+        )
+    except EdgeError as e:
+        raise EnrollmentError(f"credential activation failed: {e}", "activation_failed") from e
+    log.info("answered the fleet's TPM credential-activation challenge")
+    return enroll.ActivationProof(
+        device_id=ch.device_id,
+        claim_id=claim.claim_id,
+        nonce=ch.nonce,
+        secret=base64.b64encode(secret).decode(),
+    ).to_bytes()
 
 
 def _offer(q: queue.Queue[bytes], payload: bytes) -> None:
@@ -228,8 +331,12 @@ class Renewer:
         renew_at: float = 2 / 3,
         check_every_s: float = 60.0,
         timeout_s: float = 30.0,
+        reenroll: Callable[[], TlsIdentity] | None = None,
+        faults: LoopFaults | None = None,
     ) -> None:
         self.device = device
+        self._reenroll = reenroll
+        self.faults = faults if faults is not None else LoopFaults()
         self._sign = sign_digest
         self._kid = identity_key_id
         self._store = store
@@ -241,6 +348,7 @@ class Renewer:
         self._responses: queue.Queue[bytes] = queue.Queue(maxsize=16)
         self._thread: threading.Thread | None = None
         self.renewed = 0
+        self.reenrolled = 0
 
     @property
     def response_topic(self) -> str:
@@ -264,7 +372,7 @@ class Renewer:
         if not self._link.publish(topic, req.to_bytes(), qos=1, timeout_s=self._timeout):
             raise EnrollmentError("renewal request not accepted by the broker", "publish_failed")
         resp = _await(self._responses, self.device, req.nonce, time.monotonic() + self._timeout)
-        if resp is None:
+        if not isinstance(resp, enroll.CertResponse):
             raise EnrollmentError(f"no renewal answer within {self._timeout:.0f} s", "timeout")
         identity = _accept(resp, self.device, key, self._ca_pem, self._store)
         self._link.reload_client_cert(identity.path, identity.path, identity.password)
@@ -272,19 +380,38 @@ class Renewer:
         log.info("renewed the TLS certificate; valid until %s", identity.not_after)
         return identity
 
+    def reenroll_once(self) -> TlsIdentity:
+        """The certificate expired: re-enroll with the TPM key, switch the link to it."""
+        if self._reenroll is None:
+            raise EnrollmentError("certificate expired and re-enrollment is not configured")
+        identity = self._reenroll()
+        self._link.reload_client_cert(identity.path, identity.path, identity.password)
+        self.reenrolled += 1
+        return identity
+
     def run(self, stop: threading.Event) -> None:
+        """Check every ``check_every_s``; after a failure back off (doubling, at most 1 h).
+
+        No exception ends this thread (a TPM that is busy, a corrupt identity file, a
+        response nobody foresaw): the certificate would expire. Expected failures
+        (``EnrollmentError``, ``TransportError``) are logged; anything else is counted in
+        ``faults`` (loop ``renewer``) as well; both back off and try again.
+        """
         backoff = self._every
         while not stop.wait(backoff):
-            current = self._store.current()
-            if current is not None and not current.renew_due(self._renew_at):
-                backoff = self._every
-                continue
             try:
-                self.renew_once()
+                current = self._store.current()
+                if current is None or current.expired():
+                    self.reenroll_once()  # the device session cannot carry a renewal now
+                elif current.renew_due(self._renew_at):
+                    self.renew_once()
                 backoff = self._every
             except (EnrollmentError, TransportError) as e:
                 backoff = min(backoff * 2, 3600.0)
                 log.warning("certificate renewal failed (%s); retrying in %.0f s", e, backoff)
+            except Exception as e:
+                backoff = min(backoff * 2, 3600.0)
+                self.faults.record("renewer", e)
 
     def start(self, stop: threading.Event) -> None:
         self._thread = threading.Thread(
@@ -300,7 +427,7 @@ class Renewer:
 # -- composition helpers for edge_daemon/app.py ------------------------------------------
 
 
-class _TpmIdentity(Protocol):
+class _TpmIdentity(TpmAttestation, Protocol):
     def sign_digest(self, digest: bytes) -> bytes: ...
 
     def signing_public_key_pem(self) -> bytes: ...
@@ -321,14 +448,24 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
     store = IdentityStore(cfg.state_dir / "tls", keys.storage_key())
     identity = store.current()
     if identity is None or identity.expired():
+        claim_endpoint = _claim_endpoint(cfg)
+        if not e.claim_file.exists():  # used up: prove the registered TPM key instead
+            log.warning("no valid certificate and no claim: re-enrolling with the TPM key")
+            identity = reenroll_device(
+                cfg.device_id,
+                keys.sign_digest,
+                keys.signing_key_id(),
+                store,
+                claim_endpoint,
+                e.timeout_s,
+            )
+            return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)
         try:
             claim = enroll.Claim.parse(e.claim_file.read_text()[:200])
         except OSError as err:
             raise EnrollmentError(f"no certificate and no claim ({err})", "no_claim") from err
         except ProtocolError as err:
             raise EnrollmentError(f"{e.claim_file}: {err}", err.reason) from err
-        port = b.port if e.port is None else e.port  # the enrollment listener
-        claim_endpoint = MqttEndpoint(b.host, port, b.ca_cert, e.claim_cert, e.claim_key)
         identity = enroll_device(
             cfg.device_id,
             claim,
@@ -337,25 +474,47 @@ def device_endpoint(cfg: DeviceConfig, keys: _TpmIdentity) -> MqttEndpoint:
             store,
             claim_endpoint,
             e.timeout_s,
+            tpm=keys,
         )
         e.claim_file.unlink(missing_ok=True)  # one-time: it is used up now
     return identity.endpoint(b.host, b.port, b.ca_cert, b.keepalive_s)
 
 
-def make_renewer(cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink) -> Renewer | None:
-    """A renewer for an enrolled identity; None for a fixed certificate."""
+def _claim_endpoint(cfg: DeviceConfig) -> MqttEndpoint:
+    b, e = cfg.broker, cfg.enrollment
+    if e is None:
+        raise EnrollmentError("no enrollment configured", "config")
+    port = b.port if e.port is None else e.port  # the enrollment listener
+    return MqttEndpoint(b.host, port, b.ca_cert, e.claim_cert, e.claim_key)
+
+
+def make_renewer(
+    cfg: DeviceConfig, keys: _TpmIdentity, link: MqttLink, faults: LoopFaults | None = None
+) -> Renewer | None:
+    """A renewer for an enrolled identity (re-enrolling once it expired); None for a fixed
+    certificate."""
     e = cfg.enrollment
     if cfg.broker.client_cert is not None or e is None:
         return None
+    store = IdentityStore(cfg.state_dir / "tls", keys.storage_key())
+
+    def reenroll() -> TlsIdentity:
+        return reenroll_device(
+            cfg.device_id, keys.sign_digest, keys.signing_key_id(), store,
+            _claim_endpoint(cfg), e.timeout_s,
+        )  # fmt: skip
+
     return Renewer(
         cfg.device_id,
         keys.sign_digest,
         keys.signing_key_id(),
-        IdentityStore(cfg.state_dir / "tls", keys.storage_key()),
+        store,
         link,
         cfg.broker.ca_cert.read_bytes(),
         renew_at=e.renew_at,
         check_every_s=e.check_every_s,
+        reenroll=reenroll,
+        faults=faults,
     )
 
 
@@ -366,5 +525,6 @@ __all__ = [
     "device_endpoint",
     "enroll_device",
     "make_renewer",
+    "reenroll_device",
     "tls_key_password",
 ]

@@ -8,7 +8,10 @@ and quantize (``apply_adapter``; the base is never downloaded again) → hand th
 to the daemon → persist the trusted state atomically → report the outcome.
 
 Invariants: nothing unverified is applied; a failed update leaves the running model
-and the trusted state untouched; the trusted metadata version never goes down.
+and the trusted state untouched; the trusted metadata version never goes down. No
+exception leaves ``handle`` for a verified artifact that cannot be installed (a Hailo
+backend refuses adapter-merged models): it is reported ``failed`` and not fetched again
+until the process restarts.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_daemon.errors import OtaError
 from fleet_model import ADAPTER_FORMAT
 from fleet_protocol import ota, topics
 from fleet_protocol.envelope import key_id_from_pem
@@ -80,6 +82,7 @@ class OtaClient:
         self._cohort = cohort
         self._lock = threading.Lock()
         self._wanted: tuple[int, ota.TargetInfo] | None = None
+        self._failed: set[tuple[str, str]] = set()  # verified but could not be installed
         self.state = self._load_state()
 
     @property
@@ -128,6 +131,7 @@ class OtaClient:
             and t.adapter_format == ADAPTER_FORMAT
             and t.base_model_sha256 == self._base_sha
             and t.adapter_version > self.state.adapter_version
+            and (t.name, t.sha256) not in self._failed
         ]
         if not candidates:
             log.debug("metadata v%d has nothing new for this device", verified.version)
@@ -152,9 +156,10 @@ class OtaClient:
             log.warning("rejected artifact %s: %s", target.name, e)
             self._report(meta_version, target.adapter_version, "rejected", e.reason)
             return
-        except (OtaError, OSError) as e:
+        except Exception as e:  # OtaError, OSError, a backend's InferenceError (Hailo), ...
             log.error("could not apply %s: %s", target.name, e)
-            self._report(meta_version, target.adapter_version, "failed", type(e).__name__)
+            self._failed.add((target.name, target.sha256))
+            self._report(meta_version, target.adapter_version, "failed", _reason(e))
             return
         finally:
             self._wanted = None
@@ -176,3 +181,8 @@ class OtaClient:
                 model_sha256="",
             )
         )
+
+
+def _reason(e: Exception) -> str:
+    """The error's type name as the status reason (``OtaStatus.reason``: [A-Za-z0-9_]{0,64})."""
+    return "".join(c if c.isalnum() else "_" for c in type(e).__name__)[:64]

@@ -13,8 +13,8 @@ Invariants:
 - the mailbox keeps the latest message per topic (retained OTA metadata supersedes
   itself), for at most ``MAX_TOPICS`` topics; a message for a further topic is dropped
   and counted, never blocks the network thread;
-- an exception from the OTA client, the outbox or the report is logged and counted and
-  the loop goes on (no input kills the loop); the listener's own failure (a capture or
+- an exception from the OTA client, the outbox or the report is logged and counted
+  (``LoopStats.errors`` and ``faults``, loops ``main`` and ``report``) and the loop goes on (no input kills the loop); the listener's own failure (a capture or
   model error) ends the loop by re-raising it, so the daemon exits with its code.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from edge_daemon.listen import Listener
 from edge_daemon.uplink import Outbox
+from fleet_protocol.io.guard import LoopFaults
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def serve(
     report: Callable[[], None],
     tick_s: float = 0.5,
     report_s: float = 5.0,
+    faults: LoopFaults | None = None,
 ) -> LoopStats:
     """Run the main loop until ``stop``; re-raise the listener's failure, if any."""
     stats = LoopStats()
@@ -102,11 +104,14 @@ def serve(
                     flushed = changed = True
             outbox.seal(force=False)
             outbox.resend_due()
-        except Exception:
+        except Exception as e:
             if listener.error is not None and not listener.alive:
                 raise
             stats.errors += 1
-            log.exception("main loop: error (the daemon keeps serving)")
+            if faults is not None:
+                faults.record("main", e)
+            else:
+                log.exception("main loop: error (the daemon keeps serving)")
         if outbox.acked.is_set():
             outbox.acked.clear()
             changed = True
@@ -114,8 +119,11 @@ def serve(
         if changed or now - last_report >= report_s:
             try:
                 report()
-            except Exception:
+            except Exception as e:
                 stats.errors += 1
-                log.exception("main loop: status report failed")
+                if faults is not None:
+                    faults.record("report", e)
+                else:
+                    log.exception("main loop: status report failed")
             last_report = now
     return stats

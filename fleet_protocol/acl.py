@@ -158,6 +158,21 @@ def broker_acl(
     return "\n".join(lines) + "\n"
 
 
+def service_acl(admin_identities: Sequence[str]) -> str:
+    """The service listener's ACL: admin (sidecar) blocks only, no device patterns.
+
+    On that listener (its own CA: service certificates only) client ids are free, so
+    several ingest workers share one identity and ``end_session`` can take over a
+    revoked device's session; on the device listener the client id is the CN
+    (``use_username_as_clientid``), so no device can take over another's session.
+    """
+    _check_identities(admin_identities, ())
+    lines = [HEADER]
+    for admin in admin_identities:
+        lines += _user_block("admin (the sidecar)", admin, admin_rules())
+    return "\n".join(lines) + "\n"
+
+
 def enroll_acl() -> str:
     """The enrollment listener's ACL: a claim holder's own request and response only."""
     return HEADER + "\n" + "\n".join(r.line("pattern") for r in enroll_rules()) + "\n"
@@ -171,4 +186,5 @@ __all__ = [
     "enroll_acl",
     "enroll_rules",
     "label_source_rules",
+    "service_acl",
 ]

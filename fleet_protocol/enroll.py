@@ -13,14 +13,18 @@ Flow (docs/adr/0007-device-identity-and-enrollment.md)::
     device (own short-lived cert)
       RenewRequest   --> fleet/v1/<device>/cert/request
                      <-- fleet/v1/<device>/cert/response   CertResponse
+    device (certificate expired, claim used up; claim cert, client id = a fresh channel)
+      ReenrollRequest --> fleet/v1/enroll/<channel>/request   signed by the registered
+                      <-- fleet/v1/enroll/<channel>/response  TPM key (docs/adr/0017)
 
 Invariants:
 - every message is canonical JSON (sorted keys, separators ``,`` ``:``, UTF-8) with
   exactly its fields; a non-canonical encoding is malformed, so a signed message has
   one byte representation;
-- a request's ``sig`` is an ECDSA P-256 signature (strict DER) by the device's TPM
+- a request's ``sig`` is an ECDSA P-256 signature (strict DER, low S) by the device's TPM
   identity key over SHA-256(domain tag || canonical JSON without ``sig``); the domain
-  tags differ for enrollment and renewal, so one can never be replayed as the other;
+  tags differ for enrollment, renewal and re-enrollment, so one can never be replayed
+  as another;
 - every parser checks the total size first (``MAX_MESSAGE_BYTES``), then each field's
   type, length and pattern, and raises only ``ProtocolError`` subclasses, whatever
   the input; canonicalising a document (to check its encoding or to compute the
@@ -49,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
 from pydantic import ConfigDict, Field, model_validator
 
-from fleet_protocol import topics
+from fleet_protocol import low_s, topics
 from fleet_protocol.errors import MalformedError, SignatureError, TooLargeError
 from fleet_protocol.wire import DeviceId, UInt63, WireModel, canonical_json
 
@@ -57,6 +61,7 @@ VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_CSR_PEM = 4096
 MAX_CERT_PEM = 8192
+MAX_TPM_BLOB = 1024  # TPM2B_PUBLIC of a P-256 key, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET
 MAX_KEY_PEM = 1024
 MAX_SIGNATURE = 80
 MAX_REASON = 64
@@ -64,6 +69,7 @@ MAX_INT = 2**63 - 1
 
 ENROLL_TAG = b"sovereign-edge enroll v1\x00"
 RENEW_TAG = b"sovereign-edge renew v1\x00"
+REENROLL_TAG = b"sovereign-edge reenroll v1\x00"
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, urlsafe base64, no padding
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -71,9 +77,11 @@ KID_RE = re.compile(r"^[0-9a-f]{16}$")
 REASON_RE = re.compile(r"^[a-z0-9_]{0,64}$")
 _PEM_RE = re.compile(r"-----BEGIN [A-Z ]+-----\n[A-Za-z0-9+/=\n]+-----END [A-Z ]+-----\n?")
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+_B64 = r"^([A-Za-z0-9+/]+={0,2})?$"
 # schema examples: the right shapes, not a real CSR, key or signature
 _EXAMPLE_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nTUlJQg==\n-----END CERTIFICATE REQUEST-----\n"
 _EXAMPLE_KEY = "-----BEGIN PUBLIC KEY-----\nTUZrdw==\n-----END PUBLIC KEY-----\n"
+_EXAMPLE_CERT = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n"
 _EXAMPLE_SIG = "MAYCAQECAQE="  # DER SEQUENCE { INTEGER 1, INTEGER 1 }
 
 SignDigest = Callable[[bytes], bytes]
@@ -173,7 +181,7 @@ class _Signed(_Canonical):
         return hashlib.sha256(self.TAG + self.body()).digest()
 
     def signed(self, sign_digest: SignDigest) -> Self:
-        der = sign_digest(self.signed_digest())
+        der = low_s.normalize(sign_digest(self.signed_digest()))
         sig = base64.b64encode(der).decode("ascii")
         return type(self).model_validate({**self.model_dump(), "sig": sig})
 
@@ -191,12 +199,9 @@ def _strict_der(sig: str) -> bytes:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError) as e:
         raise MalformedError("field sig is not base64", "bad_signature") from e
-    try:
-        r, s = utils.decode_dss_signature(raw)
-    except ValueError as e:
-        raise MalformedError("sig is not a DER ECDSA signature", "bad_signature") from e
-    if utils.encode_dss_signature(r, s) != raw or base64.b64encode(raw).decode() != sig:
-        raise MalformedError("sig is not strict DER in canonical base64", "bad_signature")
+    low_s.check(raw)  # strict DER, low S: the broker cannot re-encode a request
+    if base64.b64encode(raw).decode() != sig:
+        raise MalformedError("sig is not in canonical base64", "bad_signature")
     return raw
 
 
@@ -212,7 +217,9 @@ class EnrollRequest(_Signed):
                     "created_at_ms": 1764000000000,
                     "csr": _EXAMPLE_CSR,
                     "device_id": "pi-07",
+                    "ek_cert": _EXAMPLE_CERT,
                     "identity_key": _EXAMPLE_KEY,
+                    "identity_public": "AFoAIw==",
                     "nonce": "ab" * 16,
                     "sig": _EXAMPLE_SIG,
                     "token": "A" * 43,
@@ -236,8 +243,83 @@ class EnrollRequest(_Signed):
     ]
     csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
     identity_key: Annotated[str, _pem(MAX_KEY_PEM, "TPM identity public key, SPKI")]
+    identity_public: Annotated[
+        str,
+        Field(
+            max_length=4 * MAX_TPM_BLOB // 3 + 4,
+            pattern=_B64,
+            description="the identity key's TPM2B_PUBLIC (base64): the cloud derives its TPM"
+            " Name for credential activation",
+        ),
+    ] = ""
+    ek_cert: Annotated[
+        str, _pem(MAX_CERT_PEM, "the TPM's RSA-2048 EK certificate; empty when it has none", True)
+    ] = ""
     created_at_ms: CreatedAt
     nonce: Nonce
+
+
+class ActivationChallenge(_Canonical):
+    """Cloud → device on ``fleet/v1/enroll/<claim id>/response``: a secret sealed by
+    ``TPM2_MakeCredential`` to the EK of the certificate the request presented and to the
+    Name of its identity key. Only that TPM, holding that key, can recover it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "credential_blob": "AEQAIA==",
+                    "device_id": "pi-07",
+                    "encrypted_secret": "AQA=",
+                    "nonce": "ab" * 16,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {"device_id": "bad_device_id"}
+
+    device_id: DeviceId
+    nonce: Annotated[str, Field(pattern=NONCE_RE.pattern, description="the request's nonce")]
+    credential_blob: Annotated[
+        str,
+        Field(max_length=4 * MAX_TPM_BLOB // 3 + 4, pattern=_B64, description="TPM2B_ID_OBJECT"),
+    ]
+    encrypted_secret: Annotated[
+        str,
+        Field(
+            max_length=4 * MAX_TPM_BLOB // 3 + 4, pattern=_B64, description="TPM2B_ENCRYPTED_SECRET"
+        ),
+    ]
+
+
+class ActivationProof(_Canonical):
+    """Device → cloud on ``fleet/v1/enroll/<claim id>/request``: the activated secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "claim_id": "0123456789abcdef",
+                    "device_id": "pi-07",
+                    "nonce": "ab" * 16,
+                    "secret": "c2VjcmV0",
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "claim_id": "bad_claim_id",
+    }
+
+    device_id: DeviceId
+    claim_id: Annotated[str, Field(pattern=topics.CLAIM_ID_RE.pattern, description="16 hex")]
+    nonce: Annotated[str, Field(pattern=NONCE_RE.pattern, description="the request's nonce")]
+    secret: Annotated[
+        str, Field(max_length=4 * 64 // 3 + 4, pattern=_B64, description="the activated secret")
+    ]
 
 
 class RenewRequest(_Signed):
@@ -266,6 +348,49 @@ class RenewRequest(_Signed):
     }
 
     device_id: DeviceId
+    kid: Annotated[str, Field(pattern=KID_RE.pattern, description="the identity key's id")]
+    csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
+    created_at_ms: CreatedAt
+    nonce: Nonce
+
+
+class ReenrollRequest(_Signed):
+    """Device → cloud over the claim identity on ``fleet/v1/enroll/<channel>/request``
+    when its certificate expired (offline past its lifetime) and its claim is used up:
+    a fresh CSR signed by the TPM identity key the fleet registered at enrollment. No
+    human in the loop; a revoked or unknown device is refused."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "channel": "0123456789abcdef",
+                    "created_at_ms": 1764000000000,
+                    "csr": _EXAMPLE_CSR,
+                    "device_id": "pi-07",
+                    "kid": "0123456789abcdef",
+                    "nonce": "ab" * 16,
+                    "sig": _EXAMPLE_SIG,
+                    "v": VERSION,
+                }
+            ]
+        }
+    )
+    TAG: ClassVar[bytes] = REENROLL_TAG
+    FIELD_REASONS: ClassVar[Mapping[str, str]] = {
+        "device_id": "bad_device_id",
+        "channel": "bad_claim_id",
+        "sig": "bad_signature",
+    }
+
+    device_id: DeviceId
+    channel: Annotated[
+        str,
+        Field(
+            pattern=topics.CLAIM_ID_RE.pattern,
+            description="16 hex, fresh per attempt: the enrollment topic and the client id",
+        ),
+    ]
     kid: Annotated[str, Field(pattern=KID_RE.pattern, description="the identity key's id")]
     csr: Annotated[str, _pem(MAX_CSR_PEM, "CSR for CN=<device_id>, EC P-256")]
     created_at_ms: CreatedAt
@@ -397,9 +522,12 @@ def check_issued(
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "VERSION",
+    "ActivationChallenge",
+    "ActivationProof",
     "CertResponse",
     "Claim",
     "EnrollRequest",
+    "ReenrollRequest",
     "RenewRequest",
     "check_csr",
     "check_issued",

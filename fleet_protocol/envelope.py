@@ -15,11 +15,17 @@ Invariants:
   one batch has exactly one byte representation;
 - the header bytes are the AES-256-GCM associated data, and the device's ECDSA
   P-256 signature covers SHA-256(b"SEV1" || u32 header_len || header || ciphertext):
-  no header or ciphertext byte can change undetected;
+  no header or ciphertext byte can change undetected; the signature is strict DER
+  with a low S (``fleet_protocol.low_s``: ``seal`` normalises, ``parse`` refuses the
+  other form), so no relay can re-encode an envelope into a second valid one;
 - the per-batch AES key is random, used once, and travels only RSA-OAEP-wrapped
   for the cloud's unwrap key (docs/adr/0002-wrap-and-signature-mechanisms.md);
 - ``parse`` checks every cap before reading further and raises only
-  ``ProtocolError`` subclasses, whatever the input.
+  ``ProtocolError`` subclasses, whatever the input;
+- header version 2 adds ``epoch``: the device's sequence epoch, a random number its
+  replay buffer draws when it is created (a wiped and re-enrolled device starts a new
+  epoch and counts ``seq`` from 0 again; docs/adr/0017). Version 1 headers (no
+  ``epoch``) still parse, with epoch 0; ``seal`` writes version 2.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fleet_protocol import low_s
 from fleet_protocol.errors import (
     DecryptError,
     MalformedError,
@@ -51,7 +58,8 @@ from fleet_protocol.errors import (
 )
 
 MAGIC = b"SEV1"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # header versions parse accepts; 1 has no epoch
 AEAD_ALG = "A256GCM"
 WRAP_ALG = "RSA-OAEP-SHA1"
 SIG_ALG = "ECDSA-P256-SHA256"
@@ -66,10 +74,11 @@ MAX_INT = 2**63 - 1
 DEVICE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX32_RE = re.compile(r"[0-9a-f]{32}")
 _KID_RE = re.compile(r"[0-9a-f]{16}")
-_FIELDS = frozenset(
+_FIELDS_V1 = frozenset(
     {"v", "device", "batch_id", "seq", "created_at_ms", "aead", "wrap", "sig"}
     | {"kid_wrap", "kid_sig", "wrapped_key", "nonce"}
 )
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"epoch"}}
 _OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
 
@@ -95,6 +104,7 @@ class EnvelopeHeader:
     kid_sig: str
     wrapped_key: bytes
     nonce: bytes
+    epoch: int = 0
     v: int = VERSION
     aead: str = AEAD_ALG
     wrap: str = WRAP_ALG
@@ -116,6 +126,8 @@ class EnvelopeHeader:
             "wrapped_key": base64.b64encode(self.wrapped_key).decode("ascii"),
             "nonce": base64.b64encode(self.nonce).decode("ascii"),
         }
+        if self.v >= 2:
+            doc["epoch"] = self.epoch
         return _canonical_json(doc)
 
 
@@ -153,6 +165,7 @@ def seal(
     kid_sig: str,
     sign_digest: Callable[[bytes], bytes],
     limits: EnvelopeLimits = EnvelopeLimits(),
+    epoch: int = 0,
 ) -> bytes:
     """Encrypt ``plaintext`` for the cloud's unwrap key and sign it with ``sign_digest``.
 
@@ -174,13 +187,14 @@ def seal(
         kid_sig=kid_sig,
         wrapped_key=wrap_key.encrypt(aes_key, _OAEP),
         nonce=os.urandom(NONCE_BYTES),
+        epoch=epoch,
     )
     header_bytes = header.canonical_bytes()
     _check_header(_decode_header(header_bytes))  # same rules as the receiver
     if len(header_bytes) > limits.max_header:
         raise TooLargeError(f"header is {len(header_bytes)} bytes > {limits.max_header}")
     ciphertext = AESGCM(aes_key).encrypt(header.nonce, plaintext, header_bytes)
-    signature = sign_digest(_signed_digest(header_bytes, ciphertext))
+    signature = low_s.normalize(sign_digest(_signed_digest(header_bytes, ciphertext)))
     if not 0 < len(signature) <= limits.max_signature:
         raise MalformedError(f"signer returned a {len(signature)}-byte signature")
     _check_der_signature(signature)
@@ -350,17 +364,19 @@ def _b64_field(doc: dict[str, Any], name: str, lo: int, hi: int) -> bytes:
 
 
 def _check_header(doc: dict[str, Any]) -> EnvelopeHeader:
-    keys = set(doc)
-    if keys != _FIELDS:
-        missing = sorted(_FIELDS - keys)
-        extra = sorted(k[:40] for k in keys - _FIELDS)
-        raise MalformedError(f"header fields wrong: missing {missing}, unexpected {extra}")
-    v = doc["v"]
+    v = doc.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise MalformedError("v must be an integer")
-    if v != VERSION:
+    if v not in VERSIONS:
         raise UnsupportedAlgorithmError(f"header version {v} is not supported")
+    keys, fields = set(doc), _FIELDS[v]
+    if keys != fields:
+        missing = sorted(fields - keys)
+        extra = sorted(k[:40] for k in keys - fields)
+        raise MalformedError(f"header fields wrong: missing {missing}, unexpected {extra}")
     return EnvelopeHeader(
+        v=v,
+        epoch=_int_field(doc, "epoch") if v >= 2 else 0,
         device=_str_field(doc, "device", DEVICE_RE),
         batch_id=_str_field(doc, "batch_id", _HEX32_RE),
         seq=_int_field(doc, "seq"),
@@ -376,9 +392,5 @@ def _check_header(doc: dict[str, Any]) -> EnvelopeHeader:
 
 
 def _check_der_signature(signature: bytes) -> None:
-    try:
-        r, s = utils.decode_dss_signature(signature)
-    except ValueError as e:
-        raise MalformedError("signature is not a DER ECDSA signature") from e
-    if utils.encode_dss_signature(r, s) != signature:
-        raise MalformedError("signature is not strict DER")
+    """Strict DER and low S (``fleet_protocol.low_s``): one encoding per envelope."""
+    low_s.check(signature)

@@ -9,11 +9,19 @@ another device than its topic.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+from collections.abc import Callable
 from typing import Annotated, ClassVar, Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from pydantic import AfterValidator, ConfigDict, Field
 
 from fleet_protocol import topics
+from fleet_protocol.errors import MalformedError, SignatureError
 from fleet_protocol.labels import CLASSES, LABELS_VERSION
 from fleet_protocol.wire import (
     DEFAULT_MAX_BYTES,
@@ -22,6 +30,7 @@ from fleet_protocol.wire import (
     Sha256Hex,
     UInt63,
     WireModel,
+    canonical_json,
 )
 
 MAX_CONTROL_BYTES = DEFAULT_MAX_BYTES
@@ -44,7 +53,7 @@ EventLabel = Annotated[
 ]
 
 
-AckStatus = Literal["stored", "rejected"]
+AckStatus = Literal["stored", "rejected", "retry"]
 # applied/rejected/failed: the single-slot client (edge_daemon/ota.py); the rest: the
 # two-slot TUF client (edge_daemon/ota_slots.py, docs/adr/0016), in lifecycle order.
 OtaState = Literal[
@@ -60,15 +69,34 @@ OtaState = Literal[
     "rolled_back",
 ]
 
+ACK_CONTEXT = b"sovereign-edge ack v1\n"  # domain separation: an ack signature signs nothing else
+_ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+
 
 class Ack(WireModel):
-    """Cloud → device on ``fleet/v1/<device>/ack``: the batch was stored or will never be."""
+    """Cloud → device on ``fleet/v1/<device>/ack``, signed by the sidecar's ack key.
+
+    ``status``: ``stored`` (stored now or before: delete it), ``rejected`` (permanent:
+    forged, malformed, a replay or a stale sequence; the batch can never be stored:
+    drop it and count it) or ``retry`` (transient: an unwrap key this sidecar does not
+    hold yet, a token error, a full disk: keep it and resend with backoff). ``digest``
+    is the SHA-256 of the exact envelope bytes the ack is about; the device acts only on
+    an ack whose signature verifies under its pinned ack key and whose digest is that of
+    the envelope it holds for ``batch_id`` (docs/adr/0017).
+    """
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"batch_id": "0f" * 16, "reason": "", "seq": 7, "status": "stored"},
-                {"batch_id": "a1" * 16, "reason": "bad_signature", "seq": 8, "status": "rejected"},
+                {
+                    "batch_id": "0f" * 16,
+                    "digest": "3f" * 32,
+                    "kid": "0123456789abcdef",
+                    "reason": "",
+                    "seq": 7,
+                    "sig": "MEUCIQ" + "A" * 90,
+                    "status": "stored",
+                },
             ]
         }
     )
@@ -81,8 +109,48 @@ class Ack(WireModel):
     status: AckStatus
     reason: Annotated[
         ReasonCode,
-        Field(description="why it was rejected (ProtocolError.reason), or duplicate, or empty"),
+        Field(description="why it was rejected or deferred (ProtocolError.reason), or empty"),
     ]
+    digest: Annotated[Sha256Hex, Field(description="SHA-256 of the envelope bytes acknowledged")]
+    kid: Annotated[
+        str, Field(pattern=r"^[0-9a-f]{16}$", description="key id of the sidecar's ack key")
+    ]
+    sig: Annotated[
+        str,
+        Field(
+            max_length=112,
+            pattern=r"^[A-Za-z0-9+/]*={0,2}$",
+            description="base64 DER ECDSA P-256 over SHA-256(ACK_CONTEXT || the ack without"
+            " sig as canonical JSON); empty: unsigned (never acted on)",
+        ),
+    ] = ""
+
+    def signed_digest(self) -> bytes:
+        """What the ack key signs: SHA-256(ACK_CONTEXT || canonical JSON without ``sig``)."""
+        body = self.model_copy(update={"sig": ""}).model_dump(mode="json")
+        del body["sig"]
+        return hashlib.sha256(ACK_CONTEXT + canonical_json(body)).digest()
+
+    def signed(self, sign_digest: Callable[[bytes], bytes]) -> Ack:
+        """This ack with ``sig`` set by ``sign_digest`` (the HSM's ack key)."""
+        sig = base64.b64encode(sign_digest(self.signed_digest())).decode("ascii")
+        return self.model_copy(update={"sig": sig})
+
+    def verify(self, public_key_pem: bytes) -> None:
+        """Raise ``SignatureError`` unless the ack key in ``public_key_pem`` signed this ack."""
+        try:
+            key = serialization.load_pem_public_key(public_key_pem)
+        except (ValueError, TypeError) as e:
+            raise MalformedError(f"not a PEM public key: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise MalformedError("the ack key must be EC P-256")
+        if not self.sig:
+            raise SignatureError("ack is not signed", "unsigned_ack")
+        try:
+            der = base64.b64decode(self.sig, validate=True)
+            key.verify(der, self.signed_digest(), _ECDSA_PREHASHED)
+        except (InvalidSignature, ValueError, binascii.Error) as e:
+            raise SignatureError("ack signature does not verify", "bad_ack_signature") from e
 
 
 class OtaStatus(DeviceMessage):
@@ -158,4 +226,13 @@ class Event(DeviceMessage):
     ]
 
 
-__all__ = ["MAX_CONTROL_BYTES", "Ack", "AckStatus", "Event", "EventLabel", "OtaState", "OtaStatus"]
+__all__ = [
+    "ACK_CONTEXT",
+    "MAX_CONTROL_BYTES",
+    "Ack",
+    "AckStatus",
+    "Event",
+    "EventLabel",
+    "OtaState",
+    "OtaStatus",
+]

@@ -9,6 +9,10 @@ raises ``MetadataError``; fetching and persisting are the caller's job.
 Invariants enforced by ``verify_targets``: byte cap; exactly the trusted key signs;
 ``_type`` is ``targets``; not expired (freeze attack); version never below the
 trusted one (rollback attack). ``verify_artifact`` checks length before hashing.
+Whatever the bytes hold (lone surrogates such as ``"\\ud800"``, huge numbers, deep
+nesting, wrong types) ``verify_targets`` raises only ``ProtocolError`` subclasses:
+canonicalising the unauthenticated ``signed`` part to hash it is the first thing that
+touches it, and ``canonical`` raises ``MetadataError`` for what UTF-8 cannot hold.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from fleet_protocol.errors import MetadataError, TooLargeError
+from fleet_protocol.errors import MalformedError, MetadataError, TooLargeError
+from fleet_protocol.wire import canonical_json
 
 SPEC_VERSION = "1.0.31"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,7 +63,15 @@ class VerifiedTargets:
 
 
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Canonical JSON of ``obj``; ``MetadataError`` for what has no UTF-8 encoding.
+
+    ``wire.canonical_json`` refuses lone surrogates, NaN and infinities and too deep
+    nesting with ``MalformedError``; a document carrying one is malformed metadata.
+    """
+    try:
+        return canonical_json(obj)
+    except MalformedError as e:
+        raise MetadataError(f"metadata cannot be canonicalised: {e}", reason="malformed") from e
 
 
 def build_targets(
@@ -130,6 +143,31 @@ def verify_targets(
     now: datetime,
     limits: OtaLimits = OtaLimits(),
 ) -> VerifiedTargets:
+    verified = verify_signed_targets(
+        data, trusted_key_pem=trusted_key_pem, trusted_keyid=trusted_keyid, limits=limits
+    )
+    if verified.version < current_version:
+        raise MetadataError(
+            f"version {verified.version} is older than trusted {current_version}",
+            reason="rollback",
+        )
+    if verified.expires <= now:
+        raise MetadataError(f"metadata expired at {verified.expires.isoformat()}", reason="expired")
+    return verified
+
+
+def verify_signed_targets(
+    data: bytes,
+    *,
+    trusted_key_pem: bytes,
+    trusted_keyid: str,
+    limits: OtaLimits = OtaLimits(),
+) -> VerifiedTargets:
+    """Signature, type and field checks only, without freshness (expiry, rollback).
+
+    For the repository's own history (``cloud_sidecar.ota_repo``), whose earlier
+    versions have expired; a device always calls ``verify_targets``.
+    """
     if len(data) > limits.max_metadata:
         raise TooLargeError(f"metadata of {len(data)} bytes exceeds {limits.max_metadata}")
     try:
@@ -162,18 +200,12 @@ def verify_targets(
     version = signed.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise MetadataError("version must be a positive integer")
-    if version < current_version:
-        raise MetadataError(
-            f"version {version} is older than trusted {current_version}", reason="rollback"
-        )
     try:
         expires = datetime.strptime(str(signed.get("expires")), "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=UTC
         )
     except ValueError as e:
         raise MetadataError("expires is not an ISO-8601 UTC time") from e
-    if expires <= now:
-        raise MetadataError(f"metadata expired at {expires.isoformat()}", reason="expired")
     raw_targets = signed.get("targets")
     if not isinstance(raw_targets, dict):
         raise MetadataError("targets must be an object")

@@ -1,19 +1,31 @@
-"""The cloud's key custody: upload-unwrap, OTA-signing and fleet-CA keys in a PKCS#11 HSM.
+"""The cloud's key custody: upload-unwrap, OTA-signing, fleet-CA and ack keys in a PKCS#11 HSM.
 
-Owns: the PKCS#11 session (python-pkcs11) on one token, generating the three
+Owns: the PKCS#11 session (python-pkcs11) on one token, generating the four
 keypairs inside the token, exporting their public halves, and the private
 operations the sidecar needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and
 ``CKM_ECDSA`` over a SHA-256 digest (docs/adr/0002-wrap-and-signature-mechanisms.md)
-with the OTA-signing key or the fleet CA key (cloud_sidecar/ca.py, docs/adr/0007).
+with the OTA-signing key, the fleet CA key (cloud_sidecar/ca.py, docs/adr/0007) or the
+ack-signing key (upload acks, docs/adr/0017).
+
+Unwrap-key rotation (ADR 0002): ``rotate_unwrap_key`` relabels the current unwrap key
+``upload-unwrap.<key id>`` and generates a new ``upload-unwrap``; every unwrap key in
+the token stays usable (``unwrap_key_ids``, ``decrypt_oaep(wrapped, key_id)``) until an
+operator deletes it, so batches sealed for the old key before devices learn the new
+one still open.
 
 Invariants:
 - private keys are generated in the token as sensitive, non-extractable, private
   token objects, each with exactly one use (unwrap: decrypt only; signing: sign
   only); existing keys without these attributes are refused, never used;
 - no private key material crosses this module's boundary, only results;
-- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token or
-  a failed login as ``HsmUnavailableError`` (callers retry); data that is not
-  encrypted for the unwrap key as ``HsmDecryptError`` (callers reject the upload);
+- every pkcs11 failure surfaces as ``HsmError``; an unreachable module or token as
+  ``HsmUnavailableError`` (callers retry); a refused PIN as ``HsmPinError``, once: the
+  PIN is remembered (as a hash) and never presented to the token again in this
+  process, so no retry loop can lock the token; data that is not encrypted for the
+  unwrap key as ``HsmDecryptError`` (callers reject the upload), except
+  ``CKR_GENERAL_ERROR`` from a token that still answers, which SoftHSM 2.6 gives for an
+  OAEP decoding failure and a failing token gives too: ``HsmDecryptError`` with
+  ``transient=True`` (callers keep the batch for later, never drop it);
 - all ``Hsm`` objects on a token share one logged-in session, and its lock
   serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
   the environment must be set before the first ``Hsm`` is constructed. When no
@@ -45,7 +57,7 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from fleet_protocol.envelope import key_id_from_pem
 
 log = logging.getLogger(__name__)
@@ -53,7 +65,9 @@ log = logging.getLogger(__name__)
 UNWRAP_LABEL = "upload-unwrap"
 SIGNING_LABEL = "ota-signing"
 CA_LABEL = "fleet-ca"
-EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL)  # EC P-256, sign only
+ACK_LABEL = "ack-signing"
+EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL, ACK_LABEL)  # EC P-256, sign only
+CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
 
@@ -83,6 +97,13 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     p11.UserPinNotInitialized,
     p11.FunctionFailed,
 )
+_PIN_REFUSED: tuple[type[Exception], ...] = (
+    p11.PinIncorrect,
+    p11.PinInvalid,
+    p11.PinLenRange,
+    p11.PinLocked,
+    p11.PinExpired,
+)
 _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
     p11.EncryptedDataInvalid,
     p11.EncryptedDataLenRange,
@@ -94,6 +115,8 @@ _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
 # ``Hsm`` must present the same PIN (compared as SHA-256; the PIN is not kept).
 _LIB_LOCK = threading.Lock()
 _lib_conf: dict[str, str | None] = {}
+# (module, token, SHA-256(PIN)) the token refused: never presented to it again
+_refused_pins: set[tuple[str, str, bytes]] = set()
 
 
 @dataclass
@@ -130,10 +153,15 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
     with _LIB_LOCK:
         key = (module, token_label)
         pin_hash = hashlib.sha256(user_pin.encode()).digest()
+        if (module, token_label, pin_hash) in _refused_pins:
+            raise HsmPinError(
+                f"token {token_label!r} refused this PIN before; not trying it again (the"
+                " token would lock): fix the hsm-pin credential and restart"
+            )
         shared = _shared.get(key)
         if shared is not None:
             if not hmac.compare_digest(pin_hash, shared.pin_hash):
-                raise HsmUnavailableError(f"login to token {token_label!r} failed: wrong PIN")
+                raise HsmPinError(f"login to token {token_label!r} failed: wrong PIN")
             shared.users += 1
             return shared
         conf = os.environ.get(_CONF_ENV)
@@ -154,7 +182,14 @@ def _acquire(module: str, token_label: str, user_pin: str) -> _Shared:
                 raise
             lib.reinitialize()  # tokens created or restored since initialisation become visible
             token = lib.get_token(token_label=token_label)
-        session = token.open(rw=True, user_pin=user_pin)
+        try:
+            session = token.open(rw=True, user_pin=user_pin)
+        except _PIN_REFUSED as e:
+            _refused_pins.add((module, token_label, pin_hash))
+            log.critical(
+                "token %r refused the PIN (%r); it will not be tried again", token_label, e
+            )
+            raise HsmPinError(f"token {token_label!r} refused the PIN: {e!r}") from e
         shared = _Shared(session=session, lock=threading.Lock(), pin_hash=pin_hash, users=1)
         _shared[key] = shared
         return shared
@@ -212,6 +247,50 @@ class Hsm:
         """First 16 hex chars of SHA-256 over the unwrap key's SPKI DER."""
         return self._pair(UNWRAP_LABEL).key_id
 
+    def unwrap_key_ids(self) -> tuple[str, ...]:
+        """Ids of every unwrap key in the token: the current one first, then rotated ones.
+
+        Read from the token on every call, so a rotation by another process (the CLI) is
+        seen at once: a cached current key that now carries a rotated label is dropped.
+        """
+        with self._lock:
+            labels = self._call("list unwrap keys", self._unwrap_labels)
+            older = sorted(label.split(".", 1)[1] for label in labels if label != UNWRAP_LABEL)
+            cached = self._pairs.get(UNWRAP_LABEL)
+            if cached is not None and cached.key_id in older:
+                del self._pairs[UNWRAP_LABEL]
+        current = self.unwrap_key_id()
+        return (current, *(k for k in older if k != current))
+
+    def rotate_unwrap_key(self) -> str:
+        """Keep the current unwrap key as ``upload-unwrap.<id>``, generate a new one; its id."""
+        old = self._pair(UNWRAP_LABEL)
+
+        def run() -> None:
+            session = self._require_session()
+            retired = f"{UNWRAP_LABEL}.{old.key_id}"
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for obj in session.get_objects(
+                    {Attribute.CLASS: cls, Attribute.LABEL: UNWRAP_LABEL}
+                ):
+                    obj[Attribute.LABEL] = retired
+            self._pairs.pop(UNWRAP_LABEL, None)
+            self._ensure_keys()
+
+        with self._lock:
+            self._call("rotate unwrap key", run)
+        new_id = self.unwrap_key_id()
+        log.info("unwrap key rotated: %s -> %s (the old key stays for in-flight batches)",
+                 old.key_id, new_id)  # fmt: skip
+        return new_id
+
+    def ack_public_key_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the EC P-256 ack-signing key (pinned on devices)."""
+        return self._pair(ACK_LABEL).public_pem
+
+    def ack_key_id(self) -> str:
+        return self._pair(ACK_LABEL).key_id
+
     def signing_public_key_pem(self) -> bytes:
         """SubjectPublicKeyInfo PEM of the EC P-256 OTA-signing key."""
         return self._pair(SIGNING_LABEL).public_pem
@@ -226,9 +305,13 @@ class Hsm:
 
     # -- private-key operations -------------------------------------------------------
 
-    def decrypt_oaep(self, wrapped: bytes) -> bytes:
-        """RSA-OAEP (SHA-1, MGF1-SHA-1) ``C_Decrypt`` with the unwrap key."""
-        pair = self._pair(UNWRAP_LABEL)
+    def decrypt_oaep(self, wrapped: bytes, key_id: str | None = None) -> bytes:
+        """RSA-OAEP (SHA-1, MGF1-SHA-1) ``C_Decrypt`` with the unwrap key ``key_id``
+        (default: the current one; a rotated one by its id, ``unwrap_key_ids``)."""
+        label = UNWRAP_LABEL
+        if key_id is not None and key_id != self.unwrap_key_id():
+            label = f"{UNWRAP_LABEL}.{key_id}"
+        pair = self._pair(label)
         if len(wrapped) != pair.size_bytes:
             raise HsmDecryptError(f"wrapped key is {len(wrapped)} bytes, not {pair.size_bytes}")
         private = cast(DecryptMixin, pair.private)  # DECRYPT checked in _load_pair
@@ -261,6 +344,51 @@ class Hsm:
 
         with self._lock:
             return self._call("sign", run)
+
+    def claim_mac(self, data: bytes) -> bytes:
+        """``CKM_SHA256_HMAC`` with the token's ``claim-mac`` secret (generated inside the
+        token on first use: 256 bits, sensitive, non-extractable, sign/verify only)."""
+
+        def run() -> bytes:
+            key = self._secret(CLAIM_MAC_LABEL)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        with self._lock:
+            return self._call("claim mac", run)
+
+    def _secret(self, label: str) -> Any:
+        session = self._require_session()
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
+        if len(found) > 1:
+            raise HsmError(f"token holds {len(found)} secret keys {label!r}")
+        if not found:
+            log.info("generating HMAC-SHA256 secret %r in the token", label)
+            return session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                id=label.encode(),
+                store=True,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+        key = found[0]
+        attrs = key.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE])
+        if not attrs[Attribute.SENSITIVE] or attrs[Attribute.EXTRACTABLE]:
+            raise HsmError(f"secret {label!r} is extractable; refusing it")
+        return key
 
     def close(self) -> None:
         """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""
@@ -305,7 +433,7 @@ class Hsm:
             # SoftHSM 2.6 reports an OAEP decoding failure as CKR_GENERAL_ERROR. Tell
             # that apart from a failing token by asking the token something cheap.
             if decrypting and self._token_answers():
-                raise HsmDecryptError(f"HSM {what} refused the data: {e!r}") from e
+                raise HsmDecryptError(f"HSM {what} refused the data: {e!r}", transient=True) from e
             raise HsmUnavailableError(f"HSM {what} failed: {e!r}") from e
         except (p11.PKCS11Error, ValueError, TypeError) as e:
             raise HsmError(f"HSM {what} failed: {e!r}") from e
@@ -369,6 +497,16 @@ class Hsm:
         for label in (UNWRAP_LABEL, *EC_SIGN_LABELS):
             if self._load_pair(label) is None:
                 raise HsmError(f"key {label!r} missing right after generation")
+        self._secret(CLAIM_MAC_LABEL)  # at provisioning, not raced by two first claims
+
+    def _unwrap_labels(self) -> list[str]:
+        session = self._require_session()
+        out = []
+        for obj in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
+            label = str(obj[Attribute.LABEL])
+            if label == UNWRAP_LABEL or label.startswith(UNWRAP_LABEL + "."):
+                out.append(label)
+        return out
 
     def _load_pair(self, label: str) -> _KeyPair | None:
         """Find a keypair by label, check its private attributes, cache it. None if absent."""
@@ -386,8 +524,9 @@ class Hsm:
         private, public = privs[0], pubs[0]
         if not isinstance(private, pkcs11.PrivateKey) or not isinstance(public, pkcs11.PublicKey):
             raise HsmError(f"objects labelled {label!r} are not a keypair")
-        use = Attribute.DECRYPT if label == UNWRAP_LABEL else Attribute.SIGN
-        other = Attribute.SIGN if label == UNWRAP_LABEL else Attribute.DECRYPT
+        unwrap = _is_unwrap(label)
+        use = Attribute.DECRYPT if unwrap else Attribute.SIGN
+        other = Attribute.SIGN if unwrap else Attribute.DECRYPT
         attrs = private.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE, use, other])
         if (
             not attrs[Attribute.SENSITIVE]
@@ -403,7 +542,7 @@ class Hsm:
     @staticmethod
     def _export(label: str, private: pkcs11.PrivateKey, public: pkcs11.PublicKey) -> _KeyPair:
         key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-        if label == UNWRAP_LABEL:
+        if _is_unwrap(label):
             if public.key_type != KeyType.RSA:
                 raise HsmError(f"key {label!r} is not RSA")
             key = rsa.RSAPublicNumbers(
@@ -428,3 +567,7 @@ class Hsm:
         return _KeyPair(
             private=private, public_pem=pem, key_id=key_id_from_pem(pem), size_bytes=size
         )
+
+
+def _is_unwrap(label: str) -> bool:
+    return label == UNWRAP_LABEL or label.startswith(UNWRAP_LABEL + ".")

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import (
     ESYS_TR,
@@ -43,6 +45,10 @@ from tpm2_pytss.constants import (
     TPMA_SESSION,
 )
 from tpm2_pytss.types import (
+    TPM2B_DIGEST,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
+    TPM2B_NONCE,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -51,6 +57,7 @@ from tpm2_pytss.types import (
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
 )
+from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from edge_daemon.errors import KeyStoreError
 from fleet_protocol.envelope import key_id_from_pem
@@ -58,7 +65,11 @@ from fleet_protocol.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-SIGNING_PERSISTENT_HANDLE = 0x81010001
+# Owner range (TPM 2.0 Part 2, 0x81000000-0x8100FFFF). The TCG reserves 0x8101xxxx for
+# endorsement keys: swtpm_setup and many factory TPMs keep the EK at 0x81010001, where
+# earlier versions put the identity key (still used when it holds one: LEGACY_...).
+SIGNING_PERSISTENT_HANDLE = 0x81000101
+LEGACY_SIGNING_HANDLE = 0x81010001
 """Owner-hierarchy persistent handle of the device identity (signing) key."""
 
 MAX_BLOB_BYTES = 4096
@@ -172,6 +183,59 @@ class TpmKeyStore:
                 signature = self._esapi.sign(handle, digest, scheme)
                 return bytes(signature)
 
+    # -- proof of residence: credential activation against the EK (issue 9) ----------
+
+    def ek_certificate_pem(self) -> str:
+        """The RSA-2048 EK certificate the manufacturer (swtpm_localca) wrote to NV, or ""."""
+        with self._lock:
+            self._check_open()
+            try:
+                with _tpm_errors("read EK certificate"):
+                    cert, _ = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
+            except KeyStoreError:
+                return ""
+            if not cert:
+                return ""
+            return x509.load_der_x509_certificate(cert).public_bytes(Encoding.PEM).decode()
+
+    def identity_public_area(self) -> bytes:
+        """The identity key's TPM2B_PUBLIC, marshalled: the cloud derives its TPM Name."""
+        with self._lock:
+            _, public = self._signing_key()
+            return bytes(public.marshal())
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """``TPM2_ActivateCredential`` with the identity key and the EK: the secret the
+        cloud sealed to both, recoverable only inside this TPM."""
+        with self._lock:
+            signing, _ = self._signing_key()
+            with _tpm_errors("activate credential"):
+                _, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
+                ek, _, _, _, _ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+                try:
+                    session = self._esapi.start_auth_session(
+                        ESYS_TR.NONE,
+                        ESYS_TR.NONE,
+                        TPM2_SE.POLICY,
+                        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                        TPM2_ALG.SHA256,
+                    )
+                    try:
+                        self._esapi.policy_secret(
+                            ESYS_TR.ENDORSEMENT, session, TPM2B_NONCE(), TPM2B_DIGEST(), b"", 0
+                        )
+                        blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+                        secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+                        out = self._esapi.activate_credential(
+                            signing, ek, blob, secret, session1=ESYS_TR.PASSWORD, session2=session
+                        )
+                    finally:
+                        with contextlib.suppress(Exception):
+                            self._esapi.flush_context(session)
+                finally:
+                    self._esapi.flush_context(ek)
+            return bytes(out)
+
     def storage_key(self) -> bytes:
         """The device's 32-byte storage key: sealed by the TPM on first use, unsealed after."""
         with self._lock:
@@ -268,18 +332,25 @@ class TpmKeyStore:
         return self._signing, public
 
     def _persistent_signing_key(self) -> tuple[ESYS_TR, TPM2B_PUBLIC] | None:
-        """The key at ``SIGNING_PERSISTENT_HANDLE`` if the TPM holds one (checked like a blob)."""
-        with _tpm_errors("list persistent handles"):
-            _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, SIGNING_PERSISTENT_HANDLE, 1)
-        if SIGNING_PERSISTENT_HANDLE not in [int(h) for h in data.data.handles]:
-            return None
-        with _tpm_errors("open persistent signing key"):
-            handle = self._esapi.tr_from_tpmpublic(SIGNING_PERSISTENT_HANDLE)
-            public, _, _ = self._esapi.read_public(handle)
-        self._check_signing_public(
-            public, Path(f"persistent handle {SIGNING_PERSISTENT_HANDLE:#x}")
-        )
-        return handle, public
+        """The key at ``SIGNING_PERSISTENT_HANDLE`` if the TPM holds one (checked like a blob),
+        else an identity key an earlier version left at ``LEGACY_SIGNING_HANDLE`` (never an
+        EK that lives there)."""
+        for handle_id in (SIGNING_PERSISTENT_HANDLE, LEGACY_SIGNING_HANDLE):
+            with _tpm_errors("list persistent handles"):
+                _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, handle_id, 1)
+            if handle_id not in [int(h) for h in data.data.handles]:
+                continue
+            with _tpm_errors("open persistent signing key"):
+                handle = self._esapi.tr_from_tpmpublic(handle_id)
+                public, _, _ = self._esapi.read_public(handle)
+            try:
+                self._check_signing_public(public, Path(f"persistent handle {handle_id:#x}"))
+            except KeyStoreError:
+                if handle_id == LEGACY_SIGNING_HANDLE:
+                    continue  # the EK (TCG's handle), not ours
+                raise
+            return handle, public
+        return None
 
     @staticmethod
     def _check_signing_public(public: TPM2B_PUBLIC, path: Path) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from edge_daemon.errors import EdgeError
 from edge_daemon.sensors.store import TelemetryStore
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.telemetry import MAX_READINGS, Reading, Telemetry
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class TelemetryResender:
         link_up: Callable[[], bool],
         batch_rows: int = BATCH_ROWS,
         period_s: float = PERIOD_S,
+        faults: LoopFaults | None = None,
     ) -> None:
         self.device, self.store, self._publish, self._link_up = device, store, publish, link_up
+        self.faults = faults if faults is not None else LoopFaults()
         self.batch_rows, self.period_s = batch_rows, period_s
         self.resent = 0  # messages re-published
         self._thread: threading.Thread | None = None
@@ -116,7 +119,8 @@ class TelemetryResender:
     def start(self, stop: threading.Event) -> None:
         def loop() -> None:
             while True:
-                self.drain(stop)
+                with self.faults.guard("telemetry_resend"):
+                    self.drain(stop)
                 if stop.wait(self.period_s):
                     return
 

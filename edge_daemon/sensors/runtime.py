@@ -25,6 +25,7 @@ from edge_daemon.sensors.resend import TelemetryResender
 from edge_daemon.sensors.sampler import SensorSampler, TelemetrySink
 from edge_daemon.sensors.store import TelemetryStore
 from edge_daemon.sensors.sysfs import make_sensor
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.telemetry import Reading, Telemetry
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class DeviceSensors:
         publish: Callable[[Telemetry], bool],
         link_up: Callable[[], bool] | None = None,
         republish: Callable[[Telemetry], bool] | None = None,
+        faults: LoopFaults | None = None,
     ) -> None:
         """``publish``: live telemetry; ``link_up``: whether the uplink is connected (None:
         nothing is resent); ``republish``: how held-back telemetry is resent (default
@@ -47,12 +49,14 @@ class DeviceSensors:
         self.store = TelemetryStore(cfg.state_dir / "buffer.sqlite3", s.max_rows)
         self.sink = TelemetrySink(cfg.device_id, publish, self.store)
         self.sampler = SensorSampler(
-            [make_sensor(c, s.sysfs_root) for c in s.sources], self.sink, s.period_s
+            [make_sensor(c, s.sysfs_root) for c in s.sources], self.sink, s.period_s, faults
         )
         self.resender = (
             None
             if link_up is None
-            else TelemetryResender(cfg.device_id, self.store, republish or publish, link_up)
+            else TelemetryResender(
+                cfg.device_id, self.store, republish or publish, link_up, faults=faults
+            )
         )
         self._stop = threading.Event()
         self.last_laeq: float | None = None

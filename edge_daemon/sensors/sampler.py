@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from edge_daemon.errors import EdgeError
 from edge_daemon.sensors.store import TelemetryStore
 from edge_daemon.sensors.sysfs import SensorPlugin
+from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.telemetry import Reading, Telemetry
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,15 @@ class TelemetrySink:
 
 
 class SensorSampler:
-    def __init__(self, sensors: Sequence[SensorPlugin], sink: TelemetrySink, period_s: float):
+    def __init__(
+        self,
+        sensors: Sequence[SensorPlugin],
+        sink: TelemetrySink,
+        period_s: float,
+        faults: LoopFaults | None = None,
+    ):
         self.sensors, self.sink, self.period_s = list(sensors), sink, period_s
+        self.faults = faults if faults is not None else LoopFaults()
         self.samples = 0
         self._thread: threading.Thread | None = None
 
@@ -77,7 +85,8 @@ class SensorSampler:
     def start(self, stop: threading.Event) -> None:
         def loop() -> None:
             while not stop.is_set():
-                self.sample_once()
+                with self.faults.guard("sensors"):  # the store, the sink: never the thread
+                    self.sample_once()
                 stop.wait(self.period_s)
 
         self._thread = threading.Thread(target=loop, name="sensors", daemon=True)

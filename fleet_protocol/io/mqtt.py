@@ -4,7 +4,9 @@ It owns: TLS 1.3 with a client certificate, automatic reconnect, re-subscribing 
 every reconnect, and turning paho's callbacks into one ``on_message(topic, payload)``
 call (or, for a message that carries MQTT 5 request/response properties, one
 ``on_request(topic, payload, response_topic, correlation_data)`` call when given). It
-owns no protocol decisions. ``publish`` waits for the broker's PUBACK (QoS 1)
+owns no protocol decisions. A handler's exception is caught, counted (``faults``, loop
+``mqtt``) and logged: no message stops the network thread. ``publish`` waits for the
+broker's PUBACK (QoS 1)
 up to a timeout and reports success; callers that must not lose data keep it until
 an application-level ack (the device's replay buffer does).
 """
@@ -24,6 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from fleet_protocol.io.guard import LoopFaults
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,11 @@ class MqttLink:
         on_message: Callable[[str, bytes], None],
         subscriptions: Sequence[tuple[str, int]] = (),
         max_inflight: int = 20,
+        faults: LoopFaults | None = None,
         on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.faults = faults if faults is not None else LoopFaults()
         self._on_message = on_message
         self._on_request = on_request
         self._subs = list(subscriptions)
@@ -92,7 +98,7 @@ class MqttLink:
         log.info("disconnected from broker: %s", rc)
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
+        with self.faults.guard("mqtt"):  # one bad message must not stop the network loop
             props = getattr(msg, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None)
             correlation = getattr(props, "CorrelationData", None)
@@ -105,8 +111,6 @@ class MqttLink:
                 )
             else:
                 self._on_message(msg.topic, bytes(msg.payload))
-        except Exception:  # one bad message must not stop the network loop
-            log.exception("handler failed for a message on %s", msg.topic)
 
     def start(self, wait_s: float = 10.0) -> None:
         try:

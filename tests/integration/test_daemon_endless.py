@@ -126,8 +126,8 @@ def test_daemon_on_an_endless_microphone_updates_resends_and_rolls_back_without_
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115 - closed with the process
     )
-    repo = OtaRepository(tmp_path / "repo", "stable")
     hsm = cloud.app.hsm
+    repo = OtaRepository(tmp_path / "repo", "stable", hsm.signing_public_key_pem())
 
     def publish(artifact: bytes | None, version: int, rollback_to: int = 0) -> Publication:
         if rollback_to:

@@ -10,6 +10,7 @@ link reconnects with them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -24,7 +25,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud_sidecar.fleet import FleetService
 from devstack.stack import DeviceSlot
-from edge_daemon.enroll import IdentityStore, Renewer, TlsIdentity, enroll_device
+from edge_daemon.enroll import (
+    IdentityStore,
+    Renewer,
+    TlsIdentity,
+    enroll_device,
+    reenroll_device,
+)
 from edge_daemon.errors import EnrollmentError
 from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import enroll
@@ -63,8 +70,10 @@ def new_device(cloud: Cloud, device_id: str) -> Iterator[Enrolling]:
 
 
 def do_enroll(
-    cloud: Cloud, dev: Enrolling, claim: enroll.Claim, sign: object = None
+    cloud: Cloud, dev: Enrolling, claim: enroll.Claim, sign: object = None, tpm: object = True
 ) -> TlsIdentity:
+    """Enroll ``dev``; its TPM answers the credential-activation challenge unless ``tpm``
+    is given (None: no TPM at all; another object: a stand-in)."""
     return enroll_device(
         dev.slot.device_id,
         claim,
@@ -73,6 +82,7 @@ def do_enroll(
         dev.store,
         claim_endpoint(cloud),
         timeout_s=TIMEOUT,
+        tpm=dev.keys if tpm is True else tpm,  # type: ignore[arg-type]
     )
 
 
@@ -238,3 +248,94 @@ def test_renewal_signed_by_another_key_is_refused(cloud: Cloud) -> None:
     assert identity.path.read_bytes() == installed  # the current identity is kept
     assert len(cloud.app.store.certificates("enr-renew-bad")) == 1
     assert "fleet.renew_rejected" in audit_kinds(cloud, "enr-renew-bad")
+
+
+# -- offline past the certificate's lifetime (docs/adr/0017) ------------------------------
+
+
+@contextmanager
+def short_certificates(cloud: Cloud, seconds: float) -> Iterator[None]:
+    ca = fleet_of(cloud).ca
+    saved, ca.cert_valid = ca.cert_valid, dt.timedelta(seconds=seconds)
+    try:
+        yield
+    finally:
+        ca.cert_valid = saved
+
+
+def do_reenroll(cloud: Cloud, dev: Enrolling, sign: object = None) -> TlsIdentity:
+    return reenroll_device(
+        dev.slot.device_id,
+        sign or dev.keys.sign_digest,  # type: ignore[arg-type]
+        dev.keys.signing_key_id(),
+        dev.store,
+        claim_endpoint(cloud),
+        timeout_s=TIMEOUT,
+    )
+
+
+def test_a_device_whose_certificate_expired_offline_reenrolls_with_its_tpm_key(
+    cloud: Cloud,
+) -> None:
+    fleet = fleet_of(cloud)
+    with new_device(cloud, "enr-offline") as dev:
+        with short_certificates(cloud, 3):
+            first = do_enroll(cloud, dev, fleet.create_claim("enr-offline"))
+        while not first.expired():
+            time.sleep(0.2)
+        s = cloud.stack
+        link = MqttLink(
+            first.endpoint("127.0.0.1", s.broker.port, s.ca.cert_path, 30),
+            client_id="enr-offline",
+            on_message=lambda _t, _p: None,
+        )
+        link.start(wait_s=0)  # the daemon's link keeps trying with the expired certificate
+        try:
+            time.sleep(2.0)
+            assert not link.connected, "the broker accepted an expired certificate"
+            renewer = Renewer(
+                "enr-offline",
+                dev.keys.sign_digest,
+                dev.keys.signing_key_id(),
+                dev.store,
+                link,
+                s.ca.cert_path.read_bytes(),
+                timeout_s=TIMEOUT,
+                reenroll=lambda: do_reenroll(cloud, dev),  # what make_renewer wires
+            )
+            second = renewer.reenroll_once()  # no claim, no human: the TPM key
+            deadline = time.monotonic() + TIMEOUT
+            while not link.connected and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert link.connected, "the link did not come back with the new certificate"
+        finally:
+            link.stop()
+    assert not second.expired() and renewer.reenrolled == 1
+    assert len(cloud.app.store.certificates("enr-offline")) == 2
+    assert "fleet.reenrolled" in audit_kinds(cloud, "enr-offline")
+    assert cloud.app.metrics.get("fleet_reenrolled_total") >= 1
+
+
+def test_reenrollment_signed_by_another_key_or_for_a_revoked_device_is_refused(
+    cloud: Cloud,
+) -> None:
+    impostor = ec.generate_private_key(ec.SECP256R1())
+
+    def sign(digest: bytes) -> bytes:
+        return impostor.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+    fleet = fleet_of(cloud)
+    with new_device(cloud, "enr-reenroll-bad") as dev:
+        do_enroll(cloud, dev, fleet.create_claim("enr-reenroll-bad"))
+        with pytest.raises(EnrollmentError) as e:
+            do_reenroll(cloud, dev, sign)
+        assert e.value.reason == "bad_signature"
+        fleet.revoke("enr-reenroll-bad")
+        with pytest.raises(EnrollmentError) as e:
+            do_reenroll(cloud, dev)
+        assert e.value.reason == "revoked_device"
+    with new_device(cloud, "enr-never-enrolled") as stranger, pytest.raises(EnrollmentError) as e:
+        do_reenroll(cloud, stranger)
+    assert e.value.reason == "unknown_device"
+    assert rejected(cloud, "reenroll", "revoked_device") >= 1
+    assert len(cloud.app.store.certificates("enr-reenroll-bad")) == 1

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pkcs11 import Attribute, ObjectClass
 
-from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmUnavailableError
+from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from cloud_sidecar.keys import SIGNING_LABEL, UNWRAP_LABEL, Hsm
 from devstack.softhsm import HsmToken, init_token
 
@@ -96,10 +96,12 @@ def test_decrypting_data_for_another_key_is_hsm_decrypt_error_and_session_stays_
     assert hsm.decrypt_oaep(public.encrypt(b"k" * 32, _OAEP)) == b"k" * 32
 
 
-def test_wrong_pin_gives_hsm_unavailable_error(token: HsmToken) -> None:
-    with pytest.raises(HsmUnavailableError):  # C_Login fails
+def test_wrong_pin_gives_hsm_pin_error_never_unavailable(token: HsmToken) -> None:
+    """A refused PIN is not "try again later" (issue 9): retrying would lock the token."""
+    with pytest.raises(HsmPinError) as e:  # C_Login fails
         Hsm(str(token.module), token.label, "not-the-pin")
-    with Hsm(str(token.module), token.label, token.user_pin), pytest.raises(HsmUnavailableError):
+    assert not isinstance(e.value, HsmUnavailableError)
+    with Hsm(str(token.module), token.label, token.user_pin), pytest.raises(HsmPinError):
         Hsm(str(token.module), token.label, "not-the-pin")  # token already logged in
 
 

@@ -8,6 +8,7 @@ topic is refused (counted, audited as ``message.rejected``) and the sidecar goes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cloud_sidecar.audit import verify
+from devstack.provision import ACK_PUBLIC_KEY_FILE
 from devstack.stack import DeviceSlot
 from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import batch, envelope, topics
@@ -41,7 +45,9 @@ class Device:
     link: MqttLink
     acks: queue.Queue[Ack]
 
-    def seal(self, cloud: Cloud, n: int = 2) -> bytes:
+    def seal(
+        self, cloud: Cloud, n: int = 2, wrap_pem: bytes | None = None, seq: int | None = None
+    ) -> bytes:
         metas = tuple(
             batch.SampleMeta(
                 sample_id=os.urandom(16).hex(),
@@ -57,8 +63,9 @@ class Device:
         plain = batch.encode(
             batch.Batch(self.slot.device_id, metas, np.zeros((n, N_BANDS, N_FRAMES), np.float16))
         )
-        pem = cloud.unwrap_pem.read_bytes()
-        _SEQ[self.slot.device_id] = seq = _SEQ.get(self.slot.device_id, 0) + 1
+        pem = wrap_pem or cloud.unwrap_pem.read_bytes()
+        if seq is None:
+            _SEQ[self.slot.device_id] = seq = _SEQ.get(self.slot.device_id, 0) + 1
         return envelope.seal(
             plain,
             device=self.slot.device_id,
@@ -261,3 +268,52 @@ def test_ota_status_naming_another_device_is_refused_and_the_sidecar_keeps_servi
         assert b.send(b.seal(cloud)).status == "stored"
     statuses = [json.loads(x) for x in audit_path.read_text().splitlines()]
     assert [e["subject"] for e in statuses if e["kind"] == "ota.device_status"][-1] == a_id
+
+
+# -- docs/adr/0017: signed acks, out-of-order delivery, transient refusals, rotation -------
+
+
+def _ack_pem(cloud: Cloud) -> bytes:
+    return (cloud.unwrap_pem.parent / ACK_PUBLIC_KEY_FILE).read_bytes()
+
+
+def test_acks_are_signed_by_the_tokens_ack_key_and_name_the_envelope(cloud: Cloud) -> None:
+    with device(cloud, 0) as d:
+        payload = d.seal(cloud)
+        ack = d.send(payload)
+    assert ack.status == "stored" and ack.digest == hashlib.sha256(payload).hexdigest()
+    ack.verify(_ack_pem(cloud))
+
+
+def test_uploads_arriving_out_of_order_over_the_broker_are_all_stored_once(cloud: Cloud) -> None:
+    with device(cloud, 1) as d:
+        top = _SEQ.get(d.slot.device_id, 0)
+        early, late = d.seal(cloud, seq=top + 10), d.seal(cloud, seq=top + 11)
+        before = cloud.app.store.counts()["batches"]
+        assert [d.send(p).status for p in (late, early)] == ["stored", "stored"]
+        assert [d.send(p).reason for p in (late, early)] == ["duplicate", "duplicate"]
+        _SEQ[d.slot.device_id] = top + 11
+    assert cloud.app.store.counts()["batches"] == before + 2
+
+
+def test_an_upload_for_an_unwrap_key_the_token_lacks_is_kept_for_later(cloud: Cloud) -> None:
+    other = rsa.generate_private_key(65537, 3072).public_key()
+    pem = other.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    before = cloud.app.store.counts()["batches"]
+    with device(cloud, 0) as d:
+        ack = d.send(d.seal(cloud, wrap_pem=pem))
+    assert (ack.status, ack.reason) == ("retry", "unknown_unwrap_key")
+    ack.verify(_ack_pem(cloud))
+    assert cloud.app.store.counts()["batches"] == before
+
+
+def test_after_an_unwrap_key_rotation_batches_for_the_old_and_new_key_are_stored(
+    cloud: Cloud,
+) -> None:
+    with device(cloud, 0) as d:
+        in_flight = d.seal(cloud)  # sealed for the key devices hold now
+        cloud.app.hsm.rotate_unwrap_key()
+        fresh = d.seal(cloud, wrap_pem=cloud.app.hsm.unwrap_public_key_pem())
+        assert [d.send(p).status for p in (fresh, in_flight)] == ["stored", "stored"]

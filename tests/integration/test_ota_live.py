@@ -116,7 +116,7 @@ def _publish(cloud: Cloud, topic: str, payload: bytes) -> None:
 def test_signed_adapter_is_verified_and_applied_by_the_device(
     cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
 ) -> None:
-    repo = OtaRepository(tmp_path / "repo", "green")
+    repo = OtaRepository(tmp_path / "repo", "green", cloud.app.hsm.signing_public_key_pem())
     pub = _hsm_signed(cloud, repo, base_model, edge_adapter)
     assert repo.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
     with edge(cloud, base_model, tmp_path / "device", "green") as dev:
@@ -172,7 +172,12 @@ def test_metadata_signed_by_another_key_is_refused(
 def test_tampered_artifact_is_refused(
     cloud: Cloud, base_model: Any, edge_adapter: bytes, tmp_path: Path
 ) -> None:
-    pub = _hsm_signed(cloud, OtaRepository(tmp_path / "repo", "amber"), base_model, edge_adapter)
+    pub = _hsm_signed(
+        cloud,
+        OtaRepository(tmp_path / "repo", "amber", cloud.app.hsm.signing_public_key_pem()),
+        base_model,
+        edge_adapter,
+    )
     bad = bytearray(edge_adapter)
     bad[len(bad) // 2] ^= 0xFF
     _publish(cloud, topics.ota_artifact("amber", pub.target.name), bytes(bad))

@@ -114,7 +114,9 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
         )
         # the single-key document of the legacy path, signed by the same HSM key with a
         # higher adapter version: a TUF device must not take it
-        legacy = OtaRepository(tmp_path / "legacy", cfg.ota.channel)
+        legacy = OtaRepository(
+            tmp_path / "legacy", cfg.ota.channel, cloud.app.hsm.signing_public_key_pem()
+        )
         pub = legacy.add_adapter(
             adapter,
             base_model_sha256=base_model.sha256_fp32,

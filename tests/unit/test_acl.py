@@ -238,3 +238,27 @@ def test_cli_refuses_a_reserved_label_source_and_writes_nothing(tmp_path: Path) 
     argv = ["broker-acl", "--config", str(cfg), "--out", str(out), "--label-source", "ota"]
     assert cloud_main(argv) == 2
     assert not out.exists()
+
+
+def test_the_service_listener_acl_holds_only_the_admin_block(tmp_path: Path) -> None:
+    """Issue 9: the sidecar connects on its own listener (its own CA, free client ids);
+    no device pattern applies there, so it gets exactly the topics the sidecar uses."""
+    text = acl.service_acl(["sidecar-eu-1"])
+    assert "pattern" not in text
+    assert text.count("user ") == 1 and "user sidecar-eu-1" in text
+    assert [ln for ln in text.splitlines() if ln.startswith("topic ")] == [
+        r.line("topic") for r in acl.admin_rules()
+    ]
+    cfg = _cloud_config(tmp_path)
+    out, service_out = tmp_path / "acl", tmp_path / "acl-service"
+    argv = [
+        "broker-acl",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--service-out",
+        str(service_out),
+    ]
+    assert cloud_main(argv) == 0
+    assert service_out.read_text() == text

@@ -72,3 +72,55 @@ def test_recomputed_hash_after_edit_still_breaks_the_next_link(log_path: Path) -
     log_path.write_text("".join(lines))
     with pytest.raises(AuditError, match="line 3"):
         verify(log_path)
+
+
+# -- torn tail (a crash or a full disk mid-append; docs/adr/0017) -------------------------
+
+
+@pytest.mark.parametrize(
+    "torn",
+    [
+        b'{"seq":5,"ts":17000',  # a write cut short
+        b"\0" * 4096,  # zero-filled blocks after a crash
+        b'{"seq":5,"ts":17000\n\0\0\0\n',  # both, over two lines
+    ],
+)
+def test_a_torn_last_line_is_cut_kept_aside_and_audited_and_the_chain_goes_on(
+    log_path: Path, torn: bytes
+) -> None:
+    with open(log_path, "ab") as f:
+        f.write(torn)
+    reopened = AuditLog(log_path, "eu-central-1")  # what a restarted sidecar does
+    reopened.append("sidecar.started", "serve")
+    assert verify(log_path) == 7
+    recovered, started = (json.loads(x) for x in _lines(log_path)[-2:])
+    assert recovered["kind"] == "audit.recovered" and started["kind"] == "sidecar.started"
+    assert recovered["details"]["cut_bytes"] == len(torn)
+    kept = log_path.with_name(recovered["details"]["kept_in"])
+    assert kept.read_bytes() == torn
+
+
+def test_a_complete_last_entry_missing_only_its_newline_is_kept(log_path: Path) -> None:
+    log_path.write_bytes(log_path.read_bytes()[:-1])
+    AuditLog(log_path, "eu-central-1").append("sidecar.started", "serve")
+    assert verify(log_path) == 7
+    assert json.loads(_lines(log_path)[-2])["details"]["cut_bytes"] == 0
+
+
+def test_a_whole_log_that_is_one_torn_line_restarts_the_chain_on_the_record(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"seq":0,"ts"')
+    AuditLog(path, "eu-central-1").append("sidecar.started", "serve")
+    assert verify(path) == 2
+    assert json.loads(_lines(path)[0])["kind"] == "audit.recovered"
+
+
+def test_an_edited_last_entry_is_tampering_not_a_torn_write(log_path: Path) -> None:
+    lines = _lines(log_path)
+    lines[-1] = lines[-1].replace("pi-04", "pi-99")
+    log_path.write_text("".join(lines))
+    with pytest.raises(AuditError, match="modified"):
+        AuditLog(log_path, "eu-central-1").append("sidecar.started", "serve")
+    assert "".join(_lines(log_path)) == "".join(lines)  # nothing cut

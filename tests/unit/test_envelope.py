@@ -103,7 +103,7 @@ def test_round_trip_returns_plaintext_and_header_fields() -> None:
     assert env.open_envelope(e, _unwrap) == PLAINTEXT
     h = e.header
     assert (h.device, h.seq, h.created_at_ms) == ("pi-0042", 7, 1_700_000_000_000)
-    assert (h.aead, h.wrap, h.sig, h.v) == ("A256GCM", "RSA-OAEP-SHA1", "ECDSA-P256-SHA256", 1)
+    assert (h.aead, h.wrap, h.sig, h.v) == ("A256GCM", "RSA-OAEP-SHA1", "ECDSA-P256-SHA256", 2)
     assert len(h.wrapped_key) == 384 and len(h.nonce) == 12
 
 
@@ -112,7 +112,7 @@ def test_header_is_canonical_json_with_exactly_the_contract_fields() -> None:
     doc = json.loads(e.header_bytes)
     assert set(doc) == {
         "v", "device", "batch_id", "seq", "created_at_ms", "aead", "wrap", "sig",
-        "kid_wrap", "kid_sig", "wrapped_key", "nonce",
+        "kid_wrap", "kid_sig", "wrapped_key", "nonce", "epoch",
     }  # fmt: skip
     assert e.header_bytes == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     assert e.header.canonical_bytes() == e.header_bytes
@@ -234,7 +234,7 @@ def test_seal_refuses_to_build_an_envelope_over_the_cap() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("aead", "A128GCM"), ("wrap", "RSA-OAEP-SHA256"), ("sig", "EdDSA"), ("v", 2)],
+    [("aead", "A128GCM"), ("wrap", "RSA-OAEP-SHA256"), ("sig", "EdDSA"), ("v", 3)],
 )
 def test_unknown_algorithm_or_version_is_unsupported(field: str, value: object) -> None:
     with pytest.raises(UnsupportedAlgorithmError):
@@ -272,6 +272,8 @@ def test_other_magic_version_is_unsupported_and_garbage_is_malformed() -> None:
         ("nonce", base64.b64encode(b"\x00" * 12).decode().rstrip("=") + "A"),
         ("v", "1"),
         ("aead", 1),
+        ("epoch", -1),
+        ("epoch", "1"),
     ],
 )
 def test_bad_field_value_is_malformed(field: str, value: object) -> None:
@@ -406,3 +408,22 @@ def test_parse_of_random_header_objects_raises_only_protocol_errors(edits: dict[
     _parse_only_raises_protocol_errors(
         _frame(header, _VALID_PARTS.signature, _VALID_PARTS.ciphertext)
     )
+
+
+# -- sequence epoch (header v2, docs/adr/0017) --------------------------------------------
+
+
+def test_epoch_travels_in_the_signed_header_and_round_trips() -> None:
+    e = env.parse(_seal(epoch=123456789))
+    env.verify_signature(e, DEVICE_PEM)
+    assert (e.header.v, e.header.epoch) == (2, 123456789)
+    assert e.header.canonical_bytes() == e.header_bytes
+
+
+def test_version_1_header_without_epoch_still_parses_with_epoch_0() -> None:
+    v1 = _with_header(lambda d: (d.pop("epoch"), d.update(v=1)))
+    assert env.parse(v1).header.epoch == 0 and env.parse(v1).header.v == 1
+    with pytest.raises(MalformedError):  # v2 must carry its epoch, v1 must not
+        env.parse(_with_header(lambda d: d.pop("epoch")))
+    with pytest.raises(MalformedError):
+        env.parse(_with_header(lambda d: d.update(v=1)))

@@ -6,6 +6,10 @@ exception allowed out of a parser is its documented error root (``ProtocolError`
 ``AdapterError``, ``ConfigError``); anything else (``RecursionError``, ``TypeError``,
 ``UnicodeDecodeError``, ...) fails the test.
 
+Strings range over every code point, lone surrogates included (sent escaped, and raw
+as the bytes UTF-8 forbids); numbers include huge integers and floats; documents nest
+deep and carry wrong types.
+
 Examples here: ``TOTAL_EXAMPLES`` (6,100); tests/unit/test_envelope.py (4,600) and
 tests/unit/test_batch.py (3,000) add 7,600 more for ``envelope.parse`` and
 ``batch.decode``, and tests/unit/test_wire_messages.py fuzzes every ``WireModel``
@@ -79,13 +83,21 @@ def _only(errors: type[Exception], fn: Callable[[], Any]) -> None:
 
 # -- shared strategies -------------------------------------------------------------------
 
+# Any code point, lone surrogates (category Cs) included: "\ud800" must not escape as
+# UnicodeEncodeError from whoever canonicalises a document (issue 9).
+_any_text = st.text(st.characters(codec=None, categories=None), max_size=24)
+_surrogate = st.integers(0xD800, 0xDFFF).map(chr)
+_huge = st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**300, 1e308, -1e308, 5e-324])
 _scalar = (
     st.none()
     | st.booleans()
     | st.integers()
     | st.integers(-(2**70), 2**70)
+    | _huge
     | st.floats()
     | st.text(max_size=24)
+    | _any_text
+    | st.tuples(st.text(max_size=8), _surrogate).map("".join)
 )
 _json = st.recursive(
     _scalar,
@@ -101,6 +113,9 @@ _bombs = st.one_of(
     st.integers(4290, 4400).map(lambda n: b"9" * n),  # int of more than 4300 digits
     st.binary(max_size=64).map(lambda b: b"\xff\xfe" + b),  # not UTF-8
     st.sampled_from([b"NaN", b"Infinity", b'{"a":-Infinity}', b"\x00", b""]),
+    st.sampled_from([b'{"v":1e400}', b'{"v":-1e400}', b'{"v":"\\ud800"}', b'{"\\udfff":1}']),
+    st.integers(1, 2000).map(lambda n: b'{"v":' + b"9" * n + b"}"),  # huge, under the cap
+    st.integers(1, 4000).map(lambda n: b'{"v":' + b"[" * n + b"]" * n + b"}"),  # deep, closed
 )
 
 
@@ -139,14 +154,23 @@ def _drop(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
 
-def _encode(doc: Any, canonical: bool) -> bytes:
+def _encode(doc: Any, canonical: bool, raw_surrogates: bool = False) -> bytes:
+    """JSON bytes of ``doc``; a lone surrogate travels as a ``\\ud800`` escape, or with
+    ``raw_surrogates`` as the three bytes UTF-8 forbids (``surrogatepass``)."""
     if canonical:
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return json.dumps(doc).encode()
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    else:
+        text = json.dumps(doc)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        if raw_surrogates:
+            return text.encode("utf-8", "surrogatepass")
+        return json.dumps(doc, sort_keys=canonical, separators=(",", ":")).encode()
 
 
 def _json_bytes(docs: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
-    return st.tuples(docs, st.booleans()).map(lambda t: _encode(*t))
+    return st.tuples(docs, st.booleans(), st.booleans()).map(lambda t: _encode(*t))
 
 
 def _cases(classes: list[Any], pool: list[Any]) -> st.SearchStrategy[tuple[Any, bytes]]:
@@ -271,12 +295,25 @@ _custom_edits = st.dictionaries(
 )
 
 
+def _unsigned_targets(t: tuple[dict[str, Any], str, bool]) -> bytes:
+    """A document whose ``signed`` part holds anything (lone surrogates, huge numbers,
+    deep nesting, wrong types): ``verify_targets`` canonicalises it before the signature
+    check, so it must refuse these with ``ProtocolError`` whoever sent them."""
+    edits, sig, raw = t
+    return _encode(
+        {"signed": {**_SIGNED, **edits}, "signatures": [{"keyid": "k1", "sig": sig}]}, True, raw
+    )
+
+
 def _edited_targets(t: tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]) -> bytes:
     signed_edits, target_edits, custom_edits, name = t
     target = {**_TARGET_DOC, **target_edits}
     if isinstance(target.get("custom"), dict):
         target["custom"] = {**target["custom"], **custom_edits}
-    return _resigned({**_SIGNED, "targets": {name: target}, **signed_edits})
+    try:
+        return _resigned({**_SIGNED, "targets": {name: target}, **signed_edits})
+    except ProtocolError:  # unsignable (a lone surrogate): send it unsigned instead
+        return _unsigned_targets(({**signed_edits, "targets": {name: target}}, "00", False))
 
 
 @_fuzz(EXAMPLES["ota"])
@@ -289,8 +326,17 @@ def _edited_targets(t: tuple[dict[str, Any], dict[str, Any], dict[str, Any], str
             _signed_edits,
             _target_edits,
             _custom_edits,
-            st.one_of(st.just(_TARGET.name), st.text(max_size=140)),
+            st.one_of(st.just(_TARGET.name), st.text(max_size=140), _any_text),
         ).map(_edited_targets),
+        st.tuples(
+            st.dictionaries(
+                st.one_of(st.sampled_from([*sorted(_SIGNED), "x"]), _any_text),
+                _json,
+                max_size=3,
+            ),
+            st.sampled_from(["00", "", "zz"]),
+            st.booleans(),
+        ).map(_unsigned_targets),
     )
 )
 def test_ota_targets_verification_raises_only_protocol_errors(data: bytes) -> None:

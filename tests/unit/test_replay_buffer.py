@@ -153,7 +153,7 @@ def test_version_1_database_upgrades_keeping_samples_batches_and_sequence(tmp_pa
     buf.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,), (3,)]
+        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,), (3,), (4,)]
         assert db.execute("SELECT priority FROM samples ORDER BY rowid").fetchall() == [
             (0,),
             (1,),
@@ -200,3 +200,16 @@ def test_failed_migration_step_leaves_the_previous_version_intact(
     columns = [r[1] for r in conn.execute("PRAGMA table_info(samples)")]
     assert "half_done" not in columns
     conn.close()
+
+
+def test_epoch_survives_reopen_and_an_upgraded_v1_database_gets_one(tmp_path: Path) -> None:
+    buf = ReplayBuffer(tmp_path / "b.sqlite3", KEY)
+    epoch = buf.epoch()
+    buf.close()
+    again = ReplayBuffer(tmp_path / "b.sqlite3", KEY)
+    assert again.epoch() == epoch != 0
+    again.close()
+    _write_v1_database(tmp_path / "v1.sqlite3")
+    old = ReplayBuffer(tmp_path / "v1.sqlite3", KEY)
+    assert old.epoch() not in (0, epoch) and old.next_seq() == 2
+    old.close()

@@ -185,3 +185,9 @@ def test_stored_bytes_stay_within_budget_under_churn(make: Factory) -> None:
             store.mark_acked(f"{seq:032x}")
             seq += 1
     assert store.counts()["samples"] == 10
+
+
+def test_a_store_has_one_nonzero_epoch_and_a_new_store_a_new_one(make: Factory) -> None:
+    a, b = make(), make()
+    assert a.epoch() == a.epoch() != 0
+    assert b.epoch() not in (0, a.epoch())

@@ -189,7 +189,10 @@ def test_canonical_json_refuses_a_lone_surrogate_with_a_protocol_error() -> None
 
 def test_a_message_cannot_be_built_with_a_lone_surrogate() -> None:
     with pytest.raises(ValidationError):
-        Ack(batch_id="ab" * 16, seq=1, status="stored", reason="\ud800")
+        Ack(
+            batch_id="ab" * 16, seq=1, status="stored", reason="\ud800", digest="d" * 64,
+            kid="0" * 16,
+        )  # fmt: skip
 
 
 # -- fixed cases ------------------------------------------------------------------------------
