@@ -150,6 +150,23 @@ GOALS: dict[str, Goal] = {
     "privacy.languages": Goal("", "espeak-ng languages in the privacy benchmark"),
     "privacy.audio_s": Goal("", "seconds of audio through the gate in the privacy benchmark"),
     "privacy.gate_rtf": Goal("", "gate processing s / audio s in the privacy benchmark"),
+    "ota.wire_overhead": Goal(
+        "≤ 1.10",
+        "bytes on the wire for one device's update (TUF metadata + chunk framing) / adapter bytes",
+        True,
+        1.10,
+    ),
+    "ota.rollout_200_inproc_seconds": Goal(
+        "≤ 60",
+        "one update to 200 devices (TUF check, chunks, stage, switch, health window) until all"
+        " are CONFIRMED; request/response through the real codec in one process, no broker",
+        True,
+        60,
+    ),
+    "ota.rollout_200_inproc_failures": Goal(
+        "= 0", "devices not CONFIRMED in that rollout", True, 0
+    ),
+    "ota.adapter_bytes": Goal("", "the update's size in the OTA benchmark"),
 }
 
 
@@ -271,10 +288,24 @@ def privacy_attack_section(opt: Options) -> dict[str, float]:
     return out
 
 
+def ota_section(opt: Options) -> dict[str, float]:
+    from benchmarks.ota import run_ota
+
+    return run_ota(devices=20 if opt.quick else 200)
+
+
+def _tuf_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tuf") is not None
+
+
 SECTIONS = (
     ("edge", edge_section),
     ("privacy", privacy_section),
     ("privacy-attack", privacy_attack_section),
+    # python-tuf is not in the lock yet (docs/adr/0016): without it there is no OTA figure
+    *((("ota", ota_section),) if _tuf_installed() else ()),
 )
 
 

@@ -179,6 +179,47 @@ def _cmd_ota_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ota(args: argparse.Namespace) -> int:
+    if args.ota_command == "rollback":
+        return _cmd_ota_rollback(args)
+    from cloud_sidecar import ota_publish
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
+
+    cfg = load_config(args.config)
+    if args.ota_command == "export":
+        files = ota_publish.export(cfg, args.dir)
+        print(f"exported {len(files)} files in the TUF layout to {args.dir}")
+        return EXIT_OK
+    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
+    hsm = open_hsm(cfg)
+    try:
+        version = ota_publish.refresh_timestamp(cfg, hsm)
+    finally:
+        hsm.close()
+    audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
+    if args.publish and not ota_publish.publish_metadata(cfg, "cloud-sidecar-timestamp"):
+        raise CloudError("the broker did not acknowledge the timestamp publication")
+    print(f"timestamp v{version}")
+    return EXIT_OK
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from cloud_sidecar import ota_publish
+    from cloud_sidecar.config import load_config
+
+    cfg = load_config(args.config)
+    target = getattr(args, "target", None)
+    print(
+        ota_publish.rollout_command(cfg, args.rollout_command, target, getattr(args, "steps", None))
+    )
+    changes = args.rollout_command != "status"
+    if args.publish and changes and not ota_publish.publish_metadata(cfg, "cloud-sidecar-rollout"):
+        raise CloudError("the broker did not acknowledge the metadata publication")
+    return EXIT_OK
+
+
 def _cmd_fleet(args: argparse.Namespace) -> int:
     from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import load_config
@@ -406,7 +447,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rb.add_argument("--to-adapter", type=int, required=True, help="the earlier adapter version")
     rb.add_argument("--publish", action="store_true", help="publish over MQTT")
-    ot.set_defaults(func=_cmd_ota_rollback)
+    ex = osub.add_parser("export", help="write the TUF repository in the standard layout")
+    ex.add_argument("dir", type=Path, help="destination (metadata/, targets/)")
+    ts = osub.add_parser("refresh-timestamp", help="sign a fresh timestamp (run by a timer)")
+    ts.add_argument("--publish", action="store_true", help="publish the metadata over MQTT")
+    ot.set_defaults(func=_cmd_ota)
+
+    ro = sub.add_parser("rollout", help="staged rollout of one TUF target (audited)")
+    ro.add_argument("--config", type=Path, required=True)
+    ro.add_argument("--publish", action="store_true", help="publish changed metadata over MQTT")
+    rsub = ro.add_subparsers(dest="rollout_command", required=True)
+    st = rsub.add_parser("start", help="sign the target for the first step's percentage")
+    st.add_argument("target", help="the target's name in the TUF repository")
+    st.add_argument("--steps", default="10,50,100", help="rising percentages, e.g. 5,25,100")
+    rsub.add_parser("status", help="each device's state and version")
+    rsub.add_parser("step", help="widen, finish or abort as the health reports say (timer)")
+    rsub.add_parser("pause", help="hold the rollout at its step")
+    rsub.add_parser("resume", help="let it widen again")
+    rsub.add_parser("abort", help="withdraw the target; roll forward to the adapter before it")
+    gr = rsub.add_parser("groups", help="sign device groups and per-group release pins")
+    gr.add_argument("target", metavar="FILE", help='{"groups": {...}, "pins": {"g": N}}')
+    ro.set_defaults(func=_cmd_rollout)
 
     fl = sub.add_parser("fleet", help="device registry")
     fl.add_argument("--config", type=Path, required=True)

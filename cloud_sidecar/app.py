@@ -28,6 +28,7 @@ The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -43,6 +44,13 @@ from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
+from cloud_sidecar.ota_publish import (
+    open_repository,
+    rollout_command,
+    tuf_available,
+    tuf_repo_dir,
+)
+from cloud_sidecar.ota_serve import ChunkServer
 from cloud_sidecar.store_api import open_store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
@@ -111,8 +119,13 @@ class SidecarApp:
         self.store = open_store(cfg)
         self.hsm = open_hsm(cfg)
         self.link = open_link(
-            cfg, f"cloud-sidecar-ingest-{os.getpid()}", self._on_message, self.faults
+            cfg,
+            f"cloud-sidecar-ingest-{os.getpid()}",
+            self._on_message,
+            self.faults,
+            on_request=self._on_request,
         )
+        self.chunks = ChunkServer(tuf_repo_dir(cfg), self._publish_response)
         keys = _HsmUnwrapper(self)
         self.ingest = Ingest(
             self.store,
@@ -130,6 +143,7 @@ class SidecarApp:
         self.link.subscribe(topics.shared(topics.ota_status(topics.ANY)), 1)
         self.link.subscribe(topics.shared(topics.events(topics.ANY)), 1)
         self.link.subscribe(topics.shared(topics.telemetry(topics.ANY)), 1)
+        self.link.subscribe(topics.shared(topics.ota_request(topics.ANY)), 1)
         self.fleet: FleetService | None = None
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
@@ -147,6 +161,18 @@ class SidecarApp:
         # called from the MQTT network thread (ingest acks): queue, never wait there
         if not self.link.publish(topic, payload, qos=1, timeout_s=0):
             log.warning("could not publish to %s", topic)
+
+    def _publish_response(self, topic: str, payload: bytes, correlation: bytes | None) -> bool:
+        # MQTT 5 response (OTA chunks), from the network thread: queue, never wait there
+        return self.link.publish(topic, payload, qos=1, timeout_s=0, correlation=correlation)
+
+    def _on_request(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        if topics.kind_of(topic) == topics.OTA_REQUEST:
+            self.chunks.handle(topic, payload, response_topic, correlation)
+        else:  # properties on an ordinary message change nothing
+            self._on_message(topic, payload)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         kind = topics.kind_of(topic)
@@ -240,7 +266,7 @@ class SidecarApp:
         notifier.ready(f"serving; store {self.store.counts()}")
         if ready is not None:
             ready.set()
-        last_checkpoint = time.monotonic()
+        last_checkpoint = last_timestamp = last_rollout = time.monotonic()
         try:
             while not stop.wait(2.0):
                 notifier.watchdog()
@@ -250,6 +276,12 @@ class SidecarApp:
                     with self.faults.guard("checkpoint"):
                         self.checkpoint_audit()
                     last_checkpoint = time.monotonic()
+                if time.monotonic() - last_timestamp >= self.cfg.ota.timestamp_refresh_s:
+                    self.refresh_ota_timestamp()
+                    last_timestamp = time.monotonic()
+                if time.monotonic() - last_rollout >= self.cfg.ota.rollout_step_s:
+                    self.step_rollout()
+                    last_rollout = time.monotonic()
         finally:
             notifier.stopping()
             self.metrics.set("up", 0)
@@ -258,6 +290,39 @@ class SidecarApp:
                 server.close()
             notifier.close()
             self.stop()
+
+    def refresh_ota_timestamp(self) -> None:
+        """Re-sign and republish the TUF timestamp well before it expires (ADR 0016)."""
+        if not (tuf_available() and (tuf_repo_dir(self.cfg) / "metadata" / "1.root.json").exists()):
+            return
+        try:
+            repo = open_repository(self.cfg, self.hsm)  # its flock orders it with train/CLI
+            version = repo.refresh_timestamp()
+            self.audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
+            repo.publish_metadata(
+                self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
+            )
+        except Exception:  # the next round tries again; devices keep the old one until expiry
+            log.exception("could not refresh the OTA timestamp")
+
+    def step_rollout(self) -> str:
+        """Widen, finish or abort a running rollout as the devices' reports say (ADR 0016)."""
+        path = self.cfg.data_dir / "rollout.json"
+        if not (tuf_available() and path.exists()):
+            return ""
+        try:
+            if json.loads(path.read_bytes()).get("state") != "running":
+                return ""
+            before = path.read_bytes()
+            out = rollout_command(self.cfg, "step", None, None)
+            if path.read_bytes() != before:  # the repository changed: republish
+                open_repository(self.cfg, None).publish_metadata(
+                    self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
+                )
+            return out
+        except Exception:  # the next round tries again
+            log.exception("rollout step failed")
+            return ""
 
     def stop(self) -> None:
         self._stopping.set()

@@ -242,6 +242,14 @@ class OtaConfig(_Strict):
     )
     expires_days: int = Field(30, ge=1, le=365)
     cohort: str = "all"
+    timestamp_refresh_s: float = Field(
+        8 * 3600.0,
+        gt=0,
+        description="serve re-signs the TUF timestamp this often (it expires after 24 h)",
+    )
+    rollout_step_s: float = Field(
+        60.0, gt=0, description="serve steps a running rollout this often (cloud_sidecar.rollout)"
+    )
 
 
 class FleetConfig(_Strict):

@@ -36,6 +36,7 @@ def open_link(
     client_id: str,
     on_message: Callable[[str, bytes], None] = _ignore,
     faults: LoopFaults | None = None,
+    on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
 ) -> MqttLink:
     b = cfg.broker
     return MqttLink(
@@ -43,4 +44,5 @@ def open_link(
         client_id=client_id,
         on_message=on_message,
         faults=faults,
+        on_request=on_request,
     )

@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from cloud_sidecar import ota_publish
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.errors import CloudError, RegistryError
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
 from cloud_sidecar.registry import Registry, verify_bundle
+from fleet_model import ADAPTER_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,36 @@ def publish(
             keyid=hsm.signing_key_id(),
             sign_digest=hsm.sign_digest,
         )
+        tuf_pub = None
+        if ota_publish.tuf_available():  # the TUF repository beside it (docs/adr/0016)
+            tuf_pub = ota_publish.add_adapter(
+                cfg,
+                hsm,
+                pub.target.name,
+                artifact,
+                base_model_sha256=entry["lineage"]["base_sha256"],
+                adapter_format=ADAPTER_FORMAT,
+                adapter_version=pub.target.adapter_version,
+            )
     finally:
         hsm.close()
     audit.append(
         "ota.signed", version, version_ota=pub.version, target=pub.target.name,
         sha256=pub.target.sha256,
     )  # fmt: skip
+    if tuf_pub is not None:
+        audit.append(
+            "ota.tuf_signed", version, targets_version=tuf_pub.targets_version,
+            timestamp_version=tuf_pub.timestamp_version, target=tuf_pub.name,
+        )  # fmt: skip
     if broker:
         if not publish_via_broker(cfg, repo, pub, f"cloud-sidecar-release-{version}"):
             raise CloudError("the broker did not acknowledge the OTA publication")
         audit.append("ota.published", version, version_ota=pub.version, channel=cfg.ota.channel)
+        if tuf_pub is not None and not ota_publish.publish_metadata(
+            cfg, f"cloud-sidecar-tuf-{version}"
+        ):
+            raise CloudError("the broker did not acknowledge the TUF metadata publication")
     alias = "production" if cohort == "all" else "canary"
     registry.mark_published(version, alias, pub.version, cfg.ota.channel)
     audit.append("release.published", version, alias=alias, cohort=cohort, broker=broker)
@@ -93,6 +115,7 @@ def publish(
         "version": version,
         "alias": alias,
         "ota_version": pub.version,
+        "tuf_repo_dir": str(ota_publish.tuf_repo_dir(cfg)) if tuf_pub is not None else "",
         "adapter_version": pub.target.adapter_version,
         "published": broker,
     }

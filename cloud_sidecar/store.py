@@ -584,6 +584,14 @@ class Store:
             out.setdefault(device, []).append(t)
         return out
 
+    def active_device_ids(self) -> list[str]:
+        """Registered devices whose status is active (the rollout's population)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id FROM devices WHERE status='active' ORDER BY device_id"
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def samples_per_device(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute(

@@ -51,6 +51,7 @@ from devstack.provision import (
     cloud_config,
     device_config,
     export_cloud_keys,
+    tuf_root,
 )
 from devstack.report import write_report
 from devstack.scene.stream import SceneSpec, render_scene
@@ -132,6 +133,7 @@ def run_demo(
         card = json.loads((base_dir / "model_card.json").read_text())
         cloud_keys = export_cloud_keys(stack, work / "cloud-keys")
         cloud_cfg = cloud_config(stack, work / "cloud" / "data", base_dir)
+        root = tuf_root(cloud_cfg, work / "cloud-keys")  # None without python-tuf (ADR 0016)
         configs: list[Path] = []
         truths: list[Truth] = []
         started_ms = int(time.time() * 1000)
@@ -143,7 +145,9 @@ def run_demo(
             claim = claim_device(cloud_cfg, slot)  # `cloud-sidecar fleet claim`, one-time
             source = {"type": "file", "path": str(wav), "start_time_ms": start_ms}
             configs.append(
-                device_config(stack, slot, base_dir, cloud_keys, source, claim, DEMO_SELECTION)
+                device_config(
+                    stack, slot, base_dir, cloud_keys, source, claim, DEMO_SELECTION, root
+                )
             )
         print(
             f"[demo] claims issued for {', '.join(d.device_id for d in stack.devices)};"
@@ -193,6 +197,8 @@ def run_demo(
         print(f"[demo] cloud-sidecar release approve {run['version']}, then publish (OTA) ...")
         _run([*release, "approve", run["version"], "--approver", "devstack-demo"])
         _run([*release, "publish", run["version"]])
+        tuf_dir = work / "cloud" / "data" / "ota-tuf"  # ota_publish.tuf_repo_dir
+        run["ota_export_dir"] = _export_tuf(py, cloud_cfg, out / "ota-repo", tuf_dir)
         _wait(
             "every device to apply the adapter",
             lambda: all(r["model"]["adapter_version"] >= 1 for r in _reports(configs)),
@@ -287,6 +293,18 @@ def _weighted(scores: list[dict[str, EvalResult]], phase: str, shifted: bool) ->
     return round(sum(a * n for a, n in pairs) / den, 4) if den else 0.0
 
 
+def _export_tuf(py: str, cloud_cfg: Path, dest: Path, tuf_dir: Path) -> str:
+    """``cloud-sidecar ota export``: the signed repository in the standard TUF layout.
+
+    Empty when the sidecar published no TUF repository (python-tuf not installed).
+    """
+    if not tuf_dir.is_dir():
+        print("[demo] no TUF repository (python-tuf not installed); ota_repo_dir is the legacy one")
+        return ""
+    _run([py, "-m", "cloud_sidecar", "ota", "--config", str(cloud_cfg), "export", str(dest)])
+    return str(dest)
+
+
 def summarize(
     reports: list[dict[str, Any]],
     scores: list[dict[str, EvalResult]],
@@ -317,7 +335,7 @@ def summarize(
         "devices": len(reports),
         "gate": run["gate"],
         "adapter_dir": str(Path(run["adapter_dir"]).resolve()),
-        "ota_repo_dir": str(Path(run["ota_repo_dir"]).resolve()),
+        "ota_repo_dir": str(Path(run.get("ota_export_dir") or run["ota_repo_dir"]).resolve()),
         "audit_log": str((work / "cloud" / "data" / "audit.jsonl").resolve()),
         "base_model_sha256": card["sha256"][FP32_FILE],
         "pretrain_dataset_manifest_sha256": card["dataset"]["manifest_sha256"],

@@ -92,6 +92,30 @@ def export_cloud_keys(stack: DevStack, out_dir: Path) -> tuple[Path, Path]:
     return unwrap, signing
 
 
+def tuf_root(cloud_cfg: Path, out_dir: Path) -> Path | None:
+    """Create the cloud's TUF repository now and return its ``1.root.json`` for the images.
+
+    ``None`` when python-tuf is not installed (docs/adr/0016): devices then update
+    through the single-key document. The root keys are development keys in the data dir.
+    """
+    from cloud_sidecar import ota_publish
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_hsm
+
+    if not ota_publish.tuf_available():
+        return None
+    cfg = load_config(cloud_cfg)
+    hsm = open_hsm(cfg)
+    try:
+        repo = ota_publish.open_repository(cfg, hsm)
+    finally:
+        hsm.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir / "1.root.json"
+    shutil.copy2(repo.metadata_dir / "1.root.json", root)
+    return root
+
+
 def device_config(
     stack: DevStack,
     slot: DeviceSlot,
@@ -100,6 +124,7 @@ def device_config(
     source: dict[str, Any],
     claim_file: Path | None = None,
     selection: dict[str, Any] | None = None,
+    tuf_root: Path | None = None,
 ) -> Path:
     """A device's config; with ``claim_file`` it enrolls on first start (no client cert).
 
@@ -145,6 +170,7 @@ def device_config(
             },
             "source": source,
             "selection": selection or {},
+            **({"ota": {"tuf_root": tuf_root}} if tuf_root is not None else {}),
         },
     )
 

@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,8 +49,11 @@ from fleet_protocol import ota, topics
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.io.guard import LoopFaults
 from fleet_protocol.io.mqtt import MqttLink
-from fleet_protocol.messages import OtaStatus
+from fleet_protocol.messages import OtaState, OtaStatus
 from fleet_protocol.telemetry import Telemetry
+
+if TYPE_CHECKING:  # python-tuf is imported only when ota.tuf_root is set
+    from edge_daemon.ota_compose import TufParts
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class EdgeApp:
             client_id=self.device,
             on_message=self._on_message,
             faults=self.faults,
+            on_request=self._on_request,
         )
         self.renewer = make_renewer(cfg, self.keys, self.link, self.faults)
         self._renew_stop = threading.Event()
@@ -102,18 +106,36 @@ class EdgeApp:
             apply_adapter=apply_adapter,
         )
         installed = self.ota.installed()
-        self.model = ModelSlot(
-            self._classifier_for(installed.path)
-            if installed is not None
-            else make_classifier(
-                cfg.model.backend,
-                ModelFiles(cfg.model.base_fp32, cfg.model.base_int8),
-                cfg.model.threads,
-            ),
-            observe=self.metrics.observe_inference,
-        )
-        self.model_path = installed.path if installed is not None else cfg.model.base_int8
-        self.adapter_version = installed.adapter_version if installed is not None else 0
+        self.tuf: TufParts | None = None
+        if cfg.ota.tuf_root is not None:  # TUF over MQTT chunks, two slots (docs/adr/0016)
+            from edge_daemon.ota_compose import compose_tuf
+
+            self.tuf = compose_tuf(
+                cfg,
+                base_sha256=self.base_sha256,
+                publish_request=lambda t, p, rt, c: self.link.publish(
+                    t, p, qos=1, timeout_s=5, response_topic=rt, correlation=c
+                ),
+                report=self._report_tuf,
+                load_model=lambda path: (
+                    self._classifier_for(path) if path else self._base_classifier()
+                ),
+                running=self._running_model,
+                swap=self._swap_tuf,
+                connected=lambda: self.link.connected,
+            )
+            self.model = ModelSlot(self.tuf.recover(), observe=self.metrics.observe_inference)
+            self.model_path = self.tuf.model_path()
+            self.adapter_version = self.tuf.adapter_version()
+        else:
+            self.model = ModelSlot(
+                self._classifier_for(installed.path)
+                if installed is not None
+                else self._base_classifier(),
+                observe=self.metrics.observe_inference,
+            )
+            self.model_path = installed.path if installed is not None else cfg.model.base_int8
+            self.adapter_version = installed.adapter_version if installed is not None else 0
         self.outbox = Outbox(
             device=self.device,
             buffer=self.buffer,
@@ -126,7 +148,11 @@ class EdgeApp:
             ),
         )
         self.link.subscribe(topics.ack(self.device), 1)
-        self.link.subscribe(self.ota.metadata_topic, 1)
+        if self.tuf is None:
+            self.link.subscribe(self.ota.metadata_topic, 1)
+        else:  # one update path only: the single-key document is not even received
+            self.link.subscribe(self.tuf.timestamp_topic, 1)
+            self.link.subscribe(self.tuf.requester.response_topic, 1)
         if self.renewer is not None:
             self.link.subscribe(self.renewer.response_topic, 1)
         self.link.start(wait_s=0)
@@ -165,6 +191,9 @@ class EdgeApp:
             stop=self._stop,
         )
         self.listener.start()
+        if self.tuf is not None:
+            self.tuf.worker.start(self._stop)
+            self.tuf.worker.nudge()
         log.info(
             "edge daemon %s listening (model %s)", self.device, self.model.get().model_sha256[:12]
         )
@@ -203,6 +232,10 @@ class EdgeApp:
             self.renewer.join()
         if hasattr(self, "listener"):
             self.listener.join(timeout=10)
+        if getattr(self, "tuf", None) is not None:
+            assert self.tuf is not None
+            self.tuf.worker.join(timeout=10)
+            self.tuf.clock.checkpoint()
         if hasattr(self, "sensors"):
             self.sensors.close()
         for close in (self.link.stop, self.buffer.close, self.keys.close):
@@ -218,8 +251,18 @@ class EdgeApp:
             self.renewer.on_message(payload)
         elif topic == topics.ack(self.device):
             self.outbox.on_ack(payload)
+        elif self.tuf is not None and topic == self.tuf.timestamp_topic:
+            self.tuf.worker.nudge()  # the update thread fetches; never this thread
         else:
             self.mailbox.put(topic, payload)
+
+    def _on_request(
+        self, topic: str, payload: bytes, response_topic: str | None, corr: bytes | None
+    ) -> None:
+        if self.tuf is not None and topic == self.tuf.requester.response_topic:
+            self.tuf.requester.deliver(topic, payload, response_topic, corr)
+        else:
+            self._on_message(topic, payload)
 
     def _publish_telemetry(self, t: Telemetry) -> bool:
         return self.link.publish(topics.telemetry(self.device), t.to_bytes(), qos=0, timeout_s=0)
@@ -239,6 +282,33 @@ class EdgeApp:
         self.model.swap(self._classifier_for(model.path))
         self.model_path = model.path
         self.adapter_version = model.adapter_version
+
+    def _running_model(self) -> Any:
+        return self.model.get()
+
+    def _swap_tuf(self, classifier: Classifier) -> None:
+        """The slot manager switched (update thread): run it from the next block on."""
+        self.model.swap(classifier)
+        if self.tuf is not None:
+            self.model_path = self.tuf.model_path() or self.cfg.model.base_int8
+            self.adapter_version = self.tuf.adapter_version()
+
+    def _report_tuf(self, state: OtaState, version: int, reason: str) -> None:
+        model = getattr(self, "model", None)
+        self._publish_ota_status(
+            OtaStatus(
+                device=self.device,
+                metadata_version=0,
+                adapter_version=version,
+                state=state,
+                reason=reason[:64],
+                model_sha256=model.get().model_sha256 if model is not None else "",
+            )
+        )
+
+    def _base_classifier(self) -> Classifier:
+        files = ModelFiles(self.cfg.model.base_fp32, self.cfg.model.base_int8)
+        return make_classifier(self.cfg.model.backend, files, self.cfg.model.threads)
 
     def _classifier_for(self, int8_path: Path) -> Classifier:
         """An adapter-merged model (int8 beside its merged fp32) on the configured backend."""

@@ -234,6 +234,20 @@ class OtaConfig(_Strict):
     channel: str = "stable"
     max_metadata_bytes: int = Field(64 * 1024, ge=1024)
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    tuf_root: Path | None = Field(
+        None,
+        description="the TUF root (1.root.json) pinned in the image: with it the device updates"
+        " through TUF over MQTT chunks and two slots (docs/adr/0016); without it, through the"
+        " single-key targets document (edge_daemon/ota.py)",
+    )
+    timestamp_lifetime_h: float = Field(
+        24.0, gt=0, description="the repository's timestamp lifetime (clock policy, ota_clock)"
+    )
+    poll_s: float = Field(3600.0, gt=0, description="check for updates at least this often")
+    request_timeout_s: float = Field(10.0, gt=0, description="wait for one chunk's answer")
+    health_windows: int = Field(
+        60, ge=1, description="classified windows after a switch before CONFIRMED (ota_slots)"
+    )
 
 
 class ServiceConfig(_Strict):

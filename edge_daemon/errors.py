@@ -33,6 +33,18 @@ class OtaError(EdgeError):
     """An update was rejected or could not be applied; the running model is unchanged."""
 
 
+class OtaRefusedError(OtaError):
+    """Update metadata or an artifact was refused; ``reason`` names the check (for status)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class OtaTransferError(OtaError):
+    """A chunked transfer failed (no answer, bad chunk, over its bound); retried with backoff."""
+
+
 class EnrollmentError(EdgeError):
     """Enrollment or certificate renewal failed (refused, no answer, unusable certificate)."""
 

@@ -74,6 +74,9 @@ def device_rules() -> tuple[Rule, ...]:
         Rule("read", topics.cert_response(own)),
         Rule("read", topics.ota_metadata(any_, any_)),
         Rule("read", topics.ota_artifact(any_, any_)),
+        Rule("read", topics.ota_tuf_metadata(any_, any_)),
+        Rule("write", topics.ota_request(own)),
+        Rule("read", topics.ota_response(own)),
     )
 
 
@@ -93,6 +96,9 @@ def admin_rules() -> tuple[Rule, ...]:
         Rule("write", topics.enroll_response(any_)),
         Rule("write", topics.ota_metadata(any_, any_)),
         Rule("write", topics.ota_artifact(any_, any_)),
+        Rule("write", topics.ota_tuf_metadata(any_, any_)),
+        Rule("read", topics.ota_request(any_)),
+        Rule("write", topics.ota_response(any_)),
         Rule("write", topics.labels_result(any_)),
     )
 

@@ -54,7 +54,20 @@ EventLabel = Annotated[
 
 
 AckStatus = Literal["stored", "rejected", "retry"]
-OtaState = Literal["applied", "rejected", "failed"]
+# applied/rejected/failed: the single-slot client (edge_daemon/ota.py); the rest: the
+# two-slot TUF client (edge_daemon/ota_slots.py, docs/adr/0016), in lifecycle order.
+OtaState = Literal[
+    "applied",
+    "rejected",
+    "failed",
+    "queued",
+    "downloading",
+    "verifying",
+    "staged",
+    "active",
+    "confirmed",
+    "rolled_back",
+]
 
 ACK_CONTEXT = b"sovereign-edge ack v1\n"  # domain separation: an ack signature signs nothing else
 _ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))

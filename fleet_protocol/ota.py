@@ -35,7 +35,7 @@ from fleet_protocol.wire import canonical_json
 
 SPEC_VERSION = "1.0.31"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one path component, never . or ..
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def _target(name: str, obj: Any) -> TargetInfo:
         )
     except (KeyError, TypeError) as e:
         raise MetadataError(f"target {name[:64]!r} lacks a field: {e}") from e
-    if not _NAME.fullmatch(name):
-        raise MetadataError("target name has forbidden characters")
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise MetadataError("target name has forbidden characters", reason="bad_path")
     if not isinstance(info.length, int) or isinstance(info.length, bool) or info.length <= 0:
         raise MetadataError("target length must be a positive integer")
     for h in (info.sha256, info.base_model_sha256):
@@ -218,3 +218,13 @@ def verify_artifact(data: bytes, target: TargetInfo, limits: OtaLimits = OtaLimi
         raise MetadataError(f"artifact length {len(data)} != {target.length}", reason="bad_length")
     if hashlib.sha256(data).hexdigest() != target.sha256:
         raise MetadataError("artifact hash does not match its metadata", reason="bad_hash")
+
+
+def rollout_bucket(device_id: str) -> int:
+    """The device's rollout bucket, 0..99: a deterministic hash of its id (both sides agree).
+
+    A target signed with ``rollout_percent = p`` is for the devices whose bucket is below
+    ``p``; widening a rollout raises ``p`` in new signed targets metadata.
+    """
+    digest = hashlib.sha256(b"sovereign-edge/rollout/v1\0" + device_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100

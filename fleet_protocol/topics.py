@@ -7,6 +7,8 @@ disagree about a name. Layout::
     fleet/v1/<device>/{upload,events,telemetry,ota/status,cert/request}   device writes
     fleet/v1/<device>/{ack,cert/response}                                 device reads
     fleet/v1/ota/<channel>/<role>.json, .../artifacts/<name>              OTA tree (read)
+    fleet/v1/ota/<channel>/metadata/<N.role>.json                         TUF metadata (read)
+    fleet/v1/<device>/ota/request (write), .../ota/response (read)        OTA chunk transfer
     fleet/v1/enroll/<claim id>/{request,response}                         enrollment
     fleet/v1/labels/<source>, fleet/v1/labels/<source>/result             label sources
 
@@ -54,9 +56,21 @@ ACK = "ack"
 EVENTS = "events"
 TELEMETRY = "telemetry"
 OTA_STATUS = "ota/status"
+OTA_REQUEST = "ota/request"
+OTA_RESPONSE = "ota/response"
 CERT_REQUEST = "cert/request"
 CERT_RESPONSE = "cert/response"
-DEVICE_KINDS = (UPLOAD, ACK, EVENTS, TELEMETRY, OTA_STATUS, CERT_REQUEST, CERT_RESPONSE)
+DEVICE_KINDS = (
+    UPLOAD,
+    ACK,
+    EVENTS,
+    TELEMETRY,
+    OTA_STATUS,
+    OTA_REQUEST,
+    OTA_RESPONSE,
+    CERT_REQUEST,
+    CERT_RESPONSE,
+)
 
 
 class Wildcard(str):
@@ -201,6 +215,28 @@ def ota_metadata(channel: str, role: str) -> str:
 def ota_artifact(channel: str, name: str) -> str:
     """Retained OTA artifact published under its content hash."""
     return f"{PREFIX}/{OTA}/{_device(channel)}/artifacts/{name}"
+
+
+TUF_METADATA_FILE_RE = re.compile(
+    r"^(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json$"
+)
+
+
+def ota_tuf_metadata(channel: str, filename: str) -> str:
+    """Retained TUF metadata file, e.g. ``fleet/v1/ota/stable/metadata/3.targets.json``."""
+    if not isinstance(filename, Wildcard) and not TUF_METADATA_FILE_RE.fullmatch(filename):
+        raise MalformedError(f"not a TUF metadata file name: {filename[:40]!r}", "bad_topic")
+    return f"{PREFIX}/{OTA}/{_device(channel)}/metadata/{filename}"
+
+
+def ota_request(device: str) -> str:
+    """Chunk requests (``fleet_protocol.ota_transfer``), device → cloud (MQTT 5 request)."""
+    return device_topic(device, OTA_REQUEST)
+
+
+def ota_response(device: str) -> str:
+    """Chunk responses, cloud → device (the request's response topic)."""
+    return device_topic(device, OTA_RESPONSE)
 
 
 def ota_subscription(channel: str) -> str:

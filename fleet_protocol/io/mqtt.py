@@ -2,8 +2,11 @@
 
 It owns: TLS 1.3 with a client certificate, automatic reconnect, re-subscribing after
 every reconnect, and turning paho's callbacks into one ``on_message(topic, payload)``
-call. It owns no protocol decisions. A handler's exception is caught, counted
-(``faults``, loop ``mqtt``) and logged: no message stops the network thread. ``publish`` waits for the broker's PUBACK (QoS 1)
+call (or, for a message that carries MQTT 5 request/response properties, one
+``on_request(topic, payload, response_topic, correlation_data)`` call when given). It
+owns no protocol decisions. A handler's exception is caught, counted (``faults``, loop
+``mqtt``) and logged: no message stops the network thread. ``publish`` waits for the
+broker's PUBACK (QoS 1)
 up to a timeout and reports success; callers that must not lose data keep it until
 an application-level ack (the device's replay buffer does).
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -52,10 +56,12 @@ class MqttLink:
         subscriptions: Sequence[tuple[str, int]] = (),
         max_inflight: int = 20,
         faults: LoopFaults | None = None,
+        on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.faults = faults if faults is not None else LoopFaults()
         self._on_message = on_message
+        self._on_request = on_request
         self._subs = list(subscriptions)
         self._connected = threading.Event()
         self._client = mqtt.Client(
@@ -93,7 +99,18 @@ class MqttLink:
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.faults.guard("mqtt"):  # one bad message must not stop the network loop
-            self._on_message(msg.topic, bytes(msg.payload))
+            props = getattr(msg, "properties", None)
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+            if self._on_request is not None and (response_topic or correlation):
+                self._on_request(
+                    msg.topic,
+                    bytes(msg.payload),
+                    str(response_topic) if response_topic else None,
+                    bytes(correlation) if correlation else None,
+                )
+            else:
+                self._on_message(msg.topic, bytes(msg.payload))
 
     def start(self, wait_s: float = 10.0) -> None:
         try:
@@ -126,6 +143,8 @@ class MqttLink:
         qos: int = 1,
         retain: bool = False,
         timeout_s: float = 10.0,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
     ) -> bool:
         """Publish; with ``timeout_s > 0`` wait for the broker's acknowledgement.
 
@@ -134,7 +153,14 @@ class MqttLink:
         """
         if not self._connected.is_set():
             return False
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if response_topic is not None or correlation is not None:  # MQTT 5 request/response
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         if timeout_s <= 0:

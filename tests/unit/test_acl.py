@@ -118,6 +118,9 @@ def test_a_device_writes_only_its_own_subtree_and_reads_its_acks_and_the_ota_tre
         ("read", "fleet/v1/%u/cert/response"),
         ("read", "fleet/v1/ota/+/+"),
         ("read", "fleet/v1/ota/+/artifacts/+"),
+        ("read", "fleet/v1/ota/+/metadata/+"),
+        ("write", "fleet/v1/%u/ota/request"),
+        ("read", "fleet/v1/%u/ota/response"),
     ]
 
 
@@ -131,6 +134,7 @@ def test_the_admin_gets_only_the_topics_the_sidecar_uses() -> None:
         "fleet/v1/+/telemetry",
         "fleet/v1/+/ota/status",
         "fleet/v1/+/cert/request",
+        "fleet/v1/+/ota/request",
         "fleet/v1/enroll/+/request",
         "fleet/v1/labels/+",
     }
@@ -140,6 +144,8 @@ def test_the_admin_gets_only_the_topics_the_sidecar_uses() -> None:
         "fleet/v1/enroll/+/response",
         "fleet/v1/ota/+/+",
         "fleet/v1/ota/+/artifacts/+",
+        "fleet/v1/ota/+/metadata/+",
+        "fleet/v1/+/ota/response",
         "fleet/v1/labels/+/result",
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
@@ -120,3 +121,18 @@ def test_signature_scheme_is_ecdsa_over_sha256_of_canonical_signed() -> None:
         ota.canonical(doc["signed"]),
         ec.ECDSA(hashes.SHA256()),
     )
+
+
+def test_a_target_name_that_is_not_one_safe_path_component_is_refused() -> None:
+    key, pem = _key()
+    for bad in ("..", ".", "../x", ".hidden", "a..b"):
+        data = ota.build_targets(
+            version=2,
+            expires=NOW + timedelta(days=7),
+            targets=(dataclasses.replace(_target(), name=bad),),
+            keyid=key_id_from_pem(pem),
+            sign_digest=lambda d: key.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))),
+        )
+        with pytest.raises(MetadataError) as e:
+            _verify(data, pem)
+        assert e.value.reason == "bad_path"

@@ -1,0 +1,159 @@
+"""Builds the TUF update path for the daemon (called by ``app.py`` when ``ota.tuf_root`` is set).
+
+Owns nothing at run time; it wires: ``MqttRequester`` (MQTT 5 request/response) →
+``ChunkFetcher`` (python-tuf's network seam) → ``TufUpdateClient`` (python-tuf + device
+policy, ``TrustedClock``) → ``TufUpdateWorker`` (its own thread) → ``SlotManager`` (two
+slots, health window) → the daemon's ``ModelSlot`` through ``ObservedClassifier``.
+
+The shadow check runs the candidate on the calibration windows that sit beside the
+base model and refuses it when an output is not finite or not in [0, 1] or when it
+disagrees with the running model on more than half of them (top-1) (a stand-in for the golden
+clips with labels that the bundle does not carry yet, docs/adr/0016).
+
+python-tuf is imported here, lazily from ``app.py``'s point of view: a daemon without
+``ota.tuf_root`` never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_daemon.config import DeviceConfig
+from edge_daemon.errors import ConfigError
+from edge_daemon.inference.adapter import apply_adapter
+from edge_daemon.inference.backends import Classifier
+from edge_daemon.ota_clock import TrustedClock
+from edge_daemon.ota_fetch import ChunkFetcher, FailureLedger
+from edge_daemon.ota_link import MqttRequester, PublishRequest
+from edge_daemon.ota_slots import HealthPolicy, SlotManager
+from edge_daemon.ota_tuf import TufUpdateClient
+from edge_daemon.ota_update import ObservedClassifier, TufUpdateWorker
+from fleet_model import ADAPTER_FORMAT, calibration_path
+from fleet_model.int8 import MAX_CALIBRATION_BYTES
+from fleet_protocol import topics
+from fleet_protocol.messages import OtaState
+from fleet_protocol.ota_transfer import TransferLimits
+
+log = logging.getLogger(__name__)
+
+SHADOW_WINDOWS = 64
+MODEL_FILE = "adapter.int8.onnx"
+
+
+@dataclass
+class TufParts:
+    worker: TufUpdateWorker
+    slots: SlotManager[Classifier]
+    requester: MqttRequester
+    clock: TrustedClock
+    timestamp_topic: str
+
+    def recover(self) -> ObservedClassifier:
+        return ObservedClassifier(self.slots.recover(), self.slots.observe)
+
+    def model_path(self) -> Path | None:
+        return self.slots.model_path(self.slots.record.active)
+
+    def adapter_version(self) -> int:
+        a = self.slots.record.active
+        return a.adapter_version if a else 0
+
+
+def compose_tuf(
+    cfg: DeviceConfig,
+    *,
+    base_sha256: str,
+    publish_request: PublishRequest,
+    report: Callable[[OtaState, int, str], None],
+    load_model: Callable[[Path | None], Classifier],
+    running: Callable[[], Any],
+    swap: Callable[[Any], None],
+    connected: Callable[[], bool] = lambda: True,
+) -> TufParts:
+    if cfg.ota.tuf_root is None:
+        raise ConfigError("ota.tuf_root is not set")
+    limits = TransferLimits(
+        max_file=cfg.ota.max_artifact_bytes, request_timeout_s=cfg.ota.request_timeout_s
+    )
+    requester = MqttRequester(cfg.device_id, publish_request, cfg.ota.request_timeout_s)
+    clock = TrustedClock(
+        cfg.state_dir / "ota" / "clock.json",
+        timestamp_lifetime=timedelta(hours=cfg.ota.timestamp_lifetime_h),
+    )
+    client = TufUpdateClient(
+        cfg.state_dir,
+        ChunkFetcher(requester, cfg.state_dir, limits),
+        device_id=cfg.device_id,
+        base_sha256=base_sha256,
+        adapter_format=ADAPTER_FORMAT,
+        clock=clock,
+    )
+    client.bootstrap(cfg.ota.tuf_root.read_bytes())
+    calib = _calibration(cfg.model.base_fp32)
+    slots: SlotManager[Classifier]
+
+    def build(adapter: Path, out_dir: Path) -> Path:
+        return apply_adapter(cfg.model.base_fp32, adapter, out_dir / MODEL_FILE)
+
+    def check(candidate: Any) -> str:
+        return shadow_check(candidate, running(), calib)
+
+    slots = SlotManager(
+        cfg.state_dir,
+        build=build,
+        load=load_model,
+        shadow_check=check,
+        swap=lambda c: swap(ObservedClassifier(c, slots.observe)),
+        report=report,
+        policy=HealthPolicy(min_windows=cfg.ota.health_windows),
+    )
+    ledger = FailureLedger(cfg.state_dir / "ota" / "failures.json", limits)
+
+    def announce(stop: Any) -> None:
+        """Once the link is up, say the state recovered at boot (it was not sendable then)."""
+        while not connected() and not stop.wait(0.5):
+            pass
+        slots.report_current()
+
+    worker = TufUpdateWorker(
+        client, slots, ledger, report, poll_s=cfg.ota.poll_s, on_start=announce
+    )
+    timestamp_topic = topics.ota_tuf_metadata(cfg.ota.channel, "timestamp.json")
+    return TufParts(worker, slots, requester, clock, timestamp_topic)
+
+
+def _calibration(base_fp32: Path) -> np.ndarray[Any, Any] | None:
+    path = calibration_path(base_fp32)
+    try:
+        if path.stat().st_size > MAX_CALIBRATION_BYTES:
+            return None
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        log.warning("no calibration windows for the shadow check (%s)", e)
+        return None
+    return np.asarray(data[:SHADOW_WINDOWS], dtype=np.float32)
+
+
+def shadow_check(candidate: Any, current: Any, windows: np.ndarray[Any, Any] | None) -> str:
+    """ "" when ``candidate`` may replace ``current``; else the reason."""
+    if windows is None or len(windows) == 0:
+        return ""
+    try:
+        new = candidate.predict(windows)
+        old = current.predict(windows)
+    except Exception as e:
+        log.warning("shadow inference failed: %s", e)
+        return "shadow_inference"
+    if new.shape != old.shape or not np.all(np.isfinite(new)):
+        return "shadow_output"
+    if np.any(new < 0.0) or np.any(new > 1.0):
+        return "shadow_output"
+    agreement = float(np.mean(new.argmax(axis=1) == old.argmax(axis=1)))
+    return "" if agreement >= 0.5 else "shadow_disagreement"
