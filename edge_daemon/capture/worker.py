@@ -15,13 +15,19 @@ Invariants:
 - a ``CaptureError`` ends the process with exit code 4 after an ERROR frame carrying the
   message; the natural end of a finite source sends END and exits 0;
 - a restarted capture process (``--restarted``) treats a live device that is missing as
-  lost and retries it: it was there before, so its absence is not a configuration mistake.
+  lost and retries it: it was there before, so its absence is not a configuration mistake;
+- it never outlives the daemon that started it: the kernel sends it SIGTERM when its
+  parent dies (``PR_SET_PDEATHSIG``), and a watcher stops it if it is re-parented anyway
+  (an orphan would hold the sound card and, on the ALSA ``file`` plugin, write its
+  mirror without bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -131,6 +137,26 @@ def _final(sock: zmq.Socket[bytes], kind: int, text: str, c: _Counters) -> None:
         log.error("could not report to the daemon: %s", text)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(stop: threading.Event) -> None:
+    """SIGTERM from the kernel when the parent dies, and a watcher for re-parenting."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the watcher alone
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                log.error("the daemon (pid %d) is gone: capture stops", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-daemon-capture")
     p.add_argument("--endpoint", required=True)
@@ -147,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _die_with_parent(stop)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, args.hwm)

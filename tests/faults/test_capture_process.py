@@ -165,3 +165,30 @@ def test_missing_live_device_in_the_capture_process_is_one_clear_error_not_a_res
     with pytest.raises(CaptureError, match=r"'no-such-usb-mic' not found.*set source\.device"):
         next(iter(cap.blocks()))
     assert cap.stats().restarts == 0 and cap.stats().state == "failed"
+
+
+def test_capture_process_does_not_outlive_a_daemon_killed_with_sigkill(tmp_path: Path) -> None:
+    wav = _ramp_file(tmp_path, 600)  # ten minutes in real time: it would run on for that long
+    source = json.dumps({"type": "file", "path": str(wav), "realtime": True})
+    # a stand-in daemon that starts the capture process, prints its pid, then waits
+    parent = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} -m edge_daemon.capture.worker --endpoint "
+            f"ipc://{tmp_path}/frames.sock --source '{source}' & echo $!; wait",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert parent.stdout is not None
+    worker = int(parent.stdout.readline())
+    time.sleep(3)  # past start-up: the worker reads and pushes
+    assert _alive(worker)
+    parent.kill()  # SIGKILL: no chance to stop its child
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the capture process outlived its daemon"
