@@ -59,6 +59,10 @@ class AckSigner(Protocol):
     def sign_ack_digest(self, digest: bytes) -> bytes: ...
 
 
+# a refusal's ack: a rejected batch may be dropped, a deferred one is kept and resent
+_ACK_STATUS: dict[str, AckStatus] = {"rejected": "rejected", "deferred": "retry"}
+
+
 @dataclass(frozen=True)
 class IngestResult:
     device: str | None
@@ -192,15 +196,8 @@ class Ingest:
         reason: str,
         detail: str,
     ) -> IngestResult:
-        batch_id = env.header.batch_id if env is not None else None
-        log.warning("rejected upload from %s (%s): %s", device, reason, detail)
-        self.metrics.inc("ingest_rejected_total", reason=reason)
-        self.audit.append(
-            "ingest.rejected", device or "?", reason=reason, detail=detail[:300], batch_id=batch_id
-        )
-        if device is not None and env is not None:
-            self._ack(device, env.header, digest, "rejected", reason)
-        return IngestResult(device, batch_id, "rejected", reason)
+        """A permanent refusal: the device may drop the batch (acked ``rejected``)."""
+        return self._refuse("rejected", device, env, digest, reason, detail)
 
     def _defer(
         self,
@@ -210,15 +207,31 @@ class Ingest:
         reason: str,
         detail: str,
     ) -> IngestResult:
+        """A transient refusal: the device keeps the batch and resends (acked ``retry``)."""
+        return self._refuse("deferred", device, env, digest, reason, detail)
+
+    def _refuse(
+        self,
+        outcome: str,
+        device: str | None,
+        env: envelope.Envelope | None,
+        digest: str,
+        reason: str,
+        detail: str,
+    ) -> IngestResult:
         batch_id = env.header.batch_id if env is not None else None
-        log.warning("deferred upload from %s (%s): %s", device, reason, detail)
-        self.metrics.inc("ingest_deferred_total", reason=reason)
+        log.warning("%s upload from %s (%s): %s", outcome, device, reason, detail)
+        self.metrics.inc(f"ingest_{outcome}_total", reason=reason)
         self.audit.append(
-            "ingest.deferred", device or "?", reason=reason, detail=detail[:300], batch_id=batch_id
+            f"ingest.{outcome}",
+            device or "?",
+            reason=reason,
+            detail=detail[:300],
+            batch_id=batch_id,
         )
         if device is not None and env is not None:
-            self._ack(device, env.header, digest, "retry", reason)
-        return IngestResult(device, batch_id, "deferred", reason)
+            self._ack(device, env.header, digest, _ACK_STATUS[outcome], reason)
+        return IngestResult(device, batch_id, outcome, reason)
 
     def _ack(
         self,
