@@ -38,7 +38,8 @@ def _unwrap_key_object(tokens: Path) -> Path:
 def _metric(rig: Rig, name: str) -> int:
     path = rig.data_dir / "metrics.prom"
     text = path.read_text() if path.exists() else ""
-    return sum(int(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\d+)$", text, re.M))
+    pattern = rf"^sidecar_{name}(?:{{[^}}]*}})? (\d+)(?:\.0)?$"  # the exposition's names
+    return sum(int(v) for v in re.findall(pattern, text, re.M))
 
 
 def test_a_key_away_from_the_hsm_mid_ingest_is_acked_retry_and_every_batch_stored_once(
