@@ -54,7 +54,9 @@ def test_demo_loop_improves_shifted_accuracy_updates_every_device_and_leaks_no_s
     assert 0 < s["adapter_bytes"] < s["base_model_fp32_bytes"]
     assert (Path(s["adapter_dir"]) / "adapter_config.json").is_file()
     assert (Path(s["adapter_dir"]) / "adapter_model.safetensors").is_file()
-    assert (Path(s["ota_repo_dir"]) / "metadata" / "targets.json").is_file()
+    meta = Path(s["ota_repo_dir"]) / "metadata"  # the exported TUF repository (ADR 0016)
+    assert (meta / "1.root.json").is_file() and (meta / "timestamp.json").is_file()
+    assert any(meta.glob("*.targets.json")) and any((meta.parent / "targets").iterdir())
     verify = subprocess.run(
         [sys.executable, "-m", "cloud_sidecar", "audit", "verify", s["audit_log"]],
         capture_output=True,
