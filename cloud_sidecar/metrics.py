@@ -68,6 +68,13 @@ SPECS = (
         "Enrollment, activation or renewal requests refused, by operation and reason.",
         ("op", "reason"),
     ),
+    m.Spec(
+        "fleet_clock_skewed_total",
+        "counter",
+        "Enrollment, activation or renewal requests more than max_clock_skew_s off this clock"
+        " (served; ADR 0017), by operation.",
+        ("op",),
+    ),
     m.Spec("hsm_pin_refused_total", "counter", "HSM logins refused for the PIN (no retry)."),
     m.Spec(
         "ingest_deferred_total",
