@@ -404,15 +404,7 @@ class FleetService:
             req = enroll.RenewRequest.from_bytes(payload)
             if req.device_id != device:
                 raise MalformedError("request names another device", "device_mismatch")
-            record = self.store.device(device)
-            if record is None:
-                raise SignatureError(f"unknown device {device!r}", "unknown_device")
-            if record.status != "active":
-                raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
-            if req.kid != record.key_id:
-                raise SignatureError("signed with a key that is not the device's", "unknown_key")
-            self._measure_clock(req.created_at_ms, "renew", device)
-            req.verify(record.public_key_pem)
+            self._check_registered_key(req, device, "renew")
             csr = enroll.check_csr(req.csr, device)
         except ProtocolError as e:
             self._rejected("renew", device or "?", e)
@@ -439,6 +431,21 @@ class FleetService:
         log.info("renewed the certificate of %s", device)
         return topics.cert_response(device), self._issued(device, req.nonce, cert)
 
+    def _check_registered_key(
+        self, req: enroll.RenewRequest | enroll.ReenrollRequest, device: str, op: str
+    ) -> None:
+        """The request is signed by the active device's registered TPM key (``ProtocolError``
+        otherwise); its clock skew is measured on the way."""
+        record = self.store.device(device)
+        if record is None:
+            raise SignatureError(f"unknown device {device!r}", "unknown_device")
+        if record.status != "active":
+            raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
+        if req.kid != record.key_id:
+            raise SignatureError("signed with a key that is not the device's", "unknown_key")
+        self._measure_clock(req.created_at_ms, op, device)
+        req.verify(record.public_key_pem)
+
     def _reenroll(self, topic: str, req: enroll.ReenrollRequest) -> Reply | None:
         """A registered device whose certificate expired proves its TPM key (ADR 0017)."""
         device = req.device_id
@@ -451,15 +458,7 @@ class FleetService:
                 )
             if device in self.policy.reserved_ids:
                 raise MalformedError(f"{device!r} is reserved", "reserved_device_id")
-            record = self.store.device(device)
-            if record is None:
-                raise SignatureError(f"unknown device {device!r}", "unknown_device")
-            if record.status != "active":
-                raise SignatureError(f"device {device!r} is {record.status}", "revoked_device")
-            if req.kid != record.key_id:
-                raise SignatureError("signed with a key that is not the device's", "unknown_key")
-            self._measure_clock(req.created_at_ms, "reenroll", device)
-            req.verify(record.public_key_pem)
+            self._check_registered_key(req, device, "reenroll")
             csr = enroll.check_csr(req.csr, device)
         except ProtocolError as e:
             self._rejected("reenroll", device, e, channel=channel)
@@ -473,7 +472,7 @@ class FleetService:
         self.audit.append(
             "fleet.reenrolled",
             device,
-            identity_key=record.key_id,
+            identity_key=req.kid,  # checked equal to the registered key
             serial=format(cert.serial_number, "x"),
             not_after=cert.not_valid_after_utc.isoformat(),
         )

@@ -29,7 +29,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hmac
 import logging
 import sqlite3
 import threading
@@ -42,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_sidecar.errors import LabelError, StoreError
-from cloud_sidecar.store_api import FEATURE_SHAPE, decode_features
+from cloud_sidecar.store_api import FEATURE_SHAPE, claim_refusal, decode_features
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
@@ -263,15 +262,7 @@ class Store:
                 " WHERE claim_id=?",
                 (claim_id,),
             ).fetchone()
-        if row is None:
-            return "unknown_claim"
-        if row[0] != device_id:  # first: the record's hash covers the device id too
-            return "claim_device_mismatch"
-        if not hmac.compare_digest(row[1], token_hash):
-            return "bad_token"
-        if row[3] is not None:
-            return "claim_used"
-        return "claim_expired" if now_ms > row[2] else ""
+        return claim_refusal(row, device_id, token_hash, now_ms)
 
     def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
         """Mark the claim used and return "", or return why it cannot be used."""
@@ -281,16 +272,9 @@ class Store:
                 " WHERE claim_id=?",
                 (claim_id,),
             ).fetchone()
-            if row is None:
-                return "unknown_claim"
-            if not hmac.compare_digest(row[1], token_hash):
-                return "bad_token"
-            if row[3] is not None:
-                return "claim_used"
-            if row[0] != device_id:
-                return "claim_device_mismatch"
-            if now_ms > row[2]:
-                return "claim_expired"
+            refusal = claim_refusal(row, device_id, token_hash, now_ms)
+            if refusal:
+                return refusal
             cur = self._db.execute(
                 "UPDATE claims SET used_at_ms=? WHERE claim_id=? AND used_at_ms IS NULL",
                 (now_ms, claim_id),

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hmac
 import zlib
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -54,6 +55,23 @@ def decode_features(blob: bytes) -> npt.NDArray[np.float32]:
         return np.frombuffer(raw, dtype="<f2").reshape(FEATURE_SHAPE).astype(np.float32)
     except (zlib.error, ValueError) as e:
         raise StoreError(f"stored feature window is corrupt: {e}") from e
+
+
+def claim_refusal(
+    row: tuple[str, str, int, int | None] | None, device_id: str, token_hash: str, now_ms: int
+) -> str:
+    """Why a claim row ``(device_id, token_hash, expires_at_ms, used_at_ms)`` cannot be used
+    now, or "": the one rule every store applies (the device first: the record's MAC covers
+    the device id too)."""
+    if row is None:
+        return "unknown_claim"
+    if row[0] != device_id:
+        return "claim_device_mismatch"
+    if not hmac.compare_digest(row[1], token_hash):
+        return "bad_token"
+    if row[3] is not None:
+        return "claim_used"
+    return "claim_expired" if now_ms > row[2] else ""
 
 
 class DeviceRegistry(Protocol):

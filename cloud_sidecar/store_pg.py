@@ -21,7 +21,6 @@ sidecar runs without it.
 
 from __future__ import annotations
 
-import hmac
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +38,12 @@ from cloud_sidecar.store import (
     LabelledSample,
     LabelSpan,
 )
-from cloud_sidecar.store_api import FEATURE_SHAPE, decode_features, encode_features
+from cloud_sidecar.store_api import (
+    FEATURE_SHAPE,
+    claim_refusal,
+    decode_features,
+    encode_features,
+)
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.labels import WINDOW_MS
@@ -263,15 +267,7 @@ class PgStore:
                 (claim_id,),
             )
             row = cur.fetchone()
-        if row is None:
-            return "unknown_claim"
-        if row[0] != device_id:
-            return "claim_device_mismatch"
-        if not hmac.compare_digest(row[1], token_hash):
-            return "bad_token"
-        if row[3] is not None:
-            return "claim_used"
-        return "claim_expired" if now_ms > row[2] else ""
+        return claim_refusal(row, device_id, token_hash, now_ms)
 
     def use_claim(self, claim_id: str, device_id: str, token_hash: str, now_ms: int) -> str:
         """Mark the claim used and return "", or return why it cannot be used."""
@@ -282,16 +278,9 @@ class PgStore:
                 (claim_id,),
             )
             row = cur.fetchone()
-            if row is None:
-                return "unknown_claim"
-            if not hmac.compare_digest(row[1], token_hash):
-                return "bad_token"
-            if row[3] is not None:
-                return "claim_used"
-            if row[0] != device_id:
-                return "claim_device_mismatch"
-            if now_ms > row[2]:
-                return "claim_expired"
+            refusal = claim_refusal(row, device_id, token_hash, now_ms)
+            if refusal:
+                return refusal
             cur.execute(
                 "UPDATE claims SET used_at_ms=%s WHERE claim_id=%s AND used_at_ms IS NULL",
                 (now_ms, claim_id),
