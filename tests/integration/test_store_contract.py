@@ -35,7 +35,6 @@ _db_names = itertools.count()
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    pytest.importorskip("psycopg", reason="psycopg 3 is needed for the PostgreSQL store")
     from devstack.errors import ToolMissingError
     from devstack.postgres import PostgresServer
 
@@ -43,6 +42,8 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         with PostgresServer(tmp_path_factory.mktemp("pg-logs")) as pg:
             yield pg
     except ToolMissingError as e:
+        if os.environ.get("CI"):  # `make test` installs PostgreSQL: missing there is a failure
+            pytest.fail(str(e))
         pytest.skip(str(e))
 
 

@@ -13,6 +13,7 @@ loudest frame) inside windows the gate released, with the gate's defaults.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,8 @@ def real_calls() -> dict[str, list[F32]]:
             calls = [c for c in rs.clips(rs.BY_NAME[name]) if c.size <= 1.5 * SR]
             out[name] = calls[:3]
     except (rs.RealSpeechError, OSError) as exc:
+        if os.environ.get("CI"):  # CI reaches the Debian archive: the recordings must come
+            pytest.fail(f"real-speech recordings unavailable: {exc}")
         pytest.skip(f"real-speech recordings unavailable: {exc}")
     return out
 
