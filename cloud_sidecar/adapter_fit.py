@@ -65,6 +65,7 @@ class FitPlan:
     max_grad_norm: float = 10.0
     price_per_hour: float = 0.0  # of the machine the run uses; 0: no cost tracking
     budget: float = 0.0  # for this run, same currency; 0: no budget
+    method: str = "lora"  # cloud_sidecar.finetune: part of the checkpoint's fingerprint
 
 
 class Monitor(Protocol):

@@ -71,7 +71,23 @@ class HsmConfig(_Strict):
         raise ConfigError("hsm: no PIN: set the systemd credential or hsm.pin_file")
 
 
+# Why train.method "qlora" is refused (cloud_sidecar/finetune.py, docs/ml-pipeline.md).
+QLORA_UNAVAILABLE = (
+    "QLoRA is not available for this model: it needs bitsandbytes' 4-bit layers, which"
+    " quantise nn.Linear only (AudioCNN's four Conv2d layers carry most of its weights and"
+    " ~97% of its multiply-adds), and bitsandbytes (not in requirements/lock.txt) needs a"
+    " CUDA GPU for 4-bit training; the base is < 200k parameters, so a 4-bit base would"
+    " save well under 1 MiB. Use train.method 'lora' (default) or 'full'"
+    " (docs/ml-pipeline.md, 'Fine-tuning methods')"
+)
+
+
 class TrainConfig(_Strict):
+    method: Literal["lora", "full", "qlora"] = Field(
+        "lora",
+        description="fine-tuning method: 'lora' (PEFT LoRA on every conv/linear layer),"
+        " 'full' (every weight; shipped as full-rank LoRA factors); 'qlora' is refused",
+    )
     rank: int = Field(8, ge=1, le=64, description="LoRA rank")
     epochs: int = Field(12, ge=1, le=200)
     min_samples: int = Field(
@@ -140,6 +156,13 @@ class TrainConfig(_Strict):
         description="one run's budget (same currency): alert when the projected cost is"
         " 20% over, stop at 3x; 0: none",
     )
+
+    @field_validator("method")
+    @classmethod
+    def _trainable_method(cls, v: str) -> str:
+        if v == "qlora":
+            raise ValueError(QLORA_UNAVAILABLE)
+        return v
 
 
 class TriggerConfig(_Strict):

@@ -21,6 +21,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from cloud_sidecar.adapter_fit import FitPlan, Monitor, fit
 from cloud_sidecar.errors import TrainingError
+from cloud_sidecar.finetune import (
+    LEARNING_RATES,
+    METHODS,
+    QLORA_UNAVAILABLE,
+    MethodRecord,
+    count_parameters,
+    full_as_lora,
+    prepare_full,
+)
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, torch_threads
 from fleet_model import EdgeAdapter, LowRankLayer, encode_edge_adapter
@@ -84,26 +94,76 @@ def train_adapter(
     run started again after a kill resumes from its last checkpoint and ends with the
     same adapter (``cloud_sidecar.adapter_fit``); ``monitor`` receives metrics and alerts.
     """
+    return fine_tune(
+        base, features, labels, replay=replay, out_dir=out_dir, method="lora", rank=rank,
+        epochs=epochs, seed=seed, lr=lr, threads=threads, checkpoint_dir=checkpoint_dir,
+        val=val, monitor=monitor, checkpoint_every=checkpoint_every, log_every=log_every,
+        price_per_hour=price_per_hour, budget=budget,
+    ).adapter_dir  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    adapter_dir: Path
+    record: MethodRecord
+
+
+def fine_tune(
+    base: BaseModel,
+    features: F32,
+    labels: I64,
+    *,
+    replay: tuple[F32, I64] | None,
+    out_dir: Path,
+    method: str = "lora",
+    rank: int = 8,
+    epochs: int = 12,
+    seed: int = 0,
+    lr: float | None = None,
+    threads: int = TRAIN_THREADS,
+    checkpoint_dir: Path | None = None,
+    val: tuple[F32, I64] | None = None,
+    monitor: Monitor | None = None,
+    checkpoint_every: int = 50,
+    log_every: int = 10,
+    price_per_hour: float = 0.0,
+    budget: float = 0.0,
+) -> FineTuned:
+    """``train_adapter`` with a ``method`` (``cloud_sidecar.finetune``): ``lora`` trains
+    rank-``rank`` factors; ``full`` trains every weight and saves the delta as full-rank
+    LoRA factors. Either way ``out_dir`` holds a PEFT adapter; ``lr`` defaults to the
+    method's (``LEARNING_RATES``)."""
+    if method not in METHODS:
+        raise TrainingError(
+            QLORA_UNAVAILABLE if method == "qlora" else f"unknown method {method!r}"
+        )
     if features.ndim != 3 or len(features) != len(labels) or len(labels) == 0:
         raise TrainingError(f"features {features.shape} and labels {labels.shape} do not pair")
     if (out_dir / PEFT_WEIGHTS).exists():
         raise TrainingError(f"{out_dir} already holds an adapter; refusing to overwrite it")
     t0 = time.monotonic()
+    lr = LEARNING_RATES[method] if lr is None else lr
     x, y = features.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
     if replay is not None:
         x = np.concatenate([x, replay[0].astype(np.float32, copy=False)])
         y = np.concatenate([y, replay[1].astype(np.int64, copy=False)])
     torch.manual_seed(seed)
     model = _load_base_module(base)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=list(ADAPTABLE_LAYERS),
-        lora_dropout=0.0,
-        bias="none",
-        init_lora_weights=True,
-    )
-    peft_model = get_peft_model(model, config)
+    total_params = count_parameters(model)[1]
+    trained: Any  # the PEFT model (lora) or the base module itself (full)
+    if method == "full":
+        trained = prepare_full(model)
+    else:
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=list(ADAPTABLE_LAYERS),
+            lora_dropout=0.0,
+            bias="none",
+            init_lora_weights=True,
+        )
+        trained = get_peft_model(model, config)
+    trainable = count_parameters(trained)[0]
     plan = FitPlan(
         epochs=epochs,
         lr=lr,
@@ -112,13 +172,17 @@ def train_adapter(
         log_every=log_every,
         price_per_hour=price_per_hour,
         budget=budget,
+        method=method,
     )
     with torch_threads(threads):
         loss = fit(model, x, y, plan, checkpoint_dir=checkpoint_dir, val=val, monitor=monitor)
+    residual, ranks = 0.0, dict.fromkeys(ADAPTABLE_LAYERS, rank)
+    if method == "full":
+        trained, ranks, residual = full_as_lora(_load_base_module(base), model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        peft_model.save_pretrained(str(tmp))
+        trained.save_pretrained(str(tmp))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above that it holds no adapter)
         tmp.rename(out_dir)
@@ -126,13 +190,15 @@ def train_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"cannot save the adapter to {out_dir}: {exc}") from exc
     log.info(
-        "trained rank-%d adapter on %d samples in %.1f s (loss %.4f)",
-        rank,
+        "%s: trained %d of %d parameters on %d samples in %.1f s (loss %.4f)",
+        method,
+        trainable,
+        total_params,
         len(x),
         time.monotonic() - t0,
         loss,
     )
-    return out_dir
+    return FineTuned(out_dir, MethodRecord(method, trainable, total_params, ranks, residual))
 
 
 def load_with_adapter(base: BaseModel, adapter_dir: Path) -> torch.nn.Module:

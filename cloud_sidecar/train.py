@@ -15,7 +15,9 @@ The run directory (``data_dir/runs/<run_id>``) holds the working files; the bund
 ``data_dir/registry/versions/<version>`` holds: ``adapter/`` (PEFT: adapter_config.json
 + adapter_model.safetensors), ``edge-adapter.safetensors``, ``candidate.int8.onnx``,
 ``gate.json``, ``dataset.json``, ``model_card.json`` + ``model_card.md``,
-``bundle.json`` and ``bundle.sig`` (HSM). ``runs/latest.json`` points at it.
+``sbom.cdx.json`` (CycloneDX: the training environment), ``bundle.json`` and
+``bundle.sig`` (HSM over ``bundle.json``, so over every file). ``runs/latest.json``
+points at it.
 """
 
 from __future__ import annotations
@@ -43,19 +45,19 @@ from cloud_sidecar.errors import (
     StoreError,
     TrainingError,
 )
+from cloud_sidecar.finetune import LEARNING_RATES
 from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
-from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
+from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, fine_tune
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
 from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
 from cloud_sidecar.residual_scan import load_scanner
+from cloud_sidecar.sbom import SBOM_FILE, write_sbom
 from cloud_sidecar.store_api import TrainingData, open_store
 from fleet_model import ModelError, merge_and_quantize
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
-
-LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def _check_finite(adapter_dir: Path, audit: AuditLog, run_id: str) -> None:
 
 
 def _model_card_md(card: dict[str, Any]) -> str:
-    g = card["evaluation"]["gate"]
+    g, hp = card["evaluation"]["gate"], card["hyperparameters"]
     lines = [
         f"# Adapter {card['version']}",
         "",
@@ -201,8 +203,9 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
         f"- legal basis: {card['data']['governance']['legal_basis']};"
         f" purpose: {card['data']['governance']['purpose']}",
-        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
-        f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
+        f"- method: {hp['method']}, rank {hp['rank']} (per layer {hp['ranks']}),"
+        f" {hp['trainable_parameters']} of {hp['total_parameters']} parameters trained,"
+        f" {hp['epochs']} epochs, lr {hp['learning_rate']}, seed {hp['seed']}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
         "",
@@ -225,7 +228,8 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" candidate {t['candidate'].get('accuracy')} accuracy on {t['candidate'].get('n')} windows.",
         "",
         f"Residual speech rate: {card['residual_speech_rate']}. Privacy review:"
-        f" {card['privacy_review']}.",
+        f" {card['privacy_review']}. SBOM of the training environment: `{SBOM_FILE}`"
+        " (signed with the bundle).",
         "",
     ]
     return "\n".join(lines)
@@ -271,16 +275,17 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     # keyed by the dataset: `train` started again after a kill resumes the same run
     checkpoints = cfg.data_dir / "checkpoints" / ds.dataset_id[:16]
     try:
-        adapter_dir = train_adapter(
+        tuned = fine_tune(
             base,
             x_tr,
             y_tr,
             replay=replay,
             out_dir=run_dir / "adapter",
+            method=cfg.train.method,
             rank=cfg.train.rank,
             epochs=cfg.train.epochs,
             seed=cfg.train.seed,
-            lr=LEARNING_RATE,
+            lr=LEARNING_RATES[cfg.train.method],
             checkpoint_dir=checkpoints,
             val=(x_val, y_val),
             monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
@@ -292,12 +297,13 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     except TrainingError as e:
         audit.append("train.failed", run_id, dataset_id=ds.dataset_id, error=str(e)[:300])
         raise
+    adapter_dir = tuned.adapter_dir
     shutil.rmtree(checkpoints, ignore_errors=True)
     train_s = time.monotonic() - t_train
     _check_finite(adapter_dir, audit, run_id)
     audit.append(
         "train.finished", run_id, dataset_id=ds.dataset_id, seconds=round(train_s, 1),
-        rank=cfg.train.rank,
+        rank=cfg.train.rank, method=cfg.train.method,
     )  # fmt: skip
 
     # The artifact's bytes stay in memory from here: what is gated is what is signed.
@@ -357,11 +363,11 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         "lineage": lineage,
         "adapter_format": "peft-lora + lora-lowrank-v1 (edge)",
         "hyperparameters": {
-            "method": "lora",
-            "rank": cfg.train.rank,
-            "alpha": cfg.train.rank,
+            "rank": cfg.train.rank if cfg.train.method == "lora" else "full",
+            "alpha": cfg.train.rank if cfg.train.method == "lora" else "rank (scale 1)",
             "epochs": cfg.train.epochs,
-            "learning_rate": LEARNING_RATE,
+            "learning_rate": LEARNING_RATES[cfg.train.method],
+            **tuned.record.as_card(),
             "seed": cfg.train.seed,
             "replay_per_class": cfg.train.replay_per_class,
         },
@@ -384,6 +390,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
                 "candidate": score(candidate, x_te, y_te, te_devices),
             },
         },
+        "sbom": {"file": SBOM_FILE, "format": "CycloneDX 1.6 JSON (cyclonedx-python-lib)"},
         "residual_speech_rate": prep["residual_speech"]["rate"] if scanner else None,
         "privacy_review": "pending: recorded by `release approve`",
         "region": cfg.region,
@@ -400,6 +407,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         shutil.copy2(ds.manifest_path, tmp / "dataset.json")
         write_atomic(tmp / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)
         write_atomic(tmp / "model_card.md", _model_card_md(card).encode(), 0o644)
+        write_sbom(tmp, "sovereign-edge cloud_sidecar training", version)  # signed below
         index = bundle_index(tmp)
         write_atomic(tmp / BUNDLE_INDEX, index, 0o644)
         hsm = open_hsm(cfg)

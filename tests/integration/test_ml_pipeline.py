@@ -66,7 +66,7 @@ def _config(tmp: Path, base: BaseModel, **train: Any) -> SidecarConfig:
                 # flow is: a small noisy model must not be refused by chance
                 "max_class_recall_drop": 1.0, "max_golden_drop": 1.0, "min_val_gain": -1.0,
                 "max_macro_f1_drop": 1.0, "max_device_accuracy_drop": 1.0,
-                "max_membership_auc": 1.0,
+                "max_membership_auc": 1.0, **train,
             },
         }
     )  # fmt: skip
@@ -224,3 +224,39 @@ def test_a_corrupt_stored_window_is_named_refused_and_audited(
     assert _audit(cfg)[-1]["kind"] == "train.refused"
     assert _audit(cfg)[-1]["details"]["reason"] == "corrupt_sample"
     assert Registry(cfg.data_dir / "registry").entries() == []
+
+
+def test_full_fine_tuning_signs_a_bundle_with_its_method_an_sbom_and_a_stock_peft_adapter(
+    base_model: BaseModel, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+
+    from cloud_sidecar.lora import _load_base_module
+    from cloud_sidecar.sbom import read_sbom
+
+    cfg = _config(tmp_path, base_model, method="full")
+    x, y = _load_npz(base_model.golden)
+    rx, ry = _load_npz(base_model.replay)
+    _upload_labelled(cfg, np.concatenate([x, rx]), np.concatenate([y, ry]), 0)
+    run = run_training(cfg)
+    bundle = Path(run["bundle_dir"])
+    card = json.loads((bundle / "model_card.json").read_text())
+    hp = card["hyperparameters"]
+    assert hp["method"] == "full" and hp["rank"] == "full" and hp["learning_rate"] == 1e-3
+    assert hp["trainable_parameters"] > 0.99 * hp["total_parameters"]
+    assert hp["factorisation_residual"] < 1e-4
+    assert "method: full" in (bundle / "model_card.md").read_text()
+    peft_model = PeftModel.from_pretrained(_load_base_module(base_model), str(bundle / "adapter"))
+    assert peft_model(torch.from_numpy(x[:2])).shape == (2, len(CLASSES))
+
+    # the SBOM is in the bundle, listed in bundle.json (which the HSM signed), and parses
+    index = json.loads((bundle / "bundle.json").read_text())["files"]
+    sbom = (bundle / "sbom.cdx.json").read_bytes()
+    assert index["sbom.cdx.json"] == hashlib.sha256(sbom).hexdigest()
+    assert card["sbom"]["file"] == "sbom.cdx.json"
+    assert any(c.name == "peft" for c in read_sbom(sbom).components)
+    verify_bundle(bundle)
+    (bundle / "sbom.cdx.json").write_bytes(sbom.replace(b'"peft"', b'"pefx"'))
+    with pytest.raises(RegistryError, match="changed after"):
+        verify_bundle(bundle)
