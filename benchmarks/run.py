@@ -170,6 +170,15 @@ GOALS: dict[str, Goal] = {
 }
 
 
+def _train_pipeline_goals() -> dict[str, Goal]:
+    from benchmarks.train_pipeline import goals
+
+    return {k: Goal(t, m, lower, bound) for k, (t, m, lower, bound) in goals().items()}
+
+
+GOALS |= _train_pipeline_goals()
+
+
 @dataclass(frozen=True)
 class Options:
     minutes: int
@@ -294,6 +303,13 @@ def ota_section(opt: Options) -> dict[str, float]:
     return run_ota(devices=20 if opt.quick else 200)
 
 
+def train_pipeline_section(opt: Options) -> dict[str, float]:
+    from benchmarks.train_pipeline import run_train_pipeline
+
+    int8, _ = _quick_base(opt.work) if opt.quick else assets.base_model_int8_fp32()
+    return run_train_pipeline(int8.parent, opt.work / "train-pipeline", quick=opt.quick)
+
+
 def _tuf_installed() -> bool:
     import importlib.util
 
@@ -304,6 +320,7 @@ SECTIONS = (
     ("edge", edge_section),
     ("privacy", privacy_section),
     ("privacy-attack", privacy_attack_section),
+    ("train-pipeline", train_pipeline_section),
     # python-tuf is not in the lock yet (docs/adr/0016): without it there is no OTA figure
     *((("ota", ota_section),) if _tuf_installed() else ()),
 )
