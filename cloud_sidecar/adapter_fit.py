@@ -19,6 +19,10 @@ rented hardware needs:
   the run **stops** (``TrainingError``) when the extrapolated cost reaches 3x the
   budget, and at the first non-finite loss.
 
+Under ``accelerate launch`` (one process) the loop runs on the device accelerate chose,
+a GPU where there is one, and hands the model back on the CPU; elsewhere it runs on the
+CPU. Several processes are refused (``TrainingError``): the loop is not data-parallel.
+
 Only reads and writes in ``checkpoint_dir``; no audit or metrics sink of its own.
 """
 
@@ -30,6 +34,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -128,6 +133,22 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def training_device() -> torch.device:
+    """The CPU, or under ``accelerate launch`` the device accelerate chose (one process)."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # set by `accelerate launch`
+        return torch.device("cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by a multi-process launch
+    if world > 1:
+        raise TrainingError(
+            f"launched as {world} processes: the adapter's loop is one process"
+            " (it signs one bundle per run); use `accelerate launch --num_processes 1`"
+        )
+    from accelerate import PartialState  # type: ignore[import-untyped]
+
+    device: torch.device = PartialState().device
+    return device
+
+
 def fit(
     model: Any,
     x: npt.NDArray[np.float32],
@@ -141,12 +162,14 @@ def fit(
     """Train ``model``'s trainable parameters on ``x``/``y``; returns the last loss."""
     monitor = _Once(monitor or LogMonitor())
     torch.manual_seed(plan.seed)
+    device = training_device()
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
     per_epoch = (len(x) + plan.batch - 1) // plan.batch
     total = max(1, plan.epochs * per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=plan.lr, total_steps=total)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     weight = None
     if plan.class_balanced:
         counts = torch.bincount(yt, minlength=int(yt.max()) + 1).float()
@@ -185,6 +208,7 @@ def fit(
         start = (step - epoch * per_epoch) * plan.batch
         for i in range(start, len(x), plan.batch):
             idx = perm[i : i + plan.batch]
+            idx = idx.to(device)
             logits = model.logits(xt[idx])
             loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
             if not math.isfinite(float(loss.detach())):
@@ -246,6 +270,7 @@ def fit(
         perm = None
     if bar is not None:
         bar.close()
+    model.to("cpu")
     model.eval()
     return float(loss.detach())
 
@@ -255,10 +280,10 @@ def _val_loss(
 ) -> float:
     model.eval()
     with torch.no_grad():
-        logits = model.logits(torch.from_numpy(val[0]))
-        return float(
-            torch.nn.functional.cross_entropy(logits, torch.from_numpy(val[1]), weight=weight)
-        )
+        device = next(model.parameters()).device
+        logits = model.logits(torch.from_numpy(val[0]).to(device))
+        labels = torch.from_numpy(val[1]).to(device)
+        return float(torch.nn.functional.cross_entropy(logits, labels, weight=weight))
 
 
 def _cost(
