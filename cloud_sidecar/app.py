@@ -51,6 +51,7 @@ from cloud_sidecar.ota_publish import (
     tuf_repo_dir,
 )
 from cloud_sidecar.ota_serve import ChunkServer
+from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.store_api import open_store
 from fleet_protocol import topics
 from fleet_protocol.io.files import write_atomic
@@ -135,6 +136,7 @@ class SidecarApp:
             self._publish,
             cfg.max_upload_bytes,
             signer=keys,
+            scanner=load_scanner(cfg.data.speech_scanner) if cfg.data.speech_scanner else None,
         )
         self.labels = LabelService(self.store, self.audit, self.metrics)
         self.device_messages = DeviceMessages(self.store, self.audit, self.metrics)

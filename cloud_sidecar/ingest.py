@@ -17,6 +17,11 @@ Invariants:
   ``ingest_deferred_total``, audited, and acked ``retry``: the device keeps the batch;
 - when the HSM is unavailable nothing is stored or acknowledged (no ack can be signed):
   the device keeps the batch and sends it again (``HsmUnavailableError`` propagates);
+- with a residual speech scanner (``data.speech_scanner``), every window is scored
+  before it is stored; flagged windows are never stored (the rest of the batch is),
+  counted in ``ingest_residual_speech_total``, audited (``ingest.residual_speech``:
+  sample ids and scores, no features) and the batch is acked ``stored`` so the device
+  deletes its copy too. The dataset build scans again (``cloud_sidecar.dataset``);
 - nothing here stops the worker.
 """
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+import numpy as np
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import (
@@ -36,6 +43,7 @@ from cloud_sidecar.errors import (
     TransientIngestError,
 )
 from cloud_sidecar.metrics import Metrics
+from cloud_sidecar.residual_scan import SpeechScanner
 from cloud_sidecar.store_api import BatchSink
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError, TooLargeError
@@ -83,6 +91,7 @@ class Ingest:
         max_upload_bytes: int = 8 * 1024 * 1024,
         *,
         signer: AckSigner,
+        scanner: SpeechScanner | None = None,
     ) -> None:
         self.store = store
         self.hsm = hsm
@@ -91,6 +100,7 @@ class Ingest:
         self.metrics = metrics
         self._publish = publish
         self._limits = envelope.EnvelopeLimits(max_total=max_upload_bytes)
+        self.scanner = scanner
 
     def handle(self, topic: str, payload: bytes) -> IngestResult:
         device: str | None = None
@@ -128,6 +138,7 @@ class Ingest:
             parsed = batch.decode_or_raise(plain)
             if parsed.device != device:
                 raise MalformedError("batch manifest names another device", "device_mismatch")
+            parsed, flagged = self._scan(parsed)
             try:
                 self.store.put_batch(h.batch_id, h.seq, digest, parsed, epoch=h.epoch)
             except StoreError as e:
@@ -141,6 +152,8 @@ class Ingest:
         except ProtocolError as e:
             return self._reject(device, env, digest, e.reason, str(e))
         n = len(parsed.samples)
+        if flagged:
+            self._quarantined(device, h.batch_id, flagged, n)
         self.metrics.inc("ingest_batches_total", device=device)
         self.metrics.inc("ingest_samples_total", n, device=device)
         self.audit.append(
@@ -158,6 +171,41 @@ class Ingest:
         self._ack(device, h, digest, "stored", "")
         log.debug("stored batch %s (%d samples) from %s", h.batch_id, n, device)
         return IngestResult(device, h.batch_id, "stored", n_samples=n)
+
+    def _scan(self, parsed: batch.Batch) -> tuple[batch.Batch, list[tuple[str, float]]]:
+        """``parsed`` without the windows the scanner flags, and (sample id, score) of those."""
+        if self.scanner is None or not parsed.samples:
+            return parsed, []
+        scores = self.scanner.scores(np.asarray(parsed.features, dtype=np.float32))
+        keep = scores < self.scanner.threshold
+        if keep.all():
+            return parsed, []
+        flagged = [
+            (m.sample_id, round(float(sc), 4))
+            for m, sc, k in zip(parsed.samples, scores, keep, strict=True)
+            if not k
+        ]
+        kept = tuple(m for m, k in zip(parsed.samples, keep, strict=True) if k)
+        return replace(parsed, samples=kept, features=parsed.features[keep]), flagged
+
+    def _quarantined(
+        self, device: str, batch_id: str, flagged: list[tuple[str, float]], kept: int
+    ) -> None:
+        self.metrics.inc("ingest_residual_speech_total", len(flagged), device=device)
+        self.audit.append(
+            "ingest.residual_speech",
+            device,
+            batch_id=batch_id,
+            quarantined=len(flagged),
+            kept=kept,
+            samples=[{"sample_id": sid, "score": sc} for sid, sc in flagged[:64]],
+        )
+        log.warning(
+            "residual speech scan: %d window(s) of batch %s from %s not stored",
+            len(flagged),
+            batch_id,
+            device,
+        )
 
     def _check_fresh(self, device: str, h: envelope.EnvelopeHeader, digest: str) -> bool:
         try:

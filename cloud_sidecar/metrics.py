@@ -26,6 +26,12 @@ SPECS = (
     m.Spec("ingest_samples_total", "counter", "Samples stored, by device.", ("device",)),
     m.Spec("ingest_duplicates_total", "counter", "Uploads already stored (re-acked)."),
     m.Spec(
+        "ingest_residual_speech_total",
+        "counter",
+        "Windows the residual speech scan kept out of the store at ingest, by device.",
+        ("device",),
+    ),
+    m.Spec(
         "ingest_rejected_total", "counter", "Uploads refused, by reason (audited).", ("reason",)
     ),
     m.Spec("ingest_hsm_unavailable_total", "counter", "Uploads left unacked: HSM unavailable."),

@@ -23,6 +23,7 @@ from cloud_sidecar.audit import AuditLog, verify
 from cloud_sidecar.errors import HsmDecryptError
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.metrics import Metrics
+from cloud_sidecar.residual_scan import SpeechScanner, summary
 from cloud_sidecar.store import Store
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
@@ -84,7 +85,12 @@ class FakeDevice:
     epoch: int = 1
 
     def upload(
-        self, hsm: FakeHsm, n: int = 2, seq: int | None = None, device_in_header: str | None = None
+        self,
+        hsm: FakeHsm,
+        n: int = 2,
+        seq: int | None = None,
+        device_in_header: str | None = None,
+        features: np.ndarray | None = None,
     ) -> bytes:
         metas = tuple(
             batch.SampleMeta(
@@ -102,7 +108,7 @@ class FakeDevice:
             batch.Batch(
                 device_in_header or self.device_id,
                 metas,
-                np.zeros((n, N_BANDS, N_FRAMES), np.float16),
+                np.zeros((n, N_BANDS, N_FRAMES), np.float16) if features is None else features,
             )
         )
         s = self.seq if seq is None else seq
@@ -327,3 +333,40 @@ def test_every_ack_is_signed_by_the_ack_key_and_names_the_envelope_digest(world:
         assert ack.kid == world.hsm.ack_key_id()
         if payload is not None:
             assert ack.digest == hashlib.sha256(payload).hexdigest()
+
+
+def _loud_scanner() -> SpeechScanner:
+    """A scanner that flags loud windows (all-ones features) and passes quiet ones (zeros)."""
+    quiet = summary(np.zeros((1, N_BANDS, N_FRAMES), np.float32))[0]
+    loud = summary(np.ones((1, N_BANDS, N_FRAMES), np.float32))[0]
+    w = loud - quiet
+    return SpeechScanner(w, -float(w @ (loud + quiet) / 2), np.zeros_like(w), np.ones_like(w), 0.5)
+
+
+def test_windows_the_residual_scan_flags_are_never_stored_counted_and_audited(
+    world: World,
+) -> None:
+    world.ingest.scanner = _loud_scanner()
+    feats = np.zeros((4, N_BANDS, N_FRAMES), np.float16)
+    feats[[1, 3]] = 1.0
+    r = world.ingest.handle(topics.upload("pi-00"), world.a.upload(world.hsm, 4, features=feats))
+    assert (r.status, r.n_samples) == ("stored", 2)
+    assert world.store.counts()["samples"] == 2
+    assert world.metrics.get("ingest_residual_speech_total", device="pi-00") == 2
+    entries = [json.loads(line) for line in world.audit.path.read_text().splitlines()]
+    scan = [e for e in entries if e["kind"] == "ingest.residual_speech"]
+    assert len(scan) == 1 and scan[0]["details"]["quarantined"] == 2
+    assert all(s["score"] >= 0.5 for s in scan[0]["details"]["samples"])
+    assert world.acks[-1][1].status == "stored"  # the device deletes its copy as well
+
+
+def test_a_batch_of_only_flagged_windows_stores_none_and_is_still_acked_once(
+    world: World,
+) -> None:
+    world.ingest.scanner = _loud_scanner()
+    payload = world.a.upload(world.hsm, 3, features=np.ones((3, N_BANDS, N_FRAMES), np.float16))
+    r = world.ingest.handle(topics.upload("pi-00"), payload)
+    assert (r.status, r.n_samples) == ("stored", 0)
+    assert world.store.counts()["samples"] == 0
+    assert world.ingest.handle(topics.upload("pi-00"), payload).status == "duplicate"
+    assert world.metrics.get("ingest_residual_speech_total", device="pi-00") == 3
