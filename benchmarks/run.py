@@ -307,7 +307,7 @@ def train_pipeline_section(opt: Options) -> dict[str, float]:
     from benchmarks.train_pipeline import run_train_pipeline
 
     int8, _ = _quick_base(opt.work) if opt.quick else assets.base_model_int8_fp32()
-    return run_train_pipeline(int8.parent, opt.work / "train-pipeline", quick=opt.quick)
+    return run_train_pipeline(int8.parent, quick=opt.quick)
 
 
 def _tuf_installed() -> bool:

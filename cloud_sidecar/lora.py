@@ -2,8 +2,10 @@
 
 Owns the adapter lifecycle on the cloud side. Invariants:
 
-- the base weights are frozen; only LoRA factors on ``ADAPTABLE_LAYERS`` (every Conv2d
-  and Linear of ``AudioCNN``) train, and the adapter is saved in PEFT's own format
+- with ``method="lora"`` (default) the base weights are frozen and only LoRA factors on
+  ``ADAPTABLE_LAYERS`` (every Conv2d and Linear of ``AudioCNN``) train; with
+  ``method="full"`` every weight trains and the delta is saved as full-rank LoRA factors
+  (``cloud_sidecar.finetune``). Either way the adapter is saved in PEFT's own format
   (``adapter_config.json`` + ``adapter_model.safetensors``);
 - ``convert_for_edge`` maps each adapted layer to the initializer that holds its weight
   in the base's exported ONNX graph (read from the graph, not assumed) and returns the

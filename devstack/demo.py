@@ -337,6 +337,7 @@ def summarize(
         "adapter_dir": str(Path(run["adapter_dir"]).resolve()),
         "ota_repo_dir": str(Path(run.get("ota_export_dir") or run["ota_repo_dir"]).resolve()),
         "audit_log": str((work / "cloud" / "data" / "audit.jsonl").resolve()),
+        "base_model_dir": str(base_dir.resolve()),
         "base_model_sha256": card["sha256"][FP32_FILE],
         "pretrain_dataset_manifest_sha256": card["dataset"]["manifest_sha256"],
     }

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sidecar.store_api import FEATURE_SHAPE
+from fleet_protocol.labels import CLASSES
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -54,6 +57,20 @@ def test_demo_loop_improves_shifted_accuracy_updates_every_device_and_leaks_no_s
     assert 0 < s["adapter_bytes"] < s["base_model_fp32_bytes"]
     assert (Path(s["adapter_dir"]) / "adapter_config.json").is_file()
     assert (Path(s["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    # the demo's bundle: its adapter loads with stock PEFT onto the demo's base, and it
+    # carries the training environment's SBOM, listed in the signed bundle.json
+    import torch
+    from peft import PeftModel
+
+    from cloud_sidecar.lora import _load_base_module
+    from cloud_sidecar.pretrain import load_base_model
+
+    module = _load_base_module(load_base_model(Path(s["base_model_dir"])))
+    peft_model = PeftModel.from_pretrained(module, s["adapter_dir"]).eval()
+    probs = peft_model(torch.zeros((2, *FEATURE_SHAPE)))
+    assert probs.shape == (2, len(CLASSES))
+    bundle = Path(s["adapter_dir"]).parent
+    assert "sbom.cdx.json" in json.loads((bundle / "bundle.json").read_text())["files"]
     meta = Path(s["ota_repo_dir"]) / "metadata"  # the exported TUF repository (ADR 0016)
     assert (meta / "1.root.json").is_file() and (meta / "timestamp.json").is_file()
     assert any(meta.glob("*.targets.json")) and any((meta.parent / "targets").iterdir())
