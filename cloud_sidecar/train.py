@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_sidecar.adapter_fit import training_device
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
@@ -380,7 +381,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
         "compute": {
             "train_seconds": round(train_s, 1),
             "threads": TRAIN_THREADS,
-            "device": "cpu",
+            "device": str(training_device()),  # accelerate's under `accelerate launch`
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
         "evaluation": {
