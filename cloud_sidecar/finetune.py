@@ -58,6 +58,7 @@ class MethodRecord:
             "total_parameters": self.total_parameters,
             "ranks": self.ranks,
             "factorisation_residual": self.factorisation_residual,
+            "qlora": QLORA_UNAVAILABLE,  # why the card can never name it as the method
         }
 
 

@@ -207,6 +207,7 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f"- method: {hp['method']}, rank {hp['rank']} (per layer {hp['ranks']}),"
         f" {hp['trainable_parameters']} of {hp['total_parameters']} parameters trained,"
         f" {hp['epochs']} epochs, lr {hp['learning_rate']}, seed {hp['seed']}",
+        f"- QLoRA: {hp.get('qlora', 'n/a')}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
         "",

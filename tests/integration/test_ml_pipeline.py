@@ -246,6 +246,7 @@ def test_full_fine_tuning_signs_a_bundle_with_its_method_an_sbom_and_a_stock_pef
     assert hp["method"] == "full" and hp["rank"] == "full" and hp["learning_rate"] == 1e-3
     assert hp["trainable_parameters"] > 0.99 * hp["total_parameters"]
     assert hp["factorisation_residual"] < 1e-4
+    assert "QLoRA is not available" in hp["qlora"]
     assert "method: full" in (bundle / "model_card.md").read_text()
     peft_model = PeftModel.from_pretrained(_load_base_module(base_model), str(bundle / "adapter"))
     assert peft_model(torch.from_numpy(x[:2])).shape == (2, len(CLASSES))
