@@ -51,6 +51,7 @@ ADAPTER_BYTES = 300 * 1024  # about the demo's edge adapter
 DEVICES = 200
 BASE = "b" * 64
 FORMAT = "lora-edge-v1"
+STATE_KEY = bytes(32 * [7])  # in process: the OTA state MAC key (a device derives it from its TPM)
 
 
 def _repository(d: Path) -> Any:
@@ -124,8 +125,11 @@ def run_ota(devices: int = DEVICES) -> dict[str, float]:
                 base_sha256=BASE,
                 adapter_format=FORMAT,
                 clock=TrustedClock(
-                    state / "ota" / "clock.json", timestamp_lifetime=Expiry().timestamp
+                    state / "ota" / "clock.json",
+                    state_key=STATE_KEY,
+                    timestamp_lifetime=Expiry().timestamp,
                 ),
+                state_key=STATE_KEY,
             )
             client.bootstrap(root)
             states: list[str] = []
@@ -142,7 +146,7 @@ def run_ota(devices: int = DEVICES) -> dict[str, float]:
             worker = TufUpdateWorker(
                 client,
                 slots,
-                FailureLedger(state / "ota" / "failures.json", limits),
+                FailureLedger(state / "ota" / "failures.json", limits, state_key=STATE_KEY),
                 lambda *a: None,
             )
             worker.run_once()
@@ -188,6 +192,7 @@ class SimDevice:
         from edge_daemon.ota_fetch import ChunkFetcher, FailureLedger
         from edge_daemon.ota_link import MqttRequester
         from edge_daemon.ota_slots import HealthPolicy, SlotManager
+        from edge_daemon.ota_state import derive_state_key
         from edge_daemon.ota_tuf import TufUpdateClient
         from edge_daemon.ota_update import TufUpdateWorker
         from fleet_protocol import topics
@@ -195,6 +200,7 @@ class SimDevice:
         from fleet_protocol.ota_transfer import TransferLimits
 
         self.device_id = device_id
+        state_key = derive_state_key(os.urandom(32))  # stands in for the TPM-sealed key
         self.status_topic = topics.ota_status(device_id)
         self.timestamp_topic = topics.ota_tuf_metadata(channel, "timestamp.json")
         self._active = threading.Event()
@@ -219,7 +225,10 @@ class SimDevice:
             device_id=device_id,
             base_sha256=BASE,
             adapter_format=FORMAT,
-            clock=TrustedClock(state_dir / "ota" / "clock.json", timestamp_lifetime=lifetime),
+            clock=TrustedClock(
+                state_dir / "ota" / "clock.json", state_key=state_key, timestamp_lifetime=lifetime
+            ),
+            state_key=state_key,
         )
         client.bootstrap(root)
         self.slots: SlotManager[str] = SlotManager(
@@ -232,7 +241,7 @@ class SimDevice:
             policy=HealthPolicy(min_windows=5),
         )
         self.slots.recover()
-        ledger = FailureLedger(state_dir / "ota" / "failures.json", limits)
+        ledger = FailureLedger(state_dir / "ota" / "failures.json", limits, state_key=state_key)
         self.worker = TufUpdateWorker(client, self.slots, ledger, self._report)
         self.link.subscribe(self.timestamp_topic, 1)
         self.link.subscribe(self.requester.response_topic, 1)

@@ -1,5 +1,9 @@
 """Builds the TUF update path for the daemon (called by ``app.py`` when ``ota.tuf_root`` is set).
 
+The OTA state files on the card (floor, clock, failure ledger) are sealed under a key
+derived from ``storage_key``, the TPM-sealed key the replay buffer also uses
+(``ota_state.derive_state_key``).
+
 Owns nothing at run time; it wires: ``MqttRequester`` (MQTT 5 request/response) →
 ``ChunkFetcher`` (python-tuf's network seam) → ``TufUpdateClient`` (python-tuf + device
 policy, ``TrustedClock``) → ``TufUpdateWorker`` (its own thread) → ``SlotManager`` (two
@@ -33,6 +37,7 @@ from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_fetch import ChunkFetcher, FailureLedger
 from edge_daemon.ota_link import MqttRequester, PublishRequest
 from edge_daemon.ota_slots import HealthPolicy, SlotManager
+from edge_daemon.ota_state import derive_state_key
 from edge_daemon.ota_tuf import TufUpdateClient
 from edge_daemon.ota_update import ObservedClassifier, TufUpdateWorker
 from fleet_model import ADAPTER_FORMAT, calibration_path
@@ -69,6 +74,7 @@ class TufParts:
 def compose_tuf(
     cfg: DeviceConfig,
     *,
+    storage_key: bytes,
     base_sha256: str,
     publish_request: PublishRequest,
     report: Callable[[OtaState, int, str], None],
@@ -83,8 +89,10 @@ def compose_tuf(
         max_file=cfg.ota.max_artifact_bytes, request_timeout_s=cfg.ota.request_timeout_s
     )
     requester = MqttRequester(cfg.device_id, publish_request, cfg.ota.request_timeout_s)
+    state_key = derive_state_key(storage_key)  # MACs floor, clock and ledger (ota_state)
     clock = TrustedClock(
         cfg.state_dir / "ota" / "clock.json",
+        state_key=state_key,
         timestamp_lifetime=timedelta(hours=cfg.ota.timestamp_lifetime_h),
     )
     client = TufUpdateClient(
@@ -94,6 +102,7 @@ def compose_tuf(
         base_sha256=base_sha256,
         adapter_format=ADAPTER_FORMAT,
         clock=clock,
+        state_key=state_key,
     )
     client.bootstrap(cfg.ota.tuf_root.read_bytes())
     calib = _calibration(cfg.model.base_fp32)
@@ -114,7 +123,7 @@ def compose_tuf(
         report=report,
         policy=HealthPolicy(min_windows=cfg.ota.health_windows),
     )
-    ledger = FailureLedger(cfg.state_dir / "ota" / "failures.json", limits)
+    ledger = FailureLedger(cfg.state_dir / "ota" / "failures.json", limits, state_key=state_key)
 
     def announce(stop: Any) -> None:
         """Once the link is up, say the state recovered at boot (it was not sendable then)."""

@@ -2,8 +2,10 @@
 
 Owns ``<state>/ota/tuf/`` (trusted metadata: ``root.json``, ``timestamp.json``,
 ``snapshot.json``, ``targets.json``, each written temp → fsync → rename),
-``<state>/ota/floor.json`` (the rollback floor) and ``<state>/ota/staging/`` (verified
-artifacts, named ``<sha256>.<name>``).
+``<state>/ota/floor.json`` (the rollback floor, sealed by ``ota_state``) and
+``<state>/ota/staging/`` (verified artifacts, named ``<sha256>.<name>``).
+``bootstrap`` writes the three sealed state files (floor, clock, failure ledger)
+before the first trusted root, so that from then on a missing one reads as tampered.
 
 What python-tuf's ``Updater`` checks (the TUF client workflow, its trusted metadata set):
 root chain with thresholds and key rotation (fast-forward recovery included), expiry
@@ -23,7 +25,9 @@ What this module adds (device policy, each refusal with a ``reason``):
   below the target's signed ``rollout_percent``: the device learns whether it is in the
   cohort from signed metadata, not from its own configuration;
 - the rollback floor is the highest ``adapter_version`` of an eligible target in any
-  *verified* targets metadata, not the highest applied one; nothing below it is chosen.
+  *verified* targets metadata, not the highest applied one; nothing below it is chosen;
+- when the floor or the clock file is tampered (``ota_state``), every check is refused
+  (``ota_state_tampered``) before any metadata is fetched.
 
 Invariants: nothing that failed verification is persisted (ngclient persists a role
 only after verifying it); the floor never decreases; an artifact appears in
@@ -48,6 +52,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_daemon.errors import OtaRefusedError, OtaTransferError
 from edge_daemon.ota_clock import TrustedClock
+from edge_daemon.ota_state import TAMPERED, SealedFile
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.ota import rollout_bucket
 
@@ -128,9 +133,12 @@ class TufUpdateClient:
         base_sha256: str,
         adapter_format: str,
         clock: TrustedClock,
+        state_key: bytes,
         limits: TufLimits = TufLimits(),
     ) -> None:
         self.dir = state_dir / "ota"
+        self._floor_file = SealedFile(self.dir / "floor.json", state_key)
+        self._ledger_file = SealedFile(self.dir / "failures.json", state_key)
         self.metadata_dir = self.dir / "tuf"
         self.staging_dir = self.dir / "staging"
         self._fetcher = fetcher
@@ -156,27 +164,44 @@ class TufUpdateClient:
             md.verify_delegate(Root.type, md)  # self-signed by its threshold
         except Exception as e:
             raise OtaRefusedError(f"bootstrap root does not verify: {e}", "bad_root") from e
+        # sealed state first: once the root exists, a missing state file is tampered
+        self._floor_file.ensure({"adapter_version": 0})
+        self._ledger_file.ensure({})
+        self.clock.ensure_persisted()
         write_atomic(path, root_bytes, 0o644)
+
+    def tampered(self) -> str:
+        """Why the floor or the clock on the card is not trusted ("" when both are)."""
+        self._floor_file.load()
+        return self._floor_file.tampered or self.clock.tampered
 
     @property
     def floor(self) -> int:
-        try:
-            return int(json.loads((self.dir / "floor.json").read_bytes())["adapter_version"])
-        except FileNotFoundError:
+        body = self._floor_file.load()
+        if body is None:
+            return 0  # first boot; a tampered file stops check() before the floor is used
+        version = body.get("adapter_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            self._floor_file.tampered = "adapter_version is not a version"
             return 0
+        return version
 
     def _raise_floor(self, version: int) -> None:
-        if version > self.floor:
-            write_atomic(self.dir / "floor.json", json.dumps({"adapter_version": version}).encode())
+        if version > self.floor and not self._floor_file.tampered:
+            self._floor_file.save({"adapter_version": version})
 
     # ------------------------------------------------------------------- check
 
     def check(self, installed_version: int) -> CheckResult:
         """Refresh the metadata and pick the update for this device, if any.
 
-        Raises ``OtaRefusedError`` (a verification failure, ``reason`` set) or
-        ``OtaTransferError`` (the metadata could not be fetched).
+        Raises ``OtaRefusedError`` (a verification failure, or ``ota_state_tampered``
+        when the floor or clock file failed its MAC) or ``OtaTransferError`` (the
+        metadata could not be fetched).
         """
+        why = self.tampered()
+        if why:
+            raise OtaRefusedError(f"OTA state on the card not trusted: {why}", TAMPERED)
         cfg = UpdaterConfig(
             max_root_rotations=self._limits.max_root_rotations,
             root_max_length=self._limits.root_max_bytes,

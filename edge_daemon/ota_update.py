@@ -13,7 +13,9 @@ health window, so the listener needs no knowledge of updates.
 
 Invariants: the main loop and the listener never wait for a download (this thread
 does); one round at a time; a refused or failing target is never retried before its
-backoff, and never after it is parked.
+backoff, and never after it is parked; while the sealed OTA state on the card is
+tampered (``ota_state``) no round fetches anything: each reports ``rejected`` with
+reason ``ota_state_tampered`` and the active model keeps running.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy.typing as npt
 from edge_daemon.errors import OtaError, OtaRefusedError, OtaTransferError
 from edge_daemon.ota_fetch import FailureLedger
 from edge_daemon.ota_slots import SlotManager
+from edge_daemon.ota_state import TAMPERED
 from edge_daemon.ota_tuf import AdapterTarget, TufUpdateClient
 from fleet_protocol.messages import OtaState
 
@@ -118,6 +121,10 @@ class TufUpdateWorker:
         self.rounds += 1
         active = self.slots.record.active
         try:
+            if self.ledger.tampered:  # parked targets must not come back: no round at all
+                raise OtaRefusedError(
+                    f"failure ledger not trusted: {self.ledger.tampered}", TAMPERED
+                )
             result = self.client.check(active.adapter_version if active else 0)
         except OtaRefusedError as e:
             log.warning("OTA metadata refused: %s", e)

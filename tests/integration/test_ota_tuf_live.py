@@ -31,6 +31,7 @@ from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_fetch import ChunkFetcher
 from edge_daemon.ota_tuf import TufUpdateClient
 from tests.unit.test_tuf_repository import http_server
+from tests.unit.tuf_world import STATE_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,12 @@ def test_a_device_updates_over_mqtt_chunks_from_an_hsm_signed_tuf_repository(
             device_id=slot.device_id,
             base_sha256=BASE,
             adapter_format=FORMAT,
-            clock=TrustedClock(tmp_path / "clock.json", timestamp_lifetime=repo._expiry.timestamp),
+            clock=TrustedClock(
+                tmp_path / "device" / "ota" / "clock.json",
+                state_key=STATE_KEY,
+                timestamp_lifetime=repo._expiry.timestamp,
+            ),
+            state_key=STATE_KEY,
         )
         client.bootstrap((repo.metadata_dir / "1.root.json").read_bytes())
         target = client.check(0).chosen

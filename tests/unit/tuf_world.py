@@ -35,6 +35,7 @@ BASE = "b" * 64
 FORMAT = "lora-edge-v1"
 DEVICE = "dev-01"
 LIFETIME = Expiry().timestamp
+STATE_KEY = bytes(range(32))  # the OTA state MAC key (the daemon derives it from the TPM)
 
 
 def software_online_signer() -> HsmSigner:
@@ -93,6 +94,7 @@ class World:
             state,
             TrustedClock(
                 self.tmp / state / "ota" / "clock.json",
+                state_key=STATE_KEY,
                 timestamp_lifetime=LIFETIME,
                 system_now=lambda: self.system_now[0],
                 monotonic=lambda: self.monotonic[0],
@@ -105,6 +107,7 @@ class World:
             base_sha256=base,
             adapter_format=FORMAT,
             clock=clock,
+            state_key=STATE_KEY,
         )
         c.bootstrap((self.repo.metadata_dir / "1.root.json").read_bytes())
         return c
