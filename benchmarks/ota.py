@@ -22,8 +22,8 @@ stops when a test observer (read-only ACL) has seen every device's CONFIRMED.
 ``MqttRequester`` → ``ChunkFetcher`` → ``TufUpdateClient`` → ``TufUpdateWorker`` →
 ``SlotManager``, with request and response passing through the real codec but not
 through a broker (the broker path is tests/integration/test_ota_tuf_live.py; its
-figure for one device is within 0.01 of the in-process one). The online key is a
-software key behind ``HsmSigner`` (a bench machine has no SoftHSM token); model
+figure for one device is within 0.01 of the in-process one). The online keys are
+software keys behind ``HsmSigner`` (a bench machine has no SoftHSM token); model
 building is the file-backed stand-in of the slot tests: what is measured is
 transport, verification and the lifecycle, not the int8 merge.
 
@@ -59,14 +59,17 @@ def _repository(d: Path) -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-    from cloud_sidecar.tuf_repo import TufRepository
+    from cloud_sidecar.tuf_repo import ONLINE_ROLES, TufRepository
     from cloud_sidecar.tuf_signer import FileRootKeys, HsmSigner
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    online = HsmSigner(pem, lambda dg: key.sign(dg, ec.ECDSA(Prehashed(hashes.SHA256()))))
+    def signer() -> HsmSigner:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return HsmSigner(pem, lambda dg: key.sign(dg, ec.ECDSA(Prehashed(hashes.SHA256()))))
+
+    online = {role: signer() for role in ONLINE_ROLES}  # one key per online role
     roots = FileRootKeys(d / "root-keys").ensure()
     return TufRepository.create(d / "repo", root_signers=roots, root_threshold=2, online=online)
 

@@ -2,8 +2,10 @@
 
 Owns ``<data_dir>/ota-tuf`` (the TUF repository, ``cloud_sidecar.tuf_repo``) and, in
 development only, ``<data_dir>/ota-root-keys`` (the 2-of-3 root keys as files; in
-production the root is signed off-line and this directory does not exist). The online
-key is the HSM's OTA signing key (``tuf_signer.HsmSigner``).
+production the root is signed off-line and this directory does not exist). Each online
+role has its own HSM key (``keys.hsm.TUF_ROLE_LABELS``: ``tuf-targets``,
+``tuf-snapshot``, ``tuf-timestamp``, through ``tuf_signer.HsmSigner``);
+``rotate_online_key`` replaces one role's key in the HSM and in a new root.
 
 python-tuf is optional until it is in the lock (docs/adr/0016): ``tuf_available()``
 says whether it imports, and every other function imports the TUF modules lazily.
@@ -48,9 +50,9 @@ def open_repository(cfg: SidecarConfig, hsm: Hsm | None) -> TufRepository:
     if not tuf_available():
         raise ConfigError("python-tuf is not installed (needed: tuf, securesystemslib)")
     from cloud_sidecar.tuf_repo import TufRepository
-    from cloud_sidecar.tuf_signer import FileRootKeys, HsmSigner
+    from cloud_sidecar.tuf_signer import FileRootKeys
 
-    online = HsmSigner(hsm.signing_public_key_pem(), hsm.sign_digest) if hsm else None
+    online = online_signers(hsm) if hsm else None
     repo_dir = tuf_repo_dir(cfg)
     if TufRepository.exists(repo_dir):
         return TufRepository(repo_dir, online)
@@ -60,6 +62,42 @@ def open_repository(cfg: SidecarConfig, hsm: Hsm | None) -> TufRepository:
     log.warning("creating TUF repository with development root keys in %s", keys.dir)
     return TufRepository.create(
         repo_dir, root_signers=keys.ensure(), root_threshold=ROOT_THRESHOLD, online=online
+    )
+
+
+def online_signers(hsm: Hsm) -> dict[str, Any]:
+    """One ``HsmSigner`` per online role, each over its own key in the token."""
+    from functools import partial
+
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import HsmSigner
+
+    return {
+        role: HsmSigner(hsm.public_key_pem(label), partial(hsm.sign_digest_with, label))
+        for role, label in TUF_ROLE_LABELS.items()
+    }
+
+
+def rotate_online_key(cfg: SidecarConfig, hsm: Hsm, role: str) -> int:
+    """A new HSM key for one online role, listed by a new root (development root keys).
+
+    In production the new root is signed off-line by the root key holders; here the
+    development keys in ``<data_dir>/ota-root-keys`` sign it. Returns the root version.
+    """
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import FileRootKeys
+
+    if role not in TUF_ROLE_LABELS:
+        raise ConfigError(f"{role!r} is not an online role ({', '.join(TUF_ROLE_LABELS)})")
+    repo = open_repository(cfg, hsm)
+    roots = FileRootKeys(cfg.data_dir / "ota-root-keys", ROOT_KEYS).ensure()
+    hsm.rotate_key(TUF_ROLE_LABELS[role])
+    signers = online_signers(hsm)
+    return repo.rotate_root(
+        old_signers=roots,
+        new_signers=roots,
+        threshold=ROOT_THRESHOLD,
+        new_online={role: signers[role]},
     )
 
 

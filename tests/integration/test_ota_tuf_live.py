@@ -147,3 +147,42 @@ def test_rollout_commands_sign_with_the_hsm_and_are_audited(cloud: Cloud, tmp_pa
     audit = (cfg.data_dir / "audit.jsonl").read_text()
     for kind in ("start", "pause", "resume", "abort", "groups"):
         assert f'"kind":"ota.rollout.{kind}"' in audit
+
+
+def test_each_online_role_has_its_own_hsm_key_and_rotating_the_timestamp_key_keeps_the_others(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    from cloud_sidecar.errors import HsmError
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import HsmSigner
+
+    cfg, hsm = cloud.app.cfg, cloud.app.hsm
+    repo = ota_publish.open_repository(cfg, hsm)
+    if not repo.target_files():
+        repo.add_target("adapter-k1.bin", b"k1", AdapterCustom(BASE, FORMAT, 1))
+    root = repo.root().signed
+    keyids = {}
+    for role, label in TUF_ROLE_LABELS.items():
+        in_token = HsmSigner(hsm.public_key_pem(label), lambda d: b"").public_key.keyid
+        assert root.roles[role].keyids == [in_token] and root.roles[role].threshold == 1
+        keyids[role] = in_token
+    assert len(set(keyids.values())) == 3
+    old_ts_id = hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id
+    version = ota_publish.rotate_online_key(cfg, hsm, "timestamp")
+    rotated = ota_publish.open_repository(cfg, hsm).root().signed
+    assert version == rotated.version == root.version + 1
+    assert rotated.roles["timestamp"].keyids != [keyids["timestamp"]]
+    assert rotated.roles["targets"].keyids == [keyids["targets"]]
+    assert rotated.roles["snapshot"].keyids == [keyids["snapshot"]]
+    with pytest.raises(HsmError):  # the retired key signs nothing more
+        hsm.sign_digest_with(f"{TUF_ROLE_LABELS['timestamp']}.{old_ts_id}", b"\0" * 32)
+    # a stock TUF client from root v1 walks the rotation and verifies the new timestamp
+    export = tmp_path / "export"
+    ota_publish.open_repository(cfg, None).export(export)
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    (stock / "root.json").write_bytes((export / "metadata" / "1.root.json").read_bytes())
+    with http_server(export) as url:
+        updater = Updater(str(stock), f"{url}/metadata/", str(tmp_path), f"{url}/targets/")
+        updater.refresh()
+        assert updater.get_targetinfo(sorted(repo.target_files())[0]) is not None

@@ -26,7 +26,7 @@ from securesystemslib.signer import Signer
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from cloud_sidecar.tuf_repo import AdapterCustom, Expiry, TufRepository
+from cloud_sidecar.tuf_repo import ONLINE_ROLES, AdapterCustom, Expiry, TufRepository
 from cloud_sidecar.tuf_signer import FileRootKeys, HsmSigner
 from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_tuf import METADATA_URL, TARGETS_URL, TufUpdateClient
@@ -44,6 +44,11 @@ def software_online_signer() -> HsmSigner:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return HsmSigner(pem, lambda d: key.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))))
+
+
+def software_online_signers() -> dict[str, HsmSigner]:
+    """One software key per online role (the sidecar's are in the HSM)."""
+    return {role: software_online_signer() for role in ONLINE_ROLES}
 
 
 class RepoFetcher(FetcherInterface):
@@ -79,7 +84,7 @@ def endless() -> Iterator[bytes]:
 class World:
     tmp: Path
     roots: list[Signer]
-    online: HsmSigner
+    online: dict[str, HsmSigner]
     repo: TufRepository
     fetcher: RepoFetcher
     system_now: list[datetime] = field(default_factory=lambda: [datetime.now(UTC)])
@@ -120,7 +125,7 @@ class World:
 
 def make_world(tmp: Path, now: Callable[[], datetime] | None = None) -> World:
     roots = FileRootKeys(tmp / "root-keys").ensure()
-    online = software_online_signer()
+    online = software_online_signers()
     kwargs = {"now": now} if now is not None else {}
     repo = TufRepository.create(
         tmp / "repo", root_signers=roots, root_threshold=2, online=online, **kwargs
