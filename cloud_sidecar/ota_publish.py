@@ -66,14 +66,15 @@ def open_repository(cfg: SidecarConfig, hsm: Hsm | None) -> TufRepository:
 
 
 def online_signers(hsm: Hsm) -> dict[str, Any]:
-    """One ``HsmSigner`` per online role, each over its own key in the token."""
+    """One ``HsmSigner`` per online role, each over its own key in the token (looked up
+    afresh: ``cloud-sidecar ota rotate-key`` in another process may have rotated one)."""
     from functools import partial
 
     from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
     from cloud_sidecar.tuf_signer import HsmSigner
 
     return {
-        role: HsmSigner(hsm.public_key_pem(label), partial(hsm.sign_digest_with, label))
+        role: HsmSigner(hsm.public_key_pem(label, fresh=True), partial(hsm.sign_digest_with, label))
         for role, label in TUF_ROLE_LABELS.items()
     }
 

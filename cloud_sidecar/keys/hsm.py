@@ -253,8 +253,7 @@ class Hsm:
         with self._lock:
             self._call("ensure keys", self._ensure_keys)
 
-    def unwrap_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the RSA-3072 upload-unwrap key."""
+    def unwrap_public_key_pem(self) -> bytes:  # SubjectPublicKeyInfo PEM, RSA-3072
         return self._pair(UNWRAP_LABEL).public_pem
 
     def unwrap_key_id(self) -> str:
@@ -296,22 +295,23 @@ class Hsm:
         log.info("key %s rotated, %s retired", label, old.key_id)
         return self._pair(label).key_id
 
-    def public_key_pem(self, label: str) -> bytes:
+    def public_key_pem(self, label: str, *, fresh: bool = False) -> bytes:
+        """``fresh``: find the key in the token again (another process may have rotated it)."""
+        if fresh:
+            with self._lock:
+                self._pairs.pop(label, None)
         return self._pair(label).public_pem
 
-    def ack_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the EC P-256 ack-signing key (pinned on devices)."""
+    def ack_public_key_pem(self) -> bytes:  # pinned on devices
         return self._pair(ACK_LABEL).public_pem
 
     def ack_key_id(self) -> str:
         return self._pair(ACK_LABEL).key_id
 
     def signing_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the EC P-256 OTA-signing key."""
         return self._pair(SIGNING_LABEL).public_pem
 
-    def signing_key_id(self) -> str:
-        """First 16 hex chars of SHA-256 over the signing key's SPKI DER."""
+    def signing_key_id(self) -> str:  # first 16 hex chars of SHA-256 over its SPKI DER
         return self._pair(SIGNING_LABEL).key_id
 
     def ca_public_key_pem(self) -> bytes:

@@ -9,7 +9,11 @@ request/response; a stock python-tuf ``Updater`` verifies the exported repositor
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,9 +172,21 @@ def test_each_online_role_has_its_own_hsm_key_and_rotating_the_timestamp_key_kee
         keyids[role] = in_token
     assert len(set(keyids.values())) == 3
     old_ts_id = hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id
-    version = ota_publish.rotate_online_key(cfg, hsm, "timestamp")
+    run = subprocess.run(  # the operator's command, in its own process (own HSM session)
+        [sys.executable, "-m", "cloud_sidecar", "ota", "--config", str(cloud.config),
+         "rotate-key", "timestamp"],
+        check=False, capture_output=True, timeout=120,
+        env={**os.environ, **cloud.stack.token.env()},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
     rotated = ota_publish.open_repository(cfg, hsm).root().signed
-    assert version == rotated.version == root.version + 1
+    assert f"root v{rotated.version}" in run.stdout.decode()
+    assert rotated.version == root.version + 1
+    last = json.loads((cfg.data_dir / "audit.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "ota.key_rotated" and last["subject"] == "timestamp"
+    before = repo.timestamp().signed.version
+    cloud.app.refresh_ota_timestamp()  # the serving sidecar signs with the new key at once
+    assert ota_publish.open_repository(cfg, None).timestamp().signed.version == before + 1
     assert rotated.roles["timestamp"].keyids != [keyids["timestamp"]]
     assert rotated.roles["targets"].keyids == [keyids["targets"]]
     assert rotated.roles["snapshot"].keyids == [keyids["snapshot"]]
