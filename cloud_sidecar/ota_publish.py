@@ -112,14 +112,18 @@ def add_adapter(
     adapter_format: str,
     adapter_version: int,
     rollout_percent: int = 100,
+    golden: tuple[bytes, int] | None = None,
 ) -> TargetPublication:
+    """``golden``: the bundle's golden clips and the accuracy (percent) a device must reach."""
     from cloud_sidecar.tuf_repo import AdapterCustom
 
     repo = open_repository(cfg, hsm)
+    golden_name = f"golden-v{adapter_version}.bin" if golden else ""
     custom = AdapterCustom(
-        base_model_sha256, adapter_format, adapter_version, cfg.ota.cohort, rollout_percent
-    )
-    return repo.add_target(name, artifact, custom)
+        base_model_sha256, adapter_format, adapter_version, cfg.ota.cohort, rollout_percent,
+        golden_name, golden[1] if golden else 0,
+    )  # fmt: skip
+    return repo.add_target(name, artifact, custom, golden[0] if golden else None)
 
 
 def export(cfg: SidecarConfig, dest: Path) -> list[Path]:

@@ -101,6 +101,8 @@ class AdapterCustom:
     adapter_version: int
     cohort: str = "all"
     rollout_percent: int = 100
+    golden_target: str = ""  # the golden clips (fleet_model.golden) the device runs first
+    golden_min_percent: int = 0  # top-1 accuracy on them, percent (canonical JSON: no floats)
 
     def to_custom(self) -> dict[str, Any]:
         if not _HEX64.fullmatch(self.base_model_sha256):
@@ -109,7 +111,14 @@ class AdapterCustom:
             raise ConfigError("adapter_version must be positive")
         if not 0 <= self.rollout_percent <= 100:
             raise ConfigError("rollout_percent must be 0..100")
-        return {
+        if not 0 <= self.golden_min_percent <= 100:
+            raise ConfigError("golden_min_percent must be 0..100")
+        golden = (
+            {"golden_target": self.golden_target, "golden_min_percent": self.golden_min_percent}
+            if self.golden_target
+            else {}
+        )
+        return golden | {
             "base_model_sha256": self.base_model_sha256,
             "adapter_format": self.adapter_format,
             "adapter_version": self.adapter_version,
@@ -281,10 +290,19 @@ class TufRepository:
         self._write("timestamp.json", ts_md)
         return TargetPublication("", 0, "", targets.version, snap.version, ts.version)
 
-    def add_target(self, name: str, data: bytes, custom: AdapterCustom) -> TargetPublication:
-        """Store the artifact, then name it in new targets, snapshot and timestamp versions."""
-        if not TARGET_NAME_RE.fullmatch(name) or ".." in name:
-            raise ConfigError(f"target name {name[:64]!r} is not one safe path component")
+    def add_target(
+        self, name: str, data: bytes, custom: AdapterCustom, golden: bytes | None = None
+    ) -> TargetPublication:
+        """Store the artifact, then name it in new targets, snapshot and timestamp versions.
+
+        ``golden``: the golden clips, stored as the target ``custom.golden_target`` in the
+        same targets version (its custom ``golden_for`` names the adapter)."""
+        extra = {custom.golden_target: golden} if golden is not None else {}
+        if (golden is None) != (not custom.golden_target):
+            raise ConfigError("golden clips and golden_target go together")
+        for n in (name, *extra):
+            if not TARGET_NAME_RE.fullmatch(n) or ".." in n or n == GROUPS_TARGET:
+                raise ConfigError(f"target name {n[:64]!r} is not one safe path component")
         fields = custom.to_custom()
         sha = hashlib.sha256(data).hexdigest()
         with self._writer():
@@ -298,6 +316,12 @@ class TufRepository:
                 raise ConfigError(
                     f"adapter_version {custom.adapter_version} is not above {max(used)}"
                 )
+            for gname, gdata in extra.items():
+                gsha = hashlib.sha256(gdata).hexdigest()
+                write_atomic(self.targets_dir / f"{gsha}.{gname}", gdata, 0o644)
+                ginfo = TargetFile.from_data(gname, gdata, ["sha256"])
+                ginfo.unrecognized_fields["custom"] = {"golden_for": name}
+                current.targets[gname] = ginfo
             write_atomic(self.targets_dir / f"{sha}.{name}", data, 0o644)
             info = TargetFile.from_data(name, data, ["sha256"])
             info.unrecognized_fields["custom"] = fields
@@ -368,6 +392,7 @@ class TufRepository:
         old = files[name]
         version = self.next_adapter_version()
         self.set_rollout_percent(failing, 0)
+        golden_name = str(old.custom.get("golden_target", ""))
         return self.add_target(
             f"v{version}-rollforward-{name}"[:128],
             self.artifact(name),
@@ -377,7 +402,10 @@ class TufRepository:
                 version,
                 str(old.custom.get("cohort", "all")),
                 100,
+                f"v{version}-{golden_name}"[:128] if golden_name else "",
+                int(old.custom.get("golden_min_percent", 0)),
             ),
+            self.artifact(golden_name) if golden_name else None,
         )
 
     def next_adapter_version(self) -> int:

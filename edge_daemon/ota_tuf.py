@@ -24,6 +24,10 @@ What this module adds (device policy, each refusal with a ``reason``):
 - the device's rollout bucket (``fleet_protocol.ota.rollout_bucket`` of its id) must be
   below the target's signed ``rollout_percent``: the device learns whether it is in the
   cohort from signed metadata, not from its own configuration;
+- a target whose ``custom`` names golden clips (``golden_target``) must name a target
+  of the same metadata whose ``custom.golden_for`` is this adapter, within
+  ``MAX_GOLDEN_BYTES``, with an integer ``golden_min_percent`` in 0..100 (``bad_golden``); the
+  golden clips are downloaded and verified like the adapter (``download_golden``);
 - the rollback floor is the highest ``adapter_version`` of an eligible target in any
   *verified* targets metadata, not the highest applied one; nothing below it is chosen;
 - when the floor or the clock file is tampered (``ota_state``), every check is refused
@@ -53,6 +57,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from edge_daemon.errors import OtaRefusedError, OtaTransferError
 from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_state import TAMPERED, SealedFile
+from fleet_model.golden import MAX_GOLDEN_BYTES
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.ota import rollout_bucket
 
@@ -86,6 +91,9 @@ class AdapterTarget:
     adapter_format: str
     adapter_version: int
     rollout_percent: int
+    golden: str = ""  # the signed golden clips target the shadow check runs ("" for none)
+    golden_sha256: str = ""
+    golden_min_accuracy: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,10 @@ def refusal_reason(e: Exception) -> str:
     if isinstance(e, tuf_errors.DownloadLengthMismatchError):
         return "too_large"
     return "bad_metadata"
+
+
+def _custom(info: TargetFile) -> dict[str, Any]:
+    return info.custom if isinstance(info.custom, dict) else {}
 
 
 class _FsyncUpdater(Updater):
@@ -238,9 +250,9 @@ class TufUpdateClient:
         eligible: list[AdapterTarget] = []
         skipped: list[Skipped] = []
         for name, info in sorted(targets.targets.items()):
-            if name == GROUPS_TARGET:
-                continue
-            target, reason = self._admit(name, info, groups)
+            if name == GROUPS_TARGET or _custom(info).get("golden_for"):
+                continue  # not adapters: the groups document, an adapter's golden clips
+            target, reason = self._admit(name, info, groups, targets.targets)
             if target is not None and pin is not None and target.adapter_version > pin:
                 target, reason = None, "pinned"
             if target is None:
@@ -248,6 +260,8 @@ class TufUpdateClient:
                 continue
             eligible.append(target)
             self._infos[name] = info
+            if target.golden:
+                self._infos[target.golden] = targets.targets[target.golden]
         self._raise_floor(max((t.adapter_version for t in eligible), default=0))
         floor = self.floor
         chosen = None
@@ -292,8 +306,23 @@ class TufUpdateClient:
         name: str,
         info: TargetFile,
         groups: set[str] = frozenset(),  # type: ignore[assignment]
+        all_targets: dict[str, TargetFile] | None = None,
     ) -> tuple[AdapterTarget | None, str]:
-        custom: Any = info.custom if isinstance(info.custom, dict) else {}
+        custom: Any = _custom(info)
+        golden, golden_info = custom.get("golden_target", ""), None
+        min_pct = custom.get("golden_min_percent", 0)
+        if isinstance(golden, str) and golden and all_targets is not None:
+            golden_info = all_targets.get(golden)
+        golden_ok = golden == "" or (
+            golden_info is not None
+            and SAFE_NAME.fullmatch(golden) is not None
+            and _custom(golden_info).get("golden_for") == name
+            and golden_info.length <= MAX_GOLDEN_BYTES
+            and _HEX64.fullmatch(str(golden_info.hashes.get("sha256", ""))) is not None
+            and isinstance(min_pct, int)
+            and not isinstance(min_pct, bool)
+            and 0 <= min_pct <= 100
+        )
         version = custom.get("adapter_version")
         percent = custom.get("rollout_percent", 100)
         sha = str(info.hashes.get("sha256", ""))
@@ -313,28 +342,37 @@ class TufUpdateClient:
             (info.length <= self._limits.artifact_max_bytes, "too_large"),
             (custom.get("cohort", "all") in ("all", *groups), "not_in_group"),
             (well_formed and rollout_bucket(self._device) < percent, "not_in_cohort"),
+            (golden_ok, "bad_golden"),
         )
         for ok, reason in checks:
             if not ok:
                 return None, reason
         target = AdapterTarget(
-            name, info.length, sha, self._base_sha, self._format, int(version), int(percent)
-        )
+            name, info.length, sha, self._base_sha, self._format, int(version), int(percent),
+            golden, str(golden_info.hashes["sha256"]) if golden_info else "", int(min_pct) / 100,
+        )  # fmt: skip
         return target, ""
 
     # ---------------------------------------------------------------- download
 
     def download(self, target: AdapterTarget) -> Path:
         """Fetch ``target`` (chosen by the last ``check``), verify it, keep it in staging/."""
-        if self._updater is None or target.name not in self._infos:
+        return self._fetch(target.name, target.sha256)
+
+    def download_golden(self, target: AdapterTarget) -> Path | None:
+        """Fetch and verify ``target``'s golden clips (``None`` when it names none)."""
+        return self._fetch(target.golden, target.golden_sha256) if target.golden else None
+
+    def _fetch(self, name: str, sha256: str) -> Path:
+        if self._updater is None or name not in self._infos:
             raise OtaRefusedError("download before check", "not_checked")
-        final = self.staging_dir / f"{target.sha256}.{target.name}"
+        final = self.staging_dir / f"{sha256}.{name}"
         if final.exists():
             return final
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        part = self.staging_dir / f".{target.sha256}.download"
+        part = self.staging_dir / f".{sha256}.download"
         try:
-            self._updater.download_target(self._infos[target.name], filepath=str(part))
+            self._updater.download_target(self._infos[name], filepath=str(part))
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(part, final)
