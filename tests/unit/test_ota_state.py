@@ -151,3 +151,21 @@ def test_a_worker_round_with_a_tampered_floor_reports_rejected_on_the_status_top
     assert worker.run_once() == f"rejected:{TAMPERED}"
     assert said == [("rejected", 0, TAMPERED)]
     assert running == ["base"]
+
+
+def test_random_bytes_in_a_state_file_are_tampered_never_an_exception_or_a_value(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    good = json.dumps({"body": {"adapter_version": 3}, "mac": "00" * 32}).encode()
+    samples = [rng.bytes(int(n)) for n in rng.integers(0, 300, 60)]
+    samples += [good[: int(n)] for n in rng.integers(0, len(good), 20)]
+    samples += [b'{"body": [], "mac": "x"}', b'{"body": {}, "mac": 5}', b"null", b"\xff" * 10]
+    for i, data in enumerate(samples):
+        path = tmp_path / f"s{i}" / "floor.json"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        f = SealedFile(path, STATE_KEY)
+        assert f.load() is None and f.tampered
