@@ -13,7 +13,9 @@ by the retained ``timestamp.json``) → ``SlotManager``, reporting each state as
 ``OtaStatus`` on ``fleet/v1/<device>/ota/status``. What is simulated, per device: no
 swtpm (the update path does not use the TPM; the state-file key is random), no audio
 (the health window is fed five good windows, one per ``WINDOW_S``, once ACTIVE), the
-int8 merge and the model load (a slot holds the adapter bytes). The clock starts when
+int8 merge and the model load (a slot holds the adapter bytes), and the shadow check
+(it only requires the verified golden clips: the update ships 40 of them, 12.8 KB,
+downloaded and verified like the adapter). The clock starts when
 the sidecar publishes the new target's metadata, all devices connected and idle; it
 stops when a test observer (read-only ACL) has seen every device's CONFIRMED.
 
@@ -74,6 +76,27 @@ def _repository(d: Path) -> Any:
     return TufRepository.create(d / "repo", root_signers=roots, root_threshold=2, online=online)
 
 
+def _golden_clips() -> bytes:
+    """A release's golden clips: 4 windows per class (40 of 20 x 8 features, float16)."""
+    import numpy as np
+
+    from fleet_model.golden import encode_golden
+
+    rng = np.random.default_rng(0)
+    return encode_golden(rng.random((40, 20, 8), dtype=np.float32), np.arange(40) % 10)
+
+
+def _with_golden(version: int) -> Any:
+    from cloud_sidecar.tuf_repo import AdapterCustom
+
+    return AdapterCustom(BASE, FORMAT, version, "all", 100, f"golden-v{version}.bin", 0)
+
+
+def _golden_delivered(model: str, golden: Any) -> str:
+    """The shadow check's stand-in (no model runs here): the verified clips must be there."""
+    return "" if golden is not None and golden.path.stat().st_size > 0 else "no_golden"
+
+
 def _build(adapter: Path, out_dir: Path) -> Path:
     """Stand-in for the int8 merge: the slot holds the adapter bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +110,7 @@ def _load(path: Path | None) -> str:
 
 def run_ota(devices: int = DEVICES) -> dict[str, float]:
     from cloud_sidecar.ota_serve import ChunkServer
-    from cloud_sidecar.tuf_repo import AdapterCustom, Expiry
+    from cloud_sidecar.tuf_repo import Expiry
     from edge_daemon.ota_clock import TrustedClock
     from edge_daemon.ota_fetch import ChunkFetcher, FailureLedger
     from edge_daemon.ota_link import MqttRequester
@@ -101,7 +124,7 @@ def run_ota(devices: int = DEVICES) -> dict[str, float]:
         tmp = Path(tmp_s)
         repo = _repository(tmp / "cloud")
         adapter = os.urandom(ADAPTER_BYTES)
-        repo.add_target("adapter-v1.bin", adapter, AdapterCustom(BASE, FORMAT, 1))
+        repo.add_target("adapter-v1.bin", adapter, _with_golden(1), _golden_clips())
         root = (repo.metadata_dir / "1.root.json").read_bytes()
 
         def device(i: int) -> tuple[int, float, str]:
@@ -140,7 +163,7 @@ def run_ota(devices: int = DEVICES) -> dict[str, float]:
                 state,
                 build=_build,
                 load=_load,
-                shadow_check=lambda m, g: "",
+                shadow_check=_golden_delivered,
                 swap=lambda c: None,
                 report=lambda s, v, r: states.append(s),
                 policy=HealthPolicy(min_windows=5),
@@ -238,7 +261,7 @@ class SimDevice:
             state_dir,
             build=_build,
             load=_load,
-            shadow_check=lambda m, g: "",
+            shadow_check=_golden_delivered,
             swap=lambda c: None,
             report=self._report,
             policy=HealthPolicy(min_windows=5),
@@ -353,7 +376,6 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.ota_publish import open_repository
     from cloud_sidecar.store import Store
-    from cloud_sidecar.tuf_repo import AdapterCustom
     from devstack.provision import cloud_config
     from devstack.stack import DevStack
 
@@ -402,7 +424,7 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
             adapter = os.urandom(ADAPTER_BYTES)
             t0 = time.monotonic()
             repo.add_target(
-                "adapter-v1.bin", adapter, AdapterCustom(BASE, FORMAT, observer.version)
+                "adapter-v1.bin", adapter, _with_golden(observer.version), _golden_clips()
             )
             repo.publish_metadata(channel, publish)
             observer.done.wait(timeout_s)

@@ -153,7 +153,8 @@ GOALS: dict[str, Goal] = {
     "ota.wire_overhead": Goal(
         "≤ 1.10",
         "bytes a device received for one update through the broker (TUF metadata + chunk"
-        " framing + adapter, MQTT payloads) / adapter bytes, mean over the rollout's devices",
+        " framing + adapter + its golden clips, MQTT payloads) / adapter bytes, mean over the"
+        " rollout's devices",
         True,
         1.10,
     ),

@@ -57,7 +57,7 @@ from cloud_sidecar.registry import (
 from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.store_api import TrainingData, open_store
 from fleet_model import ModelError, merge_and_quantize
-from fleet_model.golden import encode_golden
+from fleet_model.golden import encode_golden, parse_golden
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
@@ -359,10 +359,11 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             + "; ".join(decision["failures"])
         )
 
-    clips_x, clips_y = golden_clips(*golden)
-    write_atomic(run_dir / GOLDEN_CLIPS, encode_golden(clips_x, clips_y), 0o644)
-    clips = {"n": len(clips_y), "accuracy": score(candidate, clips_x, clips_y)["accuracy"]}
-    write_atomic(run_dir / GOLDEN_CLIPS_META, json.dumps(clips).encode(), 0o644)
+    clips = encode_golden(*golden_clips(*golden))
+    clips_x, clips_y = parse_golden(clips)  # scored exactly as the devices will read them
+    write_atomic(run_dir / GOLDEN_CLIPS, clips, 0o644)
+    expect = {"n": len(clips_y), "accuracy": score(candidate, clips_x, clips_y)["accuracy"]}
+    write_atomic(run_dir / GOLDEN_CLIPS_META, json.dumps(expect).encode(), 0o644)
     x_te, y_te = ds.splits["test"].features, _labels(ds, "test")
     te_devices = [s.device_id for s in ds.test]
     version = registry.next_version(base.sha256_fp32)

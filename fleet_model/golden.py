@@ -7,7 +7,10 @@ the merged candidate on them in its shadow session before it switches (docs/adr/
 Both sides use this one format:
 
     b"GOLD1\\n" + u32 big-endian header length + JSON header
-    {"shape": [n, d1, ...], "labels": [n ints]} + n windows, float32 little-endian, C order
+    {"shape": [n, d1, ...], "labels": [n ints]} + n windows, float16 little-endian, C order
+
+float16 is the upload representation's precision and halves what every device downloads
+with each update; both sides score the clips as parsed (float16 widened to float32).
 
 Invariants: at most ``MAX_GOLDEN_BYTES`` and ``MAX_GOLDEN_WINDOWS``; the payload has
 exactly the size the header announces; every value finite; labels non-negative
@@ -37,7 +40,8 @@ I64 = npt.NDArray[np.int64]
 
 def encode_golden(x: F32, y: I64) -> bytes:
     """The golden clips ``x`` (windows) with labels ``y`` in the shipped format."""
-    x = np.ascontiguousarray(x, dtype="<f4")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(x, dtype="<f2")
     labels = [int(v) for v in np.asarray(y).tolist()]
     if x.ndim < 1 or x.shape[0] != len(labels) or not labels:
         raise GoldenError("one label per window, at least one window")
@@ -73,9 +77,9 @@ def parse_golden(data: bytes) -> tuple[F32, I64]:
     ):
         raise GoldenError("golden clips: shape or labels malformed")
     payload = data[start + size :]
-    if len(payload) != 4 * math.prod(shape):
+    if len(payload) != 2 * math.prod(shape):
         raise GoldenError("golden clips: payload size does not match the header")
-    x = np.frombuffer(payload, dtype="<f4").reshape(shape).astype(np.float32)
+    x = np.frombuffer(payload, dtype="<f2").reshape(shape).astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise GoldenError("golden clips: non-finite values")
     return x, np.asarray(labels, dtype=np.int64)

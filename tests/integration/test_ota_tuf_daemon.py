@@ -33,7 +33,7 @@ from cloud_sidecar.ota_repo import OtaRepository
 from devstack.provision import device_config, tuf_root
 from devstack.scene.windows import build_training_set
 from fleet_model import ADAPTER_FORMAT
-from fleet_model.golden import encode_golden
+from fleet_model.golden import encode_golden, parse_golden
 from fleet_protocol.labels import CLASSES
 
 from .conftest import Cloud
@@ -81,7 +81,7 @@ def _golden(base_model: Any, adapter: bytes, tmp_path: Path) -> tuple[Any, Any, 
     from cloud_sidecar.train import golden_clips, merge_for_gate
 
     with np.load(base_model.golden) as z:
-        gx, gy = golden_clips(z["x"], z["y"])
+        gx, gy = parse_golden(encode_golden(*golden_clips(z["x"], z["y"])))
     candidate = tmp_path / "candidate.int8.onnx"
     candidate.write_bytes(merge_for_gate(base_model, adapter)[0])
     accuracy = score(candidate, gx, gy)["accuracy"]

@@ -13,7 +13,7 @@ import pytest
 from fleet_model.errors import GoldenError
 from fleet_model.golden import MAGIC, encode_golden, golden_accuracy, parse_golden
 
-X = np.arange(6 * 4, dtype=np.float32).reshape(6, 4) / 10
+X = np.arange(6 * 4, dtype=np.float32).reshape(6, 4) / 8  # exact in float16
 Y = np.array([0, 0, 1, 1, 2, 2], dtype=np.int64)
 
 
@@ -25,7 +25,7 @@ def test_golden_clips_round_trip_with_their_labels() -> None:
 def test_malformed_golden_clips_raise_only_golden_errors() -> None:
     good = encode_golden(X, Y)
     header_len = struct.unpack(">I", good[len(MAGIC) : len(MAGIC) + 4])[0]
-    nan = encode_golden(X, Y)[:-4] + struct.pack("<f", float("nan"))
+    nan = encode_golden(X, Y)[:-2] + struct.pack("<e", float("nan"))
     bad = [
         b"",
         b"GOLD2\n" + good[6:],
@@ -44,9 +44,11 @@ def test_malformed_golden_clips_raise_only_golden_errors() -> None:
             parse_golden(data)
 
 
-def test_labels_must_match_the_windows() -> None:
+def test_labels_must_match_the_windows_and_values_fit_float16() -> None:
     with pytest.raises(GoldenError):
         encode_golden(X, Y[:-1])
+    with pytest.raises(GoldenError):
+        encode_golden(X * 1e6, Y)  # beyond float16: inf
     with pytest.raises(GoldenError):
         encode_golden(X, -Y - 1)
 
