@@ -91,7 +91,13 @@ def rotate_online_key(cfg: SidecarConfig, hsm: Hsm, role: str) -> int:
     if role not in TUF_ROLE_LABELS:
         raise ConfigError(f"{role!r} is not an online role ({', '.join(TUF_ROLE_LABELS)})")
     repo = open_repository(cfg, hsm)
-    roots = FileRootKeys(cfg.data_dir / "ota-root-keys", ROOT_KEYS).ensure()
+    keys = FileRootKeys(cfg.data_dir / "ota-root-keys", ROOT_KEYS)
+    trusted = set(repo.root().signed.roles["root"].keyids)
+    if not keys.dir.is_dir():
+        raise ConfigError(f"no development root keys in {keys.dir}: sign the new root off-line")
+    roots = keys.ensure()
+    if not {s.public_key.keyid for s in roots} <= trusted:
+        raise ConfigError(f"the keys in {keys.dir} are not the current root keys")
     hsm.rotate_key(TUF_ROLE_LABELS[role])
     signers = online_signers(hsm)
     return repo.rotate_root(

@@ -156,7 +156,7 @@ def test_rollout_commands_sign_with_the_hsm_and_are_audited(cloud: Cloud, tmp_pa
 def test_each_online_role_has_its_own_hsm_key_and_rotating_the_timestamp_key_keeps_the_others(
     cloud: Cloud, tmp_path: Path
 ) -> None:
-    from cloud_sidecar.errors import HsmError
+    from cloud_sidecar.errors import ConfigError, HsmError
     from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
     from cloud_sidecar.tuf_signer import HsmSigner
 
@@ -172,6 +172,15 @@ def test_each_online_role_has_its_own_hsm_key_and_rotating_the_timestamp_key_kee
         keyids[role] = in_token
     assert len(set(keyids.values())) == 3
     old_ts_id = hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id
+    # without the root keys (production: they are off-line) nothing is rotated
+    root_keys = cfg.data_dir / "ota-root-keys"
+    root_keys.rename(tmp_path / "away")
+    try:
+        with pytest.raises(ConfigError, match="off-line"):
+            ota_publish.rotate_online_key(cfg, hsm, "timestamp")
+    finally:
+        (tmp_path / "away").rename(root_keys)
+    assert hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id == old_ts_id
     run = subprocess.run(  # the operator's command, in its own process (own HSM session)
         [sys.executable, "-m", "cloud_sidecar", "ota", "--config", str(cloud.config),
          "rotate-key", "timestamp"],
