@@ -201,7 +201,8 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
         f"- legal basis: {card['data']['governance']['legal_basis']};"
         f" purpose: {card['data']['governance']['purpose']}",
-        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']}"
+        f" on {', '.join(card['hyperparameters']['targets'])},"
         f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
