@@ -175,7 +175,7 @@ class Pipeline:
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     root = tmp_path_factory.mktemp("pipeline")
     t0 = time.monotonic()
-    # 35 clips of 4 s per class: 140 windows per class, written as WAV files and read back
+    # 35 event segments of 1-4 s per class (~85 windows), written as WAV files and read back
     base = pretrain_synthetic(root / "base", seed=0, per_class=35, epochs=6)
     pretrain_s = time.monotonic() - t0
     rng = np.random.default_rng(7)
