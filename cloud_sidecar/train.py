@@ -218,7 +218,8 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
         f"- legal basis: {card['data']['governance']['legal_basis']};"
         f" purpose: {card['data']['governance']['purpose']}",
-        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']}"
+        f" on {', '.join(card['hyperparameters']['targets'])},"
         f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
@@ -295,6 +296,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             replay=replay,
             out_dir=run_dir / "adapter",
             rank=cfg.train.rank,
+            targets=cfg.train.targets,
             epochs=cfg.train.epochs,
             seed=cfg.train.seed,
             lr=LEARNING_RATE,
@@ -382,6 +384,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             "method": "lora",
             "rank": cfg.train.rank,
             "alpha": cfg.train.rank,
+            "targets": list(cfg.train.targets),
             "epochs": cfg.train.epochs,
             "learning_rate": LEARNING_RATE,
             "seed": cfg.train.seed,
