@@ -112,8 +112,11 @@ def _rss_kib() -> tuple[int, int]:
 
 def _child(mode: str, base_dir: Path, data: Path, epochs: int) -> dict[str, Any]:
     """Runs inside the child: one fine-tuning method, its peak RSS above its own setup."""
+    from cloud_sidecar.config import TrainConfig
     from cloud_sidecar.lora import fine_tune
     from cloud_sidecar.pretrain import load_base_model
+
+    cfg = TrainConfig()  # LoRA as configured by default (rank, targets)
 
     base = load_base_model(base_dir)
     with np.load(data) as z:
@@ -126,8 +129,9 @@ def _child(mode: str, base_dir: Path, data: Path, epochs: int) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         for i, method in enumerate(("lora", "full")):
             fine_tune(
-                base, x[:8], y[:8], replay=None, out_dir=Path(tmp) / str(i), method=method, epochs=1
-            )
+                base, x[:8], y[:8], replay=None, out_dir=Path(tmp) / str(i), method=method,
+                epochs=1, rank=cfg.rank, targets=cfg.targets,
+            )  # fmt: skip
     # the imports peak far above training (ru_maxrss cannot see past them): reset the
     # high-water mark (Linux >= 4.0) so VmHWM measures what training adds
     Path("/proc/self/clear_refs").write_text("5")
@@ -135,8 +139,9 @@ def _child(mode: str, base_dir: Path, data: Path, epochs: int) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.monotonic()
         tuned = fine_tune(
-            base, x, y, replay=None, out_dir=Path(tmp) / "a", method=mode, epochs=epochs
-        )
+            base, x, y, replay=None, out_dir=Path(tmp) / "a", method=mode, epochs=epochs,
+            rank=cfg.rank, targets=cfg.targets,
+        )  # fmt: skip
         out["seconds"] = time.monotonic() - t0
     out["trainable"] = tuned.record.trainable_parameters
     out["peak_rss_kib"] = _rss_kib()[1]

@@ -76,6 +76,7 @@ def train_adapter(
     replay: tuple[F32, I64] | None,
     out_dir: Path,
     rank: int = 8,
+    targets: tuple[str, ...] = ADAPTABLE_LAYERS,
     epochs: int = 12,
     seed: int = 0,
     lr: float = 5e-3,
@@ -98,7 +99,7 @@ def train_adapter(
     """
     return fine_tune(
         base, features, labels, replay=replay, out_dir=out_dir, method="lora", rank=rank,
-        epochs=epochs, seed=seed, lr=lr, threads=threads, checkpoint_dir=checkpoint_dir,
+        targets=targets, epochs=epochs, seed=seed, lr=lr, threads=threads, checkpoint_dir=checkpoint_dir,
         val=val, monitor=monitor, checkpoint_every=checkpoint_every, log_every=log_every,
         price_per_hour=price_per_hour, budget=budget,
     ).adapter_dir  # fmt: skip
@@ -119,6 +120,7 @@ def fine_tune(
     out_dir: Path,
     method: str = "lora",
     rank: int = 8,
+    targets: tuple[str, ...] = ADAPTABLE_LAYERS,
     epochs: int = 12,
     seed: int = 0,
     lr: float | None = None,
@@ -132,8 +134,8 @@ def fine_tune(
     budget: float = 0.0,
 ) -> FineTuned:
     """``train_adapter`` with a ``method`` (``cloud_sidecar.finetune``): ``lora`` trains
-    rank-``rank`` factors; ``full`` trains every weight and saves the delta as full-rank
-    LoRA factors. Either way ``out_dir`` holds a PEFT adapter; ``lr`` defaults to the
+    rank-``rank`` factors on ``targets``; ``full`` trains every weight (``targets`` does
+    not apply) and saves the delta as full-rank LoRA factors. Either way ``out_dir`` holds a PEFT adapter; ``lr`` defaults to the
     method's (``LEARNING_RATES``)."""
     if method not in METHODS:
         raise TrainingError(
@@ -143,6 +145,10 @@ def fine_tune(
         raise TrainingError(f"features {features.shape} and labels {labels.shape} do not pair")
     if (out_dir / PEFT_WEIGHTS).exists():
         raise TrainingError(f"{out_dir} already holds an adapter; refusing to overwrite it")
+    if not targets or not set(targets) <= set(ADAPTABLE_LAYERS):
+        raise TrainingError(
+            f"LoRA targets {targets} must be a non-empty subset of {ADAPTABLE_LAYERS}"
+        )
     t0 = time.monotonic()
     lr = LEARNING_RATES[method] if lr is None else lr
     x, y = features.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
@@ -159,7 +165,7 @@ def fine_tune(
         config = LoraConfig(
             r=rank,
             lora_alpha=rank,
-            target_modules=list(ADAPTABLE_LAYERS),
+            target_modules=list(targets),
             lora_dropout=0.0,
             bias="none",
             init_lora_weights=True,
@@ -178,7 +184,7 @@ def fine_tune(
     )
     with torch_threads(threads):
         loss = fit(model, x, y, plan, checkpoint_dir=checkpoint_dir, val=val, monitor=monitor)
-    residual, ranks = 0.0, dict.fromkeys(ADAPTABLE_LAYERS, rank)
+    residual, ranks = 0.0, dict.fromkeys(targets, rank)
     if method == "full":
         trained, ranks, residual = full_as_lora(_load_base_module(base), model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
