@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
-from cloud_sidecar.fleet import FleetCA, FleetService, claim_record_hash, file_ca_signer
+from cloud_sidecar.fleet import FleetService, claim_record_hash
+from cloud_sidecar.fleet_ca import FleetCA, file_ca_signer
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from devstack.pki import DevCA
