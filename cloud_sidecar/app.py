@@ -116,7 +116,7 @@ class SidecarApp:
         cfg = self.cfg
         cfg.check_residency()  # also for configs built in code, not only load_config
         self.audit = cfg.open_audit()
-        self.store = open_store(cfg)
+        self.store = open_store(cfg, self.audit)
         self.hsm = open_hsm(cfg)
         self.link = open_link(
             cfg,

@@ -24,6 +24,7 @@ from cloud_sidecar.pretrain import BaseModel, _load_npz
 from cloud_sidecar.registry import Registry, verify_bundle
 from cloud_sidecar.release import approve, publish
 from cloud_sidecar.store import LabelSpan, Store
+from cloud_sidecar.store_api import open_store
 from cloud_sidecar.train import run_training
 from devstack.softhsm import init_token
 from fleet_protocol import batch
@@ -74,7 +75,7 @@ def _config(tmp: Path, base: BaseModel, **train: Any) -> SidecarConfig:
 
 def _upload_labelled(cfg: SidecarConfig, x: np.ndarray, y: np.ndarray, seq: int) -> None:
     """Store ``x`` as uploads of two devices and label each window with ``y``."""
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)  # features sealed under data keys wrapped by the token
     try:
         for dev_i, device in enumerate(("pi-00", "pi-01")):
             if store.device(device) is None:
@@ -215,7 +216,8 @@ def test_a_corrupt_stored_window_is_named_refused_and_audited(
     cfg = _config(tmp_path, base_model)
     x, y = _load_npz(base_model.golden)
     _upload_labelled(cfg, x, y, 0)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
+    assert isinstance(store, Store)
     (sid,) = store._db.execute("SELECT sample_id FROM samples LIMIT 1").fetchone()
     store._db.execute("UPDATE samples SET features=? WHERE sample_id=?", (b"garbage", sid))
     store.close()

@@ -31,6 +31,7 @@ from fleet_protocol.batch import SampleMeta
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.messages import Ack
+from tests.unit.store_keys import memory_data_keys
 from tests.unit.test_ingest import FakeHsm, _pem
 
 DEVICE = "pi-00"
@@ -91,7 +92,7 @@ def _outbox(buffer: MemoryReplayStore, signer: SoftSigner, hsm: FakeHsm, wire: l
 @pytest.fixture
 def pair(tmp_path: Path) -> Pair:
     hsm, signer, buffer = FakeHsm(), SoftSigner(), MemoryReplayStore()
-    store = Store(tmp_path / "store.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "store.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     store.register_device(DEVICE, _pem(signer.key))
     wire: list[bytes] = []
     acks: list[bytes] = []
