@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
@@ -270,15 +270,31 @@ class FleetConfig(_Strict):
     )
     ek_ca_certs: tuple[Path, ...] = Field(
         (),
-        description="certificates of the TPM manufacturers' EK CAs; when set, enrollment"
-        " asks each device to prove its identity key lives in a TPM with such an EK"
-        " (credential activation, docs/adr/0018); empty: not asked",
+        description="certificates of the TPM manufacturers' EK CAs: enrollment asks each"
+        " device to prove its identity key lives in a TPM with such an EK (credential"
+        " activation, docs/adr/0018); required unless allow_unattested_keys",
+    )
+    allow_unattested_keys: bool = Field(
+        False,
+        description="development only: enroll without credential activation when"
+        " ek_ca_certs is empty (any holder of a claim may enroll a software key);"
+        " logged and audited (fleet.unattested_keys_allowed) at every start",
     )
     crl_hook: tuple[str, ...] = Field(
         (),
         description="argv run with the CRL path appended after each revocation; it must"
         " make the broker(s) reload their CRL (devstack: devstack.mosquitto's reload-crl)",
     )
+
+    @model_validator(mode="after")
+    def _attested_unless_allowed(self) -> FleetConfig:
+        if not self.ek_ca_certs and not self.allow_unattested_keys:
+            raise ValueError(
+                "fleet.ek_ca_certs is empty: name the TPM manufacturers' EK CA certificates"
+                " (credential activation), or set fleet.allow_unattested_keys: true"
+                " (development only)"
+            )
+        return self
 
 
 class ResidencyConfig(_Strict):

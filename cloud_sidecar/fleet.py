@@ -457,6 +457,12 @@ def open_fleet(
     if f is None:
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
     check_hook(f.crl_hook)  # config is code: only a trusted program runs after a revocation
+    if not f.ek_ca_certs:  # FleetConfig allows this only with allow_unattested_keys
+        log.warning(
+            "fleet.allow_unattested_keys: enrollment does NOT check that identity keys live"
+            " in a TPM (development only)"
+        )
+        audit.append("fleet.unattested_keys_allowed", "fleet", ek_ca_certs=0)
     signer: CaSigner
     if f.ca_signer == "hsm":
         from cloud_sidecar.ca import HsmCaSigner

@@ -66,8 +66,9 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_dir": stack.ca.directory,
                 "ca_signer": "hsm",
                 "crl_hook": crl_hook_argv(stack.broker),
-                # devices prove their identity key lives in a TPM (ADR 0018)
-                "ek_ca_certs": [stack.ek_ca_cert] if stack.ek_ca_cert.exists() else [],
+                # devices prove their identity key lives in a TPM (ADR 0018): the swtpm
+                # "manufacturer" CA, made when the stack's first TPM was manufactured
+                "ek_ca_certs": [stack.ek_ca_cert],
             },
         },
     )
