@@ -46,6 +46,7 @@ from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.ota_publish import (
     open_repository,
+    publish_metadata,
     rollout_command,
     tuf_available,
     tuf_repo_dir,
@@ -299,11 +300,15 @@ class SidecarApp:
             repo = open_repository(self.cfg, self.hsm)  # its flock orders it with train/CLI
             version = repo.refresh_timestamp()
             self.audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
-            repo.publish_metadata(
-                self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
-            )
+            self._publish_ota()
         except Exception:  # the next round tries again; devices keep the old one until expiry
             log.exception("could not refresh the OTA timestamp")
+
+    def _publish_ota(self) -> None:
+        """The repository's metadata, retained, as the OTA publisher: serve's own identity
+        may not write the OTA tree (ADR 0018), so this is a connection of its own."""
+        if not publish_metadata(self.cfg, f"cloud-sidecar-ota-{os.getpid()}"):
+            log.warning("the broker did not take every OTA metadata message")
 
     def step_rollout(self) -> str:
         """Widen, finish or abort a running rollout as the devices' reports say (ADR 0016)."""
@@ -316,9 +321,7 @@ class SidecarApp:
             before = path.read_bytes()
             out = rollout_command(self.cfg, "step", None, None)
             if path.read_bytes() != before:  # the repository changed: republish
-                open_repository(self.cfg, None).publish_metadata(
-                    self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
-                )
+                self._publish_ota()
             return out
         except Exception:  # the next round tries again
             log.exception("rollout step failed")

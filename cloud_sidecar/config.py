@@ -45,9 +45,15 @@ class BrokerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8883, ge=1, le=65535)
     ca_cert: Path
-    client_cert: Path
+    client_cert: Path = Field(description="serve's identity (ingest, acks, enrollment)")
     client_key: Path
     region: Region
+    ota_client_cert: Path | None = Field(
+        None,
+        description="the OTA publisher's identity (another CN: the only one the broker lets"
+        " write the OTA tree, ADR 0018); needed to publish OTA metadata",
+    )
+    ota_client_key: Path | None = None
 
 
 class HsmConfig(_Strict):

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cloud_sidecar import attest
 from cloud_sidecar.audit import AuditLog
-from cloud_sidecar.broker_acl import admin_identity
+from cloud_sidecar.broker_acl import admin_identity, ota_publisher_identity
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.errors import ConfigError, HsmError
@@ -181,12 +181,14 @@ class FleetService:
 
     def _enroll(self, topic: str, payload: bytes) -> Reply | None:
         req: enroll.EnrollRequest | None = None
-        claim_id = None
+        claim_id = channel = None
         try:
-            claim_id = topics.claim_of_enroll_request(topic)
+            channel = topics.claim_of_enroll_request(topic)
             req = enroll.EnrollRequest.from_bytes(payload)
-            if req.claim_id != claim_id:
-                raise MalformedError("request names another claim than its topic", "claim_mismatch")
+            claim_id = req.claim_id
+            if channel != enroll.session_channel(claim_id, req.token, req.nonce):
+                # another channel than this request's own: answer nobody (issue 9)
+                raise MalformedError("request is not on its session channel", "channel_mismatch")
             if self.policy.is_reserved(req.device_id):
                 raise MalformedError(f"{req.device_id!r} is reserved", "reserved_device_id")
             self._measure_clock(req.created_at_ms, "enroll", req.device_id)
@@ -216,7 +218,7 @@ class FleetService:
                 raise SignatureError(f"claim {claim_id} refused: {why}", why)
             if ek is not None and name is not None:
                 ch = attest.challenge(ek, name)
-                self._pending.put(claim_id, req.nonce, req, csr, record, ch.secret)
+                self._pending.put(channel, req.nonce, req, csr, record, ch.secret)
                 self.metrics.inc("fleet_challenged_total")
                 challenge = enroll.ActivationChallenge(
                     device_id=req.device_id,
@@ -224,25 +226,27 @@ class FleetService:
                     credential_blob=ch.credential_blob,
                     encrypted_secret=ch.encrypted_secret,
                 )
-                return topics.enroll_response(claim_id), challenge.to_bytes()
+                return topics.enroll_response(channel), challenge.to_bytes()
         except ProtocolError as e:
             self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
-            if req is None or claim_id is None:
+            if req is None or channel is None or e.reason == "channel_mismatch":
                 return None
-            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
+            return topics.enroll_response(channel), self._refusal(req, e.reason)
         return self._issue_enrollment(claim_id, req, csr, record)
 
     def _activate(self, topic: str, proof: enroll.ActivationProof) -> Reply | None:
         """The answer to a credential-activation challenge: issue, or refuse."""
-        claim_id = topics.claim_of_enroll_request(topic)
+        claim_id = proof.claim_id
         try:
-            if proof.claim_id != claim_id:
-                raise MalformedError("proof names another claim than its topic", "claim_mismatch")
+            channel = topics.claim_of_enroll_request(topic)
             try:
                 secret = base64.b64decode(proof.secret, validate=True)
             except ValueError as e:
                 raise MalformedError("secret is not base64", "activation_failed") from e
-            pending = self._pending.take(claim_id, proof.nonce, proof.device_id, secret)
+            # the challenge was sent on its request's channel: the proof must come back there
+            pending = self._pending.take(channel, proof.nonce, proof.device_id, secret)
+            if pending.request.claim_id != claim_id:
+                raise MalformedError("proof names another claim", "claim_mismatch")
         except ProtocolError as e:
             self._rejected("enroll", proof.device_id, e, claim_id=claim_id)
             return None  # nothing to bind a refusal to: the device times out or resends
@@ -273,7 +277,7 @@ class FleetService:
                 self._record(cert, req.device_id, "enroll")
         except ProtocolError as e:
             self._rejected("enroll", req.device_id, e, claim_id=claim_id)
-            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
+            return topics.enroll_response(_channel_of(req)), self._refusal(req, e.reason)
         self.audit.append(
             "fleet.enrolled",
             req.device_id,
@@ -284,7 +288,9 @@ class FleetService:
         )
         self.metrics.inc("fleet_enrolled_total")
         log.info("enrolled %s (identity key %s)", req.device_id, device.key_id)
-        return topics.enroll_response(claim_id), self._issued(req.device_id, req.nonce, cert)
+        return topics.enroll_response(_channel_of(req)), self._issued(
+            req.device_id, req.nonce, cert
+        )
 
     def _renew(self, topic: str, payload: bytes) -> Reply | None:
         device: str | None = None
@@ -449,6 +455,11 @@ class FleetService:
         ).to_bytes()
 
 
+def _channel_of(req: enroll.EnrollRequest) -> str:
+    """The one channel an enrollment's answers go to (``enroll.session_channel``)."""
+    return enroll.session_channel(req.claim_id, req.token, req.nonce)
+
+
 def open_fleet(
     cfg: SidecarConfig, store: EnrollmentRecords, audit: AuditLog, metrics: Metrics
 ) -> FleetService:
@@ -473,7 +484,7 @@ def open_fleet(
         signer = file_ca_signer(f.ca_dir)
     ca = FleetCA(signer, f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
     # the sidecar's own CN too: a device of that name would get the admin's ACL
-    reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)}
+    reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)} | {ota_publisher_identity(cfg) or ""}
     policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s, reserved)
 
     def claim_mac(data: bytes) -> bytes:

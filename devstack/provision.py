@@ -51,6 +51,8 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
+                "ota_client_cert": stack.ota_cert.cert,  # its own CN: writes the OTA tree
+                "ota_client_key": stack.ota_cert.key,
                 "region": "on-prem-de",  # loopback broker: the operator's own site
             },
             "hsm": {

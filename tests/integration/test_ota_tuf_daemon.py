@@ -110,7 +110,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             "adapter-v1.bin", adapter, AdapterCustom(base_model.sha256_fp32, ADAPTER_FORMAT, 1)
         )
         assert repo.publish_metadata(
-            cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+            cfg.ota.channel, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r)
         )
         # the single-key document of the legacy path, signed by the same HSM key with a
         # higher adapter version: a TUF device must not take it
@@ -126,7 +126,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             keyid=cloud.app.hsm.signing_key_id(),
             sign_digest=cloud.app.hsm.sign_digest,
         )
-        assert legacy.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
+        assert legacy.publish(pub, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
