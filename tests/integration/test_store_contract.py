@@ -64,11 +64,11 @@ class Tokens:
     other_label: str
     other_pin: str
 
-    def keys(self, other: bool = False) -> DataKeys:
+    def keys(self, other: bool = False, on_new: Any = None) -> DataKeys:
         """Fresh data keys (as a restarted process has) custodied by our token or the other."""
         t = self.ours
         label, pin = (self.other_label, self.other_pin) if other else (t.label, t.user_pin)
-        return DataKeys(HsmCustody(lambda: Hsm(str(t.module), label, pin)))
+        return DataKeys(HsmCustody(lambda: Hsm(str(t.module), label, pin)), on_new)
 
 
 @pytest.fixture(scope="module")
@@ -445,8 +445,7 @@ def test_after_a_data_key_rotation_new_rows_use_the_new_key_and_old_rows_stay_re
 ) -> None:
     name, opener = backend
     told: list[tuple[str, str]] = []
-    keys = tokens.keys()
-    keys._on_new = lambda row, reason: told.append((row.kid, reason))
+    keys = tokens.keys(on_new=lambda row, reason: told.append((row.kid, reason)))
     s = opener(data_keys=keys)
     s.register_device("pi-00", PEM)
     old, new = _batch("pi-00", [T0]), _batch("pi-00", [T0 + 1000])
@@ -492,8 +491,7 @@ def test_the_upgrade_to_schema_5_seals_features_stored_in_clear(
     with pytest.raises(StoreError, match="schema 5 seals"):
         opener(data_keys=None)
     told: list[str] = []
-    keys = tokens.keys()
-    keys._on_new = lambda row, reason: told.append(reason)
+    keys = tokens.keys(on_new=lambda _row, reason: told.append(reason))
     up = opener(data_keys=keys)
     assert up.schema_version == SCHEMA_VERSION == 5
     assert told == ["schema 5 sealed 3 rows stored in clear"]
