@@ -152,20 +152,28 @@ GOALS: dict[str, Goal] = {
     "privacy.gate_rtf": Goal("", "gate processing s / audio s in the privacy benchmark"),
     "ota.wire_overhead": Goal(
         "≤ 1.10",
-        "bytes on the wire for one device's update (TUF metadata + chunk framing) / adapter bytes",
+        "bytes a device received for one update through the broker (TUF metadata + chunk"
+        " framing + adapter + its golden clips, MQTT payloads) / adapter bytes, mean over the"
+        " rollout's devices",
         True,
         1.10,
     ),
-    "ota.rollout_200_inproc_seconds": Goal(
+    "ota.rollout_200_seconds": Goal(
         "≤ 60",
-        "one update to 200 devices (TUF check, chunks, stage, switch, health window) until all"
-        " are CONFIRMED; request/response through the real codec in one process, no broker",
+        "one update to 200 simulated devices through Mosquitto (mTLS, per-device ACL, one"
+        " connection and identity each; sidecar serving with SoftHSM-signed TUF) until all"
+        " report CONFIRMED on ota/status",
         True,
         60,
     ),
-    "ota.rollout_200_inproc_failures": Goal(
-        "= 0", "devices not CONFIRMED in that rollout", True, 0
+    "ota.rollout_200_failures": Goal("= 0", "devices not CONFIRMED in that rollout", True, 0),
+    "ota.rollout_devices": Goal("", "devices in the broker rollout (200; 20 with --quick)"),
+    "ota.rollout_200_inproc_seconds": Goal(
+        "",
+        "the same device path for 200 devices in one process, no broker (request/response"
+        " through the codec only): the broker's and TLS's share is the difference",
     ),
+    "ota.rollout_200_inproc_failures": Goal("= 0", "devices not CONFIRMED in process", True, 0),
     "ota.adapter_bytes": Goal("", "the update's size in the OTA benchmark"),
 }
 
@@ -289,9 +297,10 @@ def privacy_attack_section(opt: Options) -> dict[str, float]:
 
 
 def ota_section(opt: Options) -> dict[str, float]:
-    from benchmarks.ota import run_ota
+    from benchmarks.ota import run_ota, run_ota_broker
 
-    return run_ota(devices=20 if opt.quick else 200)
+    devices = 20 if opt.quick else 200
+    return run_ota(devices=devices) | run_ota_broker(devices=devices)
 
 
 def _tuf_installed() -> bool:
