@@ -314,6 +314,11 @@ class ResidencyConfig(_Strict):
 class MetricsConfig(_Strict):
     host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
     port: int = Field(9464, ge=0, le=65535, description="0: any free port (logged)")
+    textfile: Path | None = Field(
+        None,
+        description="`train` writes its progress here for node_exporter's textfile collector"
+        " (a *.prom name in --collector.textfile.directory); None: data_dir/metrics/train.prom",
+    )
 
 
 class SidecarConfig(_Strict):
@@ -337,6 +342,12 @@ class SidecarConfig(_Strict):
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
         3600, ge=1, description="serve: seconds between HSM-signed audit checkpoints"
+    )
+    stall_s: float = Field(
+        30,
+        gt=0,
+        description="serve: a loop holding one message this long is stalled and stops the"
+        " watchdog pings (keep it under the unit's WatchdogSec=60)",
     )
     metrics: MetricsConfig | None = Field(
         None, description="serve GET /metrics here (docs/metrics.md); None: only metrics.prom"

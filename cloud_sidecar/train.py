@@ -49,6 +49,7 @@ from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, lo
 from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
 from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.store_api import TrainingData, open_store
+from cloud_sidecar.train_metrics import ProgressMonitor, TrainProgress, textfile_path, tracked
 from fleet_model import ModelError, merge_and_quantize
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
@@ -232,6 +233,12 @@ def _model_card_md(card: dict[str, Any]) -> str:
 
 
 def run_training(cfg: SidecarConfig) -> dict[str, Any]:
+    """One run; its progress and outcome go to the trainer's textfile (train_metrics)."""
+    with tracked(textfile_path(cfg)) as progress:
+        return _run(cfg, progress)
+
+
+def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
     audit = cfg.open_audit()
@@ -283,7 +290,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             lr=LEARNING_RATE,
             checkpoint_dir=checkpoints,
             val=(x_val, y_val),
-            monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
+            monitor=ProgressMonitor(progress, RunMonitor(audit, run_id, run_dir / "metrics.jsonl")),
             checkpoint_every=cfg.train.checkpoint_every,
             log_every=cfg.train.log_every,
             price_per_hour=cfg.train.price_per_hour,
@@ -310,6 +317,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     candidate = run_dir / "candidate.int8.onnx"
     write_atomic(candidate, merged_int8, 0o644)
 
+    progress.phase("gate")
     parent, production = production_model(registry, base)
     latency = median_latency_ms([production, candidate], x_val)
     decision = judge(
