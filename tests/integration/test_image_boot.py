@@ -17,7 +17,8 @@ unreachable; the daemon rides that out by buffering.
 Checked on the serial console, where journald forwards the journal: firstboot
 provisioned the device and logged the TPM signing key, and systemd logged
 `Started edge-daemon.service`, which for a ``Type=notify`` unit means the daemon sent
-READY=1. The boot log is kept in the test's tmp dir and the timings are printed.
+READY=1, and no unit failed on the way. The boot log is kept in the test's tmp dir and
+the timings are printed.
 """
 
 from __future__ import annotations
@@ -272,14 +273,20 @@ def test_the_image_boots_and_the_daemon_reaches_ready(tmp_path: Path) -> None:
         swtpm.terminate()
         swtpm.wait(10)
         ntp.close()
+        disk.unlink()  # a 2 GiB (sparse) copy; the console log stays
     text = console.read_text(errors="replace") if console.exists() else ""
     print(
         f"\nboot ({accel}): seconds from qemu start to each mark: {seen}; NTP answers {ntp.answered}"
     )
     print(f"console log: {console} ({len(text.splitlines())} lines)")
+    uptime = re.search(r"\[\s*([0-9.]+)\] systemd\[1\]: " + re.escape(READY), text)
+    if uptime:
+        print(f"READY at guest uptime {uptime.group(1)} s")
     tail = "\n".join(
         line for line in text.splitlines() if re.search(r"edge|firstboot|tpm|FAILED", line)
     )[-6000:]
     assert "kernel" in seen, f"no kernel output; qemu: {err.decode(errors='replace')[-2000:]}"
     assert "firstboot" in seen, tail
     assert "ready" in seen, tail
+    failed = sorted(set(re.findall(r"Failed to start (\S+)", text)))
+    assert not failed, f"units failed on the way to READY: {failed}"
