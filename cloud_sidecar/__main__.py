@@ -195,13 +195,19 @@ def _cmd_ota(args: argparse.Namespace) -> int:
     audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
     hsm = open_hsm(cfg)
     try:
-        version = ota_publish.refresh_timestamp(cfg, hsm)
+        if args.ota_command == "rotate-key":  # one online role's HSM key, in a new root
+            version = ota_publish.rotate_online_key(cfg, hsm, args.role)
+            audit.append("ota.key_rotated", args.role, root_version=version)
+            what = f"{args.role} key rotated: root v{version}"
+        else:
+            version = ota_publish.refresh_timestamp(cfg, hsm)
+            audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
+            what = f"timestamp v{version}"
     finally:
         hsm.close()
-    audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
     if args.publish and not ota_publish.publish_metadata(cfg, "cloud-sidecar-timestamp"):
-        raise CloudError("the broker did not acknowledge the timestamp publication")
-    print(f"timestamp v{version}")
+        raise CloudError("the broker did not acknowledge the metadata publication")
+    print(what)
     return EXIT_OK
 
 
@@ -451,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("dir", type=Path, help="destination (metadata/, targets/)")
     ts = osub.add_parser("refresh-timestamp", help="sign a fresh timestamp (run by a timer)")
     ts.add_argument("--publish", action="store_true", help="publish the metadata over MQTT")
+    rk = osub.add_parser("rotate-key", help="new HSM key for one TUF online role (new root)")
+    rk.add_argument("role", choices=("targets", "snapshot", "timestamp"))
+    rk.add_argument("--publish", action="store_true", help="publish the metadata over MQTT")
     ot.set_defaults(func=_cmd_ota)
 
     ro = sub.add_parser("rollout", help="staged rollout of one TUF target (audited)")

@@ -71,8 +71,19 @@ class HsmConfig(_Strict):
         raise ConfigError("hsm: no PIN: set the systemd credential or hsm.pin_file")
 
 
+LoraTarget = Literal["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]  # model.ADAPTABLE_LAYERS
+
+
 class TrainConfig(_Strict):
-    rank: int = Field(8, ge=1, le=64, description="LoRA rank")
+    # Rank 1 on conv3, conv4 and fc1: the edge adapter is 6.4 kB, 4.2% of the int8 base,
+    # and lifts the bench scene's macro-F1 from 0.83 to 0.93 (two-tone sirens); rank 8 on
+    # every layer was 54 kB (35%) for 0.95 (BENCHMARKS.md, train.*; docs/ml-pipeline.md).
+    rank: int = Field(1, ge=1, le=64, description="LoRA rank")
+    targets: tuple[LoraTarget, ...] = Field(
+        ("conv3", "conv4", "fc1"),
+        min_length=1,
+        description="layers LoRA adapts (the edge adapter's size grows with each)",
+    )
     epochs: int = Field(12, ge=1, le=200)
     min_samples: int = Field(
         32, ge=1, description="fewer labelled samples than this: no training run"

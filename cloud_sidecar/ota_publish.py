@@ -2,8 +2,10 @@
 
 Owns ``<data_dir>/ota-tuf`` (the TUF repository, ``cloud_sidecar.tuf_repo``) and, in
 development only, ``<data_dir>/ota-root-keys`` (the 2-of-3 root keys as files; in
-production the root is signed off-line and this directory does not exist). The online
-key is the HSM's OTA signing key (``tuf_signer.HsmSigner``).
+production the root is signed off-line and this directory does not exist). Each online
+role has its own HSM key (``keys.hsm.TUF_ROLE_LABELS``: ``tuf-targets``,
+``tuf-snapshot``, ``tuf-timestamp``, through ``tuf_signer.HsmSigner``);
+``rotate_online_key`` replaces one role's key in the HSM and in a new root.
 
 python-tuf is optional until it is in the lock (docs/adr/0016): ``tuf_available()``
 says whether it imports, and every other function imports the TUF modules lazily.
@@ -48,9 +50,9 @@ def open_repository(cfg: SidecarConfig, hsm: Hsm | None) -> TufRepository:
     if not tuf_available():
         raise ConfigError("python-tuf is not installed (needed: tuf, securesystemslib)")
     from cloud_sidecar.tuf_repo import TufRepository
-    from cloud_sidecar.tuf_signer import FileRootKeys, HsmSigner
+    from cloud_sidecar.tuf_signer import FileRootKeys
 
-    online = HsmSigner(hsm.signing_public_key_pem(), hsm.sign_digest) if hsm else None
+    online = online_signers(hsm) if hsm else None
     repo_dir = tuf_repo_dir(cfg)
     if TufRepository.exists(repo_dir):
         return TufRepository(repo_dir, online)
@@ -60,6 +62,49 @@ def open_repository(cfg: SidecarConfig, hsm: Hsm | None) -> TufRepository:
     log.warning("creating TUF repository with development root keys in %s", keys.dir)
     return TufRepository.create(
         repo_dir, root_signers=keys.ensure(), root_threshold=ROOT_THRESHOLD, online=online
+    )
+
+
+def online_signers(hsm: Hsm) -> dict[str, Any]:
+    """One ``HsmSigner`` per online role, each over its own key in the token (looked up
+    afresh: ``cloud-sidecar ota rotate-key`` in another process may have rotated one)."""
+    from functools import partial
+
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import HsmSigner
+
+    return {
+        role: HsmSigner(hsm.public_key_pem(label, fresh=True), partial(hsm.sign_digest_with, label))
+        for role, label in TUF_ROLE_LABELS.items()
+    }
+
+
+def rotate_online_key(cfg: SidecarConfig, hsm: Hsm, role: str) -> int:
+    """A new HSM key for one online role, listed by a new root (development root keys).
+
+    In production the new root is signed off-line by the root key holders; here the
+    development keys in ``<data_dir>/ota-root-keys`` sign it. Returns the root version.
+    """
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import FileRootKeys
+
+    if role not in TUF_ROLE_LABELS:
+        raise ConfigError(f"{role!r} is not an online role ({', '.join(TUF_ROLE_LABELS)})")
+    repo = open_repository(cfg, hsm)
+    keys = FileRootKeys(cfg.data_dir / "ota-root-keys", ROOT_KEYS)
+    trusted = set(repo.root().signed.roles["root"].keyids)
+    if not keys.dir.is_dir():
+        raise ConfigError(f"no development root keys in {keys.dir}: sign the new root off-line")
+    roots = keys.ensure()
+    if not {s.public_key.keyid for s in roots} <= trusted:
+        raise ConfigError(f"the keys in {keys.dir} are not the current root keys")
+    hsm.rotate_key(TUF_ROLE_LABELS[role])
+    signers = online_signers(hsm)
+    return repo.rotate_root(
+        old_signers=roots,
+        new_signers=roots,
+        threshold=ROOT_THRESHOLD,
+        new_online={role: signers[role]},
     )
 
 
@@ -73,14 +118,18 @@ def add_adapter(
     adapter_format: str,
     adapter_version: int,
     rollout_percent: int = 100,
+    golden: tuple[bytes, int] | None = None,
 ) -> TargetPublication:
+    """``golden``: the bundle's golden clips and the accuracy (percent) a device must reach."""
     from cloud_sidecar.tuf_repo import AdapterCustom
 
     repo = open_repository(cfg, hsm)
+    golden_name = f"golden-v{adapter_version}.bin" if golden else ""
     custom = AdapterCustom(
-        base_model_sha256, adapter_format, adapter_version, cfg.ota.cohort, rollout_percent
-    )
-    return repo.add_target(name, artifact, custom)
+        base_model_sha256, adapter_format, adapter_version, cfg.ota.cohort, rollout_percent,
+        golden_name, golden[1] if golden else 0,
+    )  # fmt: skip
+    return repo.add_target(name, artifact, custom, golden[0] if golden else None)
 
 
 def export(cfg: SidecarConfig, dest: Path) -> list[Path]:

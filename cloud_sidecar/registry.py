@@ -2,7 +2,9 @@
 
 Layout of ``root`` (``data_dir/registry``): ``index.json`` (entries and aliases) and
 ``versions/<semver>/`` (one bundle each: the PEFT adapter, the edge artifact, the merged
-int8 model the gate judged, ``gate.json``, ``model_card.json`` + ``.md``, the dataset
+int8 model the gate judged, ``gate.json``, the golden clips the devices run before they
+switch (``golden-clips.bin`` + ``.json``: the candidate's accuracy on them),
+``model_card.json`` + ``.md``, the dataset
 manifest, ``bundle.json`` listing every file's SHA-256 and ``bundle.sig``, the HSM's
 signature over ``bundle.json``).
 
@@ -35,6 +37,8 @@ from fleet_protocol.io.files import file_sha256, write_atomic
 
 ALIASES = ("candidate", "canary", "production")
 BUNDLE_INDEX, BUNDLE_SIG = "bundle.json", "bundle.sig"
+# golden clips with their labels (fleet_model.golden) and the candidate's accuracy on them
+GOLDEN_CLIPS, GOLDEN_CLIPS_META = "golden-clips.bin", "golden-clips.json"
 MAX_INDEX_BYTES = 16 * 1024 * 1024
 
 

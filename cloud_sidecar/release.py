@@ -8,13 +8,18 @@ Invariants:
   while ``ota.require_approval`` is set, and a bundle whose files changed since it was
   signed (``registry.verify_bundle``); nothing is signed for the OTA channel then;
 - the artifact published is the bundle's ``edge-adapter.safetensors``: the bytes the
-  gate judged. Publishing to every device moves the ``production`` alias (which the
+  gate judged; on the TUF path its golden clips (``golden-clips.bin``, signed with the
+  bundle) go with it as their own target, with the accuracy a device must reach on them:
+  the candidate's own accuracy there minus ``GOLDEN_TOLERANCE``. Publishing to every device moves the ``production`` alias (which the
   next run's gate compares against), to a canary cohort the ``canary`` alias.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
 from cloud_sidecar import ota_publish
@@ -22,10 +27,25 @@ from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm
 from cloud_sidecar.errors import CloudError, RegistryError
 from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-from cloud_sidecar.registry import Registry, verify_bundle
+from cloud_sidecar.registry import GOLDEN_CLIPS, GOLDEN_CLIPS_META, Registry, verify_bundle
 from fleet_model import ADAPTER_FORMAT
 
 log = logging.getLogger(__name__)
+
+GOLDEN_TOLERANCE = 0.1  # the device's int8 merge may differ from the gate's in a window or two
+
+
+def golden_for(bundle: Path) -> tuple[bytes, int] | None:
+    """The bundle's golden clips and the accuracy in percent a device must reach on them
+    (``None``: a bundle from before golden clips)."""
+    clips, meta = bundle / GOLDEN_CLIPS, bundle / GOLDEN_CLIPS_META
+    if not clips.exists():
+        return None
+    try:
+        accuracy = float(json.loads(meta.read_bytes())["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"{meta}: {e}") from e
+    return clips.read_bytes(), max(0, math.floor((accuracy - GOLDEN_TOLERANCE) * 100 + 1e-9))
 
 
 def approve(cfg: SidecarConfig, version: str, approver: str, note: str = "") -> dict[str, Any]:
@@ -88,6 +108,7 @@ def publish(
                 base_model_sha256=entry["lineage"]["base_sha256"],
                 adapter_format=ADAPTER_FORMAT,
                 adapter_version=pub.target.adapter_version,
+                golden=golden_for(registry.bundle_dir(version)),
             )
     finally:
         hsm.close()

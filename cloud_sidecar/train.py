@@ -46,17 +46,34 @@ from cloud_sidecar.errors import (
 from cloud_sidecar.gate import judge, median_latency_ms, membership_auc, score
 from cloud_sidecar.lora import PEFT_WEIGHTS, convert_for_edge, train_adapter
 from cloud_sidecar.pretrain import TRAIN_THREADS, BaseModel, load_base_model, load_reference_sets
-from cloud_sidecar.registry import BUNDLE_INDEX, BUNDLE_SIG, Registry, bundle_index
+from cloud_sidecar.registry import (
+    BUNDLE_INDEX,
+    BUNDLE_SIG,
+    GOLDEN_CLIPS,
+    GOLDEN_CLIPS_META,
+    Registry,
+    bundle_index,
+)
 from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.store_api import TrainingData, open_store
 from cloud_sidecar.train_metrics import ProgressMonitor, TrainProgress, textfile_path, tracked
 from fleet_model import ModelError, merge_and_quantize
+from fleet_model.golden import encode_golden, parse_golden
 from fleet_protocol.io.files import file_sha256, write_atomic
 from fleet_protocol.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
 
 LEARNING_RATE = 5e-3  # train_adapter's default, recorded in the model card
+GOLDEN_CLIPS_PER_CLASS = 4  # shipped with the adapter; the device's shadow check runs them
+
+
+def golden_clips(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``GOLDEN_CLIPS_PER_CLASS`` golden windows of each class, in class order."""
+    keep = np.concatenate(
+        [np.flatnonzero(y == c)[:GOLDEN_CLIPS_PER_CLASS] for c in sorted(set(y.tolist()))]
+    )
+    return x[keep], y[keep]
 
 
 @dataclass(frozen=True)
@@ -202,7 +219,8 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
         f"- legal basis: {card['data']['governance']['legal_basis']};"
         f" purpose: {card['data']['governance']['purpose']}",
-        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']}"
+        f" on {', '.join(card['hyperparameters']['targets'])},"
         f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
@@ -285,6 +303,7 @@ def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
             replay=replay,
             out_dir=run_dir / "adapter",
             rank=cfg.train.rank,
+            targets=cfg.train.targets,
             epochs=cfg.train.epochs,
             seed=cfg.train.seed,
             lr=LEARNING_RATE,
@@ -350,6 +369,11 @@ def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
             + "; ".join(decision["failures"])
         )
 
+    clips = encode_golden(*golden_clips(*golden))
+    clips_x, clips_y = parse_golden(clips)  # scored exactly as the devices will read them
+    write_atomic(run_dir / GOLDEN_CLIPS, clips, 0o644)
+    expect = {"n": len(clips_y), "accuracy": score(candidate, clips_x, clips_y)["accuracy"]}
+    write_atomic(run_dir / GOLDEN_CLIPS_META, json.dumps(expect).encode(), 0o644)
     x_te, y_te = ds.splits["test"].features, _labels(ds, "test")
     te_devices = [s.device_id for s in ds.test]
     version = registry.next_version(base.sha256_fp32)
@@ -368,6 +392,7 @@ def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
             "method": "lora",
             "rank": cfg.train.rank,
             "alpha": cfg.train.rank,
+            "targets": list(cfg.train.targets),
             "epochs": cfg.train.epochs,
             "learning_rate": LEARNING_RATE,
             "seed": cfg.train.seed,
@@ -403,7 +428,10 @@ def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
     try:
         shutil.copytree(adapter_dir, tmp / "adapter")
-        for name in ("edge-adapter.safetensors", "candidate.int8.onnx", "gate.json"):
+        for name in (
+            "edge-adapter.safetensors", "candidate.int8.onnx", "gate.json",
+            GOLDEN_CLIPS, GOLDEN_CLIPS_META,
+        ):  # fmt: skip
             shutil.copy2(run_dir / name, tmp / name)
         shutil.copy2(ds.manifest_path, tmp / "dataset.json")
         write_atomic(tmp / "model_card.json", json.dumps(card, indent=1).encode(), 0o644)

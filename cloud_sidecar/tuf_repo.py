@@ -10,9 +10,11 @@ retained messages (``fleet/v1/ota/<channel>/metadata/<file>``).
 
 Roles: root is signed offline by a threshold of root keys (the operator guide
 recommends 2 of 3, kept off-line; the demo keeps them as files); targets, snapshot and
-timestamp are the online roles, signed by a key that never leaves the HSM
-(``cloud_sidecar.tuf_signer.HsmSigner``: SHA-256 in software, ``CKM_ECDSA`` in the
-token, because SoftHSM 2.6 has no ``CKM_ECDSA_SHA256``). The timestamp expires soon
+timestamp are the online roles, each signed by its own key (threshold 1 each) that
+never leaves the HSM (``cloud_sidecar.tuf_signer.HsmSigner``: SHA-256 in software,
+``CKM_ECDSA`` in the token, because SoftHSM 2.6 has no ``CKM_ECDSA_SHA256``), so the
+most exposed key, the timestamp's, signs no targets; ``rotate_root`` can replace any
+one role's key (``new_online``). The timestamp expires soon
 (``Expiry.timestamp``) and ``refresh_timestamp`` renews it (a timer runs
 ``cloud-sidecar ota refresh-timestamp``).
 
@@ -25,7 +27,9 @@ Invariants: one writer at a time (an exclusive ``flock`` on ``repo_dir/.writer.l
 around every read-modify-write); every role's version strictly increases; an artifact
 is written before the targets metadata that names it, targets before the snapshot that
 names it, the snapshot before the timestamp; every file is written temp → fsync →
-rename; target names are single safe path components (no ``/``, no ``..``).
+rename; target names are single safe path components (no ``/``, no ``..``); the three
+online roles have three distinct keys, and a role is signed only by the key the current
+root lists for it.
 
 Imports python-tuf at module import: callers import this module lazily and treat
 ``ImportError`` as "TUF not installed" (``tuf`` is not in the lock yet, docs/adr/0016).
@@ -39,7 +43,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -70,6 +74,16 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 GROUPS_TARGET = "fleet-groups.json"
 _SERIALIZER = JSONSerializer(compact=True)
+OnlineSigners = Mapping[str, Signer]  # role name (ONLINE_ROLES) -> its signer
+
+
+def check_online(online: OnlineSigners) -> dict[str, Signer]:
+    """One signer per online role, three distinct keys."""
+    if set(online) != set(ONLINE_ROLES):
+        raise ConfigError(f"online signers for {sorted(online)}, need {sorted(ONLINE_ROLES)}")
+    if len({s.public_key.keyid for s in online.values()}) != len(ONLINE_ROLES):
+        raise ConfigError("each online role needs its own key")
+    return dict(online)
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,8 @@ class AdapterCustom:
     adapter_version: int
     cohort: str = "all"
     rollout_percent: int = 100
+    golden_target: str = ""  # the golden clips (fleet_model.golden) the device runs first
+    golden_min_percent: int = 0  # top-1 accuracy on them, percent (canonical JSON: no floats)
 
     def to_custom(self) -> dict[str, Any]:
         if not _HEX64.fullmatch(self.base_model_sha256):
@@ -95,7 +111,14 @@ class AdapterCustom:
             raise ConfigError("adapter_version must be positive")
         if not 0 <= self.rollout_percent <= 100:
             raise ConfigError("rollout_percent must be 0..100")
-        return {
+        if not 0 <= self.golden_min_percent <= 100:
+            raise ConfigError("golden_min_percent must be 0..100")
+        golden = (
+            {"golden_target": self.golden_target, "golden_min_percent": self.golden_min_percent}
+            if self.golden_target
+            else {}
+        )
+        return golden | {
             "base_model_sha256": self.base_model_sha256,
             "adapter_format": self.adapter_format,
             "adapter_version": self.adapter_version,
@@ -119,7 +142,7 @@ class TufRepository:
     def __init__(
         self,
         repo_dir: Path,
-        online: Signer | None,
+        online: OnlineSigners | None,
         *,
         expiry: Expiry = Expiry(),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -128,7 +151,7 @@ class TufRepository:
         self.dir = repo_dir
         self.metadata_dir = repo_dir / "metadata"
         self.targets_dir = repo_dir / "targets"
-        self._online = online
+        self._online = check_online(online) if online is not None else None
         self._expiry = expiry
         self._now = now
         if not self.exists(repo_dir):
@@ -147,7 +170,7 @@ class TufRepository:
         *,
         root_signers: Sequence[Signer],
         root_threshold: int,
-        online: Signer,
+        online: OnlineSigners,
         expiry: Expiry = Expiry(),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> TufRepository:
@@ -162,8 +185,9 @@ class TufRepository:
         root.roles[Root.type] = Role([], root_threshold)
         for s in root_signers:
             root.add_key(s.public_key, Root.type)
+        online = check_online(online)
         for role in ONLINE_ROLES:
-            root.add_key(online.public_key, role)
+            root.add_key(online[role].public_key, role)  # threshold 1 each
         md = Metadata(root)
         for s in root_signers:
             md.sign(s, append=True)
@@ -225,8 +249,12 @@ class TufRepository:
 
     def _sign_online(self, md: Metadata[Any]) -> None:
         if self._online is None:
-            raise ConfigError("this TUF repository was opened without its online signer")
-        md.sign(self._online)
+            raise ConfigError("this TUF repository was opened without its online signers")
+        role = md.signed.type
+        signer = self._online[role]
+        if signer.public_key.keyid not in self.root().signed.roles[role].keyids:
+            raise ConfigError(f"the {role} key is not the one root lists (rotate root first)")
+        md.sign(signer)
 
     def _next_version(self, name: str, current: int) -> int:
         return current + 1 if (self.metadata_dir / name).exists() or current else 1
@@ -262,10 +290,19 @@ class TufRepository:
         self._write("timestamp.json", ts_md)
         return TargetPublication("", 0, "", targets.version, snap.version, ts.version)
 
-    def add_target(self, name: str, data: bytes, custom: AdapterCustom) -> TargetPublication:
-        """Store the artifact, then name it in new targets, snapshot and timestamp versions."""
-        if not TARGET_NAME_RE.fullmatch(name) or ".." in name:
-            raise ConfigError(f"target name {name[:64]!r} is not one safe path component")
+    def add_target(
+        self, name: str, data: bytes, custom: AdapterCustom, golden: bytes | None = None
+    ) -> TargetPublication:
+        """Store the artifact, then name it in new targets, snapshot and timestamp versions.
+
+        ``golden``: the golden clips, stored as the target ``custom.golden_target`` in the
+        same targets version (its custom ``golden_for`` names the adapter)."""
+        extra = {custom.golden_target: golden} if golden is not None else {}
+        if (golden is None) != (not custom.golden_target):
+            raise ConfigError("golden clips and golden_target go together")
+        for n in (name, *extra):
+            if not TARGET_NAME_RE.fullmatch(n) or ".." in n or n == GROUPS_TARGET:
+                raise ConfigError(f"target name {n[:64]!r} is not one safe path component")
         fields = custom.to_custom()
         sha = hashlib.sha256(data).hexdigest()
         with self._writer():
@@ -279,6 +316,12 @@ class TufRepository:
                 raise ConfigError(
                     f"adapter_version {custom.adapter_version} is not above {max(used)}"
                 )
+            for gname, gdata in extra.items():
+                gsha = hashlib.sha256(gdata).hexdigest()
+                write_atomic(self.targets_dir / f"{gsha}.{gname}", gdata, 0o644)
+                ginfo = TargetFile.from_data(gname, gdata, ["sha256"])
+                ginfo.unrecognized_fields["custom"] = {"golden_for": name}
+                current.targets[gname] = ginfo
             write_atomic(self.targets_dir / f"{sha}.{name}", data, 0o644)
             info = TargetFile.from_data(name, data, ["sha256"])
             info.unrecognized_fields["custom"] = fields
@@ -349,6 +392,7 @@ class TufRepository:
         old = files[name]
         version = self.next_adapter_version()
         self.set_rollout_percent(failing, 0)
+        golden_name = str(old.custom.get("golden_target", ""))
         return self.add_target(
             f"v{version}-rollforward-{name}"[:128],
             self.artifact(name),
@@ -358,7 +402,10 @@ class TufRepository:
                 version,
                 str(old.custom.get("cohort", "all")),
                 100,
+                f"v{version}-{golden_name}"[:128] if golden_name else "",
+                int(old.custom.get("golden_min_percent", 0)),
             ),
+            self.artifact(golden_name) if golden_name else None,
         )
 
     def next_adapter_version(self) -> int:
@@ -389,13 +436,14 @@ class TufRepository:
         old_signers: Sequence[Signer],
         new_signers: Sequence[Signer],
         threshold: int,
-        new_online: Signer | None = None,
+        new_online: OnlineSigners | None = None,
     ) -> int:
         """Root N+1, signed by the old root keys (a threshold of them) and every new one.
 
-        With ``new_online`` the online roles move to that key, and targets, snapshot and
-        timestamp are re-signed with it at higher versions (a fast-forward recovery: a
-        client that trusted a timestamp of a compromised key drops it on the rotation).
+        ``new_online`` maps some online roles to new keys (one role, or all three); those
+        roles move to them, and targets, snapshot and timestamp are re-signed at higher
+        versions (a fast-forward recovery: a client that trusted a timestamp signed by a
+        compromised key drops it on the rotation, python-tuf no longer verifies it).
         """
         with self._writer():
             root = self.root().signed
@@ -405,11 +453,13 @@ class TufRepository:
             for s in new_signers:
                 root.add_key(s.public_key, Root.type)
             if new_online is not None:
-                for role in ONLINE_ROLES:
+                if self._online is None or not set(new_online) <= set(ONLINE_ROLES):
+                    raise ConfigError("rotating online keys needs the online signers")
+                online = check_online({**self._online, **new_online})
+                for role in new_online:
                     for keyid in list(root.roles[role].keyids):
                         root.revoke_key(keyid, role)
-                    root.add_key(new_online.public_key, role)
-                self._online = new_online
+                    root.add_key(online[role].public_key, role)
             root.version += 1
             root.expires = self._now() + self._expiry.root
             md = Metadata(root)
@@ -420,6 +470,7 @@ class TufRepository:
                     signed_by.add(s.public_key.keyid)
             self._write(f"{root.version}.root.json", md)
             if new_online is not None:
+                self._online = online
                 self._write_targets(self.targets().signed)
         log.info("TUF root rotated to v%d (threshold %d)", root.version, threshold)
         return int(root.version)

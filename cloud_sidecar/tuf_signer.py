@@ -1,4 +1,4 @@
-"""Signers for the TUF repository: the HSM's online key, and offline root keys on files.
+"""Signers for the TUF repository: the HSM's online role keys, and offline root keys on files.
 
 ``HsmSigner`` is a securesystemslib ``Signer`` whose private operation is the HSM's
 ``sign_digest`` (``cloud_sidecar.keys.hsm.Hsm.sign_digest``): SHA-256 of the canonical

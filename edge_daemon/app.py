@@ -77,9 +77,10 @@ class EdgeApp:
         self._stop = stop if stop is not None else self._stop
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.keys = TpmKeyStore(cfg.tpm.tcti, cfg.state_dir / "keys")
+        storage_key = self.keys.storage_key()  # TPM-sealed: the buffer's and OTA state's keys
         self.buffer = ReplayBuffer(
             cfg.state_dir / "buffer.sqlite3",
-            self.keys.storage_key(),
+            storage_key,
             cfg.selection.max_buffer_bytes,
         )
         self.base_sha256 = file_sha256(cfg.model.base_fp32)
@@ -112,6 +113,7 @@ class EdgeApp:
 
             self.tuf = compose_tuf(
                 cfg,
+                storage_key=storage_key,
                 base_sha256=self.base_sha256,
                 publish_request=lambda t, p, rt, c: self.link.publish(
                     t, p, qos=1, timeout_s=5, response_topic=rt, correlation=c

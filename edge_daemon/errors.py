@@ -45,6 +45,10 @@ class OtaTransferError(OtaError):
     """A chunked transfer failed (no answer, bad chunk, over its bound); retried with backoff."""
 
 
+class OtaStateError(OtaError):
+    """The OTA state on the card failed its integrity check, or a write over it was refused."""
+
+
 class EnrollmentError(EdgeError):
     """Enrollment or certificate renewal failed (refused, no answer, unusable certificate)."""
 

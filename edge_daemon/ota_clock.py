@@ -1,6 +1,8 @@
 """The OTA client's clock on a Pi without a real-time clock: a lower bound that never goes back.
 
-Owns ``<state>/ota/clock.json`` (``{"floor": <unix seconds>}``). A Pi 5 without its RTC
+Owns ``<state>/ota/clock.json`` (``{"floor": <unix seconds>}``, sealed by ``ota_state``:
+a tampered or, once initialised, missing file sets ``tampered``, the floor is never
+written again and the update client refuses updates). A Pi 5 without its RTC
 battery boots with the time of the last shutdown (fake-hwclock) or 1970 until NTP
 answers, and NTP is unauthenticated: an attacker on the network can set the clock
 back and replay expired metadata (a freeze attack). The policy:
@@ -18,19 +20,19 @@ back and replay expired metadata (a freeze attack). The policy:
 A clock set ahead can only make metadata look expired (denial of service, which TUF
 accepts); a clock set back cannot make expired metadata look fresh.
 
-Invariants: the persisted floor never decreases; it is written temp → fsync → rename.
+Invariants: the persisted floor never decreases; it is written temp → fsync → rename
+with its MAC; a floor read from a file whose MAC does not verify is never used.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fleet_protocol.io.files import write_atomic
+from edge_daemon.ota_state import SealedFile
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +42,43 @@ class TrustedClock:
         self,
         path: Path,
         *,
+        state_key: bytes,
         timestamp_lifetime: timedelta,
         system_now: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self._file = SealedFile(path, state_key)
         self._lifetime = timestamp_lifetime
         self._system_now = system_now
         self._monotonic = monotonic
         self._boot_floor = self._load()
         self._boot_mono = monotonic()
 
+    @property
+    def tampered(self) -> str:
+        """Why the persisted floor is not trusted ("" when it is)."""
+        return self._file.tampered
+
     def _load(self) -> float:
-        try:
-            return float(json.loads(self.path.read_bytes())["floor"])
-        except FileNotFoundError:
+        body = self._file.load()
+        if body is None:
+            return 0.0  # first boot, or tampered (then nothing is written and updates stop)
+        floor = body.get("floor")
+        if not isinstance(floor, (int, float)) or isinstance(floor, bool):
+            self._file.tampered = "floor is not a number"
             return 0.0
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("OTA clock floor unreadable (%s); starting from 0", e)
-            return 0.0
+        return float(floor)
+
+    def _persist(self) -> None:
+        if self._file.tampered:
+            log.warning("OTA clock floor not persisted: the file is tampered")
+            return
+        self._file.save({"floor": self._boot_floor})
+
+    def ensure_persisted(self) -> None:
+        """Write the floor when no file exists yet (first boot, before the trusted root)."""
+        self._file.ensure({"floor": self._boot_floor})
 
     def floor(self) -> datetime:
         """The lower bound on the true time: persisted floor + elapsed monotonic time."""
@@ -74,7 +94,7 @@ class TrustedClock:
             return
         self._boot_floor = when.timestamp()
         self._boot_mono = self._monotonic()
-        write_atomic(self.path, json.dumps({"floor": self._boot_floor}).encode())
+        self._persist()
 
     def observe_timestamp(self, expires: datetime) -> None:
         """A verified timestamp expiring at ``expires`` proves the time is past ``expires - lifetime``."""
@@ -85,4 +105,4 @@ class TrustedClock:
         floor = self.floor()
         self._boot_floor = floor.timestamp()
         self._boot_mono = self._monotonic()
-        write_atomic(self.path, json.dumps({"floor": self._boot_floor}).encode())
+        self._persist()

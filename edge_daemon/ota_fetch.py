@@ -20,7 +20,9 @@ Behaviour:
   ``backoff_s``, at most ``retries_per_chunk`` times; then the download fails;
 - **parking**: ``FailureLedger`` counts failed attempts per target; after
   ``park_after_failures`` the target is parked (reported, never re-fetched) until the
-  signed metadata names a different file.
+  signed metadata names a different file. The ledger is sealed (``ota_state``): when
+  its file is tampered (or missing once initialised) every target counts as parked and
+  nothing is written over it, so editing the card cannot revive a parked target.
 
 Invariants: no more than the bound is ever requested or kept; a response is accepted
 only at the requested offset with at most the requested length.
@@ -28,7 +30,6 @@ only at the requested offset with at most the requested length.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -43,9 +44,9 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_daemon.errors import OtaTransferError
+from edge_daemon.ota_state import SealedFile
 from edge_daemon.ota_tuf import METADATA_URL, TARGETS_URL
 from fleet_protocol.errors import ProtocolError
-from fleet_protocol.io.files import write_atomic
 from fleet_protocol.ota_transfer import (
     DEFAULT_LIMITS,
     STATUS_NOT_FOUND,
@@ -205,31 +206,46 @@ class FailureLedger:
         path: Path,
         limits: TransferLimits = DEFAULT_LIMITS,
         *,
+        state_key: bytes,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self._file = SealedFile(path, state_key)
         self._limits = limits
         self._now = now
         self._entries: dict[str, dict[str, float]] = self._load()
 
+    @property
+    def tampered(self) -> str:
+        """Why the ledger is not trusted ("" when it is): then every target is parked."""
+        return self._file.tampered
+
     def _load(self) -> dict[str, dict[str, float]]:
-        try:
-            data = json.loads(self.path.read_bytes())
-            return {str(k): dict(v) for k, v in data.items()}
-        except FileNotFoundError:
+        body = self._file.load()
+        if body is None:
             return {}
-        except (ValueError, TypeError, AttributeError):
-            log.warning("OTA failure ledger unreadable; starting afresh")
+        try:
+            return {
+                str(k): {"failures": float(v["failures"]), "next_at": float(v["next_at"])}
+                for k, v in body.items()
+            }
+        except (KeyError, TypeError, ValueError):
+            self._file.tampered = "entries malformed"
             return {}
 
     def _save(self) -> None:
-        write_atomic(self.path, json.dumps(self._entries, sort_keys=True).encode())
+        if not self._file.tampered:
+            self._file.save(self._entries)
 
     def parked(self, key: str) -> bool:
+        if self._file.tampered:
+            return True
         e = self._entries.get(key)
         return bool(e and e["failures"] >= self._limits.park_after_failures)
 
     def may_try(self, key: str) -> bool:
+        if self._file.tampered:
+            return False
         e = self._entries.get(key)
         return e is None or (not self.parked(key) and self._now() >= e["next_at"])
 

@@ -14,8 +14,10 @@ its effect, then reported on ``fleet/v1/<device>/ota/status``::
                  └──────────────┴──────────┴──────────→ FAILED     (nothing switched)
 
 - STAGED: the adapter is merged into a fresh directory (the inactive slot), loaded in a
-  shadow session beside the running one and checked (``shadow_check``: golden windows
-  with their expected labels); capture keeps running on the active model throughout;
+  shadow session beside the running one and checked (``shadow_check(candidate,
+  golden)``: the golden clips signed with the adapter and the accuracy it must reach on
+  them, ``GoldenClips``, when the target names them); capture keeps running on the
+  active model throughout;
 - ACTIVE: the record names the new slot, then ``swap`` replaces the classifier between
   two blocks (``listen.ModelSlot``): no gap in capture;
 - the health window (``HealthWindow``) watches inference errors, latency and the share
@@ -127,6 +129,14 @@ class HealthWindow:
         return "good", ""
 
 
+@dataclass(frozen=True)
+class GoldenClips:
+    """Verified golden clips (``fleet_model.golden``) and the accuracy the candidate must reach."""
+
+    path: Path
+    min_accuracy: float
+
+
 class SlotManager(Generic[C]):
     def __init__(
         self,
@@ -134,7 +144,7 @@ class SlotManager(Generic[C]):
         *,
         build: Callable[[Path, Path], Path],
         load: Callable[[Path | None], C],
-        shadow_check: Callable[[C], str],
+        shadow_check: Callable[[C, GoldenClips | None], str],
         swap: Callable[[C], None],
         report: Callable[[OtaState, int, str], None],
         policy: HealthPolicy = HealthPolicy(),
@@ -226,7 +236,14 @@ class SlotManager(Generic[C]):
     def fail(self, reason: str) -> None:
         self._set(replace(self.record, state="failed", reason=reason))
 
-    def install(self, adapter: Path, version: int, sha256: str, baseline_confident: float) -> C:
+    def install(
+        self,
+        adapter: Path,
+        version: int,
+        sha256: str,
+        baseline_confident: float,
+        golden: GoldenClips | None = None,
+    ) -> C:
         """Stage ``adapter`` (already verified) in the inactive slot, shadow-check, switch."""
         self._set(replace(self.record, state="verifying", target_version=version, reason=""))
         directory = f"v{version}-{sha256[:12]}-{time.monotonic_ns() % 10**9}"
@@ -235,7 +252,7 @@ class SlotManager(Generic[C]):
             model_path = self._build(adapter, out)
             shadow = self._load(model_path)
             self._set(replace(self.record, state="staged"))
-            reason = self._shadow_check(shadow)
+            reason = self._shadow_check(shadow, golden)
         except (OtaError, OSError, ValueError) as e:
             shutil.rmtree(out, ignore_errors=True)
             self.fail(type(e).__name__.lower()[:60])

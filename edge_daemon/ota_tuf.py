@@ -2,8 +2,10 @@
 
 Owns ``<state>/ota/tuf/`` (trusted metadata: ``root.json``, ``timestamp.json``,
 ``snapshot.json``, ``targets.json``, each written temp → fsync → rename),
-``<state>/ota/floor.json`` (the rollback floor) and ``<state>/ota/staging/`` (verified
-artifacts, named ``<sha256>.<name>``).
+``<state>/ota/floor.json`` (the rollback floor, sealed by ``ota_state``) and
+``<state>/ota/staging/`` (verified artifacts, named ``<sha256>.<name>``).
+``bootstrap`` writes the three sealed state files (floor, clock, failure ledger)
+before the first trusted root, so that from then on a missing one reads as tampered.
 
 What python-tuf's ``Updater`` checks (the TUF client workflow, its trusted metadata set):
 root chain with thresholds and key rotation (fast-forward recovery included), expiry
@@ -22,8 +24,14 @@ What this module adds (device policy, each refusal with a ``reason``):
 - the device's rollout bucket (``fleet_protocol.ota.rollout_bucket`` of its id) must be
   below the target's signed ``rollout_percent``: the device learns whether it is in the
   cohort from signed metadata, not from its own configuration;
+- a target whose ``custom`` names golden clips (``golden_target``) must name a target
+  of the same metadata whose ``custom.golden_for`` is this adapter, within
+  ``MAX_GOLDEN_BYTES``, with an integer ``golden_min_percent`` in 0..100 (``bad_golden``); the
+  golden clips are downloaded and verified like the adapter (``download_golden``);
 - the rollback floor is the highest ``adapter_version`` of an eligible target in any
-  *verified* targets metadata, not the highest applied one; nothing below it is chosen.
+  *verified* targets metadata, not the highest applied one; nothing below it is chosen;
+- when the floor or the clock file is tampered (``ota_state``), every check is refused
+  (``ota_state_tampered``) before any metadata is fetched.
 
 Invariants: nothing that failed verification is persisted (ngclient persists a role
 only after verifying it); the floor never decreases; an artifact appears in
@@ -48,6 +56,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_daemon.errors import OtaRefusedError, OtaTransferError
 from edge_daemon.ota_clock import TrustedClock
+from edge_daemon.ota_state import TAMPERED, SealedFile
+from fleet_model.golden import MAX_GOLDEN_BYTES
 from fleet_protocol.io.files import write_atomic
 from fleet_protocol.ota import rollout_bucket
 
@@ -81,6 +91,9 @@ class AdapterTarget:
     adapter_format: str
     adapter_version: int
     rollout_percent: int
+    golden: str = ""  # the signed golden clips target the shadow check runs ("" for none)
+    golden_sha256: str = ""
+    golden_min_accuracy: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,10 @@ def refusal_reason(e: Exception) -> str:
     return "bad_metadata"
 
 
+def _custom(info: TargetFile) -> dict[str, Any]:
+    return info.custom if isinstance(info.custom, dict) else {}
+
+
 class _FsyncUpdater(Updater):
     """``Updater`` whose trusted metadata is written temp → fsync → rename (power loss)."""
 
@@ -128,9 +145,12 @@ class TufUpdateClient:
         base_sha256: str,
         adapter_format: str,
         clock: TrustedClock,
+        state_key: bytes,
         limits: TufLimits = TufLimits(),
     ) -> None:
         self.dir = state_dir / "ota"
+        self._floor_file = SealedFile(self.dir / "floor.json", state_key)
+        self._ledger_file = SealedFile(self.dir / "failures.json", state_key)
         self.metadata_dir = self.dir / "tuf"
         self.staging_dir = self.dir / "staging"
         self._fetcher = fetcher
@@ -156,27 +176,44 @@ class TufUpdateClient:
             md.verify_delegate(Root.type, md)  # self-signed by its threshold
         except Exception as e:
             raise OtaRefusedError(f"bootstrap root does not verify: {e}", "bad_root") from e
+        # sealed state first: once the root exists, a missing state file is tampered
+        self._floor_file.ensure({"adapter_version": 0})
+        self._ledger_file.ensure({})
+        self.clock.ensure_persisted()
         write_atomic(path, root_bytes, 0o644)
+
+    def tampered(self) -> str:
+        """Why the floor or the clock on the card is not trusted ("" when both are)."""
+        self._floor_file.load()
+        return self._floor_file.tampered or self.clock.tampered
 
     @property
     def floor(self) -> int:
-        try:
-            return int(json.loads((self.dir / "floor.json").read_bytes())["adapter_version"])
-        except FileNotFoundError:
+        body = self._floor_file.load()
+        if body is None:
+            return 0  # first boot; a tampered file stops check() before the floor is used
+        version = body.get("adapter_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            self._floor_file.tampered = "adapter_version is not a version"
             return 0
+        return version
 
     def _raise_floor(self, version: int) -> None:
-        if version > self.floor:
-            write_atomic(self.dir / "floor.json", json.dumps({"adapter_version": version}).encode())
+        if version > self.floor and not self._floor_file.tampered:
+            self._floor_file.save({"adapter_version": version})
 
     # ------------------------------------------------------------------- check
 
     def check(self, installed_version: int) -> CheckResult:
         """Refresh the metadata and pick the update for this device, if any.
 
-        Raises ``OtaRefusedError`` (a verification failure, ``reason`` set) or
-        ``OtaTransferError`` (the metadata could not be fetched).
+        Raises ``OtaRefusedError`` (a verification failure, or ``ota_state_tampered``
+        when the floor or clock file failed its MAC) or ``OtaTransferError`` (the
+        metadata could not be fetched).
         """
+        why = self.tampered()
+        if why:
+            raise OtaRefusedError(f"OTA state on the card not trusted: {why}", TAMPERED)
         cfg = UpdaterConfig(
             max_root_rotations=self._limits.max_root_rotations,
             root_max_length=self._limits.root_max_bytes,
@@ -213,9 +250,9 @@ class TufUpdateClient:
         eligible: list[AdapterTarget] = []
         skipped: list[Skipped] = []
         for name, info in sorted(targets.targets.items()):
-            if name == GROUPS_TARGET:
-                continue
-            target, reason = self._admit(name, info, groups)
+            if name == GROUPS_TARGET or _custom(info).get("golden_for"):
+                continue  # not adapters: the groups document, an adapter's golden clips
+            target, reason = self._admit(name, info, groups, targets.targets)
             if target is not None and pin is not None and target.adapter_version > pin:
                 target, reason = None, "pinned"
             if target is None:
@@ -223,6 +260,8 @@ class TufUpdateClient:
                 continue
             eligible.append(target)
             self._infos[name] = info
+            if target.golden:
+                self._infos[target.golden] = targets.targets[target.golden]
         self._raise_floor(max((t.adapter_version for t in eligible), default=0))
         floor = self.floor
         chosen = None
@@ -267,8 +306,23 @@ class TufUpdateClient:
         name: str,
         info: TargetFile,
         groups: set[str] = frozenset(),  # type: ignore[assignment]
+        all_targets: dict[str, TargetFile] | None = None,
     ) -> tuple[AdapterTarget | None, str]:
-        custom: Any = info.custom if isinstance(info.custom, dict) else {}
+        custom: Any = _custom(info)
+        golden, golden_info = custom.get("golden_target", ""), None
+        min_pct = custom.get("golden_min_percent", 0)
+        if isinstance(golden, str) and golden and all_targets is not None:
+            golden_info = all_targets.get(golden)
+        golden_ok = golden == "" or (
+            golden_info is not None
+            and SAFE_NAME.fullmatch(golden) is not None
+            and _custom(golden_info).get("golden_for") == name
+            and golden_info.length <= MAX_GOLDEN_BYTES
+            and _HEX64.fullmatch(str(golden_info.hashes.get("sha256", ""))) is not None
+            and isinstance(min_pct, int)
+            and not isinstance(min_pct, bool)
+            and 0 <= min_pct <= 100
+        )
         version = custom.get("adapter_version")
         percent = custom.get("rollout_percent", 100)
         sha = str(info.hashes.get("sha256", ""))
@@ -288,28 +342,37 @@ class TufUpdateClient:
             (info.length <= self._limits.artifact_max_bytes, "too_large"),
             (custom.get("cohort", "all") in ("all", *groups), "not_in_group"),
             (well_formed and rollout_bucket(self._device) < percent, "not_in_cohort"),
+            (golden_ok, "bad_golden"),
         )
         for ok, reason in checks:
             if not ok:
                 return None, reason
         target = AdapterTarget(
-            name, info.length, sha, self._base_sha, self._format, int(version), int(percent)
-        )
+            name, info.length, sha, self._base_sha, self._format, int(version), int(percent),
+            golden, str(golden_info.hashes["sha256"]) if golden_info else "", int(min_pct) / 100,
+        )  # fmt: skip
         return target, ""
 
     # ---------------------------------------------------------------- download
 
     def download(self, target: AdapterTarget) -> Path:
         """Fetch ``target`` (chosen by the last ``check``), verify it, keep it in staging/."""
-        if self._updater is None or target.name not in self._infos:
+        return self._fetch(target.name, target.sha256)
+
+    def download_golden(self, target: AdapterTarget) -> Path | None:
+        """Fetch and verify ``target``'s golden clips (``None`` when it names none)."""
+        return self._fetch(target.golden, target.golden_sha256) if target.golden else None
+
+    def _fetch(self, name: str, sha256: str) -> Path:
+        if self._updater is None or name not in self._infos:
             raise OtaRefusedError("download before check", "not_checked")
-        final = self.staging_dir / f"{target.sha256}.{target.name}"
+        final = self.staging_dir / f"{sha256}.{name}"
         if final.exists():
             return final
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        part = self.staging_dir / f".{target.sha256}.download"
+        part = self.staging_dir / f".{sha256}.download"
         try:
-            self._updater.download_target(self._infos[target.name], filepath=str(part))
+            self._updater.download_target(self._infos[name], filepath=str(part))
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(part, final)

@@ -13,7 +13,9 @@ health window, so the listener needs no knowledge of updates.
 
 Invariants: the main loop and the listener never wait for a download (this thread
 does); one round at a time; a refused or failing target is never retried before its
-backoff, and never after it is parked.
+backoff, and never after it is parked; while the sealed OTA state on the card is
+tampered (``ota_state``) no round fetches anything: each reports ``rejected`` with
+reason ``ota_state_tampered`` and the active model keeps running.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,8 @@ import numpy.typing as npt
 
 from edge_daemon.errors import OtaError, OtaRefusedError, OtaTransferError
 from edge_daemon.ota_fetch import FailureLedger
-from edge_daemon.ota_slots import SlotManager
+from edge_daemon.ota_slots import GoldenClips, SlotManager
+from edge_daemon.ota_state import TAMPERED
 from edge_daemon.ota_tuf import AdapterTarget, TufUpdateClient
 from fleet_protocol.messages import OtaState
 
@@ -118,6 +122,10 @@ class TufUpdateWorker:
         self.rounds += 1
         active = self.slots.record.active
         try:
+            if self.ledger.tampered:  # parked targets must not come back: no round at all
+                raise OtaRefusedError(
+                    f"failure ledger not trusted: {self.ledger.tampered}", TAMPERED
+                )
             result = self.client.check(active.adapter_version if active else 0)
         except OtaRefusedError as e:
             log.warning("OTA metadata refused: %s", e)
@@ -139,8 +147,10 @@ class TufUpdateWorker:
         key = target.sha256
         self.slots.begin(target.adapter_version, "queued")
         self.slots.begin(target.adapter_version, "downloading")
+        golden: Path | None = None
         try:
             path = self.client.download(target)
+            golden = self.client.download_golden(target)
         except (OtaRefusedError, OtaTransferError) as e:
             reason = e.reason if isinstance(e, OtaRefusedError) else "transfer"
             parked = self.ledger.failed(key)
@@ -148,12 +158,15 @@ class TufUpdateWorker:
             log.warning("OTA download of v%d failed (%s)", target.adapter_version, reason)
             return "parked" if parked else f"failed:{reason}"
         self.ledger.succeeded(key)
+        clips = GoldenClips(golden, target.golden_min_accuracy) if golden else None
         try:
-            self.slots.install(path, target.adapter_version, target.sha256, self._baseline())
+            self.slots.install(path, target.adapter_version, target.sha256, self._baseline(), clips)
         except OtaError as e:
             self.ledger.failed(key)
             log.warning("OTA install of v%d failed: %s", target.adapter_version, e)
             return "failed:install"
         finally:
             path.unlink(missing_ok=True)  # merged into its slot, or refused: not kept
+            if golden is not None:
+                golden.unlink(missing_ok=True)
         return "active"

@@ -1,7 +1,8 @@
 """fleet_model: what the device and the cloud must compute identically.
 
 The edge adapter format (``ADAPTER_FORMAT``, ``encode_edge_adapter``,
-``parse_edge_adapter``), the low-rank merge (``merge_into``, ``merge_and_quantize``),
+``parse_edge_adapter``), the golden clips shipped with it (``fleet_model.golden``), the
+low-rank merge (``merge_into``, ``merge_and_quantize``),
 the int8 recipe with its calibration set (``quantize_model``), and the merged weights
 patched into the base's converted .tflite (``fleet_model.tflite_patch``, imported on
 its own: only LiteRT needs it). Bytes in, bytes out: no torch, no TensorFlow, no file
@@ -23,6 +24,7 @@ from fleet_model.adapter import (
 from fleet_model.errors import (
     AdapterError,
     CalibrationError,
+    GoldenError,
     ModelError,
     QuantizationError,
     TfliteError,
@@ -44,6 +46,7 @@ __all__ = [
     "AdapterError",
     "CalibrationError",
     "EdgeAdapter",
+    "GoldenError",
     "LowRankLayer",
     "MergedModel",
     "ModelError",

@@ -24,3 +24,7 @@ class QuantizationError(ModelError):
 
 class TfliteError(ModelError):
     """A .tflite is not the base's conversion, or a merged weight has no buffer in it."""
+
+
+class GoldenError(ModelError):
+    """Golden clips shipped with an adapter are malformed or out of their bounds."""

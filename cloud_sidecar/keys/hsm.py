@@ -1,17 +1,15 @@
-"""The cloud's key custody: upload-unwrap, OTA-signing, fleet-CA and ack keys in a PKCS#11 HSM.
+"""The cloud's key custody: upload-unwrap, OTA-signing, fleet-CA, ack and TUF role keys in an HSM.
 
-Owns: the PKCS#11 session (python-pkcs11) on one token, generating the four
-keypairs inside the token, exporting their public halves, and the private
-operations the sidecar needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and
-``CKM_ECDSA`` over a SHA-256 digest (docs/adr/0002-wrap-and-signature-mechanisms.md)
-with the OTA-signing key, the fleet CA key (cloud_sidecar/ca.py, docs/adr/0007) or the
-ack-signing key (upload acks, docs/adr/0017).
+Owns: the PKCS#11 session (python-pkcs11) on one token, generating the keypairs inside
+the token, exporting their public halves, and the private operations the sidecar
+needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and ``CKM_ECDSA`` over a SHA-256
+digest (docs/adr/0002) with the OTA-signing key, the fleet CA key (docs/adr/0007), the
+ack-signing key (docs/adr/0017) or one TUF online role's key (``TUF_ROLE_LABELS``:
+targets, snapshot, timestamp, one key each, docs/adr/0016).
 
-Unwrap-key rotation (ADR 0002): ``rotate_unwrap_key`` relabels the current unwrap key
-``upload-unwrap.<key id>`` and generates a new ``upload-unwrap``; every unwrap key in
-the token stays usable (``unwrap_key_ids``, ``decrypt_oaep(wrapped, key_id)``) until an
-operator deletes it, so batches sealed for the old key before devices learn the new
-one still open.
+``rotate_key`` relabels a key ``<label>.<key id>`` and generates a new ``<label>``: a retired
+unwrap key still decrypts (``decrypt_oaep(wrapped, key_id)``, ADR 0002), a retired signing key
+signs nothing more.
 
 Invariants:
 - private keys are generated in the token as sensitive, non-extractable, private
@@ -28,9 +26,10 @@ Invariants:
   invalid while the token answers (the key object briefly away: every cached handle is
   dropped and looked up again on the next call): ``HsmDecryptError`` with
   ``transient=True`` (callers keep the batch for later, never drop it);
-- all ``Hsm`` objects on a token share one logged-in session, and its lock
-  serialises their calls. The PKCS#11 library is loaded once per process; it reads its configuration (``SOFTHSM2_CONF``) when initialised, so
-  the environment must be set before the first ``Hsm`` is constructed. When no
+- all ``Hsm`` objects on a token share one logged-in session, and its lock serialises
+  their calls. The PKCS#11 library is loaded once per process; it reads its configuration
+  (``SOFTHSM2_CONF``) when initialised, so the environment must be set before the first
+  ``Hsm`` is constructed. When no
   ``Hsm`` is open and the configuration changed or the token is not found, the
   library is re-initialised once to pick up the new configuration; likewise after a
   key was not found or its handle died (a key object that comes back is seen again).
@@ -69,7 +68,9 @@ UNWRAP_LABEL = "upload-unwrap"
 SIGNING_LABEL = "ota-signing"
 CA_LABEL = "fleet-ca"
 ACK_LABEL = "ack-signing"
-EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL, ACK_LABEL)  # EC P-256, sign only
+TUF_ROLES = ("targets", "snapshot", "timestamp")  # one key each (ADR 0016)
+TUF_ROLE_LABELS = {role: f"tuf-{role}" for role in TUF_ROLES}
+EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL, ACK_LABEL, *TUF_ROLE_LABELS.values())  # sign only
 CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
@@ -252,8 +253,7 @@ class Hsm:
         with self._lock:
             self._call("ensure keys", self._ensure_keys)
 
-    def unwrap_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the RSA-3072 upload-unwrap key."""
+    def unwrap_public_key_pem(self) -> bytes:  # SubjectPublicKeyInfo PEM, RSA-3072
         return self._pair(UNWRAP_LABEL).public_pem
 
     def unwrap_key_id(self) -> str:
@@ -276,44 +276,45 @@ class Hsm:
         return (current, *(k for k in older if k != current))
 
     def rotate_unwrap_key(self) -> str:
-        """Keep the current unwrap key as ``upload-unwrap.<id>``, generate a new one; its id."""
-        old = self._pair(UNWRAP_LABEL)
+        return self.rotate_key(UNWRAP_LABEL)
+
+    def rotate_key(self, label: str) -> str:
+        """Retire key ``label`` as ``<label>.<id>``, generate a new one; the new id."""
+        old = self._pair(label)
 
         def run() -> None:
             session = self._require_session()
-            retired = f"{UNWRAP_LABEL}.{old.key_id}"
             for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-                for obj in session.get_objects(
-                    {Attribute.CLASS: cls, Attribute.LABEL: UNWRAP_LABEL}
-                ):
-                    obj[Attribute.LABEL] = retired
-            self._pairs.pop(UNWRAP_LABEL, None)
+                for obj in session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}):
+                    obj[Attribute.LABEL] = f"{label}.{old.key_id}"
+            self._pairs.pop(label, None)
             self._ensure_keys()
 
         with self._lock:
-            self._call("rotate unwrap key", run)
-        new_id = self.unwrap_key_id()
-        log.info("unwrap key rotated: %s -> %s (the old key stays for in-flight batches)",
-                 old.key_id, new_id)  # fmt: skip
-        return new_id
+            self._call(f"rotate {label}", run)
+        log.info("key %s rotated, %s retired", label, old.key_id)
+        return self._pair(label).key_id
 
-    def ack_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the EC P-256 ack-signing key (pinned on devices)."""
+    def public_key_pem(self, label: str, *, fresh: bool = False) -> bytes:
+        """``fresh``: find the key in the token again (another process may have rotated it)."""
+        if fresh:
+            with self._lock:
+                self._pairs.pop(label, None)
+        return self._pair(label).public_pem
+
+    def ack_public_key_pem(self) -> bytes:  # pinned on devices
         return self._pair(ACK_LABEL).public_pem
 
     def ack_key_id(self) -> str:
         return self._pair(ACK_LABEL).key_id
 
     def signing_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the EC P-256 OTA-signing key."""
         return self._pair(SIGNING_LABEL).public_pem
 
-    def signing_key_id(self) -> str:
-        """First 16 hex chars of SHA-256 over the signing key's SPKI DER."""
+    def signing_key_id(self) -> str:  # first 16 hex chars of SHA-256 over its SPKI DER
         return self._pair(SIGNING_LABEL).key_id
 
     def ca_public_key_pem(self) -> bytes:
-        """SubjectPublicKeyInfo PEM of the EC P-256 fleet CA key."""
         return self._pair(CA_LABEL).public_pem
 
     # -- private-key operations -------------------------------------------------------

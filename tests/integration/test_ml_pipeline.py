@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,17 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cloud_sidecar import ota_publish
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.errors import RegistryError, TrainingError
 from cloud_sidecar.keys.hsm import Hsm
 from cloud_sidecar.pretrain import BaseModel, _load_npz
 from cloud_sidecar.registry import Registry, verify_bundle
-from cloud_sidecar.release import approve, publish
+from cloud_sidecar.release import GOLDEN_TOLERANCE, approve, publish
 from cloud_sidecar.store import LabelSpan, Store
 from cloud_sidecar.train import run_training
 from devstack.softhsm import init_token
+from fleet_model.golden import parse_golden
 from fleet_protocol import batch
 from fleet_protocol.labels import CLASSES
 
@@ -213,6 +216,22 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     target = next(iter(targets["signed"]["targets"].values()))
     artifact = (bundle / "edge-adapter.safetensors").read_bytes()
     assert target["hashes"]["sha256"] == hashlib.sha256(artifact).hexdigest()
+    # golden clips with their labels: signed in the bundle, then a TUF target of their own
+    clips_x, clips_y = parse_golden((bundle / "golden-clips.bin").read_bytes())
+    assert len(clips_y) == len(clips_x) > 0 and set(clips_y.tolist()) == set(y.tolist())
+    expected = json.loads((bundle / "golden-clips.json").read_text())
+    assert expected["n"] == len(clips_y) and 0 <= expected["accuracy"] <= 1
+    if ota_publish.tuf_available():
+        files = ota_publish.open_repository(cfg, None).target_files()
+        adapter_t = next(t for t in files.values() if "adapter_version" in (t.custom or {}))
+        golden_t = files[adapter_t.custom["golden_target"]]
+        assert golden_t.custom == {"golden_for": adapter_t.path}
+        assert adapter_t.custom["golden_min_percent"] == max(
+            0, math.floor((expected["accuracy"] - GOLDEN_TOLERANCE) * 100 + 1e-9)
+        )
+        golden_file = ota_publish.tuf_repo_dir(cfg) / "targets"
+        golden_file = golden_file / f"{golden_t.hashes['sha256']}.{golden_t.path}"
+        assert golden_file.read_bytes() == (bundle / "golden-clips.bin").read_bytes()
 
     # the next run is judged against the adapter the devices now run
     _upload_labelled(cfg, rx, ry, 1)

@@ -33,6 +33,8 @@ from cloud_sidecar.ota_repo import OtaRepository
 from devstack.provision import device_config, tuf_root
 from devstack.scene.windows import build_training_set
 from fleet_model import ADAPTER_FORMAT
+from fleet_model.golden import encode_golden, parse_golden
+from fleet_protocol.labels import CLASSES
 
 from .conftest import Cloud
 
@@ -72,12 +74,38 @@ def _audit_states(cloud: Cloud, device: str, version: int | None = None) -> list
     return out
 
 
+def _golden(base_model: Any, adapter: bytes, tmp_path: Path) -> tuple[Any, Any, int]:
+    """The training run's golden clips and its bound: the int8 candidate's accuracy - 10 %."""
+    from cloud_sidecar.gate import score
+    from cloud_sidecar.release import GOLDEN_TOLERANCE
+    from cloud_sidecar.train import golden_clips, merge_for_gate
+
+    with np.load(base_model.golden) as z:
+        gx, gy = parse_golden(encode_golden(*golden_clips(z["x"], z["y"])))
+    candidate = tmp_path / "candidate.int8.onnx"
+    candidate.write_bytes(merge_for_gate(base_model, adapter)[0])
+    accuracy = score(candidate, gx, gy)["accuracy"]
+    return gx, gy, max(0, int((accuracy - GOLDEN_TOLERANCE) * 100))
+
+
+def _audit_reasons(cloud: Cloud, device: str, version: int) -> list[str]:
+    """``state:reason`` of each status ``device`` reported for ``version``, in order."""
+    out = []
+    for line in (cloud.app.cfg.data_dir / "audit.jsonl").read_bytes().splitlines():
+        e = json.loads(line)
+        ours = e["kind"] == "ota.device_status" and e["subject"] == device
+        if ours and e["details"]["adapter_version"] == version:
+            out.append(f"{e['details']['state']}:{e['details'].get('reason', '')}")
+    return out
+
+
 def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
     cloud: Cloud, base_model: Any, tmp_path: Path
 ) -> None:
     x, y = build_training_set(np.random.default_rng(3), 6, ("hilo",))
     peft = train_adapter(base_model, x, y, replay=None, out_dir=tmp_path / "peft", rank=2, epochs=1)
     adapter = convert_for_edge(peft, base_model)
+    gx, gy, min_percent = _golden(base_model, adapter, tmp_path)
     cfg = cloud.app.cfg
     repo = ota_publish.open_repository(cfg, cloud.app.hsm)
     slot = cloud.stack.devices[1]
@@ -106,9 +134,10 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
             time.sleep(0.5)
         before = _report(state)["stream"]["blocks"]
-        repo.add_target(
-            "adapter-v1.bin", adapter, AdapterCustom(base_model.sha256_fp32, ADAPTER_FORMAT, 1)
+        golden = AdapterCustom(  # the golden clips the shadow session must classify
+            base_model.sha256_fp32, ADAPTER_FORMAT, 1, "all", 100, "golden-v1.bin", min_percent
         )
+        repo.add_target("adapter-v1.bin", adapter, golden, encode_golden(gx, gy))
         assert repo.publish_metadata(
             cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
         )
@@ -149,6 +178,24 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
         ]
         slots = json.loads((state / "ota" / "slots.json").read_text())
         assert slots["state"] == "confirmed" and slots["active"]["adapter_version"] == 1
+        # v2 ships golden clips whose labels are all wrong: refused in the shadow session
+        wrong = AdapterCustom(
+            base_model.sha256_fp32, ADAPTER_FORMAT, 2, "all", 100, "golden-v2.bin", 90
+        )
+        repo.add_target(
+            "adapter-v2.bin", adapter, wrong, encode_golden(gx, (gy + 1) % len(CLASSES))
+        )
+        assert repo.publish_metadata(
+            cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+            r.startswith("failed") for r in _audit_reasons(cloud, slot.device_id, 2)
+        ):
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert "failed:golden_accuracy" in _audit_reasons(cloud, slot.device_id, 2)
+        assert _report(state)["model"]["adapter_version"] == 1  # still the confirmed v1
     finally:
         proc.send_signal(2)
         try:

@@ -9,7 +9,11 @@ request/response; a stock python-tuf ``Updater`` verifies the exported repositor
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,7 @@ from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_fetch import ChunkFetcher
 from edge_daemon.ota_tuf import TufUpdateClient
 from tests.unit.test_tuf_repository import http_server
+from tests.unit.tuf_world import STATE_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +84,12 @@ def test_a_device_updates_over_mqtt_chunks_from_an_hsm_signed_tuf_repository(
             device_id=slot.device_id,
             base_sha256=BASE,
             adapter_format=FORMAT,
-            clock=TrustedClock(tmp_path / "clock.json", timestamp_lifetime=repo._expiry.timestamp),
+            clock=TrustedClock(
+                tmp_path / "device" / "ota" / "clock.json",
+                state_key=STATE_KEY,
+                timestamp_lifetime=repo._expiry.timestamp,
+            ),
+            state_key=STATE_KEY,
         )
         client.bootstrap((repo.metadata_dir / "1.root.json").read_bytes())
         target = client.check(0).chosen
@@ -141,3 +151,63 @@ def test_rollout_commands_sign_with_the_hsm_and_are_audited(cloud: Cloud, tmp_pa
     audit = (cfg.data_dir / "audit.jsonl").read_text()
     for kind in ("start", "pause", "resume", "abort", "groups"):
         assert f'"kind":"ota.rollout.{kind}"' in audit
+
+
+def test_each_online_role_has_its_own_hsm_key_and_rotating_the_timestamp_key_keeps_the_others(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    from cloud_sidecar.errors import ConfigError, HsmError
+    from cloud_sidecar.keys.hsm import TUF_ROLE_LABELS
+    from cloud_sidecar.tuf_signer import HsmSigner
+
+    cfg, hsm = cloud.app.cfg, cloud.app.hsm
+    repo = ota_publish.open_repository(cfg, hsm)
+    if not repo.target_files():
+        repo.add_target("adapter-k1.bin", b"k1", AdapterCustom(BASE, FORMAT, 1))
+    root = repo.root().signed
+    keyids = {}
+    for role, label in TUF_ROLE_LABELS.items():
+        in_token = HsmSigner(hsm.public_key_pem(label), lambda d: b"").public_key.keyid
+        assert root.roles[role].keyids == [in_token] and root.roles[role].threshold == 1
+        keyids[role] = in_token
+    assert len(set(keyids.values())) == 3
+    old_ts_id = hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id
+    # without the root keys (production: they are off-line) nothing is rotated
+    root_keys = cfg.data_dir / "ota-root-keys"
+    root_keys.rename(tmp_path / "away")
+    try:
+        with pytest.raises(ConfigError, match="off-line"):
+            ota_publish.rotate_online_key(cfg, hsm, "timestamp")
+    finally:
+        (tmp_path / "away").rename(root_keys)
+    assert hsm._pair(TUF_ROLE_LABELS["timestamp"]).key_id == old_ts_id
+    run = subprocess.run(  # the operator's command, in its own process (own HSM session)
+        [sys.executable, "-m", "cloud_sidecar", "ota", "--config", str(cloud.config),
+         "rotate-key", "timestamp"],
+        check=False, capture_output=True, timeout=120,
+        env={**os.environ, **cloud.stack.token.env()},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    rotated = ota_publish.open_repository(cfg, hsm).root().signed
+    assert f"root v{rotated.version}" in run.stdout.decode()
+    assert rotated.version == root.version + 1
+    last = json.loads((cfg.data_dir / "audit.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "ota.key_rotated" and last["subject"] == "timestamp"
+    before = repo.timestamp().signed.version
+    cloud.app.refresh_ota_timestamp()  # the serving sidecar signs with the new key at once
+    assert ota_publish.open_repository(cfg, None).timestamp().signed.version == before + 1
+    assert rotated.roles["timestamp"].keyids != [keyids["timestamp"]]
+    assert rotated.roles["targets"].keyids == [keyids["targets"]]
+    assert rotated.roles["snapshot"].keyids == [keyids["snapshot"]]
+    with pytest.raises(HsmError):  # the retired key signs nothing more
+        hsm.sign_digest_with(f"{TUF_ROLE_LABELS['timestamp']}.{old_ts_id}", b"\0" * 32)
+    # a stock TUF client from root v1 walks the rotation and verifies the new timestamp
+    export = tmp_path / "export"
+    ota_publish.open_repository(cfg, None).export(export)
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    (stock / "root.json").write_bytes((export / "metadata" / "1.root.json").read_bytes())
+    with http_server(export) as url:
+        updater = Updater(str(stock), f"{url}/metadata/", str(tmp_path), f"{url}/targets/")
+        updater.refresh()
+        assert updater.get_targetinfo(sorted(repo.target_files())[0]) is not None

@@ -9,11 +9,13 @@ from edge_daemon.ota_clock import TrustedClock
 
 T0 = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+STATE_KEY = bytes(range(32))
 
 
 def _clock(path: Path, system: list[datetime], mono: list[float]) -> TrustedClock:
     return TrustedClock(
         path,
+        state_key=STATE_KEY,
         timestamp_lifetime=timedelta(hours=24),
         system_now=lambda: system[0],
         monotonic=lambda: mono[0],
@@ -57,7 +59,12 @@ def test_an_older_timestamp_never_lowers_the_floor(tmp_path: Path) -> None:
     assert clock.now() == T0
 
 
-def test_an_unreadable_floor_file_starts_from_the_system_clock(tmp_path: Path) -> None:
+def test_an_unreadable_floor_file_is_tampered_and_never_overwritten(tmp_path: Path) -> None:
     (tmp_path / "clock.json").write_bytes(b"not json")
     system, mono = [T0], [0.0]
-    assert _clock(tmp_path / "clock.json", system, mono).now() == T0
+    clock = _clock(tmp_path / "clock.json", system, mono)
+    assert clock.now() == T0
+    assert clock.tampered  # the update client refuses updates (test_ota_state.py)
+    clock.observe_timestamp(T0 + timedelta(hours=48))
+    clock.checkpoint()
+    assert (tmp_path / "clock.json").read_bytes() == b"not json"

@@ -15,6 +15,8 @@ from edge_daemon.errors import OtaTransferError
 from fleet_protocol.ota_transfer import STATUS_OK, ChunkRequest, ChunkResponse, TransferLimits
 from tests.unit.test_ota_transfer import SMALL, _pair, _repo
 
+STATE_KEY = bytes(range(32))
+
 pytest.importorskip("tuf")
 
 tuf = pytest.importorskip("tuf")
@@ -145,7 +147,9 @@ def test_requests_are_paced_to_the_rate_limit(tmp_path: Path) -> None:
 
 def test_a_target_that_keeps_failing_is_parked_not_fetched_forever(tmp_path: Path) -> None:
     now = [1000.0]
-    ledger = FailureLedger(tmp_path / "failures.json", SMALL, now=lambda: now[0])
+    ledger = FailureLedger(
+        tmp_path / "failures.json", SMALL, state_key=STATE_KEY, now=lambda: now[0]
+    )
     key = "a" * 64
     assert ledger.may_try(key)
     for _ in range(SMALL.park_after_failures - 1):
@@ -156,7 +160,9 @@ def test_a_target_that_keeps_failing_is_parked_not_fetched_forever(tmp_path: Pat
     assert ledger.failed(key) is True
     now[0] += 10**6
     assert not ledger.may_try(key)
-    assert FailureLedger(tmp_path / "failures.json", SMALL).parked(key)  # survives a restart
+    assert FailureLedger(tmp_path / "failures.json", SMALL, state_key=STATE_KEY).parked(
+        key
+    )  # survives a restart
 
 
 def test_the_tuf_client_updates_over_chunks_and_the_wire_carries_little_more_than_the_adapter(

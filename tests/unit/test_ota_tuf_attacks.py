@@ -146,8 +146,8 @@ def test_a_tampered_artifact_is_refused_and_nothing_is_staged(tmp_path: Path) ->
 def test_fast_forward_attack_is_recovered_after_the_online_key_is_rotated(tmp_path: Path) -> None:
     w = make_world(tmp_path)
     w.add(b"one", 1)
-    # the attacker stole the online key and pushed the device to timestamp v1000
-    stolen = w.online
+    # the attacker stole the timestamp key and pushed the device to timestamp v1000
+    stolen = w.online["timestamp"]
     ts = Metadata[Timestamp].from_bytes((w.repo.metadata_dir / "timestamp.json").read_bytes())
     ts.signed.version = 1000
     ts.sign(stolen)
@@ -163,8 +163,11 @@ def test_fast_forward_attack_is_recovered_after_the_online_key_is_rotated(tmp_pa
         old_signers=w.roots[:2],
         new_signers=w.roots,
         threshold=2,
-        new_online=software_online_signer(),
+        new_online={"timestamp": software_online_signer()},  # only the stolen role's key
     )
+    root = w.repo.root().signed
+    assert root.roles["timestamp"].keyids == [w.repo._online["timestamp"].public_key.keyid]  # type: ignore[index]
+    assert root.roles["targets"].keyids == [w.online["targets"].public_key.keyid]
     name = w.add(b"two", 2)
     result = w.client().check(0)
     assert result.chosen is not None and result.chosen.name == name

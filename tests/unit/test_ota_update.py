@@ -11,7 +11,7 @@ from edge_daemon.ota_slots import HealthPolicy, SlotManager
 from fleet_protocol.ota_transfer import TransferLimits
 from tests.unit.slot_fakes import build, load, shadow_check
 from tests.unit.test_ota_transfer import _pair
-from tests.unit.tuf_world import make_world
+from tests.unit.tuf_world import STATE_KEY, make_world
 
 pytest.importorskip("tuf")
 
@@ -39,7 +39,9 @@ def _device(tmp_path: Path):  # type: ignore[no-untyped-def]
         policy=HealthPolicy(min_windows=5),
     )
     running.append(slots.recover())
-    ledger = FailureLedger(tmp_path / "device" / "ota" / "failures.json", LIMITS)
+    ledger = FailureLedger(
+        tmp_path / "device" / "ota" / "failures.json", LIMITS, state_key=STATE_KEY
+    )
     worker = TufUpdateWorker(client, slots, ledger, lambda s, v, r: None)
     return w, server, worker, slots, running, reports
 

@@ -122,12 +122,67 @@ def test_refresh_timestamp_raises_its_version_and_keeps_the_snapshot(tmp_path: P
     assert after.expires >= before.expires
 
 
-def test_root_v1_needs_two_of_three_root_keys(tmp_path: Path) -> None:
+def test_root_v1_needs_two_of_three_root_keys_and_lists_one_key_per_online_role(
+    tmp_path: Path,
+) -> None:
     w = make_world(tmp_path)
     root = w.repo.root()
     assert root.signed.roles["root"].threshold == 2
     assert len(root.signed.roles["root"].keyids) == 3
     assert root.signed.consistent_snapshot is True
-    online = {root.signed.roles[r].keyids[0] for r in ("targets", "snapshot", "timestamp")}
-    assert online == {w.online.public_key.keyid}
-    assert w.online.public_key.keyid not in root.signed.roles["root"].keyids
+    for role in ("targets", "snapshot", "timestamp"):
+        assert root.signed.roles[role].keyids == [w.online[role].public_key.keyid]
+        assert root.signed.roles[role].threshold == 1
+    online = {w.online[r].public_key.keyid for r in ("targets", "snapshot", "timestamp")}
+    assert len(online) == 3  # three distinct keys
+    assert not online & set(root.signed.roles["root"].keyids)
+
+
+def test_one_key_for_two_online_roles_is_refused(tmp_path: Path) -> None:
+    from cloud_sidecar.errors import ConfigError
+    from cloud_sidecar.tuf_repo import TufRepository
+    from cloud_sidecar.tuf_signer import FileRootKeys
+    from tests.unit.tuf_world import software_online_signer, software_online_signers
+
+    shared = software_online_signer()
+    online = {**software_online_signers(), "snapshot": shared, "timestamp": shared}
+    roots = FileRootKeys(tmp_path / "root-keys").ensure()
+    with pytest.raises(ConfigError, match="own key"):
+        TufRepository.create(tmp_path / "repo", root_signers=roots, root_threshold=2, online=online)
+    assert not TufRepository.exists(tmp_path / "repo")
+
+
+def test_a_role_key_the_root_does_not_list_signs_nothing(tmp_path: Path) -> None:
+    from cloud_sidecar.errors import ConfigError
+    from cloud_sidecar.tuf_repo import TufRepository
+    from tests.unit.tuf_world import software_online_signer
+
+    w = make_world(tmp_path)
+    before = w.repo.timestamp().signed.version
+    stray = TufRepository(w.repo.dir, {**w.online, "timestamp": software_online_signer()})
+    with pytest.raises(ConfigError, match="rotate root"):
+        stray.refresh_timestamp()
+    assert w.repo.timestamp().signed.version == before
+
+
+def test_rotating_only_the_timestamp_key_keeps_targets_and_snapshot_keys_and_devices_follow(
+    tmp_path: Path,
+) -> None:
+    from tests.unit.tuf_world import software_online_signer
+
+    w = make_world(tmp_path)
+    w.add(b"one", 1)
+    c = w.client()
+    assert c.check(0).chosen is not None
+    new_ts = software_online_signer()
+    version = w.repo.rotate_root(
+        old_signers=w.roots[:2], new_signers=w.roots, threshold=2, new_online={"timestamp": new_ts}
+    )
+    root = w.repo.root().signed
+    assert version == 2 and root.roles["timestamp"].keyids == [new_ts.public_key.keyid]
+    assert root.roles["targets"].keyids == [w.online["targets"].public_key.keyid]
+    assert root.roles["snapshot"].keyids == [w.online["snapshot"].public_key.keyid]
+    assert w.online["timestamp"].public_key.keyid not in root.keys  # the old key is gone
+    name = w.add(b"two", 2)
+    result = w.client().check(0)
+    assert result.chosen is not None and result.chosen.name == name

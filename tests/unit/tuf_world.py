@@ -26,7 +26,7 @@ from securesystemslib.signer import Signer
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from cloud_sidecar.tuf_repo import AdapterCustom, Expiry, TufRepository
+from cloud_sidecar.tuf_repo import ONLINE_ROLES, AdapterCustom, Expiry, TufRepository
 from cloud_sidecar.tuf_signer import FileRootKeys, HsmSigner
 from edge_daemon.ota_clock import TrustedClock
 from edge_daemon.ota_tuf import METADATA_URL, TARGETS_URL, TufUpdateClient
@@ -35,6 +35,7 @@ BASE = "b" * 64
 FORMAT = "lora-edge-v1"
 DEVICE = "dev-01"
 LIFETIME = Expiry().timestamp
+STATE_KEY = bytes(range(32))  # the OTA state MAC key (the daemon derives it from the TPM)
 
 
 def software_online_signer() -> HsmSigner:
@@ -43,6 +44,11 @@ def software_online_signer() -> HsmSigner:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return HsmSigner(pem, lambda d: key.sign(d, ec.ECDSA(Prehashed(hashes.SHA256()))))
+
+
+def software_online_signers() -> dict[str, HsmSigner]:
+    """One software key per online role (the sidecar's are in the HSM)."""
+    return {role: software_online_signer() for role in ONLINE_ROLES}
 
 
 class RepoFetcher(FetcherInterface):
@@ -78,7 +84,7 @@ def endless() -> Iterator[bytes]:
 class World:
     tmp: Path
     roots: list[Signer]
-    online: HsmSigner
+    online: dict[str, HsmSigner]
     repo: TufRepository
     fetcher: RepoFetcher
     system_now: list[datetime] = field(default_factory=lambda: [datetime.now(UTC)])
@@ -93,6 +99,7 @@ class World:
             state,
             TrustedClock(
                 self.tmp / state / "ota" / "clock.json",
+                state_key=STATE_KEY,
                 timestamp_lifetime=LIFETIME,
                 system_now=lambda: self.system_now[0],
                 monotonic=lambda: self.monotonic[0],
@@ -105,6 +112,7 @@ class World:
             base_sha256=base,
             adapter_format=FORMAT,
             clock=clock,
+            state_key=STATE_KEY,
         )
         c.bootstrap((self.repo.metadata_dir / "1.root.json").read_bytes())
         return c
@@ -117,7 +125,7 @@ class World:
 
 def make_world(tmp: Path, now: Callable[[], datetime] | None = None) -> World:
     roots = FileRootKeys(tmp / "root-keys").ensure()
-    online = software_online_signer()
+    online = software_online_signers()
     kwargs = {"now": now} if now is not None else {}
     repo = TufRepository.create(
         tmp / "repo", root_signers=roots, root_threshold=2, online=online, **kwargs
