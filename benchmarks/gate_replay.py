@@ -9,8 +9,9 @@ probabilities are cached under ``benchmarks/.cache/gate-replay/``. ``simulate`` 
 applies a decision rule (which states, thresholds, margins, look-ahead) to the cached
 probabilities and scores leakage and yield per cell in milliseconds.
 
-``add_check`` adds the second detector's score per window (``speech_check``), cached
-apart, so a rule can count what both detectors let through.
+``add_check`` adds the second detector's score per window (``speech_check``, scored
+on the windows' upload features, which are cached apart), so a rule can count what
+both detectors let through.
 
     python -m benchmarks.gate_replay --split all   # record (once), replay the defaults
     python -m benchmarks.gate_replay --verify      # replay == PrivacyGate, two sources
@@ -127,32 +128,40 @@ class Stream:
     check: list[F32] | None = None  # per segment: the speech check's score per window
 
 
-def check_scores(audio: F32) -> F32:
-    """The speech check's score for every whole window of a segment."""
-    from edge_daemon.privacy.speech_check import SpeechCheck
+def window_features(audio: F32) -> F32:
+    """The upload features of every whole window of a segment."""
     from fleet_protocol.features import features_batch
 
     n = audio.size // SR
-    return SpeechCheck().scores(features_batch(audio[: n * SR].reshape(n, SR)))
+    return features_batch(audio[: n * SR].reshape(n, SR))
 
 
-def add_check(streams: list[Stream]) -> None:
-    """Fill ``Stream.check`` (cached per source and variant, apart from the VAD's)."""
+def features_file(source: str, variant: str) -> Path:
+    return CACHE / f"{source}-{variant}-features-{FEATURE_VERSION}.pkl"
+
+
+def add_check(streams: list[Stream], check: object | None = None) -> None:
+    """Fill ``Stream.check`` with the speech check's score per window (``check``, or the
+    shipped model). The windows' upload features are cached per source and variant,
+    apart from the VAD's probabilities, so another check model scores in seconds."""
+    from edge_daemon.privacy.speech_check import SpeechCheck
+
+    model = check if check is not None else SpeechCheck()
     for st in streams:
-        if st.source.startswith("espeak-"):
-            continue
-        f = CACHE / f"{st.source}-{st.variant}-check-{FEATURE_VERSION}.pkl"
+        f = features_file(st.source, st.variant)
         if f.exists():
             table = pickle.loads(f.read_bytes())
+        elif st.source.startswith("espeak-"):
+            continue  # recorded before features were kept: record_synthetic again
         else:
             src = rs.BY_NAME[st.source]
             table = {
-                snr: [check_scores(seg.audio) for seg in pr.build(src, snr, st.variant)]
+                snr: [window_features(seg.audio) for seg in pr.build(src, snr, st.variant)]
                 for snr in pr.SNRS_DB
             }
             f.write_bytes(pickle.dumps(table))
-            log.info("speech check scores for %s %s", st.source, st.variant)
-        st.check = table[st.snr_db]
+            log.info("upload features for %s %s", st.source, st.variant)
+        st.check = [model.scores(x) for x in table[st.snr_db]]  # type: ignore[attr-defined]
 
 
 def record(
@@ -174,8 +183,10 @@ def record(
                 out.extend(Stream(**d) for d in pickle.loads(f.read_bytes()))
                 continue
             got: list[Stream] = []
+            feats: dict[float, list[F32]] = {}
             for snr in pr.SNRS_DB:
                 segs = pr.build(src, snr, variant)
+                feats[snr] = [window_features(s.audio) for s in segs]
                 got.append(
                     Stream(
                         src.name, src.split, src.kind, snr, variant,
@@ -185,6 +196,9 @@ def record(
                     )
                 )  # fmt: skip
             f.write_bytes(pickle.dumps([vars(g) for g in got]))
+            ff = features_file(src.name, variant)
+            if not ff.exists():
+                ff.write_bytes(pickle.dumps(feats))
             log.info("recorded %s %s", src.name, variant)
             out.extend(got)
     return out
@@ -338,7 +352,10 @@ def summary(cells: list[pr.Cell], split: str) -> str:
 
 
 def record_synthetic(
-    languages: tuple[str, ...], detectors: tuple[str, ...] = ("denoise", "raw"), scene_s: int = 180
+    languages: tuple[str, ...],
+    detectors: tuple[str, ...] = ("denoise", "raw"),
+    scene_s: int = 180,
+    snrs_db: tuple[float, ...] | None = None,
 ) -> list[Stream]:
     """The espeak-ng scenes of ``benchmarks.privacy`` (one 3-minute stream per cell)."""
     from benchmarks import privacy as pv
@@ -349,13 +366,16 @@ def record_synthetic(
     model = SileroVad(threads=1).model
     warm = warm_state(model)
     out: list[Stream] = []
+    snrs = pv.SNRS_DB if snrs_db is None else snrs_db
+    tag = "" if snrs == pv.SNRS_DB else "-at" + "-".join(f"{s:g}" for s in snrs)
     for lang in languages:
-        f = CACHE / f"espeak-{lang}-{scene_s}-{'-'.join(detectors)}-{len(SCHEDULES)}.pkl"
+        f = CACHE / f"espeak-{lang}-{scene_s}-{'-'.join(detectors)}-{len(SCHEDULES)}{tag}.pkl"
         if f.exists():
             out.extend(Stream(**d) for d in pickle.loads(f.read_bytes()))
             continue
         got: list[Stream] = []
-        for snr in pv.SNRS_DB:
+        feats: dict[float, list[F32]] = {}
+        for snr in snrs:
             spec = SceneSpec(
                 seed=pv.BASE_SEED + 1000 * pv.LANGUAGES_INDEX.get(lang, 99),
                 duration_s=scene_s, speech_rate=pv.SPEECH_RATE,
@@ -363,15 +383,17 @@ def record_synthetic(
             )  # fmt: skip
             scene = render_scene(spec, None)
             audio = np.asarray(scene.audio, dtype=np.float32)
+            feats[snr] = [window_features(audio)]
             got.append(
                 Stream(
-                    f"espeak-{lang}", "synthetic", "sentences", snr, "dry",
+                    f"espeak-{lang}", "synthetic", "sentences", snr, "dry" + tag,
                     [probe_segment(audio, detectors, model, warm)],
                     [np.asarray(scene.speech_frames, dtype=np.bool_)],
                     [np.zeros(audio.size // SR, dtype=np.bool_)], [audio.size],
                 )
             )  # fmt: skip
         f.write_bytes(pickle.dumps([vars(g) for g in got]))
+        features_file(f"espeak-{lang}", "dry" + tag).write_bytes(pickle.dumps(feats))
         log.info("recorded espeak %s", lang)
         out.extend(got)
     return out

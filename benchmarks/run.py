@@ -175,6 +175,33 @@ GOALS: dict[str, Goal] = {
     ),
     "ota.rollout_200_inproc_failures": Goal("= 0", "devices not CONFIRMED in process", True, 0),
     "ota.adapter_bytes": Goal("", "the update's size in the OTA benchmark"),
+    "train.base_scene_macro_f1": Goal(
+        "≥ 0.75",
+        "int8 base on the bench scene's speech-free windows (two-tone sirens it never saw)",
+        False,
+        0.75,
+    ),
+    "train.adapter_over_base_bytes": Goal(
+        "≤ 0.05",
+        "edge adapter (lora-lowrank-v1, config defaults) bytes / int8 base model bytes",
+        True,
+        0.05,
+    ),
+    "train.adapter_scene_macro_f1_gain": Goal(
+        "≥ 0.05",
+        "int8 base + one device's adapter minus the int8 base, same windows",
+        False,
+        0.05,
+    ),
+    "train.base_scene_fp32_macro_f1": Goal("", "the fp32 base on the same windows"),
+    "train.adapter_scene_macro_f1": Goal("", "int8 base + adapter on the same windows"),
+    "train.scene_windows": Goal("", "speech-free windows of the bench scene scored"),
+    "train.adapter_bytes": Goal("", "the edge adapter's bytes"),
+    "train.base_int8_bytes": Goal("", "the int8 base model's bytes"),
+    "train.adapter_train_s": Goal("", "seconds to train and convert that adapter"),
+    "train.adapter_rank": Goal("", "LoRA rank (TrainConfig default)"),
+    "train.adapter_layers": Goal("", "layers LoRA adapts (TrainConfig default)"),
+    "train.base_pretrain_s": Goal("", "base pretraining: reading the dataset + training (s)"),
 }
 
 
@@ -237,15 +264,7 @@ def edge_section(opt: Options) -> dict[str, float]:
 
 def _quick_base(work: Path) -> tuple[Path, Path]:
     """A tiny base model for smoke runs: figures are meaningless, the code path is not."""
-    from cloud_sidecar.errors import TrainingError
-    from cloud_sidecar.pretrain import load_base_model
-    from devstack.dataset import pretrain_synthetic
-
-    d = assets.CACHE / "base-quick"
-    try:
-        base = load_base_model(d)
-    except TrainingError:
-        base = pretrain_synthetic(d, seed=0, per_class=3, epochs=1)
+    base = assets.base_model(quick=True)
     return base.onnx_int8, base.onnx_fp32
 
 
@@ -303,6 +322,14 @@ def ota_section(opt: Options) -> dict[str, float]:
     return run_ota(devices=devices) | run_ota_broker(devices=devices)
 
 
+def train_section(opt: Options) -> dict[str, float]:
+    from benchmarks.train_bench import run_train
+
+    keys, table = run_train(opt.minutes, opt.quick, adapter_scene_s=60 if opt.quick else 600)
+    TABLES["train"] = table
+    return keys
+
+
 def _tuf_installed() -> bool:
     import importlib.util
 
@@ -311,6 +338,7 @@ def _tuf_installed() -> bool:
 
 SECTIONS = (
     ("edge", edge_section),
+    ("train", train_section),
     ("privacy", privacy_section),
     ("privacy-attack", privacy_attack_section),
     # python-tuf is not in the lock yet (docs/adr/0016): without it there is no OTA figure

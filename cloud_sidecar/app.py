@@ -19,8 +19,14 @@ checkpoint loop catch every ``Exception``, count it (``loop_errors_total{loop,ki
 ``fleet_protocol.io.guard``), log it and go on.
 
 Under systemd (``Type=notify``) ``run`` sends READY once every part above is up, a
-STATUS line and a WATCHDOG ping every turn of its loop (``fleet_protocol.io.sdnotify``);
-with a ``metrics`` section it serves ``GET /metrics`` (``cloud_sidecar.metrics``).
+STATUS line, and a WATCHDOG ping every turn of its loop (``fleet_protocol.io.sdnotify``)
+only while no loop stalled (``cloud_sidecar.health``): the MQTT thread (ingest, labels,
+device messages, OTA chunks), the fleet worker and the HSM reopen loop each hold a
+``Beat``; one work item in hand for ``stall_s`` (or the fleet worker's thread gone)
+withholds the pings, says ``STATUS=STALLED: …`` and sets ``loop_stalled{loop}``, and
+``WatchdogSec=`` lets systemd restart the sidecar. The main loop's own work (metrics
+file, checkpoints, timestamp refresh, rollout steps) runs on the pinging thread.
+With a ``metrics`` section it serves ``GET /metrics`` (``cloud_sidecar.metrics``).
 
 The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
 ``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
@@ -40,6 +46,7 @@ from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.device_messages import DeviceMessages
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
+from cloud_sidecar.health import Beat, LoopMonitor
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
@@ -112,6 +119,9 @@ class SidecarApp:
         self._hsm_lock = threading.Lock()
         self._reopening = False
         self._stopping = threading.Event()
+        self.health = LoopMonitor(cfg.stall_s)
+        self._mqtt_beat = self.health.watch(Beat("mqtt"))
+        self._hsm_beat = self.health.watch(Beat("hsm_reopen"))
 
     def start(self) -> None:
         cfg = self.cfg
@@ -122,9 +132,9 @@ class SidecarApp:
         self.link = open_link(
             cfg,
             f"cloud-sidecar-ingest-{os.getpid()}",
-            self._on_message,
+            self._mqtt_beat.wrap(self._on_message),
             self.faults,
-            on_request=self._on_request,
+            on_request=self._mqtt_beat.wrap(self._on_request),
         )
         self.chunks = ChunkServer(tuf_repo_dir(cfg), self._publish_response)
         keys = _HsmUnwrapper(self)
@@ -149,8 +159,11 @@ class SidecarApp:
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
             # enrollment signs in the HSM: its own thread, never the ingest (MQTT) thread
-            self._fleet_worker = BoundedWorker("fleet", self._handle_fleet, self.faults)
-            self._fleet_worker.start()
+            beat = Beat("fleet")
+            worker = BoundedWorker("fleet", beat.wrap(self._handle_fleet), self.faults)
+            self.health.watch(beat, lambda: worker.alive)
+            self._fleet_worker = worker
+            worker.start()
             self.link.subscribe(topics.enroll_subscription(), 1)
             self.link.subscribe(topics.renew_subscription(), 1)
         self.link.start(wait_s=15)
@@ -217,7 +230,8 @@ class SidecarApp:
                 with self.faults.guard("hsm_reopen"):
                     self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
-                    hsm = open_hsm(self.cfg)
+                    with self._hsm_beat.working():
+                        hsm = open_hsm(self.cfg)
                 except HsmPinError as e:  # retrying would lock the token: stop and say so
                     self.metrics.inc("hsm_pin_refused_total")
                     log.critical("HSM refused the PIN; not retrying (fix it, restart): %s", e)
@@ -230,7 +244,8 @@ class SidecarApp:
                     delay = min(delay * 2, 30.0)
                     continue
                 try:
-                    hsm.unwrap_key_id()  # the token answers and holds the key
+                    with self._hsm_beat.working():
+                        hsm.unwrap_key_id()  # the token answers and holds the key
                 except Exception as e:
                     hsm.close()
                     log.warning("HSM reopened but unusable (%s); retrying in %.1f s", e, delay)
@@ -268,9 +283,12 @@ class SidecarApp:
         if ready is not None:
             ready.set()
         last_checkpoint = last_timestamp = last_rollout = time.monotonic()
+        stalled: dict[str, str] = {}
         try:
             while not stop.wait(2.0):
-                notifier.watchdog()
+                stalled = self._check_loops(notifier, stalled)
+                if not stalled:
+                    notifier.watchdog()
                 with self.faults.guard("metrics"):  # a full disk must not stop serving
                     self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
@@ -291,6 +309,21 @@ class SidecarApp:
                 server.close()
             notifier.close()
             self.stop()
+
+    def _check_loops(self, notifier: Notifier, before: dict[str, str]) -> dict[str, str]:
+        """The stalled loops now; say so (log, STATUS, metrics) when that changed."""
+        stalled = self.health.stalled()
+        for beat in self.health.beats:
+            self.metrics.set("loop_stalled", 1 if beat.name in stalled else 0, loop=beat.name)
+        if stalled.keys() != before.keys():
+            if stalled:
+                text = "; ".join(f"{name}: {why}" for name, why in stalled.items())
+                log.error("loop stalled, withholding the watchdog: %s", text)
+                notifier.status(f"STALLED: {text}")
+            else:
+                log.warning("every loop makes progress again; watchdog resumed")
+                notifier.status(f"serving; store {self.store.counts()}")
+        return stalled
 
     def refresh_ota_timestamp(self) -> None:
         """Re-sign and republish the TUF timestamp well before it expires (ADR 0016)."""

@@ -77,8 +77,19 @@ class HsmConfig(_Strict):
         raise ConfigError("hsm: no PIN: set the systemd credential or hsm.pin_file")
 
 
+LoraTarget = Literal["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]  # model.ADAPTABLE_LAYERS
+
+
 class TrainConfig(_Strict):
-    rank: int = Field(8, ge=1, le=64, description="LoRA rank")
+    # Rank 1 on conv3, conv4 and fc1: the edge adapter is 6.4 kB, 4.2% of the int8 base,
+    # and lifts the bench scene's macro-F1 from 0.83 to 0.93 (two-tone sirens); rank 8 on
+    # every layer was 54 kB (35%) for 0.95 (BENCHMARKS.md, train.*; docs/ml-pipeline.md).
+    rank: int = Field(1, ge=1, le=64, description="LoRA rank")
+    targets: tuple[LoraTarget, ...] = Field(
+        ("conv3", "conv4", "fc1"),
+        min_length=1,
+        description="layers LoRA adapts (the edge adapter's size grows with each)",
+    )
     epochs: int = Field(12, ge=1, le=200)
     min_samples: int = Field(
         32, ge=1, description="fewer labelled samples than this: no training run"
@@ -336,6 +347,11 @@ class ResidencyConfig(_Strict):
 class MetricsConfig(_Strict):
     host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
     port: int = Field(9464, ge=0, le=65535, description="0: any free port (logged)")
+    textfile: Path | None = Field(
+        None,
+        description="`train` writes its progress here for node_exporter's textfile collector"
+        " (a *.prom name in --collector.textfile.directory); None: data_dir/metrics/train.prom",
+    )
 
 
 class SidecarConfig(_Strict):
@@ -359,6 +375,12 @@ class SidecarConfig(_Strict):
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
         3600, ge=1, description="serve: seconds between HSM-signed audit checkpoints"
+    )
+    stall_s: float = Field(
+        30,
+        gt=0,
+        description="serve: a loop holding one message this long is stalled and stops the"
+        " watchdog pings (keep it under the unit's WatchdogSec=60)",
     )
     metrics: MetricsConfig | None = Field(
         None, description="serve GET /metrics here (docs/metrics.md); None: only metrics.prom"

@@ -64,6 +64,7 @@ def train_adapter(
     replay: tuple[F32, I64] | None,
     out_dir: Path,
     rank: int = 8,
+    targets: tuple[str, ...] = ADAPTABLE_LAYERS,
     epochs: int = 12,
     seed: int = 0,
     lr: float = 5e-3,
@@ -88,6 +89,10 @@ def train_adapter(
         raise TrainingError(f"features {features.shape} and labels {labels.shape} do not pair")
     if (out_dir / PEFT_WEIGHTS).exists():
         raise TrainingError(f"{out_dir} already holds an adapter; refusing to overwrite it")
+    if not targets or not set(targets) <= set(ADAPTABLE_LAYERS):
+        raise TrainingError(
+            f"LoRA targets {targets} must be a non-empty subset of {ADAPTABLE_LAYERS}"
+        )
     t0 = time.monotonic()
     x, y = features.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
     if replay is not None:
@@ -98,7 +103,7 @@ def train_adapter(
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
-        target_modules=list(ADAPTABLE_LAYERS),
+        target_modules=list(targets),
         lora_dropout=0.0,
         bias="none",
         init_lora_weights=True,

@@ -15,8 +15,9 @@ CSV; ``docs/datasets.md``); there is no built-in data. Invariants:
 - the int8 model comes from ``fleet_model.quantize_model`` (static QDQ),
   the very function a device runs after merging an adapter, calibrated on the same
   ``base.calib.npy``: ``CALIBRATION_PER_CLASS`` training windows of each class of the
-  dataset, shipped with the base, and named by sha256 both in the card and in the fp32
-  model's metadata; so both sides quantize identically;
+  dataset (spread over its level, the loudest first), shipped with the base, and named
+  by sha256 both in the card and in the fp32 model's metadata; so both sides quantize
+  identically;
 - ``golden.npz`` (held-out windows, at most ``GOLDEN_MAX_PER_CLASS`` per class) and
   ``replay.npz`` (training windows, at most ``REPLAY_MAX_PER_CLASS`` per class) freeze
   the base distribution for every later training run: the gate's golden set and the
@@ -174,8 +175,21 @@ def _onnx_predict(path: Path, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int6
 def calibration_windows(
     x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], per_class: int = CALIBRATION_PER_CLASS
 ) -> npt.NDArray[np.float32]:
-    """The first ``per_class`` windows of each class present, in class order."""
-    picks = [np.flatnonzero(y == c)[:per_class] for c in range(len(CLASSES))]
+    """``per_class`` windows of each class present, in class order, spread over the
+    class's level (mean feature): the loudest, then evenly down to the quietest.
+
+    Activation ranges come from these windows' maxima, so the loudest of each class
+    must be among them: with clips at gains 36 dB apart, the first three windows left
+    louder ones clipped in int8 (top-1 agreement with fp32 fell to 0.985).
+    """
+    picks = []
+    for c in range(len(CLASSES)):
+        idx = np.flatnonzero(y == c)
+        if not len(idx):
+            continue
+        by_level = idx[np.argsort(-x[idx].mean(axis=(1, 2)), kind="stable")]
+        spots = np.unique(np.linspace(0, len(by_level) - 1, min(per_class, len(by_level))).round())
+        picks.append(by_level[spots.astype(np.intp)])
     return x[np.concatenate(picks)]
 
 
@@ -357,7 +371,8 @@ def _pretrain(out_dir: Path, data: LoadedDataset, seed: int, epochs: int, t0: fl
             "calibration": {
                 "file": CALIB_FILE,
                 "windows": len(calib_x),
-                "source": f"first {CALIBRATION_PER_CLASS} training windows of each class",
+                "source": f"{CALIBRATION_PER_CLASS} training windows of each class, loudest"
+                " to quietest",
             },
         },
         "opset": OPSET,

@@ -56,6 +56,7 @@ from cloud_sidecar.registry import (
 )
 from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.store_api import TrainingData, open_store
+from cloud_sidecar.train_metrics import ProgressMonitor, TrainProgress, textfile_path, tracked
 from fleet_model import ModelError, merge_and_quantize
 from fleet_model.golden import encode_golden, parse_golden
 from fleet_protocol.io.files import file_sha256, write_atomic
@@ -218,7 +219,8 @@ def _model_card_md(card: dict[str, Any]) -> str:
         f" `{card['data']['manifest_sha256'][:16]}`), {card['data']['n']}",
         f"- legal basis: {card['data']['governance']['legal_basis']};"
         f" purpose: {card['data']['governance']['purpose']}",
-        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']},"
+        f"- method: {card['hyperparameters']['method']}, rank {card['hyperparameters']['rank']}"
+        f" on {', '.join(card['hyperparameters']['targets'])},"
         f" {card['hyperparameters']['epochs']} epochs, seed {card['hyperparameters']['seed']}",
         f"- compute: {card['compute']['train_seconds']} s on {card['compute']['threads']} CPU"
         f" threads, peak RSS {card['compute']['peak_rss_mib']} MiB",
@@ -249,6 +251,12 @@ def _model_card_md(card: dict[str, Any]) -> str:
 
 
 def run_training(cfg: SidecarConfig) -> dict[str, Any]:
+    """One run; its progress and outcome go to the trainer's textfile (train_metrics)."""
+    with tracked(textfile_path(cfg)) as progress:
+        return _run(cfg, progress)
+
+
+def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
     audit = cfg.open_audit()
@@ -295,12 +303,13 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             replay=replay,
             out_dir=run_dir / "adapter",
             rank=cfg.train.rank,
+            targets=cfg.train.targets,
             epochs=cfg.train.epochs,
             seed=cfg.train.seed,
             lr=LEARNING_RATE,
             checkpoint_dir=checkpoints,
             val=(x_val, y_val),
-            monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
+            monitor=ProgressMonitor(progress, RunMonitor(audit, run_id, run_dir / "metrics.jsonl")),
             checkpoint_every=cfg.train.checkpoint_every,
             log_every=cfg.train.log_every,
             price_per_hour=cfg.train.price_per_hour,
@@ -327,6 +336,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     candidate = run_dir / "candidate.int8.onnx"
     write_atomic(candidate, merged_int8, 0o644)
 
+    progress.phase("gate")
     parent, production = production_model(registry, base)
     latency = median_latency_ms([production, candidate], x_val)
     decision = judge(
@@ -382,6 +392,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             "method": "lora",
             "rank": cfg.train.rank,
             "alpha": cfg.train.rank,
+            "targets": list(cfg.train.targets),
             "epochs": cfg.train.epochs,
             "learning_rate": LEARNING_RATE,
             "seed": cfg.train.seed,

@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         help="write the synthetic city as a folder-per-class WAV dataset (for pretrain --dataset)",
     )
     w.add_argument("--out", type=Path, required=True, help="new or empty directory")
-    w.add_argument("--per-class", type=int, default=40, help="clips per class")
-    w.add_argument("--clip-seconds", type=int, default=4, help="1-s windows per clip")
+    w.add_argument(
+        "--per-class", type=int, default=80, help="clips (1-4 s event segments) per class"
+    )
     w.add_argument("--seed", type=int, default=0)
     u = sub.add_parser("up", help="start the stack and keep it up until Ctrl-C")
     u.add_argument("--workdir", type=Path, default=Path("devstack-run"))
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "write-dataset":
             from devstack.dataset import write_dataset
 
-            ds = write_dataset(args.out, args.per_class, args.seed, clip_seconds=args.clip_seconds)
+            ds = write_dataset(args.out, args.per_class, args.seed)
             print(f"{ds.dir}: {ds.files} clips, {ds.windows} one-second windows")
         else:
             from devstack.stack import DevStack

@@ -3,7 +3,9 @@
 Owns: loading the project's own small speech/no-speech model
 (``edge_daemon/privacy/data/speech_check.onnx``, trained by
 ``benchmarks/speech_check_train.py`` on espeak-ng voices, the *tuning* split of the
-real recordings and scene non-speech; never on the held-out voices) and scoring
+real recordings, the same voices through simulated rooms and cut by window edges
+(``benchmarks/speech_check_data.py``) and scene non-speech; never on the held-out
+voices; ADR 0005 revision 5) and scoring
 1 s windows of upload features with it in onnxruntime (no torch on the device).
 
 Invariants:

@@ -1,4 +1,4 @@
-"""``make bench`` runs end to end: a quick run writes every edge key as a finite number.
+"""``make bench`` runs end to end: a quick run writes the edge, train and privacy keys as numbers.
 
 No timing asserts: the figures themselves are for BENCHMARKS.md, not for CI.
 """
@@ -19,6 +19,8 @@ EDGE_KEYS = (
     "edge.int8_macro_f1_delta",
     "edge.uplink_over_raw",
     "edge.uplink_over_raw_unbudgeted",
+    "train.base_scene_macro_f1",
+    "train.adapter_over_base_bytes",
     "privacy.max_leakage",
     "privacy.yield_10db",
     "privacy.languages",

@@ -25,7 +25,7 @@ LABEL_SOURCE = "incidents-test"  # a downstream label source with its own certif
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A small base model, pretrained once per session (same code path as the demo).
 
-    The synthetic city written as a dataset (6 clips of 4 s per class) and read back by
+    The synthetic city written as a dataset (6 clips of 1-4 s per class) and read back by
     ``cloud_sidecar.pretrain``, as ``cloud-sidecar pretrain --dataset`` does.
     """
     from devstack.dataset import pretrain_synthetic

@@ -114,6 +114,17 @@ def _audit(cfg: SidecarConfig) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (cfg.data_dir / "audit.jsonl").read_text().splitlines()]
 
 
+def _train_prom(cfg: SidecarConfig) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (cfg.data_dir / "metrics" / "train.prom").read_text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
 def test_a_single_class_dataset_is_refused_audited_and_leaves_no_bundle(
     base_model: BaseModel, tmp_path: Path
 ) -> None:
@@ -126,6 +137,9 @@ def test_a_single_class_dataset_is_refused_audited_and_leaves_no_bundle(
     refused = [e for e in _audit(cfg) if e["kind"] == "train.refused"]
     assert refused and refused[-1]["details"]["reason"] == "single_class"
     assert Registry(cfg.data_dir / "registry").entries() == []
+    prom = _train_prom(cfg)  # the trainer's textfile says the run failed, in `dataset`
+    assert prom[("sidecar_train_failed", ())] == 1
+    assert prom[("sidecar_train_phase", (("phase", "dataset"),))] == 1
 
 
 def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
@@ -139,6 +153,11 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     run = run_training(cfg)
     registry = Registry(cfg.data_dir / "registry")
     assert run["version"] == "1.0.0"
+    prom = _train_prom(cfg)  # the trainer's textfile, as node_exporter would export it
+    assert prom[("sidecar_train_phase", (("phase", "registered"),))] == 1
+    assert prom[("sidecar_train_gate_passed", ())] == 1 and prom[("sidecar_train_failed", ())] == 0
+    assert prom[("sidecar_train_steps_total", ())] == prom[("sidecar_train_steps_planned", ())] > 0
+    assert prom[("sidecar_train_loss", ())] > 0 and prom[("sidecar_train_val_loss", ())] > 0
     entry = registry.get("1.0.0")
     assert entry["aliases"] == ["candidate"] and entry["lineage"]["parent"] == "base"
     bundle = Path(run["bundle_dir"])

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from cloud_sidecar.config import LoraTarget, TrainConfig
 from cloud_sidecar.errors import TrainingError
 from cloud_sidecar.lora import convert_for_edge, evaluate, load_with_adapter, train_adapter
 from cloud_sidecar.model import ADAPTABLE_LAYERS, AudioCNN, n_parameters
@@ -149,6 +151,14 @@ def test_model_is_small_and_has_no_batchnorm() -> None:
 # --------------------------------------------------------------------------- pipeline (slow)
 
 
+def test_lora_targets_in_config_are_the_models_adaptable_layers() -> None:
+    assert get_args(LoraTarget) == ADAPTABLE_LAYERS
+    assert set(TrainConfig().targets) <= set(ADAPTABLE_LAYERS)
+    for bad in ((), ("conv9",)):
+        with pytest.raises(ValidationError):
+            TrainConfig(targets=bad)
+
+
 @dataclass(frozen=True)
 class Pipeline:
     base: BaseModel
@@ -165,7 +175,7 @@ class Pipeline:
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     root = tmp_path_factory.mktemp("pipeline")
     t0 = time.monotonic()
-    # 35 clips of 4 s per class: 140 windows per class, written as WAV files and read back
+    # 35 event segments of 1-4 s per class (~85 windows), written as WAV files and read back
     base = pretrain_synthetic(root / "base", seed=0, per_class=35, epochs=6)
     pretrain_s = time.monotonic() - t0
     rng = np.random.default_rng(7)
