@@ -317,7 +317,7 @@ def _cmd_keys_rotate_unwrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_rotate_data(args: argparse.Namespace) -> int:
-    """New data key for the store's features; rows sealed before stay readable (ADR 0021)."""
+    """New data key for the store's features; rows sealed before stay readable (ADR 0022)."""
     from cloud_sidecar.config import load_config
     from cloud_sidecar.store_api import open_store
 

@@ -2,7 +2,7 @@
 
 Owns: ``DataKeys``, the data keys of one store. A DEK is 32 random bytes made here,
 sealed by the token's ``store-kek`` (``Hsm.seal_data_key``: ``CKM_AES_GCM`` inside the
-HSM, docs/adr/0021) and kept only sealed in the store's ``data_keys`` table
+HSM, docs/adr/0022) and kept only sealed in the store's ``data_keys`` table
 ``(kid, wrapped, created_at_ms)``; the clear DEK lives only in this process's memory,
 unsealed on first use. ``seal``/``open`` turn one stored row's bytes into
 ``SEALED_MAGIC || kid(8) || nonce(12) || AES-256-GCM ciphertext+tag`` and back; the

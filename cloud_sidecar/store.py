@@ -27,7 +27,7 @@ Invariants:
 - schema upgrades run in order, each in one transaction (cloud_sidecar/store_schema.py);
   upgrade 5 seals every feature row stored in clear under a new data key;
 - feature windows are stored only sealed (``store_api.encode_features``, a data key
-  wrapped by the HSM, docs/adr/0021); a store opened without ``data_keys`` serves
+  wrapped by the HSM, docs/adr/0022); a store opened without ``data_keys`` serves
   everything but features, and stores none.
 """
 

@@ -14,7 +14,7 @@ Invariants:
   is not part of the interface;
 - a stored feature window is ``encode_features``' bytes (zlib of little-endian float16
   in ``FEATURE_SHAPE``, AES-256-GCM-sealed under a data key wrapped by the HSM, bound
-  to its row: cloud_sidecar/data_keys.py, docs/adr/0021), the same in every
+  to its row: cloud_sidecar/data_keys.py, docs/adr/0022), the same in every
   implementation; no store writes or returns a window in clear without its data keys;
   the shape comes from ``fleet_protocol.features``, never from a literal here;
 - every implementation upgrades its schema in numbered steps, one transaction each,

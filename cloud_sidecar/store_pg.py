@@ -140,7 +140,7 @@ CREATE TABLE replay_windows (
 INSERT INTO replay_windows SELECT device_id, 0, last_seq, registered_at_ms FROM devices
     WHERE last_seq >= 0;
 """,
-    # 5: feature rows sealed under data keys wrapped by the HSM (docs/adr/0021); the rows
+    # 5: feature rows sealed under data keys wrapped by the HSM (docs/adr/0022); the rows
     # stored in clear before are sealed by ``PgStore._seal_clear_rows`` in this transaction
     5: """
 CREATE TABLE data_keys (

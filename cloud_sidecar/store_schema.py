@@ -4,7 +4,7 @@ Owns: ``SCHEMA`` (version 1), ``UPGRADES[n]`` (SQL taking a store from version n
 n) and ``SCHEMA_VERSION``. Invariants: one upgrade per version, each run in one
 transaction; version numbers match the PostgreSQL store's (cloud_sidecar/store_pg.py);
 version 5 (``data_keys``) is completed in Python by ``Store``, which seals the
-features stored in clear before it, in the same transaction (docs/adr/0021).
+features stored in clear before it, in the same transaction (docs/adr/0022).
 """
 
 from __future__ import annotations

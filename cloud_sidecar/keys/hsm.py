@@ -7,7 +7,7 @@ digest (docs/adr/0002) with the OTA-signing key, the fleet CA key (docs/adr/0007
 ack-signing key (docs/adr/0017) or one TUF online role's key (``TUF_ROLE_LABELS``:
 targets, snapshot, timestamp, one key each, docs/adr/0016); with the token's secrets
 (cloud_sidecar/keys/secrets.py) claim MACs and ``CKM_AES_GCM`` sealing of the cloud
-store's data keys (docs/adr/0021).
+store's data keys (docs/adr/0022).
 
 ``rotate_key`` relabels a key ``<label>.<key id>`` and generates a new ``<label>``: a retired
 unwrap key still decrypts (``decrypt_oaep(wrapped, key_id)``, ADR 0002), a retired signing key
@@ -375,7 +375,7 @@ class Hsm:
     def seal_data_key(self, dek: bytes, aad: bytes) -> bytes:
         """``CKM_AES_GCM`` encryption of a store data key under the token's ``store-kek``
         (AES-256, generated inside the token on first use, encrypt/decrypt only):
-        ``nonce(12) || ciphertext || tag(16)`` (docs/adr/0021)."""
+        ``nonce(12) || ciphertext || tag(16)`` (docs/adr/0022)."""
         nonce = os.urandom(12)
 
         def run() -> bytes:

@@ -4,7 +4,7 @@ Owns: ``SECRETS`` (label -> key type, bits, the one use it has) and ``secret_key
 which finds a secret in the token or generates it there on first use. ``claim-mac``
 (HMAC-SHA256, sign/verify: binds claim records, cloud_sidecar/fleet.py) and
 ``store-kek`` (AES-256, encrypt/decrypt: wraps the cloud store's data keys,
-docs/adr/0021) are used only through ``cloud_sidecar.keys.hsm.Hsm``.
+docs/adr/0022) are used only through ``cloud_sidecar.keys.hsm.Hsm``.
 
 Invariants: a secret is generated inside the token as a private, sensitive,
 non-extractable token object with exactly the uses ``SECRETS`` gives it (every other
@@ -25,7 +25,7 @@ from cloud_sidecar.errors import HsmError
 log = logging.getLogger(__name__)
 
 CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
-STORE_KEK_LABEL = "store-kek"  # AES-256: wraps the cloud store's data keys (docs/adr/0021)
+STORE_KEK_LABEL = "store-kek"  # AES-256: wraps the cloud store's data keys (docs/adr/0022)
 SECRETS = {
     CLAIM_MAC_LABEL: (KeyType.GENERIC_SECRET, 256, MechanismFlag.SIGN | MechanismFlag.VERIFY),
     STORE_KEK_LABEL: (KeyType.AES, 256, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT),

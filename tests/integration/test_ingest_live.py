@@ -329,7 +329,7 @@ def _data_key_entries(cloud: Cloud) -> list[dict[str, object]]:
 def test_stored_features_are_sealed_and_data_key_creation_and_rotation_are_audited(
     cloud: Cloud,
 ) -> None:
-    """ADR 0021 on the serving path: the first stored batch makes the first data key
+    """ADR 0022 on the serving path: the first stored batch makes the first data key
     (audited, reason "first"); `cloud-sidecar keys rotate-data-key` audits the next."""
     with device(cloud, 0) as d:
         assert d.send(d.seal(cloud, n=2)).status == "stored"

@@ -356,7 +356,7 @@ def test_deleted_samples_are_gone_and_others_stay(store: SidecarStore) -> None:
         store.features(gone[:1])
 
 
-# -- features at rest: sealed under data keys wrapped by the HSM (docs/adr/0021) ----------
+# -- features at rest: sealed under data keys wrapped by the HSM (docs/adr/0022) ----------
 
 
 def _raw(name: str, s: SidecarStore, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
