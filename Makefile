@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 BOOT := scripts/bootstrap.sh
 
-.PHONY: setup demo test soak check lint types unit integration bench clean image image-test
+.PHONY: setup demo test soak check lint types unit integration bench clean image image-test image-boot
 
 setup:
 	@bash $(BOOT)
@@ -43,6 +43,12 @@ image:
 # Inspect a built image: partitions, files, enabled units, systemd-analyze verify --root.
 image-test: setup
 	SOVEREIGN_EDGE_IMAGE=build/sovereign-edge-$(ARCH).img $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_image.py
+
+# Boot the amd64 image in qemu (KVM when /dev/kvm is usable, else TCG): a provisioned copy,
+# a TPM from swtpm, a serial console; passes when edge-daemon.service reaches READY.
+# Needs qemu-system-x86, swtpm, mtools, e2fsprogs (apt-get install qemu-system-x86 ...).
+image-boot: setup
+	SOVEREIGN_EDGE_IMAGE=build/sovereign-edge-amd64.img $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_image_boot.py
 
 clean:
 	rm -rf demo-out .mypy_cache .ruff_cache .pytest_cache

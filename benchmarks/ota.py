@@ -374,14 +374,21 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
 
     from cloud_sidecar.app import SidecarApp
     from cloud_sidecar.config import load_config
+    from cloud_sidecar.connect import open_link
     from cloud_sidecar.ota_publish import open_repository
     from cloud_sidecar.store import Store
     from devstack.provision import cloud_config
     from devstack.stack import DevStack
+    from fleet_protocol.io.mqtt import MqttLink
 
     stop = threading.Event()
     with DevStack(tmp / "stack", n_devices=0, observers=(OBSERVER,)) as stack:
-        cfg = load_config(cloud_config(stack, tmp / "cloud" / "data", tmp / "no-base-model"))
+        # no TPM and no enrollment here: the fleet opts out of attestation explicitly
+        cfg = load_config(
+            cloud_config(
+                stack, tmp / "cloud" / "data", tmp / "no-base-model", allow_unattested_keys=True
+            )
+        )
         certs = {f"ota-{i:03d}": stack.ca.issue_client(f"ota-{i:03d}") for i in range(devices)}
         store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
         for dev_id, pair in certs.items():  # the sidecar audits OTA status of registered devices
@@ -396,6 +403,7 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
         server = threading.Thread(target=app.run, args=(stop, started), daemon=True)
         fleet: list[SimDevice] = []
         observer: _Observer | None = None
+        publisher: MqttLink | None = None
         try:
             server.start()
             if not started.wait(60):
@@ -403,8 +411,12 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
             repo = open_repository(cfg, app.hsm)
             channel = cfg.ota.channel
 
+            # the OTA tree is written only by the OTA publisher's identity (ADR 0018)
+            publisher = open_link(cfg, "bench-ota-publisher", ota_publisher=True)
+            publisher.start(wait_s=15)
+
             def publish(topic: str, payload: bytes, retain: bool) -> bool:
-                return app.link.publish(topic, payload, qos=1, retain=retain)
+                return publisher.publish(topic, payload, qos=1, retain=retain)
 
             repo.publish_metadata(channel, publish)
             root = (repo.metadata_dir / "1.root.json").read_bytes()
@@ -435,6 +447,8 @@ def _run_broker(tmp: Path, devices: int, timeout_s: float) -> dict[str, float]:
             wire = [d.fetcher.stats.response_bytes - b for d, b in zip(fleet, before, strict=True)]
         finally:
             stop.set()
+            if publisher is not None:
+                publisher.stop()
             if observer is not None:
                 observer.link.stop()
             with ThreadPoolExecutor(max_workers=16) as pool:

@@ -316,6 +316,21 @@ def _cmd_keys_rotate_unwrap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_keys_rotate_data(args: argparse.Namespace) -> int:
+    """New data key for the store's features; rows sealed before stay readable (ADR 0022)."""
+    from cloud_sidecar.config import load_config
+    from cloud_sidecar.store_api import open_store
+
+    cfg = load_config(args.config)
+    store = open_store(cfg)  # audits store.data_key_created (reason "rotated")
+    try:
+        kid = store.rotate_data_key()
+    finally:
+        store.close()
+    print(json.dumps({"data_key": kid}))
+    return EXIT_OK
+
+
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     from cloud_sidecar.config import load_config
     from cloud_sidecar.labels import LabelService
@@ -518,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--config", type=Path, required=True)
     ru.add_argument("--out", type=Path, required=True, help="where to write the new public key")
     ru.set_defaults(func=_cmd_keys_rotate_unwrap)
+    rd = ksub.add_parser(
+        "rotate-data-key",
+        help="seal new feature rows under a new store data key (older rows stay readable)",
+    )
+    rd.add_argument("--config", type=Path, required=True)
+    rd.set_defaults(func=_cmd_keys_rotate_data)
 
     lb = sub.add_parser("labels", help="labels from downstream systems (docs/labels.md)")
     lb.add_argument("--config", type=Path, required=True)

@@ -11,9 +11,10 @@ rented hardware needs:
   and ends with the same weights, bit for bit, as an uninterrupted run (tested). A
   checkpoint made for other inputs or another plan (fingerprint mismatch) is ignored;
 - **metrics** every ``log_every`` steps: train loss, validation loss, gradient norm,
-  learning rate, seconds per step and the extrapolated cost, to the ``Monitor`` (the
-  caller logs them and writes them to the run's ``metrics.jsonl``), and a progress bar
-  when stderr is a terminal;
+  learning rate, seconds per step, the planned step count and the extrapolated cost,
+  to the ``Monitor`` (the caller logs them and writes them to the run's
+  ``metrics.jsonl`` and the trainer's Prometheus textfile), and a progress bar when
+  stderr is a terminal;
 - **alerts** (``Monitor.alert``): validation loss up at 3 checkpoints in a row,
   gradient norm above ``max_grad_norm``, extrapolated cost over the budget by 20 %;
   the run **stops** (``TrainingError``) when the extrapolated cost reaches 3x the
@@ -235,6 +236,7 @@ def fit(
                     "grad_norm": round(gnorm, 4),
                     "lr": float(sched.get_last_lr()[0]),
                     "step_seconds": round(per_step, 5),
+                    "steps_planned": total,
                 }
                 if val is not None and len(val[1]):
                     values["val_loss"] = round(_val_loss(model, val, weight), 5)

@@ -19,8 +19,14 @@ checkpoint loop catch every ``Exception``, count it (``loop_errors_total{loop,ki
 ``fleet_protocol.io.guard``), log it and go on.
 
 Under systemd (``Type=notify``) ``run`` sends READY once every part above is up, a
-STATUS line and a WATCHDOG ping every turn of its loop (``fleet_protocol.io.sdnotify``);
-with a ``metrics`` section it serves ``GET /metrics`` (``cloud_sidecar.metrics``).
+STATUS line, and a WATCHDOG ping every turn of its loop (``fleet_protocol.io.sdnotify``)
+only while no loop stalled (``cloud_sidecar.health``): the MQTT thread (ingest, labels,
+device messages, OTA chunks), the fleet worker and the HSM reopen loop each hold a
+``Beat``; one work item in hand for ``stall_s`` (or the fleet worker's thread gone)
+withholds the pings, says ``STATUS=STALLED: …`` and sets ``loop_stalled{loop}``, and
+``WatchdogSec=`` lets systemd restart the sidecar. The main loop's own work (metrics
+file, checkpoints, timestamp refresh, rollout steps) runs on the pinging thread.
+With a ``metrics`` section it serves ``GET /metrics`` (``cloud_sidecar.metrics``).
 
 The audit chain head is signed by the HSM (``AuditLog.checkpoint``) at start, every
 ``audit_checkpoint_s`` and at stop; a failed checkpoint is logged and counted.
@@ -40,12 +46,14 @@ from cloud_sidecar.connect import open_hsm, open_link
 from cloud_sidecar.device_messages import DeviceMessages
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
 from cloud_sidecar.fleet import FleetService, open_fleet
+from cloud_sidecar.health import Beat, LoopMonitor
 from cloud_sidecar.ingest import Ingest
 from cloud_sidecar.keys.hsm import ACK_LABEL
 from cloud_sidecar.labels import LabelService
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.ota_publish import (
     open_repository,
+    publish_metadata,
     rollout_command,
     tuf_available,
     tuf_repo_dir,
@@ -112,19 +120,22 @@ class SidecarApp:
         self._hsm_lock = threading.Lock()
         self._reopening = False
         self._stopping = threading.Event()
+        self.health = LoopMonitor(cfg.stall_s)
+        self._mqtt_beat = self.health.watch(Beat("mqtt"))
+        self._hsm_beat = self.health.watch(Beat("hsm_reopen"))
 
     def start(self) -> None:
         cfg = self.cfg
         cfg.check_residency()  # also for configs built in code, not only load_config
         self.audit = cfg.open_audit()
-        self.store = open_store(cfg)
+        self.store = open_store(cfg, self.audit)
         self.hsm = open_hsm(cfg)
         self.link = open_link(
             cfg,
             f"cloud-sidecar-ingest-{os.getpid()}",
-            self._on_message,
+            self._mqtt_beat.wrap(self._on_message),
             self.faults,
-            on_request=self._on_request,
+            on_request=self._mqtt_beat.wrap(self._on_request),
         )
         self.chunks = ChunkServer(tuf_repo_dir(cfg), self._publish_response)
         keys = _HsmUnwrapper(self)
@@ -150,8 +161,11 @@ class SidecarApp:
         if cfg.fleet is not None:  # enrollment and renewal (cloud_sidecar/fleet.py)
             self.fleet = open_fleet(cfg, self.store, self.audit, self.metrics)
             # enrollment signs in the HSM: its own thread, never the ingest (MQTT) thread
-            self._fleet_worker = BoundedWorker("fleet", self._handle_fleet, self.faults)
-            self._fleet_worker.start()
+            beat = Beat("fleet")
+            worker = BoundedWorker("fleet", beat.wrap(self._handle_fleet), self.faults)
+            self.health.watch(beat, lambda: worker.alive)
+            self._fleet_worker = worker
+            worker.start()
             self.link.subscribe(topics.enroll_subscription(), 1)
             self.link.subscribe(topics.renew_subscription(), 1)
         self.link.start(wait_s=15)
@@ -218,7 +232,8 @@ class SidecarApp:
                 with self.faults.guard("hsm_reopen"):
                     self.hsm.close()  # later calls on it raise HsmUnavailableError: no ack
                 try:
-                    hsm = open_hsm(self.cfg)
+                    with self._hsm_beat.working():
+                        hsm = open_hsm(self.cfg)
                 except HsmPinError as e:  # retrying would lock the token: stop and say so
                     self.metrics.inc("hsm_pin_refused_total")
                     log.critical("HSM refused the PIN; not retrying (fix it, restart): %s", e)
@@ -231,7 +246,8 @@ class SidecarApp:
                     delay = min(delay * 2, 30.0)
                     continue
                 try:
-                    hsm.unwrap_key_id()  # the token answers and holds the key
+                    with self._hsm_beat.working():
+                        hsm.unwrap_key_id()  # the token answers and holds the key
                 except Exception as e:
                     hsm.close()
                     log.warning("HSM reopened but unusable (%s); retrying in %.1f s", e, delay)
@@ -269,9 +285,12 @@ class SidecarApp:
         if ready is not None:
             ready.set()
         last_checkpoint = last_timestamp = last_rollout = time.monotonic()
+        stalled: dict[str, str] = {}
         try:
             while not stop.wait(2.0):
-                notifier.watchdog()
+                stalled = self._check_loops(notifier, stalled)
+                if not stalled:
+                    notifier.watchdog()
                 with self.faults.guard("metrics"):  # a full disk must not stop serving
                     self.write_metrics(self.cfg.data_dir / "metrics.prom")
                 if time.monotonic() - last_checkpoint >= self.cfg.audit_checkpoint_s:
@@ -293,6 +312,21 @@ class SidecarApp:
             notifier.close()
             self.stop()
 
+    def _check_loops(self, notifier: Notifier, before: dict[str, str]) -> dict[str, str]:
+        """The stalled loops now; say so (log, STATUS, metrics) when that changed."""
+        stalled = self.health.stalled()
+        for beat in self.health.beats:
+            self.metrics.set("loop_stalled", 1 if beat.name in stalled else 0, loop=beat.name)
+        if stalled.keys() != before.keys():
+            if stalled:
+                text = "; ".join(f"{name}: {why}" for name, why in stalled.items())
+                log.error("loop stalled, withholding the watchdog: %s", text)
+                notifier.status(f"STALLED: {text}")
+            else:
+                log.warning("every loop makes progress again; watchdog resumed")
+                notifier.status(f"serving; store {self.store.counts()}")
+        return stalled
+
     def refresh_ota_timestamp(self) -> None:
         """Re-sign and republish the TUF timestamp well before it expires (ADR 0016)."""
         if not (tuf_available() and (tuf_repo_dir(self.cfg) / "metadata" / "1.root.json").exists()):
@@ -301,11 +335,15 @@ class SidecarApp:
             repo = open_repository(self.cfg, self.hsm)  # its flock orders it with train/CLI
             version = repo.refresh_timestamp()
             self.audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
-            repo.publish_metadata(
-                self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
-            )
+            self._publish_ota()
         except Exception:  # the next round tries again; devices keep the old one until expiry
             log.exception("could not refresh the OTA timestamp")
+
+    def _publish_ota(self) -> None:
+        """The repository's metadata, retained, as the OTA publisher: serve's own identity
+        may not write the OTA tree (ADR 0018), so this is a connection of its own."""
+        if not publish_metadata(self.cfg, f"cloud-sidecar-ota-{os.getpid()}"):
+            log.warning("the broker did not take every OTA metadata message")
 
     def step_rollout(self) -> str:
         """Widen, finish or abort a running rollout as the devices' reports say (ADR 0016)."""
@@ -318,9 +356,7 @@ class SidecarApp:
             before = path.read_bytes()
             out = rollout_command(self.cfg, "step", None, None)
             if path.read_bytes() != before:  # the repository changed: republish
-                open_repository(self.cfg, None).publish_metadata(
-                    self.cfg.ota.channel, lambda t, p, r: self.link.publish(t, p, qos=1, retain=r)
-                )
+                self._publish_ota()
             return out
         except Exception:  # the next round tries again
             log.exception("rollout step failed")

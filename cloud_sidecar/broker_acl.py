@@ -1,8 +1,9 @@
 """The production broker ACL for an operator's Mosquitto, and the sidecar's own identity.
 
 ``cloud-sidecar broker-acl --config cloud.json --label-source NAME ... --out FILE``
-writes ``fleet_protocol.acl.broker_acl`` for the admin identity this sidecar connects
-as (the CN of ``broker.client_cert``) and the given label sources; ``--enroll-out``
+writes ``fleet_protocol.acl.broker_acl`` for the admin identity ``serve`` connects
+as (the CN of ``broker.client_cert``), the OTA publisher (the CN of
+``broker.ota_client_cert``, which must differ) and the given label sources; ``--enroll-out``
 also writes the enrollment listener's ACL. Invariants: the certificate is read with a
 byte cap; the files are written atomically (temp, fsync, rename); any invalid or
 reserved identity is a ``ConfigError`` naming it, and nothing is written.
@@ -50,6 +51,17 @@ def admin_identity(cfg: SidecarConfig) -> str:
     return identity_of(cfg.broker.client_cert)
 
 
+def ota_publisher_identity(cfg: SidecarConfig) -> str | None:
+    """The identity OTA metadata is published as (``broker.ota_client_cert``), if any;
+    ``ConfigError`` when it is serve's own (the split would be void)."""
+    if cfg.broker.ota_client_cert is None:
+        return None
+    name = identity_of(cfg.broker.ota_client_cert)
+    if name == admin_identity(cfg):
+        raise ConfigError(f"broker.ota_client_cert has serve's own CN {name!r}: use another")
+    return name
+
+
 def write_broker_acl(
     cfg: SidecarConfig,
     label_sources: Sequence[str],
@@ -59,16 +71,19 @@ def write_broker_acl(
 ) -> str:
     """Write the device listener's ACL (and the enrollment and service listeners'); return
     the device listener's text."""
+    publisher = ota_publisher_identity(cfg)
+    publishers = [] if publisher is None else [publisher]
     try:
-        text = acl.broker_acl([admin_identity(cfg)], label_sources)
+        text = acl.broker_acl([admin_identity(cfg)], label_sources, ota_publishers=publishers)
+        service = acl.service_acl([admin_identity(cfg)], publishers)
     except ProtocolError as e:
         raise ConfigError(f"broker ACL: {e}") from e
     write_atomic(out, text.encode(), 0o644)
     if enroll_out is not None:
         write_atomic(enroll_out, acl.enroll_acl().encode(), 0o644)
     if service_out is not None:
-        write_atomic(service_out, acl.service_acl([admin_identity(cfg)]).encode(), 0o644)
+        write_atomic(service_out, service.encode(), 0o644)
     return text
 
 
-__all__ = ["admin_identity", "identity_of", "write_broker_acl"]
+__all__ = ["admin_identity", "identity_of", "ota_publisher_identity", "write_broker_acl"]

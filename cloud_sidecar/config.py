@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
@@ -45,9 +45,15 @@ class BrokerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8883, ge=1, le=65535)
     ca_cert: Path
-    client_cert: Path
+    client_cert: Path = Field(description="serve's identity (ingest, acks, enrollment)")
     client_key: Path
     region: Region
+    ota_client_cert: Path | None = Field(
+        None,
+        description="the OTA publisher's identity (another CN: the only one the broker lets"
+        " write the OTA tree, ADR 0018); needed to publish OTA metadata",
+    )
+    ota_client_key: Path | None = None
 
 
 class HsmConfig(_Strict):
@@ -302,15 +308,31 @@ class FleetConfig(_Strict):
     )
     ek_ca_certs: tuple[Path, ...] = Field(
         (),
-        description="certificates of the TPM manufacturers' EK CAs; when set, enrollment"
-        " asks each device to prove its identity key lives in a TPM with such an EK"
-        " (credential activation, docs/adr/0018); empty: not asked",
+        description="certificates of the TPM manufacturers' EK CAs: enrollment asks each"
+        " device to prove its identity key lives in a TPM with such an EK (credential"
+        " activation, docs/adr/0018); required unless allow_unattested_keys",
+    )
+    allow_unattested_keys: bool = Field(
+        False,
+        description="development only: enroll without credential activation when"
+        " ek_ca_certs is empty (any holder of a claim may enroll a software key);"
+        " logged and audited (fleet.unattested_keys_allowed) at every start",
     )
     crl_hook: tuple[str, ...] = Field(
         (),
         description="argv run with the CRL path appended after each revocation; it must"
         " make the broker(s) reload their CRL (devstack: devstack.mosquitto's reload-crl)",
     )
+
+    @model_validator(mode="after")
+    def _attested_unless_allowed(self) -> FleetConfig:
+        if not self.ek_ca_certs and not self.allow_unattested_keys:
+            raise ValueError(
+                "fleet.ek_ca_certs is empty: name the TPM manufacturers' EK CA certificates"
+                " (credential activation), or set fleet.allow_unattested_keys: true"
+                " (development only)"
+            )
+        return self
 
 
 class ResidencyConfig(_Strict):
@@ -346,6 +368,11 @@ class ResidencyConfig(_Strict):
 class MetricsConfig(_Strict):
     host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
     port: int = Field(9464, ge=0, le=65535, description="0: any free port (logged)")
+    textfile: Path | None = Field(
+        None,
+        description="`train` writes its progress here for node_exporter's textfile collector"
+        " (a *.prom name in --collector.textfile.directory); None: data_dir/metrics/train.prom",
+    )
 
 
 class SidecarConfig(_Strict):
@@ -369,6 +396,12 @@ class SidecarConfig(_Strict):
     residency: ResidencyConfig = ResidencyConfig()
     audit_checkpoint_s: float = Field(
         3600, ge=1, description="serve: seconds between HSM-signed audit checkpoints"
+    )
+    stall_s: float = Field(
+        30,
+        gt=0,
+        description="serve: a loop holding one message this long is stalled and stops the"
+        " watchdog pings (keep it under the unit's WatchdogSec=60)",
     )
     metrics: MetricsConfig | None = Field(
         None, description="serve GET /metrics here (docs/metrics.md); None: only metrics.prom"

@@ -4,7 +4,7 @@ Every command (serve, train, fleet, ota, audit) opens them here, so none of them
 import the composition root (``cloud_sidecar.app``). Invariants: the PKCS#11 module's
 path and environment pass ``cloud_sidecar.trust`` and the environment is set before the
 module loads; the broker link uses the sidecar's own mTLS
-identity from ``cfg.broker``; nothing here retries (the caller owns the policy).
+identity from ``cfg.broker`` (serve's, or the OTA publisher's for the OTA tree); nothing here retries (the caller owns the policy).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 
 from cloud_sidecar.config import SidecarConfig
+from cloud_sidecar.errors import ConfigError
 from cloud_sidecar.keys.hsm import Hsm
 from cloud_sidecar.trust import check_hsm_env, check_pkcs11_module
 from fleet_protocol.io.guard import LoopFaults
@@ -37,10 +38,19 @@ def open_link(
     on_message: Callable[[str, bytes], None] = _ignore,
     faults: LoopFaults | None = None,
     on_request: Callable[[str, bytes, str | None, bytes | None], None] | None = None,
+    *,
+    ota_publisher: bool = False,
 ) -> MqttLink:
+    """A link as serve's identity, or with ``ota_publisher`` as the OTA publisher's (the
+    only identity the broker lets write the OTA tree)."""
     b = cfg.broker
+    cert, key = b.client_cert, b.client_key
+    if ota_publisher:
+        if b.ota_client_cert is None or b.ota_client_key is None:
+            raise ConfigError("publishing OTA metadata needs broker.ota_client_cert and _key")
+        cert, key = b.ota_client_cert, b.ota_client_key
     return MqttLink(
-        MqttEndpoint(b.host, b.port, b.ca_cert, b.client_cert, b.client_key),
+        MqttEndpoint(b.host, b.port, b.ca_cert, cert, key),
         client_id=client_id,
         on_message=on_message,
         faults=faults,

@@ -2,8 +2,8 @@
 
 Owns: issuing one-time claims, answering enrollment, renewal and re-enrollment requests
 (verify the claim or the registered TPM identity, verify the CSR, sign a short-lived
-client certificate), revoking a device (store + CRL + broker reload hook), and the CA
-signer seam.
+client certificate), revoking a device (store + CRL + broker reload hook). The CA
+itself (``FleetCA``, the CRL, the reload hook) is cloud_sidecar/fleet_ca.py.
 
 Invariants:
 - a certificate is issued only after every check passed: request parsed within its
@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,29 +38,24 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloud_sidecar import attest
 from cloud_sidecar.audit import AuditLog
-from cloud_sidecar.broker_acl import admin_identity
+from cloud_sidecar.broker_acl import admin_identity, ota_publisher_identity
 from cloud_sidecar.config import SidecarConfig
 from cloud_sidecar.connect import open_hsm, open_link
-from cloud_sidecar.errors import CloudError, ConfigError, HsmError
+from cloud_sidecar.errors import ConfigError, HsmError
+from cloud_sidecar.fleet_ca import FleetCA, file_ca_signer, read_capped, run_crl_hook
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store_api import EnrollmentRecords
 from cloud_sidecar.trust import check_hook
 from fleet_protocol import enroll, topics
-from fleet_protocol.certs import CaSigner, KeySigner, authority_key_id, leaf_builder
+from fleet_protocol.certs import CaSigner
 from fleet_protocol.errors import MalformedError, ProtocolError, SignatureError
-from fleet_protocol.io.files import write_atomic
 from fleet_protocol.io.mqtt import TransportError
 
 log = logging.getLogger(__name__)
 
-MAX_CA_FILE_BYTES = 256 * 1024
-CLOCK_SKEW = dt.timedelta(minutes=5)
-CRL_VALID = dt.timedelta(days=365)
 # topic levels beside the devices', the shared claim certificate's CN, and the service
 # identities: the sidecar's default admin CN and broker client ids (cloud-sidecar-*)
 RESERVED_DEVICE_IDS = topics.RESERVED_DEVICE_IDS | {"claim", "cloud-sidecar", "admin", "broker"}
@@ -71,116 +65,12 @@ CLAIM_TAG = b"sovereign-edge claim record v2\x00"
 Reply = tuple[str, bytes]
 
 
-def _read_capped(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_CA_FILE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
-    if len(data) > MAX_CA_FILE_BYTES:
-        raise ConfigError(f"{path} is larger than {MAX_CA_FILE_BYTES} bytes")
-    return data
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
 def _ms(t: dt.datetime) -> int:
     return int(t.timestamp() * 1000)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# -- the CA ----------------------------------------------------------------------------
-
-
-def file_ca_signer(ca_dir: Path) -> KeySigner:
-    """The CA key file ``<ca_dir>/ca.key`` (DevCA's layout); for tests, never production."""
-    certificate = x509.load_pem_x509_certificate(_read_capped(ca_dir / "ca.pem"))
-    key = serialization.load_pem_private_key(_read_capped(ca_dir / "ca.key"), None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"{ca_dir / 'ca.key'} is not an EC private key")
-    if key.public_key() != certificate.public_key():
-        raise ConfigError(f"{ca_dir}: ca.key does not match ca.pem")
-    return KeySigner(certificate, key)
-
-
-class FleetCA:
-    """Issues device client certificates and maintains the CRL in ``crl_path``."""
-
-    def __init__(self, signer: CaSigner, crl_path: Path, cert_valid: dt.timedelta) -> None:
-        self.signer = signer
-        self.crl_path = crl_path
-        self.cert_valid = cert_valid
-        self._aki = authority_key_id(signer.certificate)
-
-    def issue(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
-        """A clientAuth certificate for the CSR's (already checked) subject and key."""
-        now = _now()
-        key = csr.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise MalformedError("CSR key is not EC", "bad_csr")
-        builder = leaf_builder(
-            subject=csr.subject,
-            issuer=self.signer.certificate,
-            public_key=key,
-            not_before=now - CLOCK_SKEW,
-            not_after=now + self.cert_valid,
-            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        )
-        return self.signer.sign_certificate(builder)
-
-    def revoke(self, serials: Sequence[int]) -> bool:
-        """Add ``serials`` to the CRL; False (nothing written) when all are listed already."""
-        old = x509.load_pem_x509_crl(_read_capped(self.crl_path))
-        if not old.is_signature_valid(self.signer.certificate.public_key()):  # type: ignore[arg-type]
-            raise CloudError(f"{self.crl_path} is not signed by the fleet CA")
-        entries = list(old)
-        listed = {e.serial_number for e in entries}
-        now = _now()
-        new = [s for s in dict.fromkeys(serials) if s not in listed]
-        if not new:
-            return False
-        entries += [
-            x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build()
-            for s in new
-        ]
-        number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        last = now - CLOCK_SKEW
-        if last <= old.last_update_utc:  # strictly later than the CRL it replaces
-            last = old.last_update_utc + dt.timedelta(seconds=1)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.signer.certificate.subject)
-            .last_update(last)
-            .next_update(last + CRL_VALID)
-            .add_extension(x509.CRLNumber(number + 1), critical=False)
-            .add_extension(self._aki, critical=False)
-        )
-        for entry in entries:
-            builder = builder.add_revoked_certificate(entry)
-        crl = self.signer.sign_crl(builder)
-        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
-        log.info("CRL %s: number %d, %d serials", self.crl_path, number + 1, len(entries))
-        return True
-
-
-def run_crl_hook(argv: Sequence[str], crl_path: Path, timeout_s: float = 30.0) -> None:
-    """Tell the broker(s) to reload the CRL: run ``argv + [crl_path]``; raise on failure."""
-    if not argv:
-        log.warning("no fleet.crl_hook configured: reload the broker's CRL (%s) yourself", crl_path)
-        return
-    try:
-        out = subprocess.run(
-            [*argv, str(crl_path)], capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CloudError(f"CRL hook {argv[0]} failed: {e}") from e
-    if out.returncode != 0:
-        raise CloudError(f"CRL hook {argv[0]} exited {out.returncode}: {out.stderr[-500:]}")
 
 
 # -- enrollment, renewal, revocation -----------------------------------------------------
@@ -291,12 +181,14 @@ class FleetService:
 
     def _enroll(self, topic: str, payload: bytes) -> Reply | None:
         req: enroll.EnrollRequest | None = None
-        claim_id = None
+        claim_id = channel = None
         try:
-            claim_id = topics.claim_of_enroll_request(topic)
+            channel = topics.claim_of_enroll_request(topic)
             req = enroll.EnrollRequest.from_bytes(payload)
-            if req.claim_id != claim_id:
-                raise MalformedError("request names another claim than its topic", "claim_mismatch")
+            claim_id = req.claim_id
+            if channel != enroll.session_channel(claim_id, req.token, req.nonce):
+                # another channel than this request's own: answer nobody (issue 9)
+                raise MalformedError("request is not on its session channel", "channel_mismatch")
             if self.policy.is_reserved(req.device_id):
                 raise MalformedError(f"{req.device_id!r} is reserved", "reserved_device_id")
             self._measure_clock(req.created_at_ms, "enroll", req.device_id)
@@ -326,7 +218,7 @@ class FleetService:
                 raise SignatureError(f"claim {claim_id} refused: {why}", why)
             if ek is not None and name is not None:
                 ch = attest.challenge(ek, name)
-                self._pending.put(claim_id, req.nonce, req, csr, record, ch.secret)
+                self._pending.put(channel, req.nonce, req, csr, record, ch.secret)
                 self.metrics.inc("fleet_challenged_total")
                 challenge = enroll.ActivationChallenge(
                     device_id=req.device_id,
@@ -334,25 +226,27 @@ class FleetService:
                     credential_blob=ch.credential_blob,
                     encrypted_secret=ch.encrypted_secret,
                 )
-                return topics.enroll_response(claim_id), challenge.to_bytes()
+                return topics.enroll_response(channel), challenge.to_bytes()
         except ProtocolError as e:
             self._rejected("enroll", req.device_id if req else "?", e, claim_id=claim_id)
-            if req is None or claim_id is None:
+            if req is None or channel is None or e.reason == "channel_mismatch":
                 return None
-            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
+            return topics.enroll_response(channel), self._refusal(req, e.reason)
         return self._issue_enrollment(claim_id, req, csr, record)
 
     def _activate(self, topic: str, proof: enroll.ActivationProof) -> Reply | None:
         """The answer to a credential-activation challenge: issue, or refuse."""
-        claim_id = topics.claim_of_enroll_request(topic)
+        claim_id = proof.claim_id
         try:
-            if proof.claim_id != claim_id:
-                raise MalformedError("proof names another claim than its topic", "claim_mismatch")
+            channel = topics.claim_of_enroll_request(topic)
             try:
                 secret = base64.b64decode(proof.secret, validate=True)
             except ValueError as e:
                 raise MalformedError("secret is not base64", "activation_failed") from e
-            pending = self._pending.take(claim_id, proof.nonce, proof.device_id, secret)
+            # the challenge was sent on its request's channel: the proof must come back there
+            pending = self._pending.take(channel, proof.nonce, proof.device_id, secret)
+            if pending.request.claim_id != claim_id:
+                raise MalformedError("proof names another claim", "claim_mismatch")
         except ProtocolError as e:
             self._rejected("enroll", proof.device_id, e, claim_id=claim_id)
             return None  # nothing to bind a refusal to: the device times out or resends
@@ -383,7 +277,7 @@ class FleetService:
                 self._record(cert, req.device_id, "enroll")
         except ProtocolError as e:
             self._rejected("enroll", req.device_id, e, claim_id=claim_id)
-            return topics.enroll_response(claim_id), self._refusal(req, e.reason)
+            return topics.enroll_response(_channel_of(req)), self._refusal(req, e.reason)
         self.audit.append(
             "fleet.enrolled",
             req.device_id,
@@ -394,7 +288,9 @@ class FleetService:
         )
         self.metrics.inc("fleet_enrolled_total")
         log.info("enrolled %s (identity key %s)", req.device_id, device.key_id)
-        return topics.enroll_response(claim_id), self._issued(req.device_id, req.nonce, cert)
+        return topics.enroll_response(_channel_of(req)), self._issued(
+            req.device_id, req.nonce, cert
+        )
 
     def _renew(self, topic: str, payload: bytes) -> Reply | None:
         device: str | None = None
@@ -559,6 +455,11 @@ class FleetService:
         ).to_bytes()
 
 
+def _channel_of(req: enroll.EnrollRequest) -> str:
+    """The one channel an enrollment's answers go to (``enroll.session_channel``)."""
+    return enroll.session_channel(req.claim_id, req.token, req.nonce)
+
+
 def open_fleet(
     cfg: SidecarConfig, store: EnrollmentRecords, audit: AuditLog, metrics: Metrics
 ) -> FleetService:
@@ -567,17 +468,23 @@ def open_fleet(
     if f is None:
         raise ConfigError("the configuration has no fleet section (fleet.ca_dir)")
     check_hook(f.crl_hook)  # config is code: only a trusted program runs after a revocation
+    if not f.ek_ca_certs:  # FleetConfig allows this only with allow_unattested_keys
+        log.warning(
+            "fleet.allow_unattested_keys: enrollment does NOT check that identity keys live"
+            " in a TPM (development only)"
+        )
+        audit.append("fleet.unattested_keys_allowed", "fleet", ek_ca_certs=0)
     signer: CaSigner
     if f.ca_signer == "hsm":
         from cloud_sidecar.ca import HsmCaSigner
 
-        ca_cert = x509.load_pem_x509_certificate(_read_capped(f.ca_dir / "ca.pem"))
+        ca_cert = x509.load_pem_x509_certificate(read_capped(f.ca_dir / "ca.pem"))
         signer = HsmCaSigner(lambda: open_hsm(cfg), ca_cert)
     else:
         signer = file_ca_signer(f.ca_dir)
     ca = FleetCA(signer, f.ca_dir / "crl.pem", dt.timedelta(seconds=f.cert_valid_s))
     # the sidecar's own CN too: a device of that name would get the admin's ACL
-    reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)}
+    reserved = RESERVED_DEVICE_IDS | {admin_identity(cfg)} | {ota_publisher_identity(cfg) or ""}
     policy = FleetPolicy(f.claim_ttl_s, f.max_clock_skew_s, reserved)
 
     def claim_mac(data: bytes) -> bytes:
@@ -592,7 +499,7 @@ def open_fleet(
         policy,
         lambda p: run_crl_hook(f.crl_hook, p),
         claim_mac=claim_mac,
-        ek_issuers=[x509.load_pem_x509_certificate(_read_capped(p)) for p in f.ek_ca_certs],
+        ek_issuers=[x509.load_pem_x509_certificate(read_capped(p)) for p in f.ek_ca_certs],
     )
 
 
@@ -618,11 +525,8 @@ def end_session(cfg: SidecarConfig, device_id: str, wait_s: float = 10.0) -> boo
 
 __all__ = [
     "CaSigner",
-    "file_ca_signer",
-    "FleetCA",
     "FleetPolicy",
     "FleetService",
     "end_session",
     "open_fleet",
-    "run_crl_hook",
 ]

@@ -2,9 +2,8 @@
 
 Owns ``SPECS`` (every family ``cloud-sidecar serve`` exports: names, units, labels;
 documented in ``docs/metrics.md``), ``Metrics()`` (a fresh set of them) and
-``TrainProgress`` (the oneshot trainer's families, ``sidecar_train_*``, written after
-each step to ``data_dir/metrics/train.prom`` for node_exporter's textfile collector,
-since a oneshot has no endpoint to scrape).
+``TRAIN_SPECS`` (the oneshot trainer's families, ``sidecar_train_*``, which
+``cloud_sidecar.train_metrics`` writes as a textfile for node_exporter).
 
 Invariants: every ``inc``/``set`` names a family declared here (``KeyError`` otherwise);
 label values are bounded sets (reasons, states, labels, device ids of enrolled devices),
@@ -13,11 +12,7 @@ never free text from a message.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from fleet_protocol.io import metrics as m
-from fleet_protocol.io.files import write_atomic
 
 PREFIX = "sidecar"
 
@@ -100,14 +95,42 @@ SPECS = (
         "Unix time the device's newest certificate (issued since start) expires.",
         ("device",),
     ),
+    m.Spec(
+        "loop_stalled",
+        "gauge",
+        "1 for a serve loop stalled (one item in hand for stall_s, or its thread gone).",
+        ("loop",),
+    ),
     m.Spec("up", "gauge", "1 while the sidecar serves."),
 )
 
-TRAIN_STEPS = ("dataset", "train", "gate", "signed", "published")
+TRAIN_PHASES = ("dataset", "train", "gate", "registered")
 TRAIN_SPECS = (
-    m.Spec("train_progress_ratio", "gauge", "Share of the run's steps done (0 to 1)."),
-    m.Spec("train_step", "gauge", "1 for the step the last run reached.", ("step",)),
-    m.Spec("train_loss", "gauge", "Final training loss of the last run (cross-entropy)."),
+    m.Spec("train_phase", "gauge", "1 for the phase the current or last run is in.", ("phase",)),
+    m.Spec(
+        "train_progress_ratio", "gauge", "Share of the run's planned optimizer steps done (0 to 1)."
+    ),
+    m.Spec(
+        "train_steps_total",
+        "counter",
+        "Optimizer steps done by the current or last run (a resumed run starts at its checkpoint).",
+    ),
+    m.Spec("train_steps_planned", "gauge", "Optimizer steps the run plans (epochs x batches)."),
+    m.Spec("train_loss", "gauge", "Training loss at the last logged step (cross-entropy, nats)."),
+    m.Spec("train_val_loss", "gauge", "Validation loss at the last logged step (nats)."),
+    m.Spec("train_grad_norm", "gauge", "Global L2 norm of the adapter's gradients, last step."),
+    m.Spec("train_learning_rate", "gauge", "Learning rate of the last step (one-cycle schedule)."),
+    m.Spec(
+        "train_step_seconds", "gauge", "Mean wall time of one optimizer step since the last log."
+    ),
+    m.Spec(
+        "train_projected_cost",
+        "gauge",
+        "Extrapolated cost of the run (train.price_per_hour's currency).",
+    ),
+    m.Spec(
+        "train_alerts_total", "counter", "Training alerts raised by the run, by kind.", ("kind",)
+    ),
     m.Spec("train_gate_passed", "gauge", "1 when the last candidate passed the gate, else 0."),
     m.Spec("train_failed", "gauge", "1 when the last run ended in an error, else 0."),
     m.Spec("train_last_run_timestamp_seconds", "gauge", "Unix time of the last update."),
@@ -119,28 +142,3 @@ class Metrics(m.Metrics):
 
     def __init__(self) -> None:
         super().__init__(PREFIX, SPECS)
-
-
-class TrainProgress:
-    """The trainer's families, rewritten atomically after every step."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "metrics" / "train.prom"
-        self.metrics = m.Metrics(PREFIX, TRAIN_SPECS)
-        self.metrics.set("train_failed", 0)
-
-    def step(self, step: str, **gauges: float) -> None:
-        self.metrics.clear("train_step")
-        self.metrics.set("train_step", 1, step=step)
-        self.metrics.set("train_progress_ratio", (TRAIN_STEPS.index(step) + 1) / len(TRAIN_STEPS))
-        for name, value in gauges.items():
-            self.metrics.set(name, value)
-        self._write()
-
-    def failed(self) -> None:
-        self.metrics.set("train_failed", 1)
-        self._write()
-
-    def _write(self) -> None:
-        self.metrics.set("train_last_run_timestamp_seconds", time.time())
-        write_atomic(self.path, self.metrics.render().encode(), 0o644)

@@ -142,9 +142,9 @@ def refresh_timestamp(cfg: SidecarConfig, hsm: Hsm) -> int:
 
 
 def publish_metadata(cfg: SidecarConfig, client_id: str) -> bool:
-    """Every current metadata file as a retained message over the sidecar's mTLS identity."""
+    """Every current metadata file as a retained message, as the OTA publisher."""
     repo = open_repository(cfg, None)
-    link = open_link(cfg, client_id)
+    link = open_link(cfg, client_id, ota_publisher=True)
     link.start(wait_s=15)
     try:
         return repo.publish_metadata(

@@ -197,9 +197,9 @@ class OtaRepository:
 def publish_via_broker(
     cfg: SidecarConfig, repo: OtaRepository, pub: Publication, client_id: str
 ) -> bool:
-    """Publish ``pub`` as retained messages over the sidecar's own mTLS identity."""
+    """Publish ``pub`` as retained messages as the OTA publisher (its own identity)."""
 
-    link = open_link(cfg, client_id)
+    link = open_link(cfg, client_id, ota_publisher=True)
     link.start(wait_s=15)
     try:
         return repo.publish(pub, lambda t, p, r: link.publish(t, p, qos=1, retain=r))

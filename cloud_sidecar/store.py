@@ -24,7 +24,11 @@ Invariants:
   sample's label is the one whose span holds its window's midpoint (capture time +
   half a window), joined when a dataset is built, so labels may arrive before or after
   the samples they describe, and unlabelled samples stay;
-- schema upgrades run in order, each in one transaction (``_UPGRADES``).
+- schema upgrades run in order, each in one transaction (cloud_sidecar/store_schema.py);
+  upgrade 5 seals every feature row stored in clear under a new data key;
+- feature windows are stored only sealed (``store_api.encode_features``, a data key
+  wrapped by the HSM, docs/adr/0022); a store opened without ``data_keys`` serves
+  everything but features, and stores none.
 """
 
 from __future__ import annotations
@@ -33,15 +37,21 @@ import logging
 import sqlite3
 import threading
 import time
-import zlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from cloud_sidecar.data_keys import DataKeyRow, DataKeys, is_sealed
 from cloud_sidecar.errors import LabelError, StoreError
-from cloud_sidecar.store_api import FEATURE_SHAPE, claim_refusal, decode_features
+from cloud_sidecar.store_api import (
+    claim_refusal,
+    encode_features,
+    open_features,
+    seal_plaintext_features,
+)
+from cloud_sidecar.store_schema import SCHEMA, SCHEMA_VERSION, UPGRADES
 from fleet_protocol.batch import Batch
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
@@ -49,102 +59,7 @@ from fleet_protocol.labels import WINDOW_MS
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
 REPLAY_WINDOW = 4096  # sequence numbers per device and epoch accepted out of order
-_SCHEMA = """
-CREATE TABLE devices (
-    device_id TEXT PRIMARY KEY,
-    public_key_pem BLOB NOT NULL,
-    key_id TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'active',
-    registered_at_ms INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL DEFAULT -1
-);
-CREATE TABLE batches (
-    batch_id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    seq INTEGER NOT NULL,
-    digest TEXT NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    n_samples INTEGER NOT NULL,
-    region TEXT NOT NULL
-);
-CREATE TABLE samples (
-    sample_id TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    batch_id TEXT NOT NULL REFERENCES batches(batch_id),
-    captured_at_ms INTEGER NOT NULL,
-    predicted TEXT NOT NULL,
-    score REAL NOT NULL,
-    feedback TEXT,
-    reason TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    features BLOB NOT NULL,
-    region TEXT NOT NULL,
-    PRIMARY KEY (device_id, sample_id)
-);
-"""
-
-
-# Upgrade steps: _UPGRADES[n] takes a store at version n-1 to version n (one transaction).
-_UPGRADES: dict[int, str] = {
-    # 2: enrollment (cloud_sidecar/fleet.py): one-time claims, issued certificate serials
-    2: """
-CREATE TABLE claims (
-    claim_id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    token_hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL,
-    used_at_ms INTEGER,
-    region TEXT NOT NULL
-);
-CREATE TABLE certificates (
-    serial TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    not_before_ms INTEGER NOT NULL,
-    not_after_ms INTEGER NOT NULL,
-    issued_at_ms INTEGER NOT NULL,
-    via TEXT NOT NULL,
-    revoked_at_ms INTEGER,
-    region TEXT NOT NULL
-);
-CREATE INDEX certificates_device ON certificates(device_id);
-""",
-    # 3: labels come from outside the device (cloud_sidecar/labels.py), joined to samples
-    # by device and capture time; the simulated per-sample feedback column goes
-    3: """
-CREATE TABLE labels (
-    label_id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    start_ms INTEGER NOT NULL,
-    end_ms INTEGER NOT NULL,
-    label TEXT NOT NULL,
-    source TEXT NOT NULL,
-    import_id TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL,
-    region TEXT NOT NULL
-);
-CREATE INDEX labels_device_time ON labels(device_id, start_ms);
-CREATE INDEX samples_device_time ON samples(device_id, captured_at_ms);
-ALTER TABLE samples DROP COLUMN feedback;
-""",
-    # 4: replay window per device and sequence epoch (docs/adr/0017); batches so far are
-    # epoch 0 (envelope header v1), whose window starts at the old strict ``last_seq``
-    4: """
-ALTER TABLE batches ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
-CREATE UNIQUE INDEX batches_device_epoch_seq ON batches(device_id, epoch, seq);
-CREATE TABLE replay_windows (
-    device_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    max_seq INTEGER NOT NULL,
-    updated_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (device_id, epoch)
-);
-INSERT INTO replay_windows SELECT device_id, 0, last_seq, registered_at_ms FROM devices
-    WHERE last_seq >= 0;
-""",
-}
 
 
 @dataclass(frozen=True)
@@ -182,11 +97,19 @@ class LabelSpan:
 class Store:
     """The SQLite implementation of ``store_api.SidecarStore`` (the embedded default)."""
 
-    def __init__(self, path: Path, region: str, replay_window: int = REPLAY_WINDOW) -> None:
+    def __init__(
+        self,
+        path: Path,
+        region: str,
+        replay_window: int = REPLAY_WINDOW,
+        *,
+        data_keys: DataKeys | None = None,
+    ) -> None:
         if replay_window < 1:
             raise StoreError("replay_window must be at least 1")
         self.region = region
         self.replay_window = replay_window
+        self._keys = data_keys
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -195,16 +118,71 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             (version,) = self._db.execute("PRAGMA user_version").fetchone()
             if version == 0:
-                self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version=1; COMMIT;")
+                self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version=1; COMMIT;")
                 version = 1
             if version > SCHEMA_VERSION:
                 raise StoreError(f"store schema {version} is newer than {SCHEMA_VERSION}")
             for step in range(version + 1, SCHEMA_VERSION + 1):
+                if step == 5:
+                    self._upgrade_sealing()
+                    continue
                 self._db.executescript(
-                    f"BEGIN; {_UPGRADES[step]} PRAGMA user_version={step}; COMMIT;"
+                    f"BEGIN; {UPGRADES[step]} PRAGMA user_version={step}; COMMIT;"
                 )
+            if data_keys is not None:
+                rows = self._db.execute("SELECT kid, wrapped, created_at_ms FROM data_keys")
+                data_keys.load(DataKeyRow(k, bytes(w), t) for k, w, t in rows.fetchall())
+                data_keys.fetch = self._data_key_row
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {path}: {e}") from e
+
+    def _upgrade_sealing(self) -> None:
+        """Schema 5: the data key table, and every feature row stored in clear sealed."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(UPGRADES[5])
+            rows = self._db.execute("SELECT device_id, sample_id, features FROM samples")
+            clear = [r for r in rows.fetchall() if not is_sealed(r[2])]
+            if clear:
+                if self._keys is None:
+                    raise StoreError("schema 5 seals the stored features: open with data keys")
+                key = self._keys.create()
+                self._db.execute("INSERT INTO data_keys VALUES (?,?,?)", astuple(key))
+                self._keys.adopt(key, f"schema 5 sealed {len(clear)} rows stored in clear")
+                self._db.executemany(
+                    "UPDATE samples SET features=? WHERE device_id=? AND sample_id=?",
+                    [(seal_plaintext_features(f, self._keys, d, i), d, i) for d, i, f in clear],
+                )
+                log.info("schema 5: sealed %d stored feature rows under %s", len(clear), key.kid)
+            self._db.execute("PRAGMA user_version=5")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _data_key_row(self, kid: str) -> DataKeyRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT kid, wrapped, created_at_ms FROM data_keys WHERE kid=?", (kid,)
+            ).fetchone()
+        return None if row is None else DataKeyRow(row[0], bytes(row[1]), row[2])
+
+    def ensure_data_key(self) -> str | None:
+        if self._keys is None:
+            raise StoreError("this store was opened without data keys (the HSM)")
+        return None if self._keys.current_kid is not None else self.rotate_data_key("first")
+
+    def rotate_data_key(self, reason: str = "rotated") -> str:
+        if self._keys is None:
+            raise StoreError("this store was opened without data keys (the HSM)")
+        key = self._keys.create()
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO data_keys VALUES (?,?,?)", astuple(key))
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot store data key {key.kid}: {e}") from e
+        self._keys.adopt(key, reason)
+        return key.kid
 
     def close(self) -> None:
         with self._lock:
@@ -375,6 +353,8 @@ class Store:
         when SQLite fails (disk full, I/O): nothing stored, try again later.
         """
         now = int(time.time() * 1000)
+        if batch.samples:
+            self.ensure_data_key()
         rows = [
             (
                 s.sample_id,
@@ -385,7 +365,7 @@ class Store:
                 s.score,
                 s.reason,
                 s.model_sha256,
-                zlib.compress(np.asarray(batch.features[i], dtype="<f2").tobytes()),
+                encode_features(batch.features[i], self._keys, batch.device, s.sample_id),
                 self.region,
             )
             for i, s in enumerate(batch.samples)
@@ -502,20 +482,17 @@ class Store:
         return [LabelledSample(*r) for r in rows]
 
     def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(keys), *FEATURE_SHAPE), dtype=np.float32)
         with self._lock:
-            for i, (device_id, sample_id) in enumerate(keys):
+            blobs = []
+            for device_id, sample_id in keys:
                 row = self._db.execute(
                     "SELECT features FROM samples WHERE device_id=? AND sample_id=?",
                     (device_id, sample_id),
                 ).fetchone()
                 if row is None:
                     raise StoreError(f"no stored sample {device_id}/{sample_id}")
-                try:
-                    out[i] = decode_features(row[0])
-                except StoreError as e:
-                    raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
-        return out
+                blobs.append(bytes(row[0]))
+        return open_features(self._keys, keys, blobs)
 
     def delete_samples(self, keys: list[tuple[str, str]]) -> int:
         """Delete these samples (residual speech) in one transaction; returns how many."""

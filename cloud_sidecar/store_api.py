@@ -13,8 +13,10 @@ Invariants:
   real PostgreSQL server started by devstack; behaviour that suite does not pin down
   is not part of the interface;
 - a stored feature window is ``encode_features``' bytes (zlib of little-endian float16
-  in ``FEATURE_SHAPE``), the same in every implementation; the shape comes from
-  ``fleet_protocol.features``, never from a literal here;
+  in ``FEATURE_SHAPE``, AES-256-GCM-sealed under a data key wrapped by the HSM, bound
+  to its row: cloud_sidecar/data_keys.py, docs/adr/0022), the same in every
+  implementation; no store writes or returns a window in clear without its data keys;
+  the shape comes from ``fleet_protocol.features``, never from a literal here;
 - every implementation upgrades its schema in numbered steps, one transaction each,
   to ``SCHEMA_VERSION`` and refuses a store newer than the code.
 """
@@ -28,11 +30,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from cloud_sidecar.data_keys import row_aad
 from cloud_sidecar.errors import StoreError
 from fleet_protocol.features import N_BANDS, N_FRAMES
 
 if TYPE_CHECKING:
+    from cloud_sidecar.audit import AuditLog
     from cloud_sidecar.config import SidecarConfig
+    from cloud_sidecar.data_keys import DataKeys
     from cloud_sidecar.store import Device, LabelledSample, LabelSpan
     from fleet_protocol.batch import Batch
 
@@ -40,21 +45,56 @@ FEATURE_SHAPE: tuple[int, ...] = (N_BANDS, N_FRAMES)
 MAX_FEATURE_BLOB = 4 * 1024 * 1024  # decompressed bytes cap of one stored window
 
 
-def encode_features(window: npt.ArrayLike) -> bytes:
-    """One window's stored bytes (zlib of ``<f2`` in ``FEATURE_SHAPE``)."""
+def encode_features(
+    window: npt.ArrayLike, keys: DataKeys | None, device_id: str, sample_id: str
+) -> bytes:
+    """One window's stored bytes: zlib of ``<f2`` in ``FEATURE_SHAPE``, sealed under the
+    store's current data key for the row ``(device_id, sample_id)`` (data_keys.py)."""
     arr = np.asarray(window, dtype="<f2")
     if arr.shape != FEATURE_SHAPE:
         raise StoreError(f"feature window of shape {arr.shape}, expected {FEATURE_SHAPE}")
-    return zlib.compress(arr.tobytes())
+    return _require(keys).seal(zlib.compress(arr.tobytes()), row_aad(device_id, sample_id))
 
 
-def decode_features(blob: bytes) -> npt.NDArray[np.float32]:
-    """The float32 window stored as ``blob``; ``StoreError`` if it is not one."""
+def decode_features(
+    blob: bytes, keys: DataKeys | None, device_id: str, sample_id: str
+) -> npt.NDArray[np.float32]:
+    """The float32 window stored as ``blob`` in row ``(device_id, sample_id)``;
+    ``StoreError`` if it is not one or does not open under the store's data keys."""
+    return _decode_plain(_require(keys).open(blob, row_aad(device_id, sample_id)))
+
+
+def seal_plaintext_features(blob: bytes, keys: DataKeys, device_id: str, sample_id: str) -> bytes:
+    """A row stored before schema 5 (plaintext zlib), checked and sealed (the migration)."""
+    return encode_features(_decode_plain(blob), keys, device_id, sample_id)
+
+
+def open_features(
+    data_keys: DataKeys | None, keys: list[tuple[str, str]], blobs: list[bytes]
+) -> npt.NDArray[np.float32]:
+    """The windows stored as ``blobs`` in rows ``keys`` (call it outside a store's lock:
+    opening may ask the HSM, or the store, for a data key)."""
+    out = np.empty((len(keys), *FEATURE_SHAPE), dtype=np.float32)
+    for i, ((device_id, sample_id), blob) in enumerate(zip(keys, blobs, strict=True)):
+        try:
+            out[i] = decode_features(blob, data_keys, device_id, sample_id)
+        except StoreError as e:
+            raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
+    return out
+
+
+def _decode_plain(plain: bytes) -> npt.NDArray[np.float32]:
     try:
-        raw = zlib.decompressobj().decompress(bytes(blob), MAX_FEATURE_BLOB)
+        raw = zlib.decompressobj().decompress(bytes(plain), MAX_FEATURE_BLOB)
         return np.frombuffer(raw, dtype="<f2").reshape(FEATURE_SHAPE).astype(np.float32)
     except (zlib.error, ValueError) as e:
         raise StoreError(f"stored feature window is corrupt: {e}") from e
+
+
+def _require(keys: DataKeys | None) -> DataKeys:
+    if keys is None:
+        raise StoreError("this store was opened without data keys (the HSM): features are sealed")
+    return keys
 
 
 def claim_refusal(
@@ -145,15 +185,34 @@ class SidecarStore(EnrollmentRecords, BatchSink, LabelRecords, TrainingData, Pro
 
     def capture_times(self) -> dict[str, list[int]]: ...
 
+    def ensure_data_key(self) -> str | None:
+        """Make the first data key if there is none: its kid, or None when one existed."""
+        ...
+
+    def rotate_data_key(self, reason: str = "rotated") -> str:
+        """A new current data key (its kid); rows sealed before stay readable."""
+        ...
+
     def close(self) -> None: ...
 
 
-def open_store(cfg: SidecarConfig) -> SidecarStore:
-    """The store ``cfg.store`` names (SQLite under ``data_dir`` by default)."""
+def open_store(cfg: SidecarConfig, audit: AuditLog | None = None) -> SidecarStore:
+    """The store ``cfg.store`` names (SQLite under ``data_dir`` by default), its feature
+    data keys wrapped by the configured HSM (opened only when a key is first needed);
+    every data key it creates is audited (``store.data_key_created``) in ``audit``, or
+    in the configured audit log."""
+    from cloud_sidecar.connect import open_hsm
+    from cloud_sidecar.data_keys import DataKeyRow, DataKeys, HsmCustody
+
+    def on_new(row: DataKeyRow, reason: str) -> None:
+        log = audit if audit is not None else cfg.open_audit()
+        log.append("store.data_key_created", row.kid, reason=reason, backend=cfg.store.backend)
+
+    keys = DataKeys(HsmCustody(lambda: open_hsm(cfg)), on_new)
     if cfg.store.backend == "postgresql":
         from cloud_sidecar.store_pg import PgStore
 
-        return PgStore(cfg.store.conninfo(), cfg.store.region or cfg.region)
+        return PgStore(cfg.store.conninfo(), cfg.store.region or cfg.region, data_keys=keys)
     from cloud_sidecar.store import Store
 
-    return Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    return Store(cfg.data_dir / "store.sqlite3", cfg.region, data_keys=keys)

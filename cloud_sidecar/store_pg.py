@@ -25,25 +25,27 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import astuple
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from cloud_sidecar.data_keys import DataKeyRow, DataKeys, is_sealed
 from cloud_sidecar.errors import LabelError, StoreError
 from cloud_sidecar.store import (
     REPLAY_WINDOW,
-    SCHEMA_VERSION,
     Device,
     LabelledSample,
     LabelSpan,
 )
 from cloud_sidecar.store_api import (
-    FEATURE_SHAPE,
     claim_refusal,
-    decode_features,
     encode_features,
+    open_features,
+    seal_plaintext_features,
 )
+from cloud_sidecar.store_schema import SCHEMA_VERSION
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.labels import WINDOW_MS
@@ -138,6 +140,15 @@ CREATE TABLE replay_windows (
 INSERT INTO replay_windows SELECT device_id, 0, last_seq, registered_at_ms FROM devices
     WHERE last_seq >= 0;
 """,
+    # 5: feature rows sealed under data keys wrapped by the HSM (docs/adr/0022); the rows
+    # stored in clear before are sealed by ``PgStore._seal_clear_rows`` in this transaction
+    5: """
+CREATE TABLE data_keys (
+    kid TEXT PRIMARY KEY,
+    wrapped BYTEA NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+""",
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1)), "one migration per version"
 
@@ -156,6 +167,7 @@ class PgStore:
         replay_window: int = REPLAY_WINDOW,
         *,
         connect_timeout_s: int = 10,
+        data_keys: DataKeys | None = None,
     ) -> None:
         if replay_window < 1:
             raise StoreError("replay_window must be at least 1")
@@ -167,11 +179,18 @@ class PgStore:
                 "store backend postgresql needs the psycopg package (psycopg 3)"
             ) from e
         self._psycopg: Any = psycopg
+        self._keys = data_keys
         self.region = region
         self._lock = threading.Lock()
         try:
             self._db = psycopg.connect(conninfo, autocommit=True, connect_timeout=connect_timeout_s)
             self._migrate()
+            if data_keys is not None:
+                with self._tx() as cur:
+                    cur.execute("SELECT kid, wrapped, created_at_ms FROM data_keys")
+                    rows = cur.fetchall()
+                data_keys.load(DataKeyRow(k, bytes(w), t) for k, w, t in rows)
+                data_keys.fetch = self._data_key_row
         except psycopg.Error as e:
             raise StoreError(f"cannot open the postgresql store: {e}") from e
 
@@ -207,7 +226,45 @@ class PgStore:
                 if cur.fetchone() is not None:  # another process applied it meanwhile
                     continue
                 cur.execute(MIGRATIONS[step])
+                if step == 5:
+                    self._seal_clear_rows(cur)
                 cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (step, _now_ms()))
+
+    def _seal_clear_rows(self, cur: Any) -> None:
+        """Migration 5: every feature row stored in clear, sealed under a new data key."""
+        cur.execute("SELECT device_id, sample_id, features FROM samples")
+        clear = [r for r in cur.fetchall() if not is_sealed(bytes(r[2]))]
+        if not clear:
+            return
+        if self._keys is None:
+            raise StoreError("schema 5 seals the stored features: open with data keys")
+        key = self._keys.create()
+        cur.execute("INSERT INTO data_keys VALUES (%s,%s,%s)", astuple(key))
+        self._keys.adopt(key, f"schema 5 sealed {len(clear)} rows stored in clear")
+        cur.executemany(
+            "UPDATE samples SET features=%s WHERE device_id=%s AND sample_id=%s",
+            [(seal_plaintext_features(bytes(f), self._keys, d, i), d, i) for d, i, f in clear],
+        )
+
+    def _data_key_row(self, kid: str) -> DataKeyRow | None:
+        with self._tx() as cur:
+            cur.execute("SELECT kid, wrapped, created_at_ms FROM data_keys WHERE kid=%s", (kid,))
+            row = cur.fetchone()
+        return None if row is None else DataKeyRow(row[0], bytes(row[1]), row[2])
+
+    def ensure_data_key(self) -> str | None:
+        if self._keys is None:
+            raise StoreError("this store was opened without data keys (the HSM)")
+        return None if self._keys.current_kid is not None else self.rotate_data_key("first")
+
+    def rotate_data_key(self, reason: str = "rotated") -> str:
+        if self._keys is None:
+            raise StoreError("this store was opened without data keys (the HSM)")
+        key = self._keys.create()
+        with self._tx() as cur:
+            cur.execute("INSERT INTO data_keys VALUES (%s,%s,%s)", astuple(key))
+        self._keys.adopt(key, reason)
+        return key.kid
 
     @property
     def schema_version(self) -> int:
@@ -358,6 +415,8 @@ class PgStore:
             raise ReplayError(f"sequence {seq} (epoch {epoch}) is stored as batch {taken[0]}")
 
     def put_batch(self, batch_id: str, seq: int, digest: str, batch: Batch, epoch: int = 0) -> None:
+        if batch.samples:
+            self.ensure_data_key()
         rows = [
             (
                 s.sample_id,
@@ -368,7 +427,7 @@ class PgStore:
                 s.score,
                 s.reason,
                 s.model_sha256,
-                encode_features(batch.features[i]),
+                encode_features(batch.features[i], self._keys, batch.device, s.sample_id),
                 self.region,
             )
             for i, s in enumerate(batch.samples)
@@ -461,9 +520,9 @@ class PgStore:
         return [LabelledSample(*r) for r in rows]
 
     def features(self, keys: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(keys), *FEATURE_SHAPE), dtype=np.float32)
+        blobs = []
         with self._tx() as cur:
-            for i, (device_id, sample_id) in enumerate(keys):
+            for device_id, sample_id in keys:
                 cur.execute(
                     "SELECT features FROM samples WHERE device_id=%s AND sample_id=%s",
                     (device_id, sample_id),
@@ -471,11 +530,8 @@ class PgStore:
                 row = cur.fetchone()
                 if row is None:
                     raise StoreError(f"no stored sample {device_id}/{sample_id}")
-                try:
-                    out[i] = decode_features(row[0])
-                except StoreError as e:
-                    raise StoreError(f"sample {device_id}/{sample_id}: {e}") from e
-        return out
+                blobs.append(bytes(row[0]))
+        return open_features(self._keys, keys, blobs)
 
     def delete_samples(self, keys: list[tuple[str, str]]) -> int:
         n = 0

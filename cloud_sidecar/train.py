@@ -62,6 +62,7 @@ from cloud_sidecar.registry import (
 from cloud_sidecar.residual_scan import load_scanner
 from cloud_sidecar.sbom import SBOM_FILE, write_sbom
 from cloud_sidecar.store_api import TrainingData, open_store
+from cloud_sidecar.train_metrics import ProgressMonitor, TrainProgress, textfile_path, tracked
 from fleet_model import ModelError, merge_and_quantize
 from fleet_model.golden import encode_golden, parse_golden
 from fleet_protocol.io.files import file_sha256, write_atomic
@@ -258,6 +259,12 @@ def _model_card_md(card: dict[str, Any]) -> str:
 
 
 def run_training(cfg: SidecarConfig) -> dict[str, Any]:
+    """One run; its progress and outcome go to the trainer's textfile (train_metrics)."""
+    with tracked(textfile_path(cfg)) as progress:
+        return _run(cfg, progress)
+
+
+def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.check_residency()
     audit = cfg.open_audit()
@@ -311,7 +318,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
             lr=LEARNING_RATES[cfg.train.method],
             checkpoint_dir=checkpoints,
             val=(x_val, y_val),
-            monitor=RunMonitor(audit, run_id, run_dir / "metrics.jsonl"),
+            monitor=ProgressMonitor(progress, RunMonitor(audit, run_id, run_dir / "metrics.jsonl")),
             checkpoint_every=cfg.train.checkpoint_every,
             log_every=cfg.train.log_every,
             price_per_hour=cfg.train.price_per_hour,
@@ -339,6 +346,7 @@ def run_training(cfg: SidecarConfig) -> dict[str, Any]:
     candidate = run_dir / "candidate.int8.onnx"
     write_atomic(candidate, merged_int8, 0o644)
 
+    progress.phase("gate")
     parent, production = production_model(registry, base)
     latency = median_latency_ms([production, candidate], x_val)
     decision = judge(

@@ -23,7 +23,7 @@ Invariants:
   events, telemetry, OTA status and certificate request and reads only its own ack and
   certificate response and the OTA tree; each label source writes only its own labels
   topic and reads only its result; without a claim CA (single listener), an enrolling
-  device (shared claim certificate, client id = claim id) is confined by the enrollment
+  device (shared claim certificate, client id = its session channel) is confined by the enrollment
   patterns, but also matches the device patterns;
 - with a service CA, a third, *service* listener accepts only that CA's certificates
   (the sidecar's) with its own ACL (``fleet_protocol.acl.service_acl``) and free client
@@ -101,10 +101,16 @@ def acl_text(
     enroll_patterns: bool = True,
     label_sources: Sequence[str] = (),
     observers: Sequence[str] = (),
+    ota_publishers: Sequence[str] = (),
 ) -> str:
     """The device listener's ACL (``fleet_protocol.acl.broker_acl``) plus test observers."""
     try:
-        text = acl.broker_acl(admin_identities, label_sources, enrollment=enroll_patterns)
+        text = acl.broker_acl(
+            admin_identities,
+            label_sources,
+            enrollment=enroll_patterns,
+            ota_publishers=ota_publishers,
+        )
     except ProtocolError as e:
         raise ComponentStartError("mosquitto", str(e)) from e
     for name in observers:
@@ -258,6 +264,7 @@ def start_broker(
     label_sources: Sequence[str] = (),
     observers: Sequence[str] = (),
     service_ca: DevCA | None = None,
+    ota_publishers: Sequence[str] = (),
 ) -> Broker:
     """Start Mosquitto with mTLS on a free loopback port and wait until it serves.
 
@@ -283,7 +290,7 @@ def start_broker(
     _copy(server.key, workdir / "broker.key", 0o600)
     if user is not None:
         os.chown(workdir / "broker.key", user.pw_uid, user.pw_gid)
-    text = acl_text(admin_identities, claim_ca is None, label_sources, observers)
+    text = acl_text(admin_identities, claim_ca is None, label_sources, observers, ota_publishers)
     write_atomic(workdir / "acl", text.encode(), 0o644)
     if claim_ca is not None:
         _copy(claim_ca.cert_path, workdir / "claim-ca.pem", 0o644)
@@ -291,7 +298,8 @@ def start_broker(
         write_atomic(workdir / "acl-enroll", enroll_acl_text().encode(), 0o644)
     if service_ca is not None:
         _copy(service_ca.cert_path, workdir / "service-ca.pem", 0o644)
-        write_atomic(workdir / "acl-service", acl.service_acl(admin_identities).encode(), 0o644)
+        service = acl.service_acl(admin_identities, ota_publishers)
+        write_atomic(workdir / "acl-service", service.encode(), 0o644)
 
     config_path = workdir / "mosquitto.conf"
     last_reason = ""

@@ -38,7 +38,23 @@ def _json(path: Path, obj: dict[str, Any]) -> Path:
     return path
 
 
-def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train: Any) -> Path:
+def cloud_config(
+    stack: DevStack,
+    data_dir: Path,
+    base_model_dir: Path,
+    *,
+    allow_unattested_keys: bool = False,
+    **train: Any,
+) -> Path:
+    """The sidecar's config for ``stack``. Enrollment asks for TPM credential activation
+    against the stack's EK CA (made when its first TPM was manufactured); a caller whose
+    stack has no TPM, and that enrolls nothing, opts out with ``allow_unattested_keys``."""
+    if not allow_unattested_keys and not stack.ek_ca_cert.exists():
+        raise ValueError(
+            "the stack has manufactured no TPM yet (no EK CA): add a device first,"
+            " or pass allow_unattested_keys=True where attestation is not tested"
+        )
+    attestation: dict[str, Any] = {"allow_unattested_keys": True} if allow_unattested_keys else {}
     return _json(
         data_dir.parent / "cloud.json",
         {
@@ -51,6 +67,8 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_cert": stack.ca.cert_path,
                 "client_cert": stack.cloud_cert.cert,
                 "client_key": stack.cloud_cert.key,
+                "ota_client_cert": stack.ota_cert.cert,  # its own CN: writes the OTA tree
+                "ota_client_key": stack.ota_cert.key,
                 "region": "on-prem-de",  # loopback broker: the operator's own site
             },
             "hsm": {
@@ -66,8 +84,10 @@ def cloud_config(stack: DevStack, data_dir: Path, base_model_dir: Path, **train:
                 "ca_dir": stack.ca.directory,
                 "ca_signer": "hsm",
                 "crl_hook": crl_hook_argv(stack.broker),
-                # devices prove their identity key lives in a TPM (ADR 0018)
+                # devices prove their identity key lives in a TPM (ADR 0018): the swtpm
+                # "manufacturer" CA, made when the stack's first TPM was manufactured
                 "ek_ca_certs": [stack.ek_ca_cert] if stack.ek_ca_cert.exists() else [],
+                **attestation,
             },
         },
     )

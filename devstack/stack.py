@@ -8,7 +8,7 @@ certificate is made once here, self-signed inside the token; the broker's server
 certificate, the sidecar's and the fixed device certificates are issued by it, so
 clients trust one anchor (``ca.cert_path``). The claim CA (``claim_ca``) only issues
 the shared claim certificate; its key file stands in for a factory/offline CA. The
-service CA (``service_ca``) issues only the sidecar's certificate, which only the
+service CA (``service_ca``) issues only the sidecar's certificates (serve's and the OTA publisher's, two CNs), which only the
 broker's service listener accepts (free client ids there; on the device listener the
 client id is the CN: issue 9).
 
@@ -49,6 +49,7 @@ from fleet_protocol.io.mqtt import MqttEndpoint
 
 log = logging.getLogger(__name__)
 CLOUD_IDENTITY = "cloud-sidecar"
+OTA_IDENTITY = "cloud-sidecar-ota"  # the OTA publisher: the only identity that writes the OTA tree
 CLAIM_IDENTITY = "claim"  # the shared enrollment certificate (cloud_sidecar/fleet.py reserves it)
 
 
@@ -74,6 +75,7 @@ class DevStack:
     broker: Broker = field(init=False)
     token: HsmToken = field(init=False)
     cloud_cert: CertPair = field(init=False)
+    ota_cert: CertPair = field(init=False)
     claim_cert: CertPair = field(init=False)
     label_source_certs: dict[str, CertPair] = field(default_factory=dict, init=False)
     observer_certs: dict[str, CertPair] = field(default_factory=dict, init=False)
@@ -122,6 +124,7 @@ class DevStack:
             label_sources=self.label_sources,
             observers=self.observers,
             service_ca=self.service_ca,
+            ota_publishers=(OTA_IDENTITY,),
         )
         log.info(
             "broker on 127.0.0.1:%d (mTLS, per-device ACL), enrollment on %s",
@@ -129,6 +132,7 @@ class DevStack:
             self.broker.enroll_port,
         )
         self.cloud_cert = self.service_ca.issue_client(CLOUD_IDENTITY)
+        self.ota_cert = self.service_ca.issue_client(OTA_IDENTITY)
         self.claim_cert = self.claim_ca.issue_client(CLAIM_IDENTITY, valid_days=365)
         for name in self.label_sources:
             self.label_source_certs[name] = self.ca.issue_client(name)
@@ -154,7 +158,7 @@ class DevStack:
         """The listener the holder of ``pair`` connects to: the service listener for the
         sidecar's certificate, else the device listener."""
         port = self.broker.port
-        if pair == self.cloud_cert and self.broker.service_port is not None:
+        if pair in (self.cloud_cert, self.ota_cert) and self.broker.service_port is not None:
             port = self.broker.service_port
         return MqttEndpoint("127.0.0.1", port, self.ca.cert_path, pair.cert, pair.key)
 

@@ -68,6 +68,8 @@ class PendingBatch:
     batch_id: str
     seq: int
     envelope: bytes
+    retry_delay_s: float | None = None  # set once the cloud deferred it (a ``retry`` ack)
+    retry_due_ms: int | None = None  # when the backoff ends (wall clock)
 
 
 class ReplayStore(Protocol):
@@ -94,6 +96,10 @@ class ReplayStore(Protocol):
     def unacked(self) -> list[PendingBatch]: ...
 
     def mark_acked(self, batch_id: str) -> bool: ...
+
+    def defer(self, batch_id: str, delay_s: float, due_ms: int) -> None:
+        """Record a deferred batch's backoff (kept across restarts); no-op once acked."""
+        ...
 
     def stored_bytes(self) -> int: ...
 
@@ -129,6 +135,7 @@ class _MemBatch:
     seq: int
     envelope: bytes
     acked: bool = False
+    retry: tuple[float, int] | None = None  # (delay s, due at ms)
 
 
 class MemoryReplayStore:
@@ -204,9 +211,17 @@ class MemoryReplayStore:
     def unacked(self) -> list[PendingBatch]:
         with self._lock:
             out = [
-                PendingBatch(k, b.seq, b.envelope) for k, b in self._batches.items() if not b.acked
+                PendingBatch(k, b.seq, b.envelope, *(b.retry or (None, None)))
+                for k, b in self._batches.items()
+                if not b.acked
             ]
         return sorted(out, key=lambda p: p.seq)
+
+    def defer(self, batch_id: str, delay_s: float, due_ms: int) -> None:
+        with self._lock:
+            b = self._batches.get(batch_id)
+            if b is not None and not b.acked:
+                b.retry = (delay_s, due_ms)
 
     def mark_acked(self, batch_id: str) -> bool:
         with self._lock:
@@ -401,9 +416,20 @@ class SqliteReplayStore:
     def unacked(self) -> list[PendingBatch]:
         with self._lock:
             rows = self._q(
-                "SELECT batch_id, seq, envelope FROM batches WHERE acked = 0 ORDER BY seq"
+                "SELECT batch_id, seq, envelope, retry_delay_s, retry_due_ms FROM batches"
+                " WHERE acked = 0 ORDER BY seq"
             )
-        return [PendingBatch(str(r[0]), int(r[1]), bytes(r[2])) for r in rows]
+        return [PendingBatch(str(r[0]), int(r[1]), bytes(r[2]), r[3], r[4]) for r in rows]
+
+    def defer(self, batch_id: str, delay_s: float, due_ms: int) -> None:
+        def record() -> None:
+            self._db.execute(
+                "UPDATE batches SET retry_delay_s = ?, retry_due_ms = ?"
+                " WHERE batch_id = ? AND acked = 0",
+                (delay_s, due_ms, batch_id),
+            )
+
+        self._write("record a retry backoff", record)
 
     def mark_acked(self, batch_id: str) -> bool:
         def ack() -> bool:

@@ -110,11 +110,20 @@ def _v4_sequence_epoch(db: sqlite_utils.Database) -> None:
     db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', ?)", (new_epoch(),))
 
 
+def _v5_retry_backoff(db: sqlite_utils.Database) -> None:
+    """A batch the cloud deferred (a ``retry`` ack) keeps its backoff across restarts:
+    the delay and when it is due (wall clock, capped by the delay when read back)."""
+    batches = db.table("batches")
+    batches.add_column("retry_delay_s", float)
+    batches.add_column("retry_due_ms", int)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "byte charge, priority, ack time", _v2_budget_and_priority),
     (3, "no device-side labels", _v3_no_device_labels),
     (4, "sequence epoch", _v4_sequence_epoch),
+    (5, "retry backoff", _v5_retry_backoff),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

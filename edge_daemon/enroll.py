@@ -202,7 +202,8 @@ def enroll_device(
         created_at_ms=int(time.time() * 1000),
         nonce=enroll.new_nonce(),
     ).signed(sign_digest)
-    resp = _exchange(claim_endpoint, claim.claim_id, req.to_bytes(), device, req.nonce,
+    channel = enroll.session_channel(claim.claim_id, claim.token, req.nonce)  # issue 9
+    resp = _exchange(claim_endpoint, channel, req.to_bytes(), device, req.nonce,
                      timeout_s, resend_s, lambda ch: _answer(ch, claim, tpm))  # fmt: skip
     identity = _accept(resp, device, key, claim_endpoint.ca_cert.read_bytes(), store)
     log.info("enrolled as %s", device)

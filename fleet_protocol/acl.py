@@ -11,14 +11,19 @@ Identities and what they may do:
 - a device (CN = device id), by ``pattern`` lines: write its own ``upload``, ``events``,
   ``telemetry``, ``ota/status`` and ``cert/request``; read its own ``ack`` and
   ``cert/response`` and the OTA tree (metadata of any role and artifacts, any channel);
-- an admin identity (the sidecar), by ``user`` block: read every device's ``upload``,
-  ``events``, ``telemetry``, ``ota/status`` and ``cert/request``, every enrollment
-  request and every label source's labels; write acks, certificate responses,
-  enrollment responses, the OTA tree and label results. Nothing else;
+- an admin identity (the sidecar's ``serve``), by ``user`` block: read every device's
+  ``upload``, ``events``, ``telemetry``, ``ota/status``, ``ota/request`` and
+  ``cert/request``, every enrollment request and every label source's labels; write
+  acks, certificate and enrollment responses, OTA chunk responses and label results.
+  Never the OTA tree;
+- an OTA publisher identity (the sidecar's OTA publication: ``ota publish``, ``release
+  publish``, and serve's timestamp refresh and rollout steps, each over a connection of
+  its own), by ``user`` block: write the OTA tree (metadata and artifacts) only;
 - a label source (a downstream system sending labels), by ``user`` block: write only
   ``fleet/v1/labels/<itself>``, read only ``fleet/v1/labels/<itself>/result``. Listed
   by name: a ``pattern`` line would apply to every client, devices included;
-- on the enrollment listener (claim certificates; client id = claim id): write its own
+- on the enrollment listener (claim certificates; client id = the request's session
+  channel, ``enroll.session_channel``): write its own
   ``fleet/v1/enroll/<claim id>/request``, read its own ``.../response``
   (``enroll_acl``); on a single listener those two patterns join the device ACL.
 
@@ -26,8 +31,8 @@ Invariants:
 - every topic in the output is built by a ``fleet_protocol.topics`` function
   (tests/unit/test_acl.py checks that each is one edge_daemon or cloud_sidecar calls),
   and no rule is a multi-level wildcard (``#``);
-- identities are valid ids (the device id rule), admin and label source identities
-  are disjoint, and none is a reserved device id (``topics.RESERVED_DEVICE_IDS``);
+- identities are valid ids (the device id rule), admin, OTA publisher and label source
+  identities are disjoint, and none is a reserved device id (``topics.RESERVED_DEVICE_IDS``);
   otherwise ``MalformedError(reason="bad_identity")``;
 - Mosquitto applies ``pattern`` lines to every client, ``user`` blocks in addition: an
   admin or a label source may also do what a device of its name could, and read the
@@ -94,12 +99,19 @@ def admin_rules() -> tuple[Rule, ...]:
         Rule("write", topics.ack(any_)),
         Rule("write", topics.cert_response(any_)),
         Rule("write", topics.enroll_response(any_)),
-        Rule("write", topics.ota_metadata(any_, any_)),
-        Rule("write", topics.ota_artifact(any_, any_)),
-        Rule("write", topics.ota_tuf_metadata(any_, any_)),
         Rule("read", topics.ota_request(any_)),
         Rule("write", topics.ota_response(any_)),
         Rule("write", topics.labels_result(any_)),
+    )
+
+
+def ota_publisher_rules() -> tuple[Rule, ...]:
+    """What the OTA publisher writes (retained): the OTA tree of every channel, nothing else."""
+    any_ = topics.ANY
+    return (
+        Rule("write", topics.ota_metadata(any_, any_)),
+        Rule("write", topics.ota_artifact(any_, any_)),
+        Rule("write", topics.ota_tuf_metadata(any_, any_)),
     )
 
 
@@ -119,8 +131,10 @@ def enroll_rules() -> tuple[Rule, ...]:
     )
 
 
-def _check_identities(admins: Sequence[str], sources: Sequence[str]) -> None:
-    for name in (*admins, *sources):
+def _check_identities(
+    admins: Sequence[str], sources: Sequence[str], publishers: Sequence[str] = ()
+) -> None:
+    for name in (*admins, *sources, *publishers):
         if not isinstance(name, str) or not topics.DEVICE_ID_RE.fullmatch(name):
             raise MalformedError(f"invalid identity {str(name)[:70]!r}", "bad_identity")
         if name in topics.RESERVED_DEVICE_IDS:
@@ -128,7 +142,10 @@ def _check_identities(admins: Sequence[str], sources: Sequence[str]) -> None:
     both = set(admins) & set(sources)
     if both:
         raise MalformedError(f"{sorted(both)} cannot be admin and label source", "bad_identity")
-    for group in (admins, sources):
+    both = set(publishers) & (set(admins) | set(sources))
+    if both:
+        raise MalformedError(f"{sorted(both)} cannot be OTA publisher and more", "bad_identity")
+    for group in (admins, sources, publishers):
         if len(set(group)) != len(group):
             raise MalformedError("an identity is listed twice", "bad_identity")
 
@@ -137,39 +154,45 @@ def _user_block(title: str, name: str, rules: Iterable[Rule]) -> list[str]:
     return [f"# {title}", f"user {name}", *(r.line("topic") for r in rules), ""]
 
 
+def _service_blocks(admins: Sequence[str], publishers: Sequence[str]) -> list[str]:
+    lines: list[str] = []
+    for admin in admins:
+        lines += _user_block("admin (the sidecar's serve)", admin, admin_rules())
+    for publisher in publishers:
+        lines += _user_block("OTA publisher (the sidecar)", publisher, ota_publisher_rules())
+    return lines
+
+
 def broker_acl(
     admin_identities: Sequence[str],
     label_sources: Sequence[str] = (),
     *,
     enrollment: bool = False,
+    ota_publishers: Sequence[str] = (),
 ) -> str:
     """The device listener's ACL; ``enrollment=True`` adds the claim patterns (one listener)."""
-    _check_identities(admin_identities, label_sources)
-    lines = [HEADER]
-    for admin in admin_identities:
-        lines += _user_block("admin (the sidecar)", admin, admin_rules())
+    _check_identities(admin_identities, label_sources, ota_publishers)
+    lines = [HEADER, *_service_blocks(admin_identities, ota_publishers)]
     for source in label_sources:
         lines += _user_block("label source", source, label_source_rules(source))
     lines.append("# every client (devices): its own subtree, its acks, the OTA tree")
     lines += [r.line("pattern") for r in device_rules()]
     if enrollment:
-        lines.append("# enrollment on the same listener (client id = claim id)")
+        lines.append("# enrollment on the same listener (client id = session channel)")
         lines += [r.line("pattern") for r in enroll_rules()]
     return "\n".join(lines) + "\n"
 
 
-def service_acl(admin_identities: Sequence[str]) -> str:
-    """The service listener's ACL: admin (sidecar) blocks only, no device patterns.
+def service_acl(admin_identities: Sequence[str], ota_publishers: Sequence[str] = ()) -> str:
+    """The service listener's ACL: admin and OTA publisher blocks only, no device patterns.
 
     On that listener (its own CA: service certificates only) client ids are free, so
     several ingest workers share one identity and ``end_session`` can take over a
     revoked device's session; on the device listener the client id is the CN
     (``use_username_as_clientid``), so no device can take over another's session.
     """
-    _check_identities(admin_identities, ())
-    lines = [HEADER]
-    for admin in admin_identities:
-        lines += _user_block("admin (the sidecar)", admin, admin_rules())
+    _check_identities(admin_identities, (), ota_publishers)
+    lines = [HEADER, *_service_blocks(admin_identities, ota_publishers)]
     return "\n".join(lines) + "\n"
 
 
@@ -186,5 +209,6 @@ __all__ = [
     "enroll_acl",
     "enroll_rules",
     "label_source_rules",
+    "ota_publisher_rules",
     "service_acl",
 ]

@@ -7,9 +7,9 @@ no sockets, no files, no key custody (signing is a callable: the TPM).
 
 Flow (docs/adr/0007-device-identity-and-enrollment.md)::
 
-    device (claim cert, client id = claim id)          sidecar      (topics: fleet_protocol.topics)
-      EnrollRequest  --> fleet/v1/enroll/<claim>/request
-                     <-- fleet/v1/enroll/<claim>/response  CertResponse
+    device (claim cert, client id = channel)           sidecar      (topics: fleet_protocol.topics)
+      EnrollRequest  --> fleet/v1/enroll/<channel>/request   (channel = session_channel(...))
+                     <-- fleet/v1/enroll/<channel>/response  CertResponse
     device (own short-lived cert)
       RenewRequest   --> fleet/v1/<device>/cert/request
                      <-- fleet/v1/<device>/cert/response   CertResponse
@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -206,8 +207,9 @@ def _strict_der(sig: str) -> bytes:
 
 
 class EnrollRequest(_Signed):
-    """Device → cloud over the claim identity on ``fleet/v1/enroll/<claim id>/request``:
-    prove the claim, present keys, ask for a certificate."""
+    """Device → cloud over the claim identity on ``fleet/v1/enroll/<channel>/request``
+    (``session_channel`` of its claim id, token and nonce): prove the claim, present
+    keys, ask for a certificate."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -436,6 +438,19 @@ class CertResponse(_Canonical):
 
 def new_nonce() -> str:
     return secrets.token_hex(16)
+
+
+CHANNEL_TAG = b"sovereign-edge enroll channel v1\x00"
+
+
+def session_channel(claim_id: str, token: str, nonce: str) -> str:
+    """The enrollment channel of one request: its topic level and the claim holder's MQTT
+    client id (the enrollment listener lets a client use only its own). 16 hex of
+    HMAC-SHA256(token, tag || claim id || 0 || nonce): only the token's holder can name
+    it, and a new nonce gives a new one, so another holder of the shared claim
+    certificate can neither read an exchange nor take its session over (issue 9)."""
+    msg = CHANNEL_TAG + claim_id.encode() + b"\x00" + nonce.encode()
+    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()[:16]
 
 
 # -- keys, CSRs and certificates ---------------------------------------------------------

@@ -81,7 +81,9 @@ class Wildcard(str):
 
 ANY = Wildcard("+")
 USERNAME = Wildcard("%u")  # Mosquitto ACL pattern: the client's username (= certificate CN)
-CLIENT_ID = Wildcard("%c")  # Mosquitto ACL pattern: the client id (= claim id when enrolling)
+CLIENT_ID = Wildcard(
+    "%c"
+)  # Mosquitto ACL pattern: the client id (= the session channel when enrolling)
 
 
 def check_device_id(device: str) -> str:
@@ -251,7 +253,8 @@ def _claim(claim_id: str) -> str:
 
 
 def enroll_request(claim_id: str) -> str:
-    """``enroll.EnrollRequest``, claim holder → cloud (client id = claim id)."""
+    """``enroll.EnrollRequest``, claim holder → cloud on its session channel (its client id:
+    ``enroll.session_channel``; a random channel for re-enrollment)."""
     return f"{PREFIX}/{ENROLL}/{_claim(claim_id)}/request"
 
 

@@ -89,6 +89,9 @@ install -d -m 0700 "$D/etc/claim"
 tsu=$(in_root id -u systemd-timesync 2>/dev/null || echo 0)
 install -d -m 0755 -o "$tsu" -g "$tsu" "$D/timesync"
 install -d "$R/var/lib/edge-daemon" "$R/etc/edge-daemon" "$R/var/lib/systemd/timesync"
+# systemd-logind's StateDirectory: created at build time, since the root is read-only at
+# run time (without it logind fails with 238/STATE_DIRECTORY on every boot)
+install -d -m 0755 "$R/var/lib/systemd/linger"
 
 echo "-- firmware config"
 install -m 0644 "$REPO/firmware_config/config.txt" "$R/boot/firmware/config.txt"

@@ -18,8 +18,9 @@ packages_for() {
     # Pi 5 kernel and firmware come from the Raspberry Pi OS archive, added by
     # customize.sh (Debian's own arm64 kernel does not drive the Pi 5 yet)
     arm64) extra="" ;;
-    # the amd64 build is for inspecting the recipe on an x86 host (no bootloader)
-    amd64) extra="" ;;
+    # the amd64 build is for inspecting and booting the recipe on an x86 host: Debian's
+    # kernel and its initramfs (qemu boots them directly, `make image-boot`; no bootloader)
+    amd64) extra="linux-image-amd64 initramfs-tools" ;;
   esac
   echo "$BASE_PKGS $BUILD_PKGS $extra" | tr -s ' ' ','
 }

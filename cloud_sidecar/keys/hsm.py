@@ -5,7 +5,9 @@ the token, exporting their public halves, and the private operations the sidecar
 needs: RSA-OAEP(SHA-1) ``C_Decrypt`` of a batch key and ``CKM_ECDSA`` over a SHA-256
 digest (docs/adr/0002) with the OTA-signing key, the fleet CA key (docs/adr/0007), the
 ack-signing key (docs/adr/0017) or one TUF online role's key (``TUF_ROLE_LABELS``:
-targets, snapshot, timestamp, one key each, docs/adr/0016).
+targets, snapshot, timestamp, one key each, docs/adr/0016); with the token's secrets
+(cloud_sidecar/keys/secrets.py) claim MACs and ``CKM_AES_GCM`` sealing of the cloud
+store's data keys (docs/adr/0022).
 
 ``rotate_key`` relabels a key ``<label>.<key id>`` and generates a new ``<label>``: a retired
 unwrap key still decrypts (``decrypt_oaep(wrapped, key_id)``, ADR 0002), a retired signing key
@@ -50,7 +52,7 @@ from typing import Any, TypeVar, cast
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import DecryptMixin, SignMixin
 from pkcs11.util.ec import (
@@ -60,6 +62,7 @@ from pkcs11.util.ec import (
 )
 
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
+from cloud_sidecar.keys.secrets import CLAIM_MAC_LABEL, SECRETS, STORE_KEK_LABEL, secret_key
 from fleet_protocol.envelope import key_id_from_pem
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,6 @@ ACK_LABEL = "ack-signing"
 TUF_ROLES = ("targets", "snapshot", "timestamp")  # one key each (ADR 0016)
 TUF_ROLE_LABELS = {role: f"tuf-{role}" for role in TUF_ROLES}
 EC_SIGN_LABELS = (SIGNING_LABEL, CA_LABEL, ACK_LABEL, *TUF_ROLE_LABELS.values())  # sign only
-CLAIM_MAC_LABEL = "claim-mac"  # HMAC-SHA256 secret: binds claim records (cloud_sidecar/fleet.py)
 UNWRAP_RSA_BITS = 3072
 DIGEST_BYTES = 32
 
@@ -370,39 +372,40 @@ class Hsm:
         with self._lock:
             return self._call("claim mac", run)
 
-    def _secret(self, label: str) -> Any:
-        session = self._require_session()
-        found = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
-        )
-        if len(found) > 1:
-            raise HsmError(f"token holds {len(found)} secret keys {label!r}")
-        if not found:
-            log.info("generating HMAC-SHA256 secret %r in the token", label)
-            return session.generate_key(
-                KeyType.GENERIC_SECRET,
-                256,
-                label=label,
-                id=label.encode(),
-                store=True,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.ENCRYPT: False,
-                    Attribute.DECRYPT: False,
-                    Attribute.WRAP: False,
-                    Attribute.UNWRAP: False,
-                    Attribute.DERIVE: False,
-                },
+    def seal_data_key(self, dek: bytes, aad: bytes) -> bytes:
+        """``CKM_AES_GCM`` encryption of a store data key under the token's ``store-kek``
+        (AES-256, generated inside the token on first use, encrypt/decrypt only):
+        ``nonce(12) || ciphertext || tag(16)`` (docs/adr/0022)."""
+        nonce = os.urandom(12)
+
+        def run() -> bytes:
+            key = self._secret(STORE_KEK_LABEL)
+            params = GCMParams(nonce, aad, 128)
+            return nonce + bytes(
+                key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=params)
             )
-        key = found[0]
-        attrs = key.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE])
-        if not attrs[Attribute.SENSITIVE] or attrs[Attribute.EXTRACTABLE]:
-            raise HsmError(f"secret {label!r} is extractable; refusing it")
-        return key
+
+        with self._lock:
+            return self._call("data key seal", run)
+
+    def open_data_key(self, wrapped: bytes, aad: bytes) -> bytes:
+        """The data key ``seal_data_key`` returned as ``wrapped``; ``HsmDecryptError`` when
+        it was not sealed by this token's ``store-kek`` with this ``aad``."""
+        if len(wrapped) < 12 + 16:
+            raise HsmDecryptError("wrapped data key is too short")
+
+        def run() -> bytes:
+            key = self._secret(STORE_KEK_LABEL)
+            params = GCMParams(wrapped[:12], aad, 128)
+            return bytes(
+                key.decrypt(wrapped[12:], mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            )
+
+        with self._lock:
+            return self._call("data key open", run, decrypting=True)
+
+    def _secret(self, label: str) -> Any:
+        return secret_key(self._require_session(), label)
 
     def close(self) -> None:
         """Release the session; the last ``Hsm`` on the token logs out. Idempotent."""
@@ -524,7 +527,8 @@ class Hsm:
         for label in (UNWRAP_LABEL, *EC_SIGN_LABELS):
             if self._load_pair(label) is None:
                 raise HsmError(f"key {label!r} missing right after generation")
-        self._secret(CLAIM_MAC_LABEL)  # at provisioning, not raced by two first claims
+        for secret in SECRETS:  # at provisioning, not raced by two first users
+            self._secret(secret)
 
     def _unwrap_labels(self) -> list[str]:
         session = self._require_session()

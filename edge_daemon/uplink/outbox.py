@@ -5,7 +5,8 @@ unbatched samples into envelopes (AES-256-GCM, key wrapped for the cloud HSM, si
 the TPM, carrying the buffer's sequence epoch; ``fleet_protocol.envelope``) committed to
 the buffer *before* the first send; ``resend_due`` publishes every unacknowledged batch
 again once it is due (``retry_s`` after its last send; after a ``retry`` ack, a backoff
-doubling from ``retry_s`` up to ``retry_max_s``); ``on_ack`` acts on the cloud's acks.
+doubling from ``retry_s`` up to ``retry_max_s``, recorded in the buffer so a restarted
+daemon keeps waiting instead of resending at once); ``on_ack`` acts on the cloud's acks.
 
 Invariants:
 - a batch is committed to the buffer (crash-safe) before it is published, so a crash or
@@ -34,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_daemon.buffer import ReplayBuffer
+from edge_daemon.buffer import PendingBatch, ReplayBuffer
 from edge_daemon.config import UplinkConfig
 from fleet_protocol import batch, envelope, topics
 from fleet_protocol.errors import ProtocolError, SignatureError
@@ -146,7 +147,7 @@ class Outbox:
         for p in self.buffer.unacked():
             with self._lock:
                 last = self._sent_at.get(p.batch_id, 0.0)
-                backoff = self._backoff.get(p.batch_id)
+                backoff = self._backoff.get(p.batch_id) or self._restored(p)
             due = backoff[0] if backoff is not None else last + self.cfg.retry_s
             if now >= due:
                 log.info(
@@ -217,11 +218,24 @@ class Outbox:
                 return digest
         return None
 
+    def _restored(self, p: PendingBatch) -> tuple[float, float] | None:
+        """The backoff the buffer recorded for ``p`` before a restart (lock held): due no
+        later than its delay from now, whatever the wall clock did meanwhile."""
+        if p.retry_delay_s is None or p.retry_due_ms is None:
+            return None
+        left_s = (p.retry_due_ms - time.time() * 1000) / 1000
+        delay = min(float(p.retry_delay_s), self.cfg.retry_max_s)
+        backoff = (time.monotonic() + min(max(left_s, 0.0), delay), delay)
+        self._backoff[p.batch_id] = backoff
+        return backoff
+
     def _defer(self, batch_id: str, reason: str) -> None:
-        """A transient refusal: keep the batch, resend after a doubling delay."""
+        """A transient refusal: keep the batch, resend after a doubling delay (persisted)."""
         self.stats.deferred[reason] = self.stats.deferred.get(reason, 0) + 1
+        held = [p for p in self.buffer.unacked() if p.batch_id == batch_id]
         with self._lock:
-            _, delay = self._backoff.get(batch_id, (0.0, self.cfg.retry_s / 2))
-            delay = min(delay * 2, self.cfg.retry_max_s)
+            known = self._backoff.get(batch_id) or (self._restored(held[0]) if held else None)
+            delay = min((known[1] if known else self.cfg.retry_s / 2) * 2, self.cfg.retry_max_s)
             self._backoff[batch_id] = (time.monotonic() + delay, delay)
+        self.buffer.defer(batch_id, delay, int(time.time() * 1000 + delay * 1000))
         log.warning("cloud deferred batch %s (%s); resend in %.0f s", batch_id, reason, delay)

@@ -99,6 +99,11 @@ class BoundedWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The worker's thread runs (False before ``start`` and after ``stop``)."""
+        return self._thread.is_alive()
+
     def offer(self, topic: str, payload: bytes) -> bool:
         try:
             self._items.put_nowait((topic, payload))

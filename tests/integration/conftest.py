@@ -12,9 +12,11 @@ import pytest
 
 from cloud_sidecar.app import SidecarApp
 from cloud_sidecar.config import load_config
+from cloud_sidecar.connect import open_link
 from cloud_sidecar.store import Store
 from devstack.provision import cloud_config, export_cloud_keys
 from devstack.stack import DevStack
+from fleet_protocol.io.mqtt import MqttLink
 
 LABEL_SOURCE = "incidents-test"  # a downstream label source with its own certificate
 
@@ -39,6 +41,7 @@ class Cloud:
     unwrap_pem: Path
     ota_pem: Path
     app: SidecarApp
+    publisher: MqttLink  # the OTA publisher's identity: the only one that writes the OTA tree
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +65,12 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         thread = threading.Thread(target=app.run, args=(stop, started), daemon=True)
         thread.start()
         assert started.wait(30), "sidecar did not start"
+        publisher = open_link(cfg, "test-ota-publisher", ota_publisher=True)
+        publisher.start(wait_s=15)
         try:
-            yield Cloud(stack, cfg_path, unwrap, ota_pem, app)
+            yield Cloud(stack, cfg_path, unwrap, ota_pem, app, publisher)
         finally:
+            publisher.stop()
             stop.set()
             thread.join(15)
     if saved is None:

@@ -11,7 +11,8 @@ would. Real Mosquitto (mTLS), swtpm and SoftHSM.
 Checked: READY=1 and STATUS lines; pings while audio flows; the metrics endpoint
 scraped and parsed by prometheus-client's parser; `edge-daemon status` over the control
 socket; a stalled capture stops the pings, systemd's watchdog kills the daemon and the
-restarted daemon is READY and pinging again. The sidecar's endpoint is scraped too.
+restarted daemon is READY and pinging again. The sidecar's endpoint is scraped too, and
+a sidecar whose MQTT loop hangs on one message stops its pings until the loop moves.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from cloud_sidecar.app import SidecarApp
 from cloud_sidecar.config import MetricsConfig, load_config
 from devstack.procs import free_port
 from devstack.provision import device_config
+from fleet_protocol import topics
+from fleet_protocol.io.mqtt import MqttLink
 from tests.notify_listener import NotifyListener
 
 from .alsa_mic import BLOCK, DEVICE, AlsaMic, PacedWriter
@@ -264,3 +267,72 @@ def test_the_sidecar_endpoint_is_scraped_and_parsed(cloud: Cloud, tmp_path: Path
                 os.environ[k] = v
         notify.close()
     assert notify.wait_for("STOPPING", "1")
+
+
+def test_a_stalled_sidecar_loop_stops_the_watchdog_pings_until_it_moves_again(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    """A device message whose handler hangs (as a hung HSM call or a database lock would)
+    holds the MQTT loop: past stall_s the sidecar says STALLED and sends no WATCHDOG=1,
+    so systemd's WatchdogSec= would restart it; released, the pings come back."""
+    stall_s = 2.0
+    cfg = load_config(cloud.config)
+    cfg = cfg.model_copy(
+        update={"data_dir": tmp_path / "data", "metrics": MetricsConfig(port=0), "stall_s": stall_s}
+    )
+    notify = NotifyListener(tmp_path / "notify.sock")
+    saved = os.environ.get("NOTIFY_SOCKET")
+    os.environ["NOTIFY_SOCKET"] = str(notify.path)
+    app = SidecarApp(cfg)
+    stop, started = threading.Event(), threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop, started), daemon=True)
+    thread.start()
+    release, held = threading.Event(), threading.Event()
+    slot = cloud.stack.devices[1]
+    device = MqttLink(
+        cloud.stack.endpoint(slot.cert), f"{slot.device_id}-stall", lambda _t, _p: None
+    )
+    try:
+        assert started.wait(60)
+        notify.wait_for("READY", "1")
+        _wait("pings while idle", lambda: notify.pings() >= 2, 10)
+
+        def hang(topic: str, payload: bytes) -> None:
+            held.set()
+            release.wait(60)
+
+        app.device_messages.handle = hang  # type: ignore[method-assign]
+        device.start(wait_s=15)
+        # the shared subscription deals messages to both sidecars serving: send until one
+        # reaches this one
+        for _ in range(20):
+            assert device.publish(topics.events(slot.device_id), b"{}", qos=1, timeout_s=10)
+            if held.wait(1.0):
+                break
+        assert held.is_set(), "the stalled sidecar never got a device message"
+        _wait(
+            "STALLED status",
+            lambda: any(s.startswith("STALLED: mqtt") for s in notify.statuses()),
+            15,
+        )
+        text = _scrape(app.metrics_port)
+        assert 'sidecar_loop_stalled{loop="mqtt"} 1.0' in text
+        assert 'sidecar_loop_stalled{loop="hsm_reopen"} 0.0' in text
+        pings = notify.pings()
+        time.sleep(3 * stall_s)
+        assert notify.pings() == pings and notify.last_ping_age() > 2 * stall_s
+
+        release.set()
+        _wait("pings again", lambda: notify.pings() >= pings + 2, 15)
+        assert notify.statuses()[-1].startswith("serving")
+        assert 'sidecar_loop_stalled{loop="mqtt"} 0.0' in _scrape(app.metrics_port)
+    finally:
+        release.set()
+        device.stop()
+        stop.set()
+        thread.join(30)
+        if saved is None:
+            os.environ.pop("NOTIFY_SOCKET", None)
+        else:
+            os.environ["NOTIFY_SOCKET"] = saved
+        notify.close()

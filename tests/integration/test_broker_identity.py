@@ -10,13 +10,16 @@ cannot reach the service listener.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from devstack.pki import CertPair
 from devstack.stack import DevStack
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink, TransportError
+from tests.integration.test_broker_mtls import Client
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +94,39 @@ def test_two_sidecar_workers_share_the_service_identity_and_can_close_a_device_s
     finally:
         for link in (a, b, device):
             link.stop()
+
+
+OTA_TOPICS = (
+    "fleet/v1/ota/stable/targets.json",  # single-key metadata (ADR 0016 before TUF)
+    "fleet/v1/ota/stable/metadata/timestamp.json",  # TUF metadata
+    "fleet/v1/ota/stable/artifacts/adapter-7.bin",  # a target
+)
+
+
+def _service_client(stack: DevStack, pair: CertPair) -> Client:
+    assert stack.broker.service_port is not None
+    service = dataclasses.replace(stack.broker, port=stack.broker.service_port)
+    client = Client(service, pair, stack.ca.cert_path)
+    assert client.connect(), f"refused on the service listener: {client.connack}"
+    return client
+
+
+def test_the_serve_identity_is_refused_writing_the_ota_tree_and_the_ota_publisher_may(
+    stack: DevStack,
+) -> None:
+    """Issue 9 / ADR 0018: serve and the OTA publisher were one broker identity, so
+    serve (on every ingest worker) could rewrite the OTA tree. Now only the publisher's
+    CN may, and it may do nothing else."""
+    serve = _service_client(stack, stack.cloud_cert)
+    publisher = _service_client(stack, stack.ota_cert)
+    try:
+        for topic in OTA_TOPICS:
+            assert serve.publish(topic, b"forged", retain=True).getName() == "Not authorized"
+            assert not publisher.publish(topic, b"signed", retain=True).is_failure, topic
+            assert not publisher.publish(topic, b"", retain=True).is_failure  # clear it
+        for topic in ("fleet/v1/pi-00/ack", "fleet/v1/pi-00/cert/response"):
+            assert publisher.publish(topic, b"x").getName() == "Not authorized", topic
+        assert not serve.publish("fleet/v1/pi-00/ack", b"x").is_failure  # serve's own rights
+    finally:
+        serve.close()
+        publisher.close()

@@ -37,6 +37,7 @@ from devstack.procs import ProcessGroup, require_tool
 pytestmark = pytest.mark.integration
 
 ADMIN = "cloud-sidecar"
+PUBLISHER = "cloud-sidecar-ota"  # the OTA publisher: the only identity that writes the OTA tree
 SOURCE, OTHER_SOURCE = "city-labels", "reviewer-1"
 OBSERVER = "test-observer"
 TIMEOUT = 5.0
@@ -48,6 +49,7 @@ class Stack:
     ca: DevCA
     broker: Broker
     admin: CertPair
+    publisher: CertPair
     rogue_ca: DevCA
     source: CertPair
     other_source: CertPair
@@ -72,11 +74,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             admin_identities=(ADMIN,),
             label_sources=(SOURCE, OTHER_SOURCE),
             observers=(OBSERVER,),
+            ota_publishers=(PUBLISHER,),
         )
         yield Stack(
             ca,
             broker,
             ca.issue_client(ADMIN),
+            ca.issue_client(PUBLISHER),
             rogue,
             ca.issue_client(SOURCE),
             ca.issue_client(OTHER_SOURCE),
@@ -276,7 +280,7 @@ def test_device_publishes_own_upload_and_admin_receives_it(
 
 def test_device_reads_retained_ota_metadata(stack: Stack, clients: list[Client]) -> None:
     device = stack.ca.issue_client("dev-ota-reader")
-    admin = _connected(stack, clients, stack.admin)
+    admin = _connected(stack, clients, stack.publisher)  # the OTA publisher
     topic = "fleet/v1/ota/stable/timestamp.json"
     assert not admin.publish(topic, b'{"v":1}', retain=True).is_failure
     argv = ["mosquitto_sub", "-h", "localhost", "-p", str(stack.broker.port), "-V", "mqttv5"]

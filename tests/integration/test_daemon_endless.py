@@ -148,7 +148,7 @@ def test_daemon_on_an_endless_microphone_updates_resends_and_rolls_back_without_
                 keyid=hsm.signing_key_id(),
                 sign_digest=hsm.sign_digest,
             )
-        assert repo.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
+        assert repo.publish(pub, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r))
         return pub
 
     def applied(version: int) -> Callable[[], bool]:

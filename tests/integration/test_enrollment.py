@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import queue
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from edge_daemon.enroll import (
 from edge_daemon.errors import EnrollmentError
 from edge_daemon.keys.tpm import TpmKeyStore
 from fleet_protocol import enroll
+from fleet_protocol import topics as enroll_topics
 from fleet_protocol.io.mqtt import MqttEndpoint, MqttLink
 
 from .conftest import Cloud
@@ -171,6 +173,41 @@ def test_a_wrong_token_or_unknown_claim_is_refused_without_burning_the_claim(
             do_enroll(cloud, dev, enroll.Claim.new())
         assert e.value.reason == "unknown_claim"
         assert do_enroll(cloud, dev, claim).path.exists()  # the real claim still works
+
+
+def test_another_claim_holder_can_neither_read_nor_disturb_an_enrollment(cloud: Cloud) -> None:
+    """Issue 9: every claim holder shares the claim certificate; with client id = claim
+    id, a second holder who knew a claim id took the session over and read the answers.
+    Now each request travels on its own channel (HMAC of the claim's token and the
+    request's nonce), the only client id the listener lets read its responses."""
+    fleet = fleet_of(cloud)
+    claim = fleet.create_claim("enr-bound")
+    seen: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    rogue = MqttLink(claim_endpoint(cloud), client_id=claim.claim_id,
+                     on_message=lambda t, p: seen.put((t, p)))  # fmt: skip
+    rogue.subscribe(enroll_topics.enroll_response(claim.claim_id), 1)
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = enroll.EnrollRequest(  # the rogue's own request for the claim, without its token
+        device_id="enr-bound", claim_id=claim.claim_id, token=enroll.Claim.new().token,
+        csr=enroll.make_csr(ec.generate_private_key(ec.SECP256R1()), "enr-bound"),
+        identity_key=key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+        created_at_ms=int(time.time() * 1000), nonce=enroll.new_nonce(),
+    ).signed(lambda d: key.sign(d, ec.ECDSA(utils.Prehashed(hashes.SHA256()))))  # fmt: skip
+    rogue.start(wait_s=TIMEOUT)
+    try:
+        before = rejected(cloud, "enroll", "channel_mismatch")
+        rogue.publish(enroll_topics.enroll_request(claim.claim_id), forged.to_bytes(), 1)
+        with new_device(cloud, "enr-bound") as dev:
+            identity = do_enroll(cloud, dev, claim)  # undisturbed
+        assert identity.path.exists()
+        assert rogue.connected  # nobody took the rogue's session over either
+        time.sleep(1.0)
+        assert seen.empty()  # no challenge, certificate or refusal reached the rogue
+        assert rejected(cloud, "enroll", "channel_mismatch") == before + 1
+    finally:
+        rogue.stop()
 
 
 def test_a_request_not_signed_by_the_presented_tpm_key_is_refused(cloud: Cloud) -> None:

@@ -22,7 +22,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from cloud_sidecar.ca import HsmCaSigner, create_ca_certificate
 from cloud_sidecar.errors import ConfigError
-from cloud_sidecar.fleet import FleetCA
+from cloud_sidecar.fleet_ca import FleetCA
 from cloud_sidecar.keys.hsm import CA_LABEL, Hsm
 from devstack.pki import DevCA
 from devstack.procs import require_tool

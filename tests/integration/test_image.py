@@ -96,6 +96,9 @@ def test_the_root_holds_the_daemon_without_torch_and_mounts_read_only(
         assert f"/{pkg}/" in site, pkg
     assert "/torch/" not in site and "/cloud_sidecar/" not in site and "/devstack/" not in site
     assert "Type: regular" in _debugfs(root, "stat /opt/sovereign-edge/venv/bin/edge-daemon")
+    # package data, not only modules: the second speech check's model (pyproject package-data)
+    data = _debugfs(root, f"ls -p {SITE}/edge_daemon/privacy/data")
+    assert "/speech_check.onnx/" in data and "/speech_check.json/" in data, data
     fstab = _debugfs(root, "cat /etc/fstab")
     assert any(
         line.split()[:4] == ["LABEL=rootfs", "/", "ext4", "ro,noatime,errors=remount-ro"]

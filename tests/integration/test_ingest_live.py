@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import queue
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -317,3 +319,30 @@ def test_after_an_unwrap_key_rotation_batches_for_the_old_and_new_key_are_stored
         cloud.app.hsm.rotate_unwrap_key()
         fresh = d.seal(cloud, wrap_pem=cloud.app.hsm.unwrap_public_key_pem())
         assert [d.send(p).status for p in (fresh, in_flight)] == ["stored", "stored"]
+
+
+def _data_key_entries(cloud: Cloud) -> list[dict[str, object]]:
+    lines = (cloud.app.cfg.data_dir / "audit.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["kind"] == "store.data_key_created"]
+
+
+def test_stored_features_are_sealed_and_data_key_creation_and_rotation_are_audited(
+    cloud: Cloud,
+) -> None:
+    """ADR 0022 on the serving path: the first stored batch makes the first data key
+    (audited, reason "first"); `cloud-sidecar keys rotate-data-key` audits the next."""
+    with device(cloud, 0) as d:
+        assert d.send(d.seal(cloud, n=2)).status == "stored"
+    entries = _data_key_entries(cloud)
+    assert [e["details"]["reason"] for e in entries][:1] == ["first"]  # type: ignore[index]
+    raw = cloud.app.store._db.execute("SELECT features FROM samples").fetchall()  # type: ignore[attr-defined]
+    assert raw and all(bytes(r[0]).startswith(b"\x00SEF1") for r in raw)
+    out = subprocess.run(
+        [sys.executable, "-m", "cloud_sidecar", "keys", "rotate-data-key",
+         "--config", str(cloud.config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    kid = json.loads(out.stdout)["data_key"]
+    last = _data_key_entries(cloud)[-1]
+    assert last["subject"] == kid and last["details"]["reason"] == "rotated"  # type: ignore[index]

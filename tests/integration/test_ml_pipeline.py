@@ -26,6 +26,7 @@ from cloud_sidecar.pretrain import BaseModel, _load_npz
 from cloud_sidecar.registry import Registry, verify_bundle
 from cloud_sidecar.release import GOLDEN_TOLERANCE, approve, publish
 from cloud_sidecar.store import LabelSpan, Store
+from cloud_sidecar.store_api import open_store
 from cloud_sidecar.train import run_training
 from devstack.softhsm import init_token
 from fleet_model.golden import parse_golden
@@ -77,7 +78,7 @@ def _config(tmp: Path, base: BaseModel, **train: Any) -> SidecarConfig:
 
 def _upload_labelled(cfg: SidecarConfig, x: np.ndarray, y: np.ndarray, seq: int) -> None:
     """Store ``x`` as uploads of two devices and label each window with ``y``."""
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)  # features sealed under data keys wrapped by the token
     try:
         for dev_i, device in enumerate(("pi-00", "pi-01")):
             if store.device(device) is None:
@@ -113,6 +114,17 @@ def _audit(cfg: SidecarConfig) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (cfg.data_dir / "audit.jsonl").read_text().splitlines()]
 
 
+def _train_prom(cfg: SidecarConfig) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (cfg.data_dir / "metrics" / "train.prom").read_text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
 def test_a_single_class_dataset_is_refused_audited_and_leaves_no_bundle(
     base_model: BaseModel, tmp_path: Path
 ) -> None:
@@ -125,6 +137,9 @@ def test_a_single_class_dataset_is_refused_audited_and_leaves_no_bundle(
     refused = [e for e in _audit(cfg) if e["kind"] == "train.refused"]
     assert refused and refused[-1]["details"]["reason"] == "single_class"
     assert Registry(cfg.data_dir / "registry").entries() == []
+    prom = _train_prom(cfg)  # the trainer's textfile says the run failed, in `dataset`
+    assert prom[("sidecar_train_failed", ())] == 1
+    assert prom[("sidecar_train_phase", (("phase", "dataset"),))] == 1
 
 
 def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
@@ -138,6 +153,11 @@ def test_train_registers_a_signed_bundle_that_only_an_approval_lets_reach_ota(
     run = run_training(cfg)
     registry = Registry(cfg.data_dir / "registry")
     assert run["version"] == "1.0.0"
+    prom = _train_prom(cfg)  # the trainer's textfile, as node_exporter would export it
+    assert prom[("sidecar_train_phase", (("phase", "registered"),))] == 1
+    assert prom[("sidecar_train_gate_passed", ())] == 1 and prom[("sidecar_train_failed", ())] == 0
+    assert prom[("sidecar_train_steps_total", ())] == prom[("sidecar_train_steps_planned", ())] > 0
+    assert prom[("sidecar_train_loss", ())] > 0 and prom[("sidecar_train_val_loss", ())] > 0
     entry = registry.get("1.0.0")
     assert entry["aliases"] == ["candidate"] and entry["lineage"]["parent"] == "base"
     bundle = Path(run["bundle_dir"])
@@ -234,7 +254,8 @@ def test_a_corrupt_stored_window_is_named_refused_and_audited(
     cfg = _config(tmp_path, base_model)
     x, y = _load_npz(base_model.golden)
     _upload_labelled(cfg, x, y, 0)
-    store = Store(cfg.data_dir / "store.sqlite3", cfg.region)
+    store = open_store(cfg)
+    assert isinstance(store, Store)
     (sid,) = store._db.execute("SELECT sample_id FROM samples LIMIT 1").fetchone()
     store._db.execute("UPDATE samples SET features=? WHERE sample_id=?", (b"garbage", sid))
     store.close()

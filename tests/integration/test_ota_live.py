@@ -110,7 +110,7 @@ def _hsm_signed(cloud: Cloud, repo: OtaRepository, base_model: Any, artifact: by
 
 
 def _publish(cloud: Cloud, topic: str, payload: bytes) -> None:
-    assert cloud.app.link.publish(topic, payload, qos=1, retain=True)
+    assert cloud.publisher.publish(topic, payload, qos=1, retain=True)
 
 
 def test_signed_adapter_is_verified_and_applied_by_the_device(
@@ -118,7 +118,7 @@ def test_signed_adapter_is_verified_and_applied_by_the_device(
 ) -> None:
     repo = OtaRepository(tmp_path / "repo", "green", cloud.app.hsm.signing_public_key_pem())
     pub = _hsm_signed(cloud, repo, base_model, edge_adapter)
-    assert repo.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
+    assert repo.publish(pub, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r))
     with edge(cloud, base_model, tmp_path / "device", "green") as dev:
         model = dev.installed.get(timeout=60)
         status = dev.statuses.get(timeout=5)

@@ -139,7 +139,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
         )
         repo.add_target("adapter-v1.bin", adapter, golden, encode_golden(gx, gy))
         assert repo.publish_metadata(
-            cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+            cfg.ota.channel, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r)
         )
         # the single-key document of the legacy path, signed by the same HSM key with a
         # higher adapter version: a TUF device must not take it
@@ -155,7 +155,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             keyid=cloud.app.hsm.signing_key_id(),
             sign_digest=cloud.app.hsm.sign_digest,
         )
-        assert legacy.publish(pub, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r))
+        assert legacy.publish(pub, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
@@ -186,7 +186,7 @@ def test_the_daemon_updates_through_tuf_chunks_and_slots_while_it_listens(
             "adapter-v2.bin", adapter, wrong, encode_golden(gx, (gy + 1) % len(CLASSES))
         )
         assert repo.publish_metadata(
-            cfg.ota.channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+            cfg.ota.channel, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r)
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(

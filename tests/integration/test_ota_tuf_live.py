@@ -52,7 +52,7 @@ def test_a_device_updates_over_mqtt_chunks_from_an_hsm_signed_tuf_repository(
     repo.add_target("adapter-v1.bin", adapter, AdapterCustom(BASE, FORMAT, 1))
     channel = cfg.ota.channel
     assert repo.publish_metadata(
-        channel, lambda t, p, r: cloud.app.link.publish(t, p, qos=1, retain=r)
+        channel, lambda t, p, r: cloud.publisher.publish(t, p, qos=1, retain=r)
     )
     slot = cloud.stack.devices[0]
     timestamps: queue.Queue[bytes] = queue.Queue()

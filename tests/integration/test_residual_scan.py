@@ -22,6 +22,7 @@ from cloud_sidecar.store import LabelSpan, Store
 from cloud_sidecar.train import _quarantine
 from devstack.speech_scan import feature_sets, measure, train_scanner
 from fleet_protocol import batch
+from tests.unit.store_keys import memory_data_keys
 
 T0 = 1_764_000_000_000
 
@@ -44,7 +45,7 @@ def test_flagged_windows_are_deleted_audited_and_the_build_halts(
 ) -> None:
     speech, city = feature_sets(40, seed=99)
     x = np.concatenate([city, speech[:5]]).astype(np.float16)
-    store = Store(tmp_path / "s.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "s.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()

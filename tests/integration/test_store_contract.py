@@ -7,19 +7,28 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import sqlite3
+import subprocess
 import threading
+import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cloud_sidecar.data_keys import SEALED_MAGIC, DataKeys, HsmCustody, is_sealed
 from cloud_sidecar.errors import LabelError, StoreError
+from cloud_sidecar.keys.hsm import Hsm
 from cloud_sidecar.store import SCHEMA_VERSION, LabelSpan, Store
 from cloud_sidecar.store_api import FEATURE_SHAPE, SidecarStore
+from devstack.procs import require_tool
+from devstack.softhsm import HsmToken, init_token
 from fleet_protocol import batch
 from fleet_protocol.errors import ReplayError
 from fleet_protocol.labels import WINDOW_MS
@@ -47,18 +56,56 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         pytest.skip(str(e))
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """One SoftHSM2 configuration holding the store's token and an unrelated one."""
+
+    ours: HsmToken
+    other_label: str
+    other_pin: str
+
+    def keys(self, other: bool = False, on_new: Any = None) -> DataKeys:
+        """Fresh data keys (as a restarted process has) custodied by our token or the other."""
+        t = self.ours
+        label, pin = (self.other_label, self.other_pin) if other else (t.label, t.user_pin)
+        return DataKeys(HsmCustody(lambda: Hsm(str(t.module), label, pin)), on_new)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tokens]:
+    saved = os.environ.get("SOFTHSM2_CONF")
+    token = init_token(tmp_path_factory.mktemp("softhsm"))
+    os.environ.update(token.env())
+    other_pin = secrets.token_hex(8)
+    subprocess.run(
+        [require_tool("softhsm2-util"), "--init-token", "--free", "--label", "other-tenant",
+         "--pin", other_pin, "--so-pin", secrets.token_hex(8)],
+        env={**os.environ, **token.env()}, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    yield Tokens(token, "other-tenant", other_pin)
+    if saved is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = saved
+
+
 Opener = Callable[..., SidecarStore]
+_OURS = object()  # opener default: fresh data keys on the store's own token
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Opener]]:
-    """(name, opener): each call of ``opener`` opens the same store once more."""
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, tokens: Tokens
+) -> Iterator[tuple[str, Opener]]:
+    """(name, opener): each call of ``opener`` opens the same store once more (with fresh
+    data keys on the store's SoftHSM token unless ``data_keys`` says otherwise)."""
     opened: list[SidecarStore] = []
     if request.param == "sqlite":
         path = tmp_path / "store.sqlite3"
 
-        def opener(replay_window: int = 4096) -> SidecarStore:
-            s = Store(path, "eu-central-1", replay_window)
+        def opener(replay_window: int = 4096, data_keys: Any = _OURS) -> SidecarStore:
+            keys = tokens.keys() if data_keys is _OURS else data_keys
+            s = Store(path, "eu-central-1", replay_window, data_keys=keys)
             opened.append(s)
             return s
     else:
@@ -66,8 +113,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
         dsn = pg.create_database(f"contract_{os.getpid()}_{next(_db_names)}")
         from cloud_sidecar.store_pg import PgStore
 
-        def opener(replay_window: int = 4096) -> SidecarStore:
-            s = PgStore(dsn, "eu-central-1", replay_window)
+        def opener(replay_window: int = 4096, data_keys: Any = _OURS) -> SidecarStore:
+            keys = tokens.keys() if data_keys is _OURS else data_keys
+            s = PgStore(dsn, "eu-central-1", replay_window, data_keys=keys)
             opened.append(s)
             return s
 
@@ -285,11 +333,11 @@ def test_features_of_an_unknown_sample_raise_a_store_error(store: SidecarStore) 
 
 
 def test_an_old_sqlite_store_upgrades_in_order(tmp_path: Path) -> None:
-    from cloud_sidecar import store as sqlite_store
+    from cloud_sidecar import store_schema
 
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript("BEGIN; " + sqlite_store._SCHEMA + " PRAGMA user_version=1; COMMIT;")
+    db.executescript("BEGIN; " + store_schema.SCHEMA + " PRAGMA user_version=1; COMMIT;")
     db.close()
     s = Store(path, "eu")
     assert s.schema_version == SCHEMA_VERSION
@@ -306,3 +354,147 @@ def test_deleted_samples_are_gone_and_others_stay(store: SidecarStore) -> None:
     assert store.capture_times() == {"pi-00": [T0, T0 + 2000]}
     with pytest.raises(StoreError):
         store.features(gone[:1])
+
+
+# -- features at rest: sealed under data keys wrapped by the HSM (docs/adr/0022) ----------
+
+
+def _raw(name: str, s: SidecarStore, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run ``sql`` on the store's own connection, below the store's API (the raw rows)."""
+    if name == "sqlite":
+        return list(s._db.execute(sql, params).fetchall())  # type: ignore[attr-defined]
+    with s._tx() as cur:  # type: ignore[attr-defined]
+        cur.execute(sql.replace("?", "%s"), params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def _clear_windows(b: batch.Batch) -> dict[str, bytes]:
+    return {
+        m.sample_id: np.asarray(f, "<f2").tobytes()
+        for m, f in zip(b.samples, b.features, strict=True)
+    }
+
+
+def _keys(b: batch.Batch) -> list[tuple[str, str]]:
+    return [(b.device, m.sample_id) for m in b.samples]
+
+
+def test_stored_features_are_ciphertext_in_the_raw_database_bytes(
+    backend: tuple[str, Opener],
+) -> None:
+    name, opener = backend
+    s = opener()
+    s.register_device("pi-00", PEM)
+    b = _batch("pi-00", [T0, T0 + 1000, T0 + 2000])
+    s.put_batch("b1", 0, "d1", b)
+    clear = _clear_windows(b)
+    raw = dict(_raw(name, s, "SELECT sample_id, features FROM samples"))
+    assert sorted(raw) == sorted(clear)
+    for sid, column in raw.items():
+        blob = bytes(column)
+        assert blob.startswith(SEALED_MAGIC) and is_sealed(blob)
+        assert zlib.compress(clear[sid]) not in blob and clear[sid][:32] not in blob
+    if name == "sqlite":  # and nowhere in the database files either
+        (path,) = [r[2] for r in _raw(name, s, "PRAGMA database_list") if r[1] == "main"]
+        files = [Path(path), Path(path + "-wal")]
+        disk = b"".join(f.read_bytes() for f in files if f.exists())
+        assert all(zlib.compress(c) not in disk and c[:32] not in disk for c in clear.values())
+    got = s.features(_keys(b))
+    np.testing.assert_array_equal(got, np.asarray(b.features, np.float32))
+
+
+def test_a_store_without_the_hsm_key_cannot_read_the_features(
+    backend: tuple[str, Opener], tokens: Tokens
+) -> None:
+    opener = backend[1]
+    s = opener()
+    s.register_device("pi-00", PEM)
+    b = _batch("pi-00", [T0, T0 + 1000])
+    s.put_batch("b1", 0, "d1", b)
+    s.close()
+    elsewhere = opener(data_keys=tokens.keys(other=True))  # another token: no store-kek of ours
+    with pytest.raises(StoreError, match="does not open data key"):
+        elsewhere.features(_keys(b))
+    keyless = opener(data_keys=None)
+    assert keyless.counts()["samples"] == 2  # everything but the features is served
+    with pytest.raises(StoreError, match="without data keys"):
+        keyless.features(_keys(b))
+    with pytest.raises(StoreError, match="without data keys"):
+        keyless.put_batch("b2", 1, "d2", _batch("pi-00", [T0 + 5000]))
+    assert keyless.counts()["samples"] == 2
+    np.testing.assert_array_equal(opener().features(_keys(b)), np.asarray(b.features, np.float32))
+
+
+def test_a_sealed_window_moved_to_another_row_does_not_open(
+    backend: tuple[str, Opener],
+) -> None:
+    name, opener = backend
+    s = opener()
+    s.register_device("pi-00", PEM)
+    b = _batch("pi-00", [T0, T0 + 1000])
+    s.put_batch("b1", 0, "d1", b)
+    (a, a_blob), (c, _) = sorted(_raw(name, s, "SELECT sample_id, features FROM samples"))
+    _raw(name, s, "UPDATE samples SET features=? WHERE sample_id=?", (bytes(a_blob), c))
+    with pytest.raises(StoreError, match=f"pi-00/{c}.*do not open"):
+        s.features([("pi-00", c)])
+    assert s.features([("pi-00", a)]).shape == (1, *FEATURE_SHAPE)
+
+
+def test_after_a_data_key_rotation_new_rows_use_the_new_key_and_old_rows_stay_readable(
+    backend: tuple[str, Opener], tokens: Tokens
+) -> None:
+    name, opener = backend
+    told: list[tuple[str, str]] = []
+    keys = tokens.keys(on_new=lambda row, reason: told.append((row.kid, reason)))
+    s = opener(data_keys=keys)
+    s.register_device("pi-00", PEM)
+    old, new = _batch("pi-00", [T0]), _batch("pi-00", [T0 + 1000])
+    s.put_batch("b1", 0, "d1", old)
+    first = keys.current_kid
+    second = s.rotate_data_key()
+    s.put_batch("b2", 1, "d2", new)
+    assert told == [(first, "first"), (second, "rotated")] and first != second
+    stored = dict(_raw(name, s, "SELECT kid, wrapped FROM data_keys"))
+    assert sorted(stored) == sorted([first, second])
+    assert all(len(bytes(w)) == 12 + 32 + 16 for w in stored.values())  # sealed by the HSM
+    kid_of = {
+        sid: bytes(blob)[len(SEALED_MAGIC) : len(SEALED_MAGIC) + 8].hex()
+        for sid, blob in _raw(name, s, "SELECT sample_id, features FROM samples")
+    }
+    assert kid_of == {old.samples[0].sample_id: first, new.samples[0].sample_id: second}
+    s.close()
+    again = opener()  # a restarted process: both keys unsealed again by the HSM
+    both = again.features(_keys(old) + _keys(new))
+    want = np.concatenate([old.features, new.features]).astype(np.float32)
+    np.testing.assert_array_equal(both, want)
+
+
+def test_the_upgrade_to_schema_5_seals_features_stored_in_clear(
+    backend: tuple[str, Opener], tokens: Tokens
+) -> None:
+    name, opener = backend
+    s = opener()
+    s.register_device("pi-00", PEM)
+    b = _batch("pi-00", [T0, T0 + 1000, T0 + 2000])
+    s.put_batch("b1", 0, "d1", b)
+    # back to what a schema-4 store held: the windows in clear, no data key table
+    for sid, window in _clear_windows(b).items():
+        _raw(
+            name, s, "UPDATE samples SET features=? WHERE sample_id=?", (zlib.compress(window), sid)
+        )
+    _raw(name, s, "DROP TABLE data_keys")
+    if name == "sqlite":
+        _raw(name, s, "PRAGMA user_version=4")
+    else:
+        _raw(name, s, "DELETE FROM schema_migrations WHERE version=5")
+    s.close()
+    with pytest.raises(StoreError, match="schema 5 seals"):
+        opener(data_keys=None)
+    told: list[str] = []
+    keys = tokens.keys(on_new=lambda _row, reason: told.append(reason))
+    up = opener(data_keys=keys)
+    assert up.schema_version == SCHEMA_VERSION == 5
+    assert told == ["schema 5 sealed 3 rows stored in clear"]
+    raw = _raw(name, up, "SELECT features FROM samples")
+    assert len(raw) == 3 and all(is_sealed(bytes(r[0])) for r in raw)
+    np.testing.assert_array_equal(up.features(_keys(b)), np.asarray(b.features, np.float32))

@@ -142,12 +142,22 @@ def test_the_admin_gets_only_the_topics_the_sidecar_uses() -> None:
         "fleet/v1/+/ack",
         "fleet/v1/+/cert/response",
         "fleet/v1/enroll/+/response",
-        "fleet/v1/ota/+/+",
-        "fleet/v1/ota/+/artifacts/+",
-        "fleet/v1/ota/+/metadata/+",
         "fleet/v1/+/ota/response",
         "fleet/v1/labels/+/result",
+    }  # never the OTA tree: that is the OTA publisher's alone
+
+
+def test_only_the_ota_publisher_writes_the_ota_tree_and_it_writes_nothing_else() -> None:
+    text = acl.service_acl([ADMIN], ["cloud-sidecar-ota"])
+    users = _users(text)
+    assert set(users["cloud-sidecar-ota"]) == {
+        ("write", "fleet/v1/ota/+/+"),
+        ("write", "fleet/v1/ota/+/artifacts/+"),
+        ("write", "fleet/v1/ota/+/metadata/+"),
     }
+    assert not any(t.startswith("fleet/v1/ota/") and a == "write" for a, t in users[ADMIN])
+    with pytest.raises(MalformedError):
+        acl.service_acl([ADMIN], [ADMIN])  # one identity cannot be both
 
 
 def test_each_label_source_writes_its_labels_and_reads_its_result_only() -> None:
@@ -262,3 +272,31 @@ def test_the_service_listener_acl_holds_only_the_admin_block(tmp_path: Path) -> 
     ]
     assert cloud_main(argv) == 0
     assert service_out.read_text() == text
+
+
+def test_cli_gives_the_ota_publisher_its_own_block_and_refuses_serves_own_cn(
+    tmp_path: Path,
+) -> None:
+    cfg = _cloud_config(tmp_path)
+    doc = json.loads(cfg.read_text())
+    ca = DevCA.load(tmp_path / "ca")
+    publisher = ca.issue_client("sidecar-eu-1-ota")
+    doc["broker"] |= {"ota_client_cert": str(publisher.cert), "ota_client_key": str(publisher.key)}
+    cfg.write_text(json.dumps(doc))
+    out, service_out = tmp_path / "acl", tmp_path / "acl-service"
+    argv = [
+        "broker-acl",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--service-out",
+        str(service_out),
+    ]
+    assert cloud_main(argv) == 0
+    assert service_out.read_text() == acl.service_acl(["sidecar-eu-1"], ["sidecar-eu-1-ota"])
+    doc["broker"]["ota_client_cert"] = doc["broker"]["client_cert"]  # serve's own CN
+    cfg.write_text(json.dumps(doc))
+    out.unlink()
+    assert cloud_main(argv) == 2
+    assert not out.exists()

@@ -135,3 +135,51 @@ def test_the_crl_hook_must_be_an_absolute_trusted_executable(tmp_path: Path) -> 
     script.chmod(0o644)
     with pytest.raises(ConfigError, match="not an executable"):
         check_hook([str(script)])
+
+
+def _fleet_config(tmp_path: Path, **fleet: Any) -> Path:
+    path = _config(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["fleet"] = {"ca_dir": str(tmp_path / "ca"), "ca_signer": "file", **fleet}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_fleet_without_ek_cas_is_a_config_error_and_serve_exits_with_the_config_code(
+    tmp_path: Path,
+) -> None:
+    from cloud_sidecar.__main__ import EXIT_CONFIG, main
+
+    path = _fleet_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"fleet\.ek_ca_certs is empty"):
+        load_config(path)
+    assert main(["serve", "--config", str(path)]) == EXIT_CONFIG
+    assert not (tmp_path / "data").exists()  # refused before anything was opened
+    assert load_config(_fleet_config(tmp_path, ek_ca_certs=["ek-ca.pem"])).fleet is not None
+
+
+def test_allowing_unattested_keys_is_logged_and_audited_when_the_fleet_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloud_sidecar.audit import AuditLog
+    from cloud_sidecar.fleet import open_fleet
+    from cloud_sidecar.metrics import Metrics
+    from cloud_sidecar.store import Store
+    from devstack.pki import DevCA
+
+    sidecar = DevCA.create(tmp_path / "ca").issue_client("cloud-sidecar")
+    path = _fleet_config(tmp_path, allow_unattested_keys=True)
+    doc = json.loads(path.read_text())
+    doc["broker"]["client_cert"] = str(sidecar.cert)
+    path.write_text(json.dumps(doc))
+    cfg = load_config(path)
+    store = Store(tmp_path / "store.sqlite3", "eu-central-1")
+    audit = AuditLog(tmp_path / "audit.jsonl", "eu-central-1")
+    with caplog.at_level("WARNING", logger="cloud_sidecar.fleet"):
+        open_fleet(cfg, store, audit, Metrics())
+    assert "allow_unattested_keys" in caplog.text
+    kinds = [
+        json.loads(line)["kind"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+    ]
+    assert kinds == ["fleet.unattested_keys_allowed"]
+    store.close()

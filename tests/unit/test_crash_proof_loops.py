@@ -281,7 +281,7 @@ def test_loop_faults_swallow_exceptions_and_a_broken_hook_but_never_system_exit(
 def test_the_sidecar_counts_loop_errors_as_a_prometheus_counter() -> None:
     from cloud_sidecar.app import SidecarApp
 
-    app = SidecarApp(SimpleNamespace())  # type: ignore[arg-type]
+    app = SidecarApp(SimpleNamespace(stall_s=30))  # type: ignore[arg-type]
     with app.faults.guard("mqtt"):
         raise ValueError("bad input")
     assert app.metrics.get("loop_errors_total", loop="mqtt", kind="ValueError") == 1

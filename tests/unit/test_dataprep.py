@@ -25,6 +25,7 @@ from cloud_sidecar.store import LabelSpan, Store
 from cloud_sidecar.store_api import FEATURE_SHAPE
 from fleet_protocol import batch
 from fleet_protocol.features import WINDOW_SAMPLES, features_batch
+from tests.unit.store_keys import memory_data_keys
 
 T0 = 1_764_000_000_000
 RNG = np.random.default_rng(7)
@@ -109,7 +110,7 @@ def _put(store: Store, device: str, seq: int, feats: np.ndarray, t0: int) -> lis
 def test_a_dataset_manifest_records_sources_governance_removals_and_splits(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "s.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "s.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     store.register_device("pi-00", _pem())
     good = _real_windows(60).astype(np.float16)
     dead = features_batch(np.zeros((2, WINDOW_SAMPLES), np.float32)).astype(np.float16)

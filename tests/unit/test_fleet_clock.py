@@ -24,7 +24,8 @@ def _enroll_at(fleet: Fleet, dev: Device, claim: enroll.Claim, at_ms: int) -> en
         csr=enroll.make_csr(dev.tls, dev.id), identity_key=dev.identity_pem(),
         created_at_ms=at_ms, nonce=enroll.new_nonce(),
     )  # fmt: skip
-    reply = fleet.svc.handle(topics.enroll_request(claim.claim_id), req.signed(dev.sign).to_bytes())
+    channel = enroll.session_channel(claim.claim_id, claim.token, req.nonce)
+    reply = fleet.svc.handle(topics.enroll_request(channel), req.signed(dev.sign).to_bytes())
     assert reply is not None
     return enroll.CertResponse.from_bytes(reply[1])
 

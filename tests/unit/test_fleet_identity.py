@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cloud_sidecar import store as store_mod
+from cloud_sidecar import store_schema
 from cloud_sidecar.store import SCHEMA_VERSION, Store
 from edge_daemon.enroll import IdentityStore, TlsIdentity, tls_key_password
+from tests.unit.store_keys import memory_data_keys
 
 PUB = (
     ec.generate_private_key(ec.SECP256R1())
@@ -36,7 +37,7 @@ def _now_ms() -> int:
 def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_devices(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(f"BEGIN; {store_mod._SCHEMA} PRAGMA user_version=1; COMMIT;")
+    db.executescript(f"BEGIN; {store_schema.SCHEMA} PRAGMA user_version=1; COMMIT;")
     db.execute(
         "INSERT INTO devices(device_id, public_key_pem, key_id, registered_at_ms, last_seq)"
         " VALUES ('pi-00', ?, 'abcd', 1, 41)",
@@ -45,20 +46,22 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_devices(tmp_path: 
     db.commit()
     db.close()
 
-    s = Store(path, "eu-central-1")
+    s = Store(path, "eu-central-1", data_keys=memory_data_keys())
     (version,) = s._db.execute("PRAGMA user_version").fetchone()
     assert version == SCHEMA_VERSION >= 2
     dev = s.device("pi-00")
     assert dev is not None and dev.last_seq == 41
     s.add_claim("00" * 8, "pi-00", "h", _now_ms() + 60_000)
     s.close()
-    assert Store(path, "eu-central-1").device("pi-00") is not None  # reopening is a no-op
+    assert (
+        Store(path, "eu-central-1", data_keys=memory_data_keys()).device("pi-00") is not None
+    )  # reopening is a no-op
 
 
 def test_a_claim_is_used_once_only_by_its_device_with_its_token_before_expiry(
     tmp_path: Path,
 ) -> None:
-    s = Store(tmp_path / "s.sqlite3", "eu-central-1")
+    s = Store(tmp_path / "s.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     now = _now_ms()
     s.add_claim("aa" * 8, "pi-01", "good", now + 60_000)
     s.add_claim("bb" * 8, "pi-02", "good", now - 1)
@@ -71,7 +74,7 @@ def test_a_claim_is_used_once_only_by_its_device_with_its_token_before_expiry(
 
 
 def test_revoking_a_device_returns_every_serial_and_marks_it_revoked(tmp_path: Path) -> None:
-    s = Store(tmp_path / "s.sqlite3", "eu-central-1")
+    s = Store(tmp_path / "s.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     assert s.revoke_device("nobody", _now_ms()) is None
     s.register_device("pi-03", PUB)
     s.add_certificate("1a", "pi-03", 0, 1, "enroll")

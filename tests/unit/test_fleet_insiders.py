@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from cloud_sidecar.audit import AuditLog
 from cloud_sidecar.errors import ConfigError
-from cloud_sidecar.fleet import FleetCA, FleetService, claim_record_hash, file_ca_signer
+from cloud_sidecar.fleet import FleetService, claim_record_hash
+from cloud_sidecar.fleet_ca import FleetCA, file_ca_signer
 from cloud_sidecar.metrics import Metrics
 from cloud_sidecar.store import Store
 from devstack.pki import DevCA
@@ -103,10 +104,35 @@ class Device:
         )
 
 
+def channel_of(payload: bytes) -> str:
+    """The session channel a request must travel on (``enroll.session_channel``)."""
+    req = enroll.EnrollRequest.from_bytes(payload)
+    return enroll.session_channel(req.claim_id, req.token, req.nonce)
+
+
 def _enroll(fleet: Fleet, dev: Device, claim: enroll.Claim) -> enroll.CertResponse:
-    reply = fleet.svc.handle(topics.enroll_request(claim.claim_id), dev.enroll_request(claim))
+    payload = dev.enroll_request(claim)
+    reply = fleet.svc.handle(topics.enroll_request(channel_of(payload)), payload)
     assert reply is not None
+    assert reply[0] == topics.enroll_response(channel_of(payload))
     return enroll.CertResponse.from_bytes(reply[1])
+
+
+def test_a_request_off_its_session_channel_gets_no_answer_and_leaves_the_claim(
+    tmp_path: Path,
+) -> None:
+    """Issue 9: the channel (topic and client id) is derived from the claim's token and
+    the request's nonce; a request on any other channel (the claim id, as before, or a
+    channel another holder picked) is answered nowhere and burns nothing."""
+    fleet = Fleet(tmp_path)
+    dev = Device("pi-chan")
+    claim = fleet.svc.create_claim(dev.id)
+    payload = dev.enroll_request(claim)
+    for channel in (claim.claim_id, "0123456789abcdef"):
+        assert fleet.svc.handle(topics.enroll_request(channel), payload) is None
+    assert fleet.metrics.get("fleet_rejected_total", op="enroll", reason="channel_mismatch") == 2
+    assert fleet.signed == 0
+    assert _enroll(fleet, dev, claim).status == "issued"
 
 
 def test_a_claim_written_into_the_store_by_an_insider_enrolls_nobody(tmp_path: Path) -> None:

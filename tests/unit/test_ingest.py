@@ -29,6 +29,7 @@ from fleet_protocol import batch, envelope, topics
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.messages import Ack
+from tests.unit.store_keys import memory_data_keys
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
@@ -141,7 +142,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
-    store = Store(tmp_path / "store.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "store.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     audit = AuditLog(tmp_path / "audit.jsonl", "eu-central-1")
     metrics, hsm = Metrics(), FakeHsm()
     acks: list[tuple[str, Ack]] = []

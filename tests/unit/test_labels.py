@@ -23,6 +23,7 @@ from fleet_protocol import batch, topics
 from fleet_protocol.errors import MalformedError, TooLargeError
 from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.labels import LabelBatch, LabelRecord, LabelResult, event_id
+from tests.unit.store_keys import memory_data_keys
 
 T0 = 1_764_000_000_000
 PEM = (
@@ -32,7 +33,7 @@ PEM = (
 
 @pytest.fixture
 def svc(tmp_path: Path) -> LabelService:
-    store = Store(tmp_path / "store.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "store.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     for d in ("pi-00", "pi-01"):
         store._db.execute(  # a registered device, without a real key (not needed here)
             "INSERT INTO devices(device_id, public_key_pem, key_id, registered_at_ms)"
@@ -280,7 +281,7 @@ def test_a_malformed_label_message_is_refused_audited_and_answered(svc: LabelSer
 def test_the_store_refuses_a_contradiction_even_when_two_imports_race(tmp_path: Path) -> None:
     """The overlap check runs inside the write transaction: a second connection that
     commits a contradicting label first makes the later import fail as a whole."""
-    store = Store(tmp_path / "s.sqlite3", "eu")
+    store = Store(tmp_path / "s.sqlite3", "eu", data_keys=memory_data_keys())
     from cloud_sidecar.errors import LabelError
     from cloud_sidecar.store import LabelSpan
 

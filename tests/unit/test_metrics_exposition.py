@@ -1,7 +1,8 @@
 """Metric families of both services: declared, documented, and parsed by prometheus-client.
 
-The endpoints of running services are scraped in tests/integration/test_metrics_scrape.py
-and tests/integration/test_service_watchdog.py.
+The endpoints of running services are scraped in
+tests/integration/test_appliance_services.py; the trainer's textfile is read in
+tests/unit/test_train_metrics.py.
 """
 
 from __future__ import annotations
@@ -106,15 +107,3 @@ def test_the_endpoint_serves_the_families_over_http() -> None:
         server.close()
     assert "t_buffer_bytes" in text
     assert _parse(text)[("t_buffer_bytes", (("device", "pi-1"),))] == 4096
-
-
-def test_the_trainer_writes_its_progress_as_a_textfile(tmp_path: Path) -> None:
-    progress = cloud_metrics.TrainProgress(tmp_path)
-    progress.step("dataset")
-    progress.step("train", train_loss=0.25)
-    text = (tmp_path / "metrics" / "train.prom").read_text()
-    samples = _parse(text)
-    assert samples[("sidecar_train_loss", ())] == 0.25
-    assert samples[("sidecar_train_progress_ratio", ())] == pytest.approx(0.4)
-    assert samples[("sidecar_train_step", (("step", "train"),))] == 1
-    assert ("sidecar_train_step", (("step", "dataset"),)) not in samples

@@ -31,6 +31,7 @@ from fleet_protocol.batch import SampleMeta
 from fleet_protocol.envelope import key_id_from_pem
 from fleet_protocol.features import N_BANDS, N_FRAMES
 from fleet_protocol.messages import Ack
+from tests.unit.store_keys import memory_data_keys
 from tests.unit.test_ingest import FakeHsm, _pem
 
 DEVICE = "pi-00"
@@ -91,7 +92,7 @@ def _outbox(buffer: MemoryReplayStore, signer: SoftSigner, hsm: FakeHsm, wire: l
 @pytest.fixture
 def pair(tmp_path: Path) -> Pair:
     hsm, signer, buffer = FakeHsm(), SoftSigner(), MemoryReplayStore()
-    store = Store(tmp_path / "store.sqlite3", "eu-central-1")
+    store = Store(tmp_path / "store.sqlite3", "eu-central-1", data_keys=memory_data_keys())
     store.register_device(DEVICE, _pem(signer.key))
     wire: list[bytes] = []
     acks: list[bytes] = []
@@ -197,3 +198,54 @@ def test_a_retry_ack_keeps_the_batch_and_backs_off_before_resending(pair: Pair) 
     assert pair.outbox.resend_due() == 1
     pair.deliver()
     assert pair.buffer.unacked() == [] and _stored(pair) == 1
+
+
+def test_a_retry_backoff_is_kept_in_the_buffer_and_a_restarted_daemon_does_not_resend_early(
+    pair: Pair, tmp_path: Path
+) -> None:
+    from edge_daemon.buffer import SqliteReplayStore
+
+    key = b"k" * 32
+    buffer = SqliteReplayStore(tmp_path / "buffer.sqlite3", key)
+    pair.buffer = buffer  # type: ignore[assignment]
+    pair.outbox = _outbox(buffer, pair.signer, pair.hsm, pair.wire,  # type: ignore[arg-type]
+                          _pem(pair.hsm.ack_key), retry_s=0.5)  # fmt: skip
+    pair.add(2)
+    pair.outbox.seal()
+    pair.hsm.fail_transiently = 2
+    pair.deliver()  # retry: 0.5 s
+    time.sleep(0.55)
+    assert pair.outbox.resend_due() == 1
+    pair.deliver()  # retry again: the delay doubles to 1 s
+    (held,) = buffer.unacked()
+    assert held.retry_delay_s == 1.0 and held.retry_due_ms is not None
+    buffer.close()
+
+    restarted = SqliteReplayStore(tmp_path / "buffer.sqlite3", key)  # the daemon restarts
+    pair.buffer = restarted  # type: ignore[assignment]
+    pair.outbox = _outbox(restarted, pair.signer, pair.hsm, pair.wire,  # type: ignore[arg-type]
+                          _pem(pair.hsm.ack_key), retry_s=0.5)  # fmt: skip
+    assert pair.outbox.resend_due() == 0  # still backing off, not hammering at start
+    time.sleep(0.5)
+    assert pair.outbox.resend_due() == 0
+    time.sleep(0.6)
+    assert pair.outbox.resend_due() == 1
+    pair.deliver()
+    assert restarted.unacked() == [] and _stored(pair) == 1
+    restarted.close()
+
+
+def test_a_backoff_recorded_before_a_restart_waits_no_longer_than_its_delay_if_the_clock_jumped(
+    pair: Pair,
+) -> None:
+    pair.outbox = _outbox(pair.buffer, pair.signer, pair.hsm, pair.wire,
+                          _pem(pair.hsm.ack_key), retry_s=0.3)  # fmt: skip
+    pair.add(2)
+    pair.outbox.seal()
+    (p,) = pair.buffer.unacked()
+    pair.buffer.defer(p.batch_id, 0.3, int(time.time() * 1000) + 86_400_000)  # a day ahead
+    fresh = _outbox(pair.buffer, pair.signer, pair.hsm, pair.wire,
+                    _pem(pair.hsm.ack_key), retry_s=0.3)  # fmt: skip
+    assert fresh.resend_due() == 0
+    time.sleep(0.35)
+    assert fresh.resend_due() == 1

@@ -153,7 +153,7 @@ def test_version_1_database_upgrades_keeping_samples_batches_and_sequence(tmp_pa
     buf.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,), (3,), (4,)]
+        assert db.execute("SELECT version FROM migrations").fetchall() == [(2,), (3,), (4,), (5,)]
         assert db.execute("SELECT priority FROM samples ORDER BY rowid").fetchall() == [
             (0,),
             (1,),

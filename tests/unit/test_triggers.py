@@ -16,6 +16,7 @@ from cloud_sidecar.config import TriggerConfig
 from cloud_sidecar.store import LabelSpan, Store
 from cloud_sidecar.store_api import FEATURE_SHAPE
 from fleet_protocol import batch
+from tests.unit.store_keys import memory_data_keys
 
 DAY = triggers.DAY_MS
 T0 = 1_764_000_000_000
@@ -23,7 +24,7 @@ CFG = TriggerConfig(min_new_labels=10, min_support=10)
 
 
 def _store(tmp: Path) -> Store:
-    s = Store(tmp / "s.sqlite3", "eu")
+    s = Store(tmp / "s.sqlite3", "eu", data_keys=memory_data_keys())
     pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()

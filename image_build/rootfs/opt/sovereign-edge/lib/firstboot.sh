@@ -17,7 +17,7 @@ fi
 for f in fleet-ca.pem cloud-unwrap.pem ota-signing.pem; do
   if [ -f "$SRC/$f" ]; then install -m 0644 "$SRC/$f" "$ETC/$f"; fi
 done
-for f in "$SRC"/models/*.onnx "$SRC"/models/*.npz "$SRC"/models/*.json; do
+for f in "$SRC"/models/*.onnx "$SRC"/models/*.npy "$SRC"/models/*.npz "$SRC"/models/*.json; do
   if [ -f "$f" ]; then install -m 0644 -o edge-daemon -g edge-daemon "$f" "$STATE/models/"; fi
 done
 if [ -f "$SRC/claim/claim.crt" ] && [ -f "$SRC/claim/claim.key" ]; then
