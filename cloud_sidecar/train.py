@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import resource
+import secrets
 import shutil
 import tempfile
 import time
@@ -270,7 +271,8 @@ def _run(cfg: SidecarConfig, progress: TrainProgress) -> dict[str, Any]:
     audit = cfg.open_audit()
     base = load_base_model(cfg.base_model_dir)
     registry = Registry(cfg.data_dir / "registry")
-    run_id = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    # Seconds alone collide when two runs start within one second (seen in the tests).
+    run_id = time.strftime("run-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
     run_dir = cfg.data_dir / "runs" / run_id
     scanner = load_scanner(cfg.data.speech_scanner) if cfg.data.speech_scanner else None
     store = open_store(cfg)
