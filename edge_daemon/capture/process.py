@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,8 @@ class CaptureProcess:
             str(max(1, self.cfg.max_lag_frames // 2)),
             "--start",
             str(self._next_seq),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if self._restarts:
             cmd.append("--restarted")  # a live device missing now is lost, not misconfigured

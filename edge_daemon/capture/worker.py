@@ -140,19 +140,33 @@ def _final(sock: zmq.Socket[bytes], kind: int, text: str, c: _Counters) -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(stop: threading.Event) -> None:
-    """SIGTERM from the kernel when the parent dies, and a watcher for re-parenting."""
-    parent = os.getppid()
+def _die_with_parent(stop: threading.Event, parent: int | None) -> None:
+    """SIGTERM from the kernel when the parent dies, and a watcher for re-parenting.
+
+    ``parent`` is the pid the daemon passed: a daemon that died while this process was
+    still importing (before the prctl below) leaves it re-parented already, and
+    ``os.getppid()`` alone would then be taken for the parent (an orphan that captured
+    for ever and filled a disk in a test, 2026-12-02)."""
+    expected = os.getppid() if parent is None else parent
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the watcher alone
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
 
+    def gone() -> bool:
+        if os.getppid() != expected:
+            log.error("the daemon (pid %d) is gone: capture stops", expected)
+            stop.set()
+            return True
+        return False
+
+    if gone():  # died before the prctl: no signal will come
+        return
+
     def watch() -> None:
         while not stop.wait(1.0):
-            if os.getppid() != parent:
-                log.error("the daemon (pid %d) is gone: capture stops", parent)
-                stop.set()
+            if gone():
+                return
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--restarted", action="store_true", help="an earlier capture process ran this source"
     )
+    p.add_argument("--parent-pid", type=int, default=None, help="the daemon's pid")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    _die_with_parent(stop)
+    _die_with_parent(stop, args.parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, args.hwm)

@@ -176,7 +176,7 @@ def test_capture_process_does_not_outlive_a_daemon_killed_with_sigkill(tmp_path:
             "bash",
             "-c",
             f"{sys.executable} -m edge_daemon.capture.worker --endpoint "
-            f"ipc://{tmp_path}/frames.sock --source '{source}' & echo $!; wait",
+            f"ipc://{tmp_path}/frames.sock --source '{source}' --parent-pid $$ & echo $!; wait",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -184,7 +184,7 @@ def test_capture_process_does_not_outlive_a_daemon_killed_with_sigkill(tmp_path:
     )
     assert parent.stdout is not None
     worker = int(parent.stdout.readline())
-    time.sleep(3)  # past start-up: the worker reads and pushes
+    time.sleep(3)  # on a loaded CPU possibly still importing: the pid covers that race
     assert _alive(worker)
     parent.kill()  # SIGKILL: no chance to stop its child
     parent.wait()
@@ -192,3 +192,37 @@ def test_capture_process_does_not_outlive_a_daemon_killed_with_sigkill(tmp_path:
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(worker), "the capture process outlived its daemon"
+
+
+def test_capture_process_stops_when_its_daemon_died_before_it_finished_starting(
+    tmp_path: Path,
+) -> None:
+    # The daemon is gone before the worker arms PR_SET_PDEATHSIG (killed while the worker
+    # still imports): no signal will ever come, and the worker's parent is already init.
+    # Seen in a test run: such an orphan captured for ever and filled the disk.
+    wav = _ramp_file(tmp_path, 600)
+    source = json.dumps({"type": "file", "path": str(wav), "realtime": True})
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is certainly not this worker's parent any more
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_daemon.capture.worker",
+            "--endpoint",
+            f"ipc://{tmp_path}/frames.sock",
+            "--source",
+            source,
+            "--parent-pid",
+            str(dead.pid),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        _, err = worker.communicate(timeout=180)  # start-up on a loaded CPU
+    finally:
+        worker.kill()
+    assert worker.returncode == 0
+    assert f"the daemon (pid {dead.pid}) is gone: capture stops" in err
