@@ -169,7 +169,9 @@ for attempt in (1, 2):
         print(f"attempt {attempt}: {e}")
 pin = Path(work) / "pin"
 pin.write_text("not-the-pin")
-cfg = SimpleNamespace(hsm=HsmConfig(module=module, token_label=label, pin_file=pin, region="eu-west-1"))
+cfg = SimpleNamespace(
+    hsm=HsmConfig(module=module, token_label=label, pin_file=pin, region="eu-west-1"), stall_s=30.0
+)
 app = SidecarApp(cfg)
 app.hsm = SimpleNamespace(close=lambda: None)
 app.audit = AuditLog(Path(work) / "audit.jsonl", "eu-west-1")
