@@ -314,8 +314,15 @@ def start_broker(
         user_name = user.pw_name if user else None
         text = config_text(workdir, port, max_packet_bytes, user_name, enroll_port, service_port)
         write_atomic(config_path, text.encode(), 0o644)
+        # Count before the start: a broker that logs "running" before we look (a loaded
+        # CPU) would otherwise be awaited for a second "running" that never comes.
+        log_path = procs.log_dir / f"mosquitto-{port}.log"
+        ready_before = (
+            len(_READY_LINE.findall(log_path.read_text(errors="replace")))
+            if log_path.exists()
+            else 0
+        )
         child = procs.start(f"mosquitto-{port}", [exe, "-c", str(config_path)])
-        ready_before = _count(child, _READY_LINE)
         up = (
             wait_for_port(port, timeout, alive=child.alive)
             and (enroll_port is None or wait_for_port(enroll_port, timeout, alive=child.alive))
