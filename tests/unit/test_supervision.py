@@ -6,6 +6,7 @@ tests/integration/test_service_watchdog.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,14 @@ def test_a_stage_stalls_only_when_work_is_expected_and_its_counter_stood_still()
     assert mon.stalled() == []
 
 
+def _paced_tick(sup: Supervision) -> None:
+    """One tick, then time for the listener to drain: the kernel queues at most
+    net.unix.max_dgram_qlen (10 here) datagrams, and a burst of ticks faster than the
+    listener thread reads made the non-blocking sender drop the STALLED status."""
+    sup.tick()
+    time.sleep(0.05)
+
+
 def test_pings_stop_while_a_stage_stalls_and_resume_when_it_recovers(tmp_path: Path) -> None:
     listener = NotifyListener(tmp_path / "notify")
     clock, blocks = Clock(), [0]
@@ -91,25 +100,25 @@ def test_pings_stop_while_a_stage_stalls_and_resume_when_it_recovers(tmp_path: P
         for _ in range(6):  # 60 s of progress: a ping every 10 s
             blocks[0] += 1
             clock.t += 10
-            sup.tick()
+            _paced_tick(sup)
         listener.wait_for("WATCHDOG", "1")
         assert sup.pings == 6
         for _ in range(8):  # capture stands still for 80 s
             clock.t += 10
-            sup.tick()
+            _paced_tick(sup)
         assert sup.stalled == ["capture"]
         assert sup.pings <= 6 + 3  # pinged only until stall_s (30 s) passed
         stalled_pings = sup.pings
         for _ in range(3):
             clock.t += 10
-            sup.tick()
+            _paced_tick(sup)
         assert sup.pings == stalled_pings  # systemd's WatchdogSec expires now
         listener.wait_for("STATUS", "STALLED: capture")  # datagrams arrive asynchronously
         assert sup.metrics.metrics.get("up", device="pi-00") == 0
         assert sup.metrics.metrics.get("stage_stalled", device="pi-00", stage="capture") == 1
         blocks[0] += 1
         clock.t += 10
-        sup.tick()
+        _paced_tick(sup)
         assert sup.pings == stalled_pings + 1 and sup.stalled == []
     finally:
         sup.close()
