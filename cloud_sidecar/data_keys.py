@@ -135,6 +135,18 @@ class DataKeys:
         if self._on_new is not None:
             self._on_new(row, reason)
 
+    def rotate(self, persist: Callable[[DataKeyRow], None], reason: str) -> str:
+        """Create a DEK, ``persist`` its row (the store's INSERT), then adopt it; a row
+        that could not be stored is never used. Returns its kid."""
+        key = self.create()
+        persist(key)
+        self.adopt(key, reason)
+        return key.kid
+
+    def ensure(self, persist: Callable[[DataKeyRow], None]) -> str | None:
+        """A first DEK when the store has none: its kid, or None when one is current."""
+        return None if self._current is not None else self.rotate(persist, "first")
+
     def seal(self, plain: bytes, aad: bytes) -> bytes:
         kid = self._current
         if kid is None:

@@ -49,6 +49,7 @@ from cloud_sidecar.store_api import (
     claim_refusal,
     encode_features,
     open_features,
+    require_data_keys,
     seal_plaintext_features,
 )
 from cloud_sidecar.store_schema import SCHEMA, SCHEMA_VERSION, UPGRADES
@@ -168,21 +169,17 @@ class Store:
         return None if row is None else DataKeyRow(row[0], bytes(row[1]), row[2])
 
     def ensure_data_key(self) -> str | None:
-        if self._keys is None:
-            raise StoreError("this store was opened without data keys (the HSM)")
-        return None if self._keys.current_kid is not None else self.rotate_data_key("first")
+        return require_data_keys(self._keys).ensure(self._insert_data_key)
 
     def rotate_data_key(self, reason: str = "rotated") -> str:
-        if self._keys is None:
-            raise StoreError("this store was opened without data keys (the HSM)")
-        key = self._keys.create()
+        return require_data_keys(self._keys).rotate(self._insert_data_key, reason)
+
+    def _insert_data_key(self, key: DataKeyRow) -> None:
         with self._lock:
             try:
                 self._db.execute("INSERT INTO data_keys VALUES (?,?,?)", astuple(key))
             except sqlite3.Error as e:
                 raise StoreError(f"cannot store data key {key.kid}: {e}") from e
-        self._keys.adopt(key, reason)
-        return key.kid
 
     def close(self) -> None:
         with self._lock:

@@ -53,7 +53,7 @@ def encode_features(
     arr = np.asarray(window, dtype="<f2")
     if arr.shape != FEATURE_SHAPE:
         raise StoreError(f"feature window of shape {arr.shape}, expected {FEATURE_SHAPE}")
-    return _require(keys).seal(zlib.compress(arr.tobytes()), row_aad(device_id, sample_id))
+    return require_data_keys(keys).seal(zlib.compress(arr.tobytes()), row_aad(device_id, sample_id))
 
 
 def decode_features(
@@ -61,7 +61,7 @@ def decode_features(
 ) -> npt.NDArray[np.float32]:
     """The float32 window stored as ``blob`` in row ``(device_id, sample_id)``;
     ``StoreError`` if it is not one or does not open under the store's data keys."""
-    return _decode_plain(_require(keys).open(blob, row_aad(device_id, sample_id)))
+    return _decode_plain(require_data_keys(keys).open(blob, row_aad(device_id, sample_id)))
 
 
 def seal_plaintext_features(blob: bytes, keys: DataKeys, device_id: str, sample_id: str) -> bytes:
@@ -91,7 +91,7 @@ def _decode_plain(plain: bytes) -> npt.NDArray[np.float32]:
         raise StoreError(f"stored feature window is corrupt: {e}") from e
 
 
-def _require(keys: DataKeys | None) -> DataKeys:
+def require_data_keys(keys: DataKeys | None) -> DataKeys:
     if keys is None:
         raise StoreError("this store was opened without data keys (the HSM): features are sealed")
     return keys

@@ -43,6 +43,7 @@ from cloud_sidecar.store_api import (
     claim_refusal,
     encode_features,
     open_features,
+    require_data_keys,
     seal_plaintext_features,
 )
 from cloud_sidecar.store_schema import SCHEMA_VERSION
@@ -253,18 +254,14 @@ class PgStore:
         return None if row is None else DataKeyRow(row[0], bytes(row[1]), row[2])
 
     def ensure_data_key(self) -> str | None:
-        if self._keys is None:
-            raise StoreError("this store was opened without data keys (the HSM)")
-        return None if self._keys.current_kid is not None else self.rotate_data_key("first")
+        return require_data_keys(self._keys).ensure(self._insert_data_key)
 
     def rotate_data_key(self, reason: str = "rotated") -> str:
-        if self._keys is None:
-            raise StoreError("this store was opened without data keys (the HSM)")
-        key = self._keys.create()
+        return require_data_keys(self._keys).rotate(self._insert_data_key, reason)
+
+    def _insert_data_key(self, key: DataKeyRow) -> None:
         with self._tx() as cur:
             cur.execute("INSERT INTO data_keys VALUES (%s,%s,%s)", astuple(key))
-        self._keys.adopt(key, reason)
-        return key.kid
 
     @property
     def schema_version(self) -> int:
