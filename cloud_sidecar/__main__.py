@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from cloud_sidecar.cli_ota import cmd_ota, cmd_rollout
 from cloud_sidecar.errors import (
     AuditError,
     CloudError,
@@ -140,89 +141,6 @@ def _cmd_registry(args: argparse.Namespace) -> int:
             )
     else:
         print(json.dumps(registry.get(args.version), indent=1))
-    return EXIT_OK
-
-
-def _cmd_ota_rollback(args: argparse.Namespace) -> int:
-    from cloud_sidecar.audit import AuditLog
-    from cloud_sidecar.config import load_config
-    from cloud_sidecar.connect import open_hsm
-    from cloud_sidecar.ota_repo import OtaRepository, publish_via_broker
-
-    cfg = load_config(args.config)
-    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    hsm = open_hsm(cfg)
-    try:
-        repo = OtaRepository(cfg.ota_repo_dir, cfg.ota.channel, hsm.signing_public_key_pem())
-        pub = repo.roll_back(
-            args.to_adapter,
-            expires_days=cfg.ota.expires_days,
-            keyid=hsm.signing_key_id(),
-            sign_digest=hsm.sign_digest,
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    finally:
-        hsm.close()
-    subject = f"adapter-v{args.to_adapter}"
-    audit.append(
-        "ota.rollback", subject, version=pub.version, adapter_version=pub.target.adapter_version
-    )
-    audit.append("ota.signed", subject, version=pub.version, target=pub.target.name)
-    if args.publish:
-        if not publish_via_broker(cfg, repo, pub, "cloud-sidecar-rollback"):
-            raise CloudError("the broker did not acknowledge the rollback publication")
-        audit.append("ota.published", subject, version=pub.version, channel=cfg.ota.channel)
-    print(
-        f"targets v{pub.version}: adapter v{pub.target.adapter_version} = earlier v{args.to_adapter}"
-    )
-    return EXIT_OK
-
-
-def _cmd_ota(args: argparse.Namespace) -> int:
-    if args.ota_command == "rollback":
-        return _cmd_ota_rollback(args)
-    from cloud_sidecar import ota_publish
-    from cloud_sidecar.audit import AuditLog
-    from cloud_sidecar.config import load_config
-    from cloud_sidecar.connect import open_hsm
-
-    cfg = load_config(args.config)
-    if args.ota_command == "export":
-        files = ota_publish.export(cfg, args.dir)
-        print(f"exported {len(files)} files in the TUF layout to {args.dir}")
-        return EXIT_OK
-    audit = AuditLog(cfg.data_dir / "audit.jsonl", cfg.region)
-    hsm = open_hsm(cfg)
-    try:
-        if args.ota_command == "rotate-key":  # one online role's HSM key, in a new root
-            version = ota_publish.rotate_online_key(cfg, hsm, args.role)
-            audit.append("ota.key_rotated", args.role, root_version=version)
-            what = f"{args.role} key rotated: root v{version}"
-        else:
-            version = ota_publish.refresh_timestamp(cfg, hsm)
-            audit.append("ota.timestamp", f"timestamp-v{version}", version=version)
-            what = f"timestamp v{version}"
-    finally:
-        hsm.close()
-    if args.publish and not ota_publish.publish_metadata(cfg, "cloud-sidecar-timestamp"):
-        raise CloudError("the broker did not acknowledge the metadata publication")
-    print(what)
-    return EXIT_OK
-
-
-def _cmd_rollout(args: argparse.Namespace) -> int:
-    from cloud_sidecar import ota_publish
-    from cloud_sidecar.config import load_config
-
-    cfg = load_config(args.config)
-    target = getattr(args, "target", None)
-    print(
-        ota_publish.rollout_command(cfg, args.rollout_command, target, getattr(args, "steps", None))
-    )
-    changes = args.rollout_command != "status"
-    if args.publish and changes and not ota_publish.publish_metadata(cfg, "cloud-sidecar-rollout"):
-        raise CloudError("the broker did not acknowledge the metadata publication")
     return EXIT_OK
 
 
@@ -475,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk = osub.add_parser("rotate-key", help="new HSM key for one TUF online role (new root)")
     rk.add_argument("role", choices=("targets", "snapshot", "timestamp"))
     rk.add_argument("--publish", action="store_true", help="publish the metadata over MQTT")
-    ot.set_defaults(func=_cmd_ota)
+    ot.set_defaults(func=cmd_ota)
 
     ro = sub.add_parser("rollout", help="staged rollout of one TUF target (audited)")
     ro.add_argument("--config", type=Path, required=True)
@@ -491,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("abort", help="withdraw the target; roll forward to the adapter before it")
     gr = rsub.add_parser("groups", help="sign device groups and per-group release pins")
     gr.add_argument("target", metavar="FILE", help='{"groups": {...}, "pins": {"g": N}}')
-    ro.set_defaults(func=_cmd_rollout)
+    ro.set_defaults(func=cmd_rollout)
 
     fl = sub.add_parser("fleet", help="device registry")
     fl.add_argument("--config", type=Path, required=True)
