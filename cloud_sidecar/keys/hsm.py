@@ -62,6 +62,18 @@ from pkcs11.util.ec import (
 )
 
 from cloud_sidecar.errors import HsmDecryptError, HsmError, HsmPinError, HsmUnavailableError
+from cloud_sidecar.keys.pkcs11_errors import (
+    BAD_CIPHERTEXT as _BAD_CIPHERTEXT,
+)
+from cloud_sidecar.keys.pkcs11_errors import (
+    HANDLE_GONE as _HANDLE_GONE,
+)
+from cloud_sidecar.keys.pkcs11_errors import (
+    PIN_REFUSED as _PIN_REFUSED,
+)
+from cloud_sidecar.keys.pkcs11_errors import (
+    UNAVAILABLE as _UNAVAILABLE,
+)
 from cloud_sidecar.keys.secrets import CLAIM_MAC_LABEL, SECRETS, STORE_KEK_LABEL, secret_key
 from fleet_protocol.envelope import key_id_from_pem
 
@@ -80,43 +92,6 @@ DIGEST_BYTES = 32
 _OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
 _CONF_ENV = "SOFTHSM2_CONF"
 _T = TypeVar("_T")
-
-# Failures that mean "the token is not there / not usable now", as opposed to a
-# bad request or a bad key.
-_UNAVAILABLE: tuple[type[Exception], ...] = (
-    p11.DeviceError,
-    p11.DeviceMemory,
-    p11.DeviceRemoved,
-    p11.SessionClosed,
-    p11.SessionHandleInvalid,
-    p11.SessionCount,
-    p11.TokenNotPresent,
-    p11.TokenNotRecognised,
-    p11.NoSuchToken,
-    p11.SlotIDInvalid,
-    p11.UserNotLoggedIn,
-    p11.PinIncorrect,
-    p11.PinLocked,
-    p11.PinExpired,
-    p11.PinInvalid,
-    p11.PinLenRange,
-    p11.UserPinNotInitialized,
-    p11.FunctionFailed,
-)
-_PIN_REFUSED: tuple[type[Exception], ...] = (
-    p11.PinIncorrect,
-    p11.PinInvalid,
-    p11.PinLenRange,
-    p11.PinLocked,
-    p11.PinExpired,
-)
-# A key object that vanished while the token answers (a replica that does not hold it
-# yet, a key store briefly away): the cached handle is dead, a new lookup may find it.
-_HANDLE_GONE: tuple[type[Exception], ...] = (p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
-_BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
-    p11.EncryptedDataInvalid,
-    p11.EncryptedDataLenRange,
-)
 
 # Process-wide library state. PKCS#11 login is per application and token, not per
 # session, and closing the session that logged in logs every session out: so all
